@@ -27,9 +27,10 @@ def get_config(arg=None):
   c.data.num_train = 3000
   c.data.num_validation = 64
   c.data.num_test = 64
-  c.data.shapes_dir = ""         # tfds data dir of rendered Shapes; "" = <workdir>/../data/shapes
-  c.data.latents_dir = ""        # encoded latents; "" = <workdir>/../data/latents
-  c.data.tokenizer = ""          # sentencepiece model; "" = <workdir>/../data/tokenizer.model
+  # Where the demo's stages meet; `python -m sora_jax.demo --workdir W` points them all under W/data.
+  c.data.shapes_dir = "runs/demo/data/shapes"        # tfds data dir of rendered Shapes
+  c.data.latents_dir = "runs/demo/data/latents"      # encoded latents + latent_stats.json
+  c.data.tokenizer = "runs/demo/data/tokenizer.model"  # sentencepiece model
   c.data.vocab_size = 128
   c.data.seq_len = 1024          # packed row length L (video tokens)
   c.data.text_len = 256          # packed text row length Lt
