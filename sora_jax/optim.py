@@ -1,0 +1,62 @@
+"""Optimizers shared by the trainers: AdamW with warmup, a cosine or constant schedule, global-norm
+clipping, and the exponential moving average of weights used for sampling.
+
+The config section (`cfg.optim` in experiments/*.py) holds:
+  lr, warmup_steps, schedule ("cosine" | "constant"), end_lr_fraction (cosine floor, fraction of lr),
+  b1, b2, eps, weight_decay (applied to matrices only, not to biases, norms or embeddings' scales),
+  grad_clip (global norm; 0 disables), ema_decay (used by the trainers, not by the optimizer).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "constant")
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to cfg.lr over cfg.warmup_steps, then cosine decay to the floor or constant."""
+  warmup = int(cfg.get("warmup_steps", 0))
+  lr = float(cfg.lr)
+  kind = cfg.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"optim.schedule {kind!r} is unknown; accepted: {list(SCHEDULES)}")
+  if warmup < 0 or total_steps < 1:
+    raise ValueError(f"optim.warmup_steps={warmup} and total_steps={total_steps}: need warmup >= 0, "
+                     "total_steps >= 1")
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  else:
+    decay_steps = max(total_steps - warmup, 1)
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.get("end_lr_fraction", 0.0)))
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  # Weight decay on matrices and kernels only: decaying norm scales and biases towards zero hurts.
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW on the schedule above, after global-norm clipping of the gradients."""
+  schedule = make_schedule(cfg, total_steps)
+  parts = []
+  clip = float(cfg.get("grad_clip", 0.0))
+  if clip < 0:
+    raise ValueError(f"optim.grad_clip={clip}: must be >= 0 (0 disables clipping)")
+  if clip > 0:
+    parts.append(optax.clip_by_global_norm(clip))
+  parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+                           eps=float(cfg.get("eps", 1e-8)),
+                           weight_decay=float(cfg.get("weight_decay", 0.0)), mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+def ema_update(ema, params, decay: float | jax.Array):
+  """One EMA step, ema <- decay * ema + (1 - decay) * params, leaf by leaf (kept in ema's dtype)."""
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
+                      ema, params)
