@@ -1,0 +1,247 @@
+"""Video and latent data sets on disk: the tfds/ArrayRecord writer and the random-access readers.
+
+Every data set of the project (rendered Shapes, ingested videos, encoded latents) is a
+tensorflow-datasets data set in ArrayRecord format, written and read without TensorFlow:
+
+    write_dataset(data_dir, name="shapes", split="train", features=video_features(), examples=it)
+    src = video_source(data_dir, "train")     # len(src), src[i] -> dict of numpy arrays / str / int
+    lat = latent_source(latents_dir, "train") # records of data_pipelines/encode_latents.py
+
+Each split is its own builder config, so the splits of one data set are built by separate commands
+into `data_dir/<name>/<split>/<version>/` and read back with `tfds.builder_from_directory` (no builder
+class needs importing). Records are written in example order (`disable_shuffling`), so record i of a
+Shapes split is `shapes.sample_spec(split, i, ...)` and two builds with the same inputs are
+byte-identical. The tfds writer stages into a temporary directory and renames it at the end, so an
+interrupted build leaves no partial data set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+VERSION = "1.0.0"
+VIDEO_KEYS = ("video", "caption", "num_frames", "height", "width", "fps", "labels", "source")
+LATENT_KEYS = ("latent_mean", "latent_std", "caption", "num_frames", "height", "width", "fps",
+               "labels", "source")
+LATENT_STATS = "latent_stats.json"
+
+
+def _tfds():
+  import tensorflow_datasets as tfds
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def _common_features(tfds) -> dict:
+  return {
+      "caption": tfds.features.Text(doc="the text prompt"),
+      "num_frames": tfds.features.Scalar(np.int32, doc="T: 1 (an image) or 1 + 4k"),
+      "height": tfds.features.Scalar(np.int32, doc="pixel height H"),
+      "width": tfds.features.Scalar(np.int32, doc="pixel width W"),
+      "fps": tfds.features.Scalar(np.float32, doc="frames per second"),
+      "labels": tfds.features.Text(doc="Shapes: ClipSpec JSON; ingested videos: empty"),
+      "source": tfds.features.Text(doc="where the example came from (split/index or file#clip)"),
+  }
+
+
+def video_features():
+  """Features of a video data set: `video` uint8 [T, H, W, 3] (zlib) plus the common scalars."""
+  tfds = _tfds()
+  return tfds.features.FeaturesDict({
+      "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
+                                    encoding=tfds.features.Encoding.ZLIB, doc="frames [T, H, W, 3]"),
+      **_common_features(tfds)})
+
+
+def latent_features():
+  """Features of a latent data set: VAE posterior `latent_mean`/`latent_std` float32 [t, h, w, c]
+  (unnormalised) plus the common scalars of the video they encode (num_frames/height/width in pixels)."""
+  tfds = _tfds()
+  tensor = lambda doc: tfds.features.Tensor(shape=(None, None, None, None), dtype=np.float32,
+                                            encoding=tfds.features.Encoding.ZLIB, doc=doc)
+  return tfds.features.FeaturesDict({
+      "latent_mean": tensor("posterior mean [t, h, w, c]"),
+      "latent_std": tensor("posterior std [t, h, w, c]"),
+      **_common_features(tfds)})
+
+
+def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, features,
+                  examples: Iterable[Mapping[str, Any]], description: str = "",
+                  overwrite: bool = True) -> Path:
+  """Writes `examples` (dicts matching `features`, in order) as split `split` of data set `name`.
+
+  Returns the data set directory `data_dir/name/split/VERSION`. An existing build of the same split
+  is replaced when `overwrite`, else this raises.
+  """
+  tfds = _tfds()
+  if not name.isidentifier() or not split.isidentifier():
+    raise ValueError(f"data set name {name!r} and split {split!r} must be identifiers")
+  out = Path(data_dir) / name / split / VERSION
+  if out.exists():
+    if not overwrite:
+      raise FileExistsError(f"{out} exists; pass overwrite=True to rebuild it")
+    shutil.rmtree(out)
+  examples_iter = iter(examples)
+
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=split)]
+    # tfds looks for a checksums file next to the builder's code, through `importlib_resources`,
+    # which is not installed (nor needed): there is nothing to download.
+    code_path = None
+
+    def _info(self):
+      return self.dataset_info_from_configs(description=description, features=features,
+                                            disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, ex in enumerate(examples_iter):
+        yield i, dict(ex)
+
+  _Builder.name = name
+  builder = _Builder(data_dir=str(data_dir), config=split, file_format="array_record")
+  # try_download_gcs=False: never look for a prebuilt copy on the network.
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return out
+
+
+def find_dataset_dir(data_dir: str | os.PathLike, split: str, name: str | None = None) -> Path:
+  """The directory of split `split` under `data_dir` (a tfds data dir, or the data set dir itself)."""
+  root = Path(data_dir)
+  if (root / "dataset_info.json").is_file():
+    return root
+  pattern = f"{name or '*'}/{split}/*/dataset_info.json"
+  found = sorted(p.parent for p in root.glob(pattern))
+  if not found:
+    raise FileNotFoundError(f"no built split {split!r} under {root} (looked for {pattern}); "
+                            "build it with data_pipelines/build_shapes.py or ingest_videos.py")
+  names = sorted({p.parent.parent.name for p in found})
+  if len(names) > 1:
+    raise ValueError(f"{root} holds split {split!r} of several data sets {names}; pass name=")
+  return found[-1]  # highest version
+
+
+class RecordSource:
+  """Random-access, picklable reader of one split: `len(src)`, `src[i]` -> dict with numpy arrays,
+  `str` captions/labels/sources, `int` num_frames/height/width and `float` fps."""
+
+  def __init__(self, data_dir: str | os.PathLike, split: str, *, name: str | None = None,
+               keys: tuple[str, ...] = VIDEO_KEYS):
+    self.path = find_dataset_dir(data_dir, split, name)
+    self.split = split
+    self.keys = keys
+    self._source = None
+    missing = set(keys) - set(self.feature_names())
+    if missing:
+      raise ValueError(f"{self.path} lacks features {sorted(missing)}; it has {self.feature_names()}")
+
+  def feature_names(self) -> list[str]:
+    info = json.loads((self.path / "features.json").read_text())
+    return sorted(info["featuresDict"]["features"])
+
+  def _src(self):
+    if self._source is None:
+      tfds = _tfds()
+      builder = tfds.builder_from_directory(str(self.path))
+      self._source = builder.as_data_source(split=self.split)
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self._src())
+
+  def __getitem__(self, index: int) -> dict:
+    n = len(self)
+    if not -n <= index < n:
+      raise IndexError(f"index {index} out of range for {n} records of {self.path}")
+    rec = self._src()[int(index) % n]
+    return {k: _pythonic(k, rec[k]) for k in self.keys}
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
+
+  def __repr__(self) -> str:
+    return f"RecordSource({str(self.path)!r}, {len(self)} records)"
+
+
+def _pythonic(key: str, value):
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if key in ("num_frames", "height", "width"):
+    return int(value)
+  if key == "fps":
+    return float(value)
+  return value
+
+
+def video_source(data_dir: str | os.PathLike, split: str, *, name: str | None = None) -> RecordSource:
+  """Reader of a video data set's split: records with `video` uint8 [T, H, W, 3], `caption`,
+  `num_frames`, `height`, `width`, `fps`, `labels` (Shapes: `ClipSpec.from_json`), `source`."""
+  return RecordSource(data_dir, split, name=name, keys=VIDEO_KEYS)
+
+
+def latent_source(latents_dir: str | os.PathLike, split: str, *, name: str | None = None
+                  ) -> RecordSource:
+  """Reader of a latent data set's split: records with `latent_mean`, `latent_std` float32
+  [t, h, w, c] and the common scalars of the video they encode."""
+  return RecordSource(latents_dir, split, name=name, keys=LATENT_KEYS)
+
+
+def write_latent_dataset(latents_dir: str | os.PathLike, split: str,
+                         examples: Iterable[Mapping[str, Any]], *, stats: Mapping | None = None,
+                         name: str = "latents") -> Path:
+  """Writes a latent data set split (for data_pipelines/encode_latents.py).
+
+  Each example needs LATENT_KEYS: `latent_mean`/`latent_std` float32 [t, h, w, c], and `caption`,
+  `num_frames`, `height`, `width`, `fps`, `labels`, `source` copied from its video record (a video
+  record minus `video` plus the two latents). `stats` ({"shift": [c], "scale": [c], "vae": {...}}),
+  when given, is written to `latents_dir/latent_stats.json`.
+  """
+  def checked():
+    for ex in examples:
+      missing = set(LATENT_KEYS) - set(ex)
+      if missing:
+        raise ValueError(f"latent example lacks {sorted(missing)}; needs {list(LATENT_KEYS)}")
+      yield {k: ex[k] for k in LATENT_KEYS}
+
+  out = write_dataset(latents_dir, name=name, split=split, features=latent_features(),
+                      examples=checked(), description="VAE latents of a video data set")
+  if stats is not None:
+    write_latent_stats(latents_dir, stats)
+  return out
+
+
+def write_latent_stats(latents_dir: str | os.PathLike, stats: Mapping) -> None:
+  path = Path(latents_dir) / LATENT_STATS
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(dict(stats), indent=2, sort_keys=True, default=_jsonable))
+
+
+def read_latent_stats(latents_dir: str | os.PathLike) -> dict:
+  path = Path(latents_dir) / LATENT_STATS
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing; data_pipelines/encode_latents.py writes it")
+  return json.loads(path.read_text())
+
+
+def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")

@@ -1,0 +1,161 @@
+"""Reading and writing video files: the only place that touches containers and codecs (PyAV, no ffmpeg).
+
+    frames, fps = read_video("clip.mp4")          # uint8 [T, H, W, 3]; png/jpg give one frame
+    write_video("out.mp4", frames, fps=8)          # by suffix: .mp4 .gif .png (grid) .npy (exact)
+
+Everything that fails to decode raises `VideoReadError` with one line naming the file and the reason,
+so ingestion can skip and report it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+WRITE_SUFFIXES = (".mp4", ".gif", ".png", ".npy")
+IMAGE_FPS = 8.0  # a still image is a one-frame video; its fps is nominal
+
+
+class VideoReadError(ValueError):
+  """A file that is missing, empty, truncated, corrupt or not a video/image."""
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+  """Decodes a video (mp4/webm/mov/gif/...) or an image (png/jpg) into (uint8 [T, H, W, 3], fps)."""
+  path = Path(path)
+  suffix = path.suffix.lower()
+  if suffix not in VIDEO_SUFFIXES + IMAGE_SUFFIXES + (".npy",):
+    raise VideoReadError(f"{path}: suffix {suffix!r} is not one of {list(VIDEO_SUFFIXES + IMAGE_SUFFIXES)}")
+  if not path.is_file():
+    raise VideoReadError(f"{path}: no such file")
+  if path.stat().st_size == 0:
+    raise VideoReadError(f"{path}: empty file (0 bytes)")
+  if suffix == ".npy":
+    frames = np.load(path)
+    return _check_frames(frames, path), IMAGE_FPS
+  if suffix in IMAGE_SUFFIXES:
+    return _read_image(path), IMAGE_FPS
+  if suffix == ".gif":
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b";":  # PyAV decodes a cut-off GIF's leading frames without complaint
+        raise VideoReadError(f"{path}: truncated GIF (no trailer byte)")
+  return _read_av(path)
+
+
+def _check_frames(frames: np.ndarray, path) -> np.ndarray:
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+    raise VideoReadError(f"{path}: frames {frames.dtype}{list(frames.shape)} are not uint8 [T>0, H, W, 3]")
+  return frames
+
+
+def _read_image(path: Path) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      im.load()
+      rgb = np.asarray(im.convert("RGB"))
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise VideoReadError(f"{path}: unreadable image ({_short(e)})") from None
+  return _check_frames(rgb[None], path)
+
+
+def _read_av(path: Path) -> tuple[np.ndarray, float]:
+  import av
+  frames = []
+  try:
+    with av.open(str(path)) as container:
+      if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+      fps = float(rate) if rate else 0.0
+      for frame in container.decode(stream):
+        frames.append(frame.to_ndarray(format="rgb24"))
+  except VideoReadError:
+    raise
+  except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
+    if not frames:
+      raise VideoReadError(f"{path}: undecodable ({_short(e)})") from None
+    # Frames before a decode error may be fine, but a clip silently cut short would carry the wrong
+    # caption/duration: a decode error always rejects the whole file.
+    raise VideoReadError(f"{path}: decode error after {len(frames)} frames ({_short(e)})") from None
+  if not frames:
+    raise VideoReadError(f"{path}: no decodable frames")
+  if not math.isfinite(fps) or fps <= 0:
+    fps = IMAGE_FPS if len(frames) == 1 else 0.0
+    if fps == 0.0:
+      raise VideoReadError(f"{path}: unknown frame rate")
+  if len({f.shape for f in frames}) > 1:
+    raise VideoReadError(f"{path}: frame size changes mid-stream {sorted({f.shape for f in frames})}")
+  return np.stack(frames), fps
+
+
+def _short(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text[:160]
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> None:
+  """Writes uint8 [T, H, W, 3] (or [H, W, 3]) by suffix: .mp4 (h264, lossy), .gif, .png (the single
+  frame, or all frames tiled in a near-square grid), .npy (exact)."""
+  path = Path(path)
+  frames = np.asarray(frames)
+  if frames.ndim == 3:
+    frames = frames[None]
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+    raise ValueError(f"frames {frames.dtype}{list(frames.shape)} must be uint8 [T>0, H, W, 3]")
+  suffix = path.suffix.lower()
+  if suffix not in WRITE_SUFFIXES:
+    raise ValueError(f"cannot write {path}: suffix {suffix!r} is not one of {list(WRITE_SUFFIXES)}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if suffix == ".npy":
+    np.save(path, frames)
+  elif suffix == ".png":
+    from PIL import Image
+    Image.fromarray(frame_grid(frames)).save(path)
+  elif suffix == ".gif":
+    from PIL import Image
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], loop=0,
+                   duration=max(int(round(1000 / fps)), 20), disposal=1)
+  else:
+    _write_mp4(path, frames, fps)
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+  import av
+  from fractions import Fraction
+  T, H, W, _ = frames.shape
+  # yuv420p needs even sizes; pad by edge replication rather than failing on odd sizes.
+  if H % 2 or W % 2:
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+  with av.open(str(path), mode="w") as container:
+    stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "18", "preset": "veryfast"}
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+def frame_grid(frames: np.ndarray, *, pad: int = 2, columns: int | None = None) -> np.ndarray:
+  """Tiles [T, H, W, 3] frames into one uint8 image (a single frame is returned as is)."""
+  T, H, W, C = frames.shape
+  if T == 1:
+    return frames[0]
+  cols = columns or int(math.ceil(math.sqrt(T)))
+  rows = int(math.ceil(T / cols))
+  out = np.full((rows * (H + pad) - pad, cols * (W + pad) - pad, C), 255, np.uint8)
+  for i, f in enumerate(frames):
+    r, c = divmod(i, cols)
+    out[r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = f
+  return out
