@@ -40,6 +40,15 @@ def get_config(arg=None):
   c.data.long_clips = "crop"     # "crop" in time, or "drop" (counted and reported)
   c.data.num_workers = 0
   c.data.shuffle_seed = 0
+  # Packed stream (sora_jax/data/pipeline.py; its docstring explains size fitting).
+  c.data.source = "latents"      # "latents" (VAE latents) or "shapes" (pooled raw frames, no VAE)
+  c.data.patch = (1, 2, 2)       # spacetime patch (pt, ph, pw) in latents; D = pt*ph*pw*c
+  c.data.token_budget = 0        # max tokens per sample before downscale/crop; 0 = seq_len
+  c.data.min_patch_side = 2      # spatial downscale stops at this many patches on a side
+  c.data.sample_latents = True   # z = mean + std * eps (per record and epoch); False = the mean
+  c.data.stand_in_factors = (4, 8, 8)  # "shapes" source: causal average pool (ft, fh, fw)
+  c.data.packer = "best_fit"     # or "first_fit" (grain packers)
+  c.data.packing_bins = 16       # rows packed at once; more bins, less padding, more latency
 
   # --- Sharding (sora_jax/sharding.py): -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
