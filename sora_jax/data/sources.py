@@ -16,6 +16,7 @@ interrupted build leaves no partial data set.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -111,9 +112,30 @@ def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, feature
 
   _Builder.name = name
   builder = _Builder(data_dir=str(data_dir), config=split, file_format="array_record")
-  # try_download_gcs=False: never look for a prebuilt copy on the network.
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with _deterministic_serialization():
+    # try_download_gcs=False: never look for a prebuilt copy on the network.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return out
+
+
+@contextlib.contextmanager
+def _deterministic_serialization():
+  """tfds serialises each record as a tf.train.Example, whose feature map protobuf writes in a
+  per-process hash order: two identical builds would differ byte for byte. Deterministic
+  serialisation sorts the map, for the duration of one build."""
+  from tensorflow_datasets.core import example_serializer
+  cls = example_serializer.ExampleSerializer
+  original = cls.serialize_example
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  cls.serialize_example = serialize_example
+  try:
+    yield
+  finally:
+    cls.serialize_example = original
 
 
 def find_dataset_dir(data_dir: str | os.PathLike, split: str, name: str | None = None) -> Path:
