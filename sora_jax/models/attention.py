@@ -1,6 +1,15 @@
 """Segment-respecting attention: a token attends only to keys of its own packed segment.
 
 `segment_attention` is the single dispatch point for every implementation; models call nothing else.
+Implementations (all equal to "reference" within float rounding, forward and gradients):
+- "reference": dense mask, O(Lq * Lk) memory; the ground truth.
+- "blocksparse": plain JAX, computes only query/key blocks that share a segment (any backend; the CPU
+  path). sora_jax/kernels/blocksparse.py.
+- "splash": TPU Pallas splash attention driven by a per-row block map built from the segment ids.
+  sora_jax/kernels/splash.py.
+- "gpu": GPU Pallas (Triton) flash attention that walks only the key blocks sharing a segment.
+  sora_jax/kernels/gpu.py.
+- "auto": "splash" on TPU, "gpu" on GPU, "blocksparse" elsewhere (decided by jax.default_backend()).
 """
 from __future__ import annotations
 
@@ -20,7 +29,34 @@ def _reference(q, k, v, q_segment_ids, kv_segment_ids):
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-_IMPLEMENTATIONS = {"reference": _reference}
+def _blocksparse(q, k, v, q_segment_ids, kv_segment_ids):
+  from sora_jax.kernels import blocksparse
+  return blocksparse.blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _splash(q, k, v, q_segment_ids, kv_segment_ids):
+  from sora_jax.kernels import splash
+  return splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _gpu(q, k, v, q_segment_ids, kv_segment_ids):
+  from sora_jax.kernels import gpu
+  return gpu.gpu_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+_IMPLEMENTATIONS = {"reference": _reference, "blocksparse": _blocksparse, "splash": _splash,
+                    "gpu": _gpu}
+_AUTO = {"tpu": "splash", "gpu": "gpu"}
+
+
+def resolve(implementation: str) -> str:
+  """The concrete implementation name for `implementation` on the current default backend."""
+  if implementation == "auto":
+    return _AUTO.get(jax.default_backend(), "blocksparse")
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is unknown; "
+                     f"accepted: {sorted(_IMPLEMENTATIONS) + ['auto']}")
+  return implementation
 
 
 def segment_attention(q, k, v, q_segment_ids, kv_segment_ids, *, implementation: str = "reference"):
@@ -28,9 +64,4 @@ def segment_attention(q, k, v, q_segment_ids, kv_segment_ids, *, implementation:
 
   Segment id 0 is padding: its queries return zeros and its keys are never attended to.
   """
-  try:
-    fn = _IMPLEMENTATIONS[implementation]
-  except KeyError:
-    raise ValueError(f"attention implementation {implementation!r} is unknown; "
-                     f"accepted: {sorted(_IMPLEMENTATIONS)}") from None
-  return fn(q, k, v, q_segment_ids, kv_segment_ids)
+  return _IMPLEMENTATIONS[resolve(implementation)](q, k, v, q_segment_ids, kv_segment_ids)

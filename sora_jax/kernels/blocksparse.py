@@ -1,0 +1,202 @@
+"""Block-sparse segment attention in plain JAX: packed rows pay for their segments, not for the row.
+
+A packed row of k segments of length l costs k * l^2 here instead of (k * l)^2. The sequence is cut into
+blocks; a (query block, key block) pair is *active* when the id ranges of the two blocks overlap. Packed
+rows have contiguous, increasing segment ids, so the active key blocks of a query block form a contiguous
+window `[first, first + width)` (and likewise the active query blocks of a key block). The kernels loop
+over window offsets `t` with a dynamic trip count (the widest window in the batch): step `t` computes, for
+every query block at once, the flash-attention update against key block `first + t` — one batched matmul
+per step, gathers only, no scatters. Ids that are not contiguous stay correct (the window covers every
+overlap and masking inside a block is exact); they only cost more.
+
+Memory is O(L) plus the O((L / block)^2) boolean block map: the backward pass recomputes the logits block
+by block from the saved log-sum-exp (FlashAttention-2: one loop for dq over key windows, one for dk and
+dv over query windows), so nothing of size Lq * Lk is ever stored.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Finite so that fully masked rows give exp(NEG - NEG) = 1 rescales instead of NaNs.
+_NEG = -1e30
+
+
+def _pad_axis1(x, multiple: int):
+  pad = -x.shape[1] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _to_blocks(x_blhd, block: int):
+  """[B, L, H, D] -> [B, n, H, block, D]: batch, block and head lead so block matmuls need no transposes."""
+  b, l, h, d = x_blhd.shape
+  return x_blhd.reshape(b, l // block, block, h, d).transpose(0, 1, 3, 2, 4)
+
+
+def _from_blocks(x_bnhcd):
+  b, n, h, c, d = x_bnhcd.shape
+  return x_bnhcd.transpose(0, 1, 3, 2, 4).reshape(b, n * c, h, d)
+
+
+def _id_ranges(ids_bnc):
+  """Smallest and largest non-padding id of each block; an all-padding block gets an empty range."""
+  lo = jnp.where(ids_bnc > 0, ids_bnc, jnp.iinfo(jnp.int32).max).min(-1)
+  hi = jnp.where(ids_bnc > 0, ids_bnc, -1).max(-1)
+  return lo, hi
+
+
+def block_map(q_ids_bnc, kv_ids_bmc):
+  """[B, nq, nk] bool: True where a query block and a key block may share a segment (ranges overlap)."""
+  q_lo, q_hi = _id_ranges(q_ids_bnc)
+  k_lo, k_hi = _id_ranges(kv_ids_bmc)
+  return (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+
+
+def _windows(active_bnm):
+  """For each row of the block map: first active column and the width up to the last active one."""
+  m = active_bnm.shape[-1]
+  col = jnp.arange(m, dtype=jnp.int32)
+  first = jnp.where(active_bnm, col, m).min(-1)
+  last = jnp.where(active_bnm, col, -1).max(-1)
+  width = jnp.maximum(last - first + 1, 0)
+  return jnp.minimum(first, m - 1), width
+
+
+def _take_blocks(x_bn, idx_bm):
+  """x[b, idx[b, i]] for every b, i: the per-row gather of whole blocks."""
+  return x_bn[jnp.arange(x_bn.shape[0])[:, None], idx_bm]
+
+
+def _mask(q_ids_bnc, kv_ids_bnc, valid_bn):
+  """[B, n, 1, cq, ck]: same non-padding segment, inside the window."""
+  same = q_ids_bnc[:, :, :, None] == kv_ids_bnc[:, :, None, :]
+  keep = same & (q_ids_bnc > 0)[:, :, :, None] & valid_bn[:, :, None, None]
+  return keep[:, :, None]
+
+
+def _dot(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, q_ids, kv_ids, block_q, block_k):
+  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k)[0]
+
+
+def _forward(q, k, v, q_ids, kv_ids, block_q, block_k):
+  scale = q.shape[-1] ** -0.5
+  q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
+  batch, nq, heads, _, dim = q_b.shape
+  q_ids_b = q_ids.reshape(batch, nq, block_q)
+  kv_ids_b = kv_ids.reshape(batch, -1, block_k)
+  first, width = _windows(block_map(q_ids_b, kv_ids_b))
+
+  def step(t, carry):
+    o, m, l = carry
+    j = jnp.minimum(first + t, kv_ids_b.shape[1] - 1)
+    mask = _mask(q_ids_b, _take_blocks(kv_ids_b, j), t < width)
+    s = _dot("bnhqd,bnhkd->bnhqk", q_b, _take_blocks(k_b, j)) * scale
+    s = jnp.where(mask, s, _NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    o = alpha[..., None] * o + _dot("bnhqk,bnhkd->bnhqd", p.astype(v.dtype), _take_blocks(v_b, j))
+    return o, m_new, l
+
+  o = jnp.zeros((batch, nq, heads, block_q, dim), jnp.float32)
+  m = jnp.full((batch, nq, heads, block_q), _NEG, jnp.float32)
+  l = jnp.zeros((batch, nq, heads, block_q), jnp.float32)
+  o, m, l = lax.fori_loop(0, width.max(), step, (o, m, l))
+  has_keys = l > 0
+  o = o / jnp.where(has_keys, l, 1.0)[..., None]
+  lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
+  out = _from_blocks(o).astype(q.dtype)
+  return out, (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _forward_vjp(q, k, v, q_ids, kv_ids, block_q, block_k):
+  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k)
+
+
+def _backward(block_q, block_k, res, dout):
+  q, k, v, q_ids, kv_ids, out, lse = res
+  scale = q.shape[-1] ** -0.5
+  q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
+  do_b = _to_blocks(dout, block_q)
+  batch, nq, heads, _, dim = q_b.shape
+  nk = k_b.shape[1]
+  q_ids_b = q_ids.reshape(batch, nq, block_q)
+  kv_ids_b = kv_ids.reshape(batch, nk, block_k)
+  # delta = rowsum(dO * O): the softmax-Jacobian term shared by every key of a query.
+  delta = jnp.einsum("bnhqd,bnhqd->bnhq", do_b.astype(jnp.float32),
+                     _to_blocks(out, block_q).astype(jnp.float32))
+  active = block_map(q_ids_b, kv_ids_b)
+
+  def probs_and_dlogits(qq, kk, vv, dd, lse_, delta_, mask):
+    s = _dot("bnhqd,bnhkd->bnhqk", qq, kk) * scale
+    p = jnp.where(mask, jnp.exp(s - lse_[..., None]), 0.0)
+    dp = _dot("bnhqd,bnhkd->bnhqk", dd, vv)
+    return p, p * (dp - delta_[..., None])
+
+  # dq: each query block walks its window of key blocks.
+  first_k, width_k = _windows(active)
+
+  def dq_step(t, dq):
+    j = jnp.minimum(first_k + t, nk - 1)
+    mask = _mask(q_ids_b, _take_blocks(kv_ids_b, j), t < width_k)
+    kk = _take_blocks(k_b, j)
+    _, ds = probs_and_dlogits(q_b, kk, _take_blocks(v_b, j), do_b, lse, delta, mask)
+    return dq + _dot("bnhqk,bnhkd->bnhqd", ds.astype(k.dtype), kk)
+
+  dq = lax.fori_loop(0, width_k.max(), dq_step, jnp.zeros(q_b.shape, jnp.float32)) * scale
+
+  # dk, dv: each key block walks its window of query blocks (blocks indexed by the key block here).
+  first_q, width_q = _windows(jnp.swapaxes(active, 1, 2))
+
+  def dkv_step(t, carry):
+    dk, dv = carry
+    i = jnp.minimum(first_q + t, nq - 1)
+    mask = _mask(_take_blocks(q_ids_b, i), kv_ids_b, t < width_q)
+    qq, dd = _take_blocks(q_b, i), _take_blocks(do_b, i)
+    p, ds = probs_and_dlogits(qq, k_b, v_b, dd, _take_blocks(lse, i), _take_blocks(delta, i), mask)
+    dv = dv + _dot("bnhqk,bnhqd->bnhkd", p.astype(dout.dtype), dd)
+    dk = dk + _dot("bnhqk,bnhqd->bnhkd", ds.astype(q.dtype), qq)
+    return dk, dv
+
+  zeros = jnp.zeros(k_b.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, width_q.max(), dkv_step, (zeros, zeros))
+  dq = _from_blocks(dq).astype(q.dtype)
+  dk = _from_blocks(dk * scale).astype(k.dtype)
+  dv = _from_blocks(dv).astype(v.dtype)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_forward_vjp, _backward)
+
+
+def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 128,
+                          block_k: int = 128):
+  """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` computing only active blocks.
+
+  Same contract as the dense reference: a query attends to keys of its own segment id, padding (id 0)
+  queries return zeros. Lq and Lk need not be multiples of the block sizes (padding is added and removed
+  here); blocks shrink to the padded lengths of short sequences.
+  """
+  if block_q <= 0 or block_k <= 0:
+    raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+  lq, lk = q.shape[1], k.shape[1]
+  block_q = min(block_q, -(-lq // 8) * 8)
+  block_k = min(block_k, -(-lk // 8) * 8)
+  q_ids = _pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
+  kv_ids = _pad_axis1(kv_segment_ids.astype(jnp.int32), block_k)
+  out = _attention(_pad_axis1(q, block_q), _pad_axis1(k, block_k), _pad_axis1(v, block_k),
+                   q_ids, kv_ids, block_q, block_k)
+  return out[:, :lq]
