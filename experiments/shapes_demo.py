@@ -53,6 +53,73 @@ def get_config(arg=None):
   # --- Sharding (sora_jax/sharding.py): -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
+  # --- Sampling (sora_jax/sampling.py, sora_jax/sample.py): defaults of `python -m sora_jax.sample`.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = ""          # "" = the objective's default: euler|heun (flow), ddim|ddpm (ddpm)
+  c.sample.steps = 30
+  c.sample.guidance = 4.0        # classifier-free guidance scale; 1 = no guidance (one model call)
+  c.sample.num_frames = 17       # 1 (an image, written as png) or 1 + 4k, up to 481
+  c.sample.height = 32
+  c.sample.width = 32
+  c.sample.fps = 8.0
+  c.sample.row_len = 0           # packed inference row length in tokens; 0 = data.seq_len
+  c.sample.max_tile_pixels = 0   # VAE chunked decoding: tile frames above this many pixels; 0 = never
+
+  # --- DiT (sora_jax/models/dit.py, models/text.py): ~3.6M params; sized for ~12 min of 2-core CPU.
+  c.dit = ml_collections.ConfigDict()
+  c.dit.in_dim = 0               # token dim D = pt*ph*pw*latent channels; 0 = the data's (train.py fills it)
+  c.dit.vocab_size = c.data.get_ref("vocab_size")  # sentencepiece ids of the caption encoder
+  c.dit.width = 192
+  c.dit.depth = 6
+  c.dit.num_heads = 6            # head_dim 32: RoPE splits it (t, h, w) = (12, 10, 10)
+  c.dit.mlp_ratio = 4.0
+  c.dit.time_freq_dim = 256
+  c.dit.rope_theta = 10000.0
+  c.dit.qk_norm = True
+  c.dit.text_width = 128         # caption encoder, trained jointly
+  c.dit.text_depth = 2
+  c.dit.text_heads = 4
+  c.dit.attention = "reference"  # segment_attention implementation (models/attention.py)
+  c.dit.remat = "none"           # "none" | "full" | "dots" | "dots_saveable"
+  c.dit.dtype = "bfloat16"       # compute; bf16 matmul inputs with f32 accumulation
+  c.dit.param_dtype = "float32"
+
+  # --- Diffusion (sora_jax/diffusion.py): objective, timesteps, CFG text dropout, prompt masks.
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.objective = "flow"     # "flow" (rectified flow, v = eps - x0) or "ddpm" (cosine schedule)
+  c.diffusion.prediction = "v"       # ddpm only: "eps" or "v"
+  c.diffusion.cosine_s = 0.008       # ddpm cosine schedule offset
+  c.diffusion.t_mean = 0.0           # flow: logit-normal timesteps sigmoid(N(t_mean, t_std))
+  c.diffusion.t_std = 1.0
+  c.diffusion.time_shift = True      # t' = a t / (1 + (a-1) t), a = shift_scale * sqrt(n / shift_ref_tokens)
+  c.diffusion.shift_scale = 1.0
+  c.diffusion.shift_ref_tokens = 256
+  c.diffusion.text_drop = 0.1        # per-segment caption dropout for classifier-free guidance
+  c.diffusion.cond_first_frame = 0.1   # image-to-video prompt (first latent frame given)
+  c.diffusion.cond_first_frames = 0.05  # video continuation (first k latent frames given)
+  c.diffusion.cond_last_frames = 0.05   # backwards extension (last k given)
+  c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
+
+  # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
+  c.total_steps = 400
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+  c.keep_checkpoints = 3
+  c.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
+  c.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
+  c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 40
+  c.optim.schedule = "cosine"    # "cosine" or "constant" after the linear warmup
+  c.optim.end_lr_fraction = 0.1  # cosine floor, as a fraction of lr
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01    # matrices only
+  c.optim.grad_clip = 1.0        # global norm; 0 = off
+  c.optim.ema_decay = 0.999      # EMA of the weights (warmed up: min(decay, (1+n)/(10+n)))
+
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.
   if arg.runlocal:

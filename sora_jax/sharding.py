@@ -1,14 +1,20 @@
 """The device mesh and the logical-to-physical axis rules: the only file that names mesh axes.
 
 Models annotate parameters and activations with logical names (`embed`, `act_batch`, ...); the rules
-below map them onto the physical axes `data`, `fsdp`, `tensor`.
+below map them onto the physical axes `data`, `fsdp`, `tensor`. The trainers ask this file for the
+shardings of parameters (`state_shardings`), of batches (`batch_sharding`) and of replicated values.
+
+Parameters: FSDP by default (`embed` over `fsdp`), tensor parallelism when the `tensor` axis is > 1
+(`mlp` and `heads` over `tensor`). A dimension that the mesh axis does not divide stays replicated
+(tiny test models, odd vocabularies), and a mesh axis is used at most once per array.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
+from flax import nnx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -62,7 +68,7 @@ def use_mesh(mesh: Mesh):
   global _current_mesh
   prev, _current_mesh = _current_mesh, mesh
   try:
-    with jax.sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh):
       yield mesh
   finally:
     _current_mesh = prev
@@ -73,3 +79,82 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if _current_mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(_current_mesh, logical_to_spec(names)))
+
+
+def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of a config's `mesh` section ({data, fsdp, tensor}, -1 = the remaining devices)."""
+  return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES}, devices)
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_for_shape(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh) -> P:
+  """PartitionSpec for an array of `shape` with logical dimension `names`, fitted to `mesh`.
+
+  Drops, per dimension, mesh axes of size 1, axes already used by an earlier dimension, and axes
+  whose size does not divide the dimension.
+  """
+  if not names:
+    return P()
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+  rules = dict(LOGICAL_AXIS_RULES)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(names, shape):
+    if name is not None and name not in rules:
+      raise ValueError(f"logical axis {name!r} has no rule; accepted: {sorted(rules)}")
+    kept = []
+    size = 1
+    for axis in _axes_tuple(rules.get(name) if name is not None else None):
+      n = mesh.shape[axis]
+      if n == 1 or axis in used or dim % (size * n):
+        continue
+      kept.append(axis)
+      size *= n
+    used.update(kept)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def _logical_names(variable: nnx.Variable):
+  md = variable.get_metadata()
+  return md.get("out_sharding") or md.get("sharding_names") or md.get("sharding")
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
+  """NamedShardings for an (abstract) nnx.State, as a pure dict like `nnx.to_pure_dict(state)`."""
+  out: dict = {}
+  for path, var in abstract_state.flat_state():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = NamedSharding(mesh, spec_for_shape(_logical_names(var), var.shape, mesh))
+  return out
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """The leading (batch) axis over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """A global batch must be a multiple of this (the size of the batch-sharding axes)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def describe(shardings: Any) -> str:
+  """One line per distinct PartitionSpec with its count, for the startup log."""
+  counts: dict[str, int] = {}
+  for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    key = str(s.spec)
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))

@@ -1,0 +1,208 @@
+"""FLOP counts by hand for the DiT train step, device peaks, and MFU.
+
+Two counts per train step (global, all devices together):
+- `model`: the matmul FLOPs the model needs, forward + backward (weight and input gradients) and no
+  recomputation. MFU = model FLOPs / step time / peak, the usual definition, so remat lowers MFU.
+- `total`: what the compiled step executes: `model` plus remat recomputation, plus elementwise work
+  (softmax, norms, activations, the optimizer), so it is comparable with XLA's `cost_analysis()`.
+
+Counting conventions: a matmul [m, k] x [k, n] is 2mkn. Its backward is two more of the same size (input
+and weight gradient), except where the input is data (patch embedding, conditioning path, time
+frequencies): no input gradient there. Attention is dense (the reference implementation computes every
+(query, key) pair and masks), so its cost is 4 * L^2 * width per row whatever the packing.
+
+Scans: the DiT and its text encoder run their layers in `lax.scan`. XLA's cost model counts a loop body
+once, not per trip (FACTS.md), so `compare_with_compiled` compares `cost_analysis()` with the count of
+the step *as if each stack had one layer* (`once`): outside-the-scan work plus one layer of each stack.
+This tests every per-layer and outside term; the multiplication by depth is the only part it cannot see.
+
+Elementwise terms use per-element costs of XLA's cost model measured on this CPU (see the constants);
+they are a few percent of the total at the demo's width.
+
+Peaks: a published dense bf16 figure per accelerator kind (PEAK_FLOPS); on CPU a matmul peak measured in
+this process (`measure_cpu_peak`), since CPU throughput moves from run to run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 FLOP/s per chip (vendor data sheets), matched as substrings of `device.device_kind`,
+# most specific first.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918e12),     # v6e (Trillium)
+    ("TPU v5 lite", 197e12),     # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),          # v5p reports "TPU v5"
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("TPU v2", 45e12),
+    ("H200", 989e12),            # SXM, dense
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),            # SXM, dense
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("B200", 2250e12),
+)
+
+# Per-element costs in XLA's cost model (flops per element), measured on CPU with cost_analysis() of
+# the pieces (jax 0.10.2): the masked softmax of the reference attention per (query, key, head) score,
+# forward and backward; and the per-token, per-channel elementwise work of one block (RMS norms,
+# modulation, RoPE, GELU, residuals, gates), forward and backward.
+SOFTMAX_FWD, SOFTMAX_BWD = 11.0, 12.0
+BLOCK_ELEMWISE_PER_CHANNEL = 60.0
+# AdamW + clipping + EMA + three global norms, per parameter.
+OPTIMIZER_PER_PARAM = 30.0
+
+
+@dataclasses.dataclass
+class StepFlops:
+  """FLOPs of one global train step; `per_layer` is one scanned layer of each stack (in `total` terms)."""
+  model: float
+  total: float
+  per_layer: dict
+  depths: dict
+
+  @property
+  def once(self) -> float:
+    """`total` as XLA's cost model counts a scanned step: each stack's body once."""
+    return self.total - sum((self.depths[k] - 1) * v for k, v in self.per_layer.items())
+
+
+class _Counter:
+  """Accumulates (model, total) FLOPs: matmuls forward + backward, with and without remat."""
+
+  def __init__(self):
+    self.model = 0.0
+    self.total = 0.0
+
+  def matmul(self, fwd: float, *, input_grad: bool = True, recompute: float = 0.0):
+    """A matmul of `fwd` forward FLOPs; `recompute` = how many extra forwards remat adds (0 or 1)."""
+    passes = 3.0 if input_grad else 2.0
+    self.model += passes * fwd
+    self.total += (passes + recompute) * fwd
+
+  def elementwise(self, flops: float):
+    self.total += flops
+
+
+def _remat_recompute(remat: str) -> tuple[float, float]:
+  """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy."""
+  return {"none": (0.0, 0.0), "full": (1.0, 1.0), "dots": (0.0, 1.0),
+          "dots_saveable": (0.0, 0.0)}.get(remat, (0.0, 0.0))
+
+
+def _attention(c: _Counter, b, lq, lk, width, heads, rw, ra):
+  c.matmul(2 * b * lq * lk * width * 2, recompute=ra)  # q k^T and p v
+  c.elementwise(b * heads * lq * lk * (SOFTMAX_FWD * (1 + ra) + SOFTMAX_BWD))
+
+
+def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
+  c = _Counter()
+  wt = cfg_dit.text_width
+  mt = int(wt * cfg_dit.mlp_ratio)
+  rw, ra = _remat_recompute(cfg_dit.remat)
+  c.matmul(4 * 2 * b * lt * wt * wt, recompute=rw)            # q, k, v, o
+  _attention(c, b, lt, lt, wt, cfg_dit.text_heads, rw, ra)
+  c.matmul(2 * 2 * b * lt * wt * mt, recompute=rw)            # MLP up, down
+  c.elementwise(BLOCK_ELEMWISE_PER_CHANNEL * b * lt * wt * (1 + rw))
+  return c.model, c.total
+
+
+def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int) -> tuple[float, float]:
+  c = _Counter()
+  w = cfg_dit.width
+  m = int(w * cfg_dit.mlp_ratio)
+  k = lt + s  # cross-attention keys: the captions plus one null-text token per segment
+  rw, ra = _remat_recompute(cfg_dit.remat)
+  c.matmul(2 * b * s * w * 6 * w + 2 * w * 6 * w, recompute=rw)  # adaLN per segment, and at t = 0
+  c.matmul(4 * 2 * b * l * w * w, recompute=rw)                  # self-attention q, k, v, o
+  _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)
+  c.matmul(2 * 2 * b * l * w * w + 2 * 2 * b * k * w * w, recompute=rw)  # cross q, o; k, v
+  _attention(c, b, l, k, w, cfg_dit.num_heads, rw, ra)
+  c.matmul(2 * 2 * b * l * w * m, recompute=rw)                  # MLP
+  c.elementwise(BLOCK_ELEMWISE_PER_CHANNEL * b * l * w * (1 + rw))
+  return c.model, c.total
+
+
+def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int,
+                         num_params: int = 0) -> StepFlops:
+  """FLOPs of one DiT train step on `batch` rows (global) of the config's shapes."""
+  d = cfg.dit
+  b, l, lt, s = batch, seq_len, text_len, num_segments
+  w, din = d.width, d.in_dim
+  c = _Counter()
+  c.matmul(2 * b * l * din * w, input_grad=False)              # patch embedding
+  c.matmul(2 * b * l * (din + 1) * w, input_grad=False)        # conditioning path (always on in training)
+  c.matmul(2 * (b * s + 1) * d.time_freq_dim * w, input_grad=False)  # time MLP, per segment and t = 0
+  c.matmul(2 * (b * s + 1) * w * w)
+  c.matmul(2 * b * lt * d.text_width * w)                      # text projection
+  c.matmul(2 * b * s * w * 2 * w + 2 * w * 2 * w)             # final adaLN
+  c.matmul(2 * b * l * w * din)                                # output projection
+  c.elementwise(OPTIMIZER_PER_PARAM * num_params)
+  text_m, text_t = text_layer_flops(d, b, lt)
+  dit_m, dit_t = dit_layer_flops(d, b, l, lt, s)
+  model = c.model + d.text_depth * text_m + d.depth * dit_m
+  total = c.total + d.text_depth * text_t + d.depth * dit_t
+  return StepFlops(model=model, total=total, per_layer={"text": text_t, "dit": dit_t},
+                   depths={"text": d.text_depth, "dit": d.depth})
+
+
+def compare_with_compiled(step: StepFlops, compiled_flops: float, num_devices: int) -> float:
+  """cost_analysis() FLOPs (per device, scan bodies once) over the hand count of the same thing."""
+  expected = step.once / num_devices
+  return compiled_flops / expected if expected else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ peaks
+def published_peak(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS:
+    if name in kind:
+      return peak
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_peak(dtype: str = "bfloat16", n: int = 1024, seconds: float = 1.0) -> float:
+  """Best matmul FLOP/s of this process's CPU: [n, n] x [n, n], `dtype` inputs, float32 accumulation
+  (how the models' Dense layers run), over about `seconds` of repeats."""
+  dt = jnp.dtype(dtype)
+  dev = jax.devices("cpu")[0]
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dt), dev)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(4):  # several matmuls per call amortise dispatch
+      x = jnp.matmul(x, a, preferred_element_type=jnp.float32).astype(dt)
+    return x
+
+  chain(a).block_until_ready()
+  best, spent = 0.0, 0.0
+  while spent < seconds:
+    t0 = time.perf_counter()
+    chain(a).block_until_ready()
+    dt_s = time.perf_counter() - t0
+    spent += dt_s
+    best = max(best, 4 * 2 * n**3 / dt_s)
+  return best
+
+
+def peak_flops(devices, dtype: str = "bfloat16") -> tuple[float, str]:
+  """(peak FLOP/s of all `devices` together, where the figure comes from).
+
+  CPU devices (real or fake) share one host: the measured host peak is the peak of them all.
+  """
+  devices = list(devices)
+  if devices[0].platform == "cpu":
+    return measure_cpu_peak(str(dtype)), f"measured in-process ({dtype} matmul, f32 accumulation)"
+  peak = published_peak(devices[0])
+  if peak is None:
+    raise ValueError(f"no published peak for device kind {devices[0].device_kind!r}; known: "
+                     f"{[k for k, _ in PEAK_FLOPS]}")
+  return peak * len(devices), f"published dense bf16 peak of {devices[0].device_kind}"

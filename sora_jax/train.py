@@ -1,0 +1,425 @@
+"""Trains the text-conditioned DiT on packed spacetime-patch rows, on any mesh from this CPU to a pod.
+
+    python -m sora_jax.train --config experiments/shapes_demo.py --workdir runs/demo/dit
+
+Read top to bottom: the state and its shardings, the pure train step, compile-first reporting (memory,
+FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, preemption).
+
+- State: a plain dict pytree {step, params, ema, opt_state, rng, bad_step} (params and ema as
+  `nnx.to_pure_dict`), sharded by sharding.state_shardings (FSDP by default, tensor parallel when the
+  mesh has a `tensor` axis > 1); the batch is sharded over data x fsdp.
+- The step is one `jax.jit` with explicit in/out shardings and the state donated; the model is rebuilt
+  inside it with `nnx.merge` (FACTS.md: the functional form, not nnx.jit). Per-step randomness is
+  `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted one would.
+- A non-finite loss or gradient never reaches the parameters: the step keeps the old params, optimizer
+  and EMA and records the first bad step in `bad_step`; the loop checks it at every log step and before
+  every save, stops naming that step, and writes no checkpoint.
+- Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
+  `config.resume_from` (another run's checkpoint directory: everything, including the data position),
+  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0), then scratch.
+- SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sora_jax import checkpoint, flops, metrics, optim, sharding
+from sora_jax import config as config_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+
+log = logging.getLogger("sora_jax.train")
+
+State = dict[str, Any]
+LossFn = Callable[[nnx.Module, dict, jax.Array, ml_collections.ConfigDict], tuple[jax.Array, dict]]
+
+
+# ----------------------------------------------------------------------------------- state, shardings
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
+  return DiT(cfg.dit, rngs=rngs)
+
+
+def default_loss_fn() -> LossFn:
+  from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+  return diffusion.loss_fn
+
+
+def _ema_decay(cfg, step):
+  # Warm the EMA up ((1 + n) / (10 + n) caps the decay early on) so that short runs, like the demo's,
+  # get an EMA that has forgotten the random init.
+  decay = float(cfg.optim.get("ema_decay", 0.999))
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the loop needs: the model's graph, the optimizer, and the state's abstract form and layout."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: State        # jax.ShapeDtypeStruct leaves carrying their shardings
+  shardings: State
+  num_params: int
+
+
+def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               model_fn: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module] = make_model) -> Setup:
+  """Builds the model abstractly (no memory), and the shardings of the whole train state."""
+  total = int(cfg.total_steps)
+  tx = optim.make_optimizer(cfg.optim, total)
+  with nnx.use_eager_sharding(False):
+    abstract_model = nnx.eval_shape(lambda: model_fn(cfg, nnx.Rngs(0)))
+  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(nnx.to_pure_dict(abs_rest)):
+    raise ValueError("the model holds non-Param state "
+                     f"({sorted(str(p) for p, _ in abs_rest.flat_state())}); this trainer carries "
+                     "params only: pass randomness through the loss's rng")
+  param_sh = sharding.state_shardings(abs_params, mesh)
+  params = nnx.to_pure_dict(abs_params)
+  rep = sharding.replicated(mesh)
+  abs_opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  scalar_i32 = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = {"step": scalar_i32, "params": params, "ema": params, "opt_state": abs_opt,
+              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": scalar_i32}
+  shardings = {"step": rep, "params": param_sh, "ema": param_sh, "opt_state": opt_sh, "rng": rep,
+               "bad_step": rep}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                          shardings)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, num_params)
+
+
+def init_state(cfg, setup: Setup, model_fn=make_model) -> State:
+  """A fresh state, created directly in its sharded layout (no full copy on any one device)."""
+
+  def init(seed):
+    with nnx.use_eager_sharding(False):
+      model = model_fn(cfg, nnx.Rngs(jax.random.fold_in(seed, 0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.int32(0), "params": params, "ema": params, "opt_state": setup.tx.init(params),
+            "rng": jax.random.fold_in(seed, 1), "bad_step": jnp.int32(-1)}
+
+  return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(int(cfg.seed)))
+
+
+# ---------------------------------------------------------------------------------------- train step
+def make_train_step(cfg, setup: Setup, loss_fn: LossFn) -> Callable[[State, dict], tuple[State, dict]]:
+  """The pure step: (state, global batch) -> (new state, scalar metrics)."""
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)
+
+    def loss_of(params):
+      model = nnx.merge(graphdef, params)
+      return loss_fn(model, batch, rng, cfg)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = optim.ema_update(state["ema"], params, _ema_decay(cfg, step))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = {
+        "step": step + 1,
+        "params": keep(params, state["params"]),
+        "ema": keep(ema, state["ema"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        # Steps are counted from 1 in logs and checkpoints: the step that produced state step + 1.
+        "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step + 1),
+    }
+    scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+    scalars.update(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+                   update_norm=optax.global_norm(updates), lr=schedule(step),
+                   tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32))
+    return new_state, scalars
+
+  return train_step
+
+
+def batch_shardings(batch: dict, mesh) -> dict:
+  return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def compile_step(step_fn, setup: Setup, batch: dict, mesh):
+  """`lower().compile()` of the jitted step for this batch's shapes, with the state donated."""
+  b_sh = batch_shardings(batch, mesh)
+  jitted = jax.jit(step_fn, in_shardings=(setup.shardings, b_sh),
+                   out_shardings=(setup.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=b_sh[k])
+                    for k, v in batch.items()}
+  with sharding.use_mesh(mesh):
+    lowered = jitted.lower(setup.abstract_state, abstract_batch)
+  return lowered.compile()
+
+
+def compiled_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def memory_report(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+          "generated_code_size_in_bytes")
+  return {k.replace("_size_in_bytes", "_mib"): getattr(mem, k, 0) / 2**20 for k in keys}
+
+
+# --------------------------------------------------------------------------------------- resume policy
+@dataclasses.dataclass(frozen=True)
+class Start:
+  kind: str                    # "workdir" | "resume_from" | "init_from" | "scratch"
+  directory: str | None = None
+  step: int | None = None
+
+
+def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
+  """The one place resume precedence is decided: own workdir > resume_from > init_from > scratch."""
+  step = own.latest_step()
+  if step is not None:
+    return Start("workdir", ckpt_dir, step)
+  for kind in ("resume_from", "init_from"):
+    path = cfg.get(kind, "")
+    if not path:
+      continue
+    # A run's workdir or its checkpoints/ directory are both accepted.
+    directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    other = checkpoint.Manager(directory)
+    step = other.latest_step()
+    other.close()
+    if step is None:
+      raise ValueError(f"config.{kind}={path!r} holds no finished checkpoint")
+    return Start(kind, directory, step)
+  return Start("scratch")
+
+
+def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_iter,
+               model_fn=make_model) -> State:
+  if start.kind == "scratch":
+    return init_state(cfg, setup, model_fn)
+  if start.kind == "workdir":
+    return own.restore(start.step, setup.abstract_state, data_iter=data_iter)
+  other = checkpoint.Manager(start.directory)
+  try:
+    if start.kind == "resume_from":
+      return other.restore(start.step, setup.abstract_state, data_iter=data_iter)
+    # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
+    loaded = other.restore(start.step, setup.abstract_state)
+  finally:
+    other.close()
+  fresh = init_state(cfg, setup, model_fn)
+  fresh["params"], fresh["ema"] = loaded["params"], loaded["ema"]
+  return fresh
+
+
+# ---------------------------------------------------------------------------------------------- loop
+class _Preempted:
+  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._prev)
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def _host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).item(), tree)
+
+
+def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter) -> None:
+  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present."""
+  try:
+    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    log.info("step %d: sample videos skipped: sora_jax.sampling is not built yet", step)
+    return
+  make = getattr(sampling, "training_samples", None)
+  if make is None:
+    log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
+    return
+  model = nnx.merge(setup.graphdef, state["ema"])
+  for name, frames in make(model, cfg, jax.random.PRNGKey(step)).items():
+    writer.write_video(step, f"samples/{name}", np.asarray(frames))
+
+
+def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A resolved copy of the config with `dit.in_dim` = 0 filled in from the data's token dimension."""
+  cfg = cfg.copy_and_resolve_references()
+  if not cfg.dit.in_dim:
+    from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    cfg.dit.in_dim = int(pipeline.latent_stats(cfg, workdir=workdir)[2])
+  return cfg
+
+
+def make_data(cfg, workdir: str):
+  from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
+          loss_fn: LossFn | None = None, data=None, devices=None) -> State:
+  """Trains to cfg.total_steps (or until preempted) and returns the final state.
+
+  `data` is (host-local batch iterator with get_state/set_state, to_global(batch, mesh)); by default the
+  Grain pipeline of sora_jax.data.pipeline.
+  """
+  loss_fn = loss_fn or default_loss_fn()
+  cfg = prepare_config(cfg, workdir)
+  data_iter, to_global = data if data is not None else make_data(cfg, workdir)
+  mesh = sharding.mesh_from_config(cfg.mesh, devices)
+  total = int(cfg.total_steps)
+  # Several fake CPU devices deadlock on unblocked collectives (FACTS.md); on CPU the sync costs nothing.
+  block_every_step = jax.default_backend() == "cpu"
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.get("keep_checkpoints", 3)),
+                            save_interval_steps=max(int(cfg.checkpoint_every_steps), 1))
+  writer = metrics.MetricWriter(workdir)
+
+  setup = make_setup(cfg, mesh, model_fn)
+  start = resolve_start(cfg, ckpt_dir, ckpt)
+  state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
+  first = int(jax.device_get(state["step"]))
+  log.info("start: %s (step %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
+           dict(mesh.shape), setup.num_params / 1e6, sharding.describe(setup.shardings["params"]))
+
+  batch = next(data_iter)
+  if batch["segment_ids"].shape[0] * jax.process_count() % sharding.batch_size_multiple(mesh):
+    raise ValueError(f"global batch {batch['segment_ids'].shape[0] * jax.process_count()} is not a "
+                     f"multiple of data x fsdp = {sharding.batch_size_multiple(mesh)}")
+  step_fn = make_train_step(cfg, setup, loss_fn)
+  t0 = time.time()
+  compiled = compile_step(step_fn, setup, batch, mesh)
+  report = {"compile_s": time.time() - t0, **memory_report(compiled)}
+  b, l = batch["segment_ids"].shape
+  step_flops = flops.dit_train_step_flops(
+      cfg, batch=b * jax.process_count(), seq_len=l, text_len=batch["text_tokens"].shape[1],
+      num_segments=batch["seg_valid"].shape[1], num_params=setup.num_params)
+  peak, peak_source = flops.peak_flops(mesh.devices.flat, cfg.dit.get("dtype", "bfloat16"))
+  cost = compiled_flops(compiled)
+  report.update(peak_tflops=peak / 1e12, model_tflops_per_step=step_flops.model / 1e12,
+                tflops_per_step=step_flops.total / 1e12,
+                cost_analysis_tflops_per_device=cost / 1e12,
+                cost_analysis_over_hand_count=flops.compare_with_compiled(step_flops, cost, mesh.size))
+  log.info("compiled in %.1fs; peak from %s; %s", report["compile_s"], peak_source, json.dumps(report))
+  writer.write_scalars(first, {f"compile/{k}": v for k, v in report.items()})
+
+  preempt = _Preempted()
+  try:
+    state = _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh, ckpt, writer,
+                  setup, step_flops.model / peak, block_every_step, preempt)
+  finally:
+    preempt.restore()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _check_finite(state: State) -> None:
+  bad = int(jax.device_get(state["bad_step"]))
+  if bad >= 0:
+    raise NonFiniteLoss(f"non-finite loss or gradient at step {bad}; stopping without saving "
+                        "(parameters are those after the last finite step)")
+
+
+def _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
+          seconds_at_peak, block_every_step, preempt) -> State:
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  log_every = max(int(cfg.log_every_steps), 1)
+  sample_every = int(cfg.get("sample_every_steps", 0))
+  bar = tqdm(total=total, initial=first, disable=jax.process_index() != 0, dynamic_ncols=True)
+  pending: list[dict] = []
+  t_last, steps_since = time.time(), 0
+  step = first
+  while step < total:
+    if batch is None:
+      batch = next(data_iter)
+    state, scalars = compiled(state, to_global(batch, mesh))
+    batch = None
+    step += 1
+    steps_since += 1
+    pending.append(scalars)
+    if block_every_step:
+      jax.block_until_ready(state["step"])
+    bar.update(1)
+    last = step == total
+    if step % log_every == 0 or last or preempt.flag:
+      _check_finite(state)
+      host = _host(pending)
+      dt = (time.time() - t_last) / steps_since
+      tokens = sum(h["tokens"] for h in host) / steps_since
+      row = dict(host[-1])
+      row.update(loss=float(np.mean([h["loss"] for h in host])), step_time_s=dt,
+                 tokens_per_s=tokens / dt, mfu=seconds_at_peak / dt)
+      writer.write_scalars(step, row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                      mfu=f"{row['mfu']:.1%}")
+      pending, t_last, steps_since = [], time.time(), 0
+    if sample_every and step % sample_every == 0:
+      _maybe_samples(cfg, step, state, setup, writer)
+      t_last = time.time()  # sampling time is not step time
+    if preempt.flag or last or step % ckpt.save_interval_steps == 0:
+      _check_finite(state)
+      if ckpt.save(step, state, data_iter=data_iter, force=preempt.flag or last):
+        log.info("step %d: checkpoint started", step)
+    if preempt.flag:
+      ckpt.wait()
+      log.info("SIGTERM: saved step %d; exiting", step)
+      break
+  bar.close()
+  return state
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+  if not _WORKDIR.value:
+    config_lib._fail("--workdir is required")  # pylint: disable=protected-access
+  cfg = config_lib.get_config()
+  try:
+    train(cfg, _WORKDIR.value)
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  config_lib.run(main)
