@@ -30,7 +30,7 @@ VAE does), so the whole pipeline is testable before any VAE exists.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -327,9 +327,10 @@ def open_source(config, split: str, *, workdir: str | None = None):
 
 
 def open_tokenizer(config, *, workdir: str | None = None) -> Callable[[str], np.ndarray]:
-  """caption -> int32 token ids, from the sentencepiece model of config.data.tokenizer."""
+  """caption -> int32 ids (pieces + EOS, at most config.data.max_text_tokens), picklable for workers."""
   from sora_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  return tokenizer.Tokenizer(str(_data_dir(config, "tokenizer", workdir, "tokenizer.model")))
+  tok = tokenizer.Tokenizer(str(_data_dir(config, "tokenizer", workdir, "tokenizer.model")))
+  return functools.partial(tok.encode, max_len=int(config.data.max_text_tokens))
 
 
 def make_dataset(config, *, split: str = "train", seed: int | None = None, source=None,
