@@ -1,0 +1,191 @@
+"""Generate videos from captions, optionally prompted with an image or videos.
+
+    python -m sora_jax.sample --bundle runs/demo/bundle --prompt "a red circle moving left on a black background" \
+        --num_frames 33 --height 32 --width 48 --seed 0 --steps 30 --guidance 4 --out out.mp4
+    python -m sora_jax.sample --workdir runs/demo --prompts_file prompts.txt --out samples/s.mp4
+
+Prompting with images and videos (one mode at a time):
+    --image img.png                         the image is the first frame (image-to-video)
+    --extend in.mp4 --direction forward     continue in.mp4 (backward: lead into it)
+    --connect a.mp4,b.mp4                   begin like a.mp4, end like b.mp4
+    --edit in.mp4 --strength 0.6            SDEdit in.mp4 under the new caption
+
+Outputs go by the suffix of --out: .mp4 (PyAV), .gif, .png (a grid of the frames; a one-frame video is
+written as .png whatever --out says) or .npy (the exact uint8 frames [T, H, W, 3]); --also=npy,gif
+writes the same video in more formats next to it. Several prompts write `<stem>_<i>.<suffix>`.
+
+A prompts file has one prompt per line, `caption` or `caption | num_frames | HxW`; empty lines and lines
+starting with # are skipped. Defaults (frames, size, steps, guidance, sampler) come from the model's
+config `sample` section. Models come from an exported bundle (--bundle) or a training work directory
+(--workdir, laid out as runs/demo: vae/, dit/, data/).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+import numpy as np
+
+from sora_jax import config as config_lib
+from sora_jax import sampling
+from sora_jax import video_io
+
+_BUNDLE = flags.DEFINE_string("bundle", None, "an exported inference bundle directory")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training work directory (vae/, dit/, data/)")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "a caption (repeatable)")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "one prompt per line: caption [| frames | HxW]")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "1 (an image) or 1 + 4k, up to 481")
+_HEIGHT = flags.DEFINE_integer("height", None, "pixels; a multiple of the patch grid")
+_WIDTH = flags.DEFINE_integer("width", None, "pixels; a multiple of the patch grid")
+_SEED = flags.DEFINE_integer("seed", 0, "noise seed (per prompt: fold_in(seed, prompt index))")
+_STEPS = flags.DEFINE_integer("steps", None, "sampler steps")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "classifier-free guidance scale (1 = none)")
+_SAMPLER = flags.DEFINE_string("sampler", None, "euler|heun (flow), ddim|ddpm (ddpm objective)")
+_ROW_LEN = flags.DEFINE_integer("row_len", None, "tokens per packed row")
+_FPS = flags.DEFINE_float("fps", None, "frame rate of the written video")
+_OUT = flags.DEFINE_string("out", "sample.mp4", "output path; the suffix picks the format")
+_ALSO = flags.DEFINE_list("also", [], "more formats of the same video: npy, gif, png, mp4")
+_IMAGE = flags.DEFINE_string("image", None, "image-to-video: the first frame")
+_EXTEND = flags.DEFINE_string("extend", None, "a video to extend")
+_DIRECTION = flags.DEFINE_enum("direction", "forward", ["forward", "backward"], "of --extend")
+_CONNECT = flags.DEFINE_list("connect", None, "two videos a,b: the output begins like a, ends like b")
+_EDIT = flags.DEFINE_string("edit", None, "a video to edit (SDEdit) under the prompt")
+_STRENGTH = flags.DEFINE_float("strength", 0.6, "of --edit: 1 = ignore the input, 0 = keep it")
+
+
+def read_prompts(path: str) -> list[tuple[str, int | None, int | None, int | None]]:
+  """(caption, num_frames or None, height or None, width or None) per non-empty, non-comment line."""
+  out = []
+  for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    parts = [p.strip() for p in line.split("|")]
+    try:
+      if len(parts) == 1:
+        out.append((parts[0], None, None, None))
+      elif len(parts) == 3:
+        h, w = parts[2].lower().split("x")
+        out.append((parts[0], int(parts[1]), int(h), int(w)))
+      else:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f"{path}:{n}: {line!r} is not `caption` or `caption | num_frames | HxW`") from None
+  if not out:
+    raise ValueError(f"{path} has no prompts")
+  return out
+
+
+def load_models(bundle: str | None, workdir: str | None) -> sampling.Pipeline:
+  from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  if bool(bundle) == bool(workdir):
+    raise ValueError("give exactly one of --bundle or --workdir")
+  loaded = bundle_lib.load(bundle) if bundle else bundle_lib.load_workdir(workdir)
+  return sampling.as_pipeline(loaded)
+
+
+def _read(path: str) -> np.ndarray:
+  return video_io.read_video(path)[0]
+
+
+def _grid_size(size: int, step: int) -> int:
+  return max(step, size // step * step)
+
+
+def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
+  """Requests for the prompts, with the one image/video prompting mode given on the command line."""
+  modes = [name for name, v in (("--image", _IMAGE.value), ("--extend", _EXTEND.value),
+                                ("--connect", _CONNECT.value), ("--edit", _EDIT.value)) if v]
+  if len(modes) > 1:
+    raise ValueError(f"{' and '.join(modes)} given; use one prompting mode at a time")
+  if _CONNECT.value is not None and len(_CONNECT.value) != 2:
+    raise ValueError(f"--connect {','.join(_CONNECT.value)}: give exactly two videos, a,b")
+  g = pipe.geometry
+  source = None  # the prompt video whose size is the default output size
+  if _IMAGE.value:
+    source = _read(_IMAGE.value)
+  elif _EXTEND.value:
+    source = _read(_EXTEND.value)
+  elif _CONNECT.value:
+    source = [_read(p) for p in _CONNECT.value]
+  elif _EDIT.value:
+    source = _read(_EDIT.value)
+  first = source[0] if isinstance(source, list) else source
+  reqs = []
+  for caption, n, h, w in prompts:
+    n = n or _NUM_FRAMES.value
+    h, w = h or _HEIGHT.value, w or _WIDTH.value
+    if first is not None:  # a prompt video sets the default size (rounded down onto the grid)
+      h = h or _grid_size(first.shape[1], g.spatial * g.patch[1])
+      w = w or _grid_size(first.shape[2], g.spatial * g.patch[2])
+      if _EDIT.value and not n:
+        n = sampling._usable_frames(min(first.shape[0], g.max_frames), g.temporal)  # pylint: disable=protected-access
+    n = int(pipe.sample_setting("num_frames", n, 17))
+    h, w = int(pipe.sample_setting("height", h, 32)), int(pipe.sample_setting("width", w, 32))
+    if _IMAGE.value:
+      reqs.append(sampling.image_prompt(pipe, caption, source, n, h, w))
+    elif _EXTEND.value:
+      reqs.append(sampling.extend_prompt(pipe, caption, source, n, h, w, _DIRECTION.value))
+    elif _CONNECT.value:
+      reqs.append(sampling.connect_prompt(pipe, caption, source[0], source[1], n, h, w))
+    elif _EDIT.value:
+      reqs.append(sampling.edit_prompt(pipe, caption, source, n, h, w, _STRENGTH.value))
+    else:
+      pipe.geometry.latent_shape(n, h, w)  # fail on a bad size before loading anything else
+      reqs.append(sampling.Request(caption, n, h, w))
+  return reqs
+
+
+def output_paths(out: str, count: int, index: int, frames: int, also) -> list[Path]:
+  """Where prompt `index` of `count` goes: numbered when several; .png for one frame; --also formats."""
+  path = Path(out)
+  suffix = path.suffix.lower()
+  if suffix not in video_io.WRITE_SUFFIXES:
+    raise ValueError(f"--out {out}: suffix {suffix!r} is not one of {list(video_io.WRITE_SUFFIXES)}")
+  stem = path.with_suffix("") if count == 1 else path.with_name(f"{path.stem}_{index:03d}")
+  if frames == 1 and suffix in (".mp4", ".gif"):
+    suffix = ".png"
+  paths = [Path(f"{stem}{suffix}")]
+  for fmt in also:
+    s = "." + fmt.lower().lstrip(".")
+    if s not in video_io.WRITE_SUFFIXES:
+      raise ValueError(f"--also {fmt}: accepted {[x[1:] for x in video_io.WRITE_SUFFIXES]}")
+    if Path(f"{stem}{s}") not in paths:
+      paths.append(Path(f"{stem}{s}"))
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    config_lib._fail(f"unexpected arguments {argv[1:]}")  # pylint: disable=protected-access
+  try:
+    if not _PROMPT.value and not _PROMPTS_FILE.value:
+      raise ValueError("give --prompt or --prompts_file")
+    prompts = [(p, None, None, None) for p in _PROMPT.value]
+    if _PROMPTS_FILE.value:
+      prompts += read_prompts(_PROMPTS_FILE.value)
+    start = time.time()
+    pipe = load_models(_BUNDLE.value, _WORKDIR.value)
+    loaded = time.time()
+    reqs = build_requests(pipe, prompts)
+    fps = float(pipe.sample_setting("fps", _FPS.value, 8.0))
+    for i, r in enumerate(reqs):  # check every output path before spending time on sampling
+      output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
+    videos = sampling.generate(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
+                               sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=True)
+  except (ValueError, TypeError, video_io.VideoReadError, FileNotFoundError) as e:
+    config_lib._fail(str(e).splitlines()[0])  # pylint: disable=protected-access
+  for i, (r, v) in enumerate(zip(reqs, videos)):
+    for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
+      video_io.write_video(path, v, fps=fps)
+      print(f"wrote {path} ({v.shape[0]} frames, {v.shape[1]}x{v.shape[2]}): {r.caption}", flush=True)
+  print(f"loaded in {loaded - start:.1f}s, generated {len(reqs)} video(s) in {time.time() - loaded:.1f}s",
+        flush=True)
+
+
+if __name__ == "__main__":
+  # --config is optional here: the model's config comes from the bundle or work directory.
+  config_lib.run(main)

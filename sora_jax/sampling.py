@@ -1,0 +1,659 @@
+"""Sampling: turn captions (and optional image/video prompts) into videos of any size and duration.
+
+The generator the evaluator and the CLI call:
+
+    videos = sampling.generate(bundle, [(caption, num_frames, height, width), ...],
+                               seed=0, steps=30, guidance=4.0, sampler=None, row_len=None,
+                               progress=False)
+    # -> list of uint8 numpy arrays [num_frames, height, width, 3], in request order
+
+`bundle` is what `sora_jax.bundle.load(path)` returns (or a `Pipeline`); a request may also be a `Request`,
+which carries image/video conditioning.
+
+How it works:
+- Every request becomes a latent grid of spacetime patches (`Geometry` checks the size: frame counts 1 or
+  1 + 4k, heights and widths on the patch grid). Its initial noise, and every noise draw of an ancestral
+  sampler, comes from `fold_in(PRNGKey(seed), request index)`, so a request's video does not depend on
+  what else it was packed with.
+- Packed inference: requests are packed first-fit into rows of `row_len` tokens (NaViT style, as in
+  training) and denoised together with one diffusion time per segment, so several small prompts share
+  one model call per step. Packed output equals one-by-one output up to float rounding.
+- Samplers: Euler and Heun on the rectified-flow ODE (with the resolution-dependent time shift of
+  `diffusion.py`); DDIM (deterministic) and DDPM (ancestral) for the DDPM objective.
+- Classifier-free guidance: the unconditional branch is the same row with `text_drop = 1` (the model's
+  learned null text); out = uncond + guidance * (cond - uncond).
+- Image and video prompts all go through one mechanism, the DiT's `cond` / `cond_mask` inputs: clean
+  latents of the given frames and a per-token mask. At every step the given tokens of x_t are reset to
+  their noised clean value at the current time, and the final latents take the given values exactly.
+  SDEdit (`init_latents`, `strength`) instead starts the segment's ODE at t = strength from the noised
+  input latents.
+- Latents are decoded by the VAE's chunked decoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sora_jax import patching
+
+MAX_FRAMES = 481  # one minute at 8 fps
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddim", "ddpm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Pixels <-> latents <-> patch grid for one VAE and one DiT patch size."""
+  temporal: int           # VAE temporal factor ft: T frames -> 1 + (T - 1) // ft latent frames
+  spatial: int            # VAE spatial factor
+  channels: int           # latent channels c
+  patch: tuple[int, int, int]
+  max_frames: int = MAX_FRAMES
+
+  def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """[t, h, w, c] of a video of this size; raises a one-line ValueError for sizes off the grid."""
+    ft, fs, (pt, ph, pw) = self.temporal, self.spatial, self.patch
+    if not isinstance(num_frames, (int, np.integer)) or not 1 <= num_frames <= self.max_frames or (
+        (num_frames - 1) % ft) or ((num_frames - 1) // ft + 1) % pt:
+      ok = [n for n in range(1, self.max_frames + 1) if (n - 1) % ft == 0 and ((n - 1) // ft + 1) % pt == 0]
+      raise ValueError(f"num_frames {num_frames} is not accepted: use one of {ok[:4]}..{ok[-1]} "
+                       f"(1 + {ft * pt}k up to {self.max_frames})" if pt > 1 else
+                       f"num_frames {num_frames} is not accepted: use 1 or 1 + {ft}k up to "
+                       f"{self.max_frames} (e.g. {', '.join(str(n) for n in ok[1:4])}, {ok[-1]})")
+    for name, size, p in (("height", height, ph), ("width", width, pw)):
+      step = fs * p
+      if not isinstance(size, (int, np.integer)) or size < step or size % step:
+        raise ValueError(f"{name} {size} is not accepted: use a positive multiple of {step} "
+                         f"(VAE factor {fs} x patch {p}), e.g. {2 * step} or {3 * step}")
+    return 1 + (num_frames - 1) // ft, height // fs, width // fs, self.channels
+
+  def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    return patching.patch_grid(self.latent_shape(num_frames, height, width), self.patch)
+
+  def num_tokens(self, num_frames: int, height: int, width: int) -> int:
+    return math.prod(self.grid(num_frames, height, width))
+
+  def pixel_frames(self, latent_frames: int) -> int:
+    return 1 + (latent_frames - 1) * self.temporal
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests and packing
+
+
+@dataclasses.dataclass
+class Request:
+  """One video to generate. Conditioning arrays are normalised latents ([t, h, w, c] of the output)."""
+  caption: str
+  num_frames: int
+  height: int
+  width: int
+  cond_latents: np.ndarray | None = None  # clean latents of the given frames (anything elsewhere)
+  cond_frames: np.ndarray | None = None   # bool [t]: which latent frames are given
+  init_latents: np.ndarray | None = None  # SDEdit: start from these latents noised to t = strength
+  strength: float = 1.0
+
+  @classmethod
+  def of(cls, r: Request | Sequence) -> Request:
+    if isinstance(r, Request):
+      return r
+    if len(r) != 4:
+      raise ValueError(f"request {r!r} is not a Request or (caption, num_frames, height, width)")
+    caption, n, h, w = r
+    return cls(str(caption), int(n), int(h), int(w))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  row: int
+  segment: int        # segment id in its row (1, 2, ...)
+  start: int          # first token in the row
+  grid: tuple[int, int, int]
+
+  @property
+  def num_tokens(self) -> int:
+    return math.prod(self.grid)
+
+
+def pack(grids: Sequence[tuple[int, int, int]], row_len: int) -> tuple[list[Placement], int]:
+  """First-fit-decreasing packing of token grids into rows of `row_len` tokens.
+
+  Returns a placement per grid (in input order) and the row length actually used: a request longer than
+  `row_len` widens every row to its length rather than failing, since inference has no fixed batch shape.
+  """
+  sizes = [math.prod(g) for g in grids]
+  row_len = max([int(row_len)] + sizes)
+  free: list[int] = []        # tokens left per row
+  count: list[int] = []       # segments per row
+  out: list[Placement | None] = [None] * len(grids)
+  for i in sorted(range(len(grids)), key=lambda i: -sizes[i]):
+    row = next((r for r, f in enumerate(free) if f >= sizes[i]), None)
+    if row is None:
+      row = len(free)
+      free.append(row_len)
+      count.append(0)
+    count[row] += 1
+    out[i] = Placement(row, count[row], row_len - free[row], tuple(grids[i]))
+    free[row] -= sizes[i]
+  return out, row_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time schedules
+
+
+def time_schedule(steps: int, num_tokens: int, shift_fn: Callable | None = None, strength: float = 1.0
+                  ) -> np.ndarray:
+  """float64 [steps + 1]: diffusion times from `strength` (1 = pure noise) down to 0.
+
+  The grid is uniform before the time shift; `shift_fn(t, num_tokens)` (diffusion.time_shift, the same
+  shift as in training) moves steps towards high noise for segments with more tokens. SDEdit scales the
+  whole schedule by its strength.
+  """
+  if not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"steps {steps} is not accepted: use a positive integer")
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength {strength} is not accepted: use a value in (0, 1]")
+  u = np.linspace(1.0, 0.0, steps + 1)
+  t = np.asarray(shift_fn(u, num_tokens), np.float64) if shift_fn is not None else u
+  t[0], t[-1] = 1.0, 0.0
+  return t * strength
+
+
+# ----------------------------------------------------------------------------------------------------
+# The packed problem
+
+
+@dataclasses.dataclass
+class Packed:
+  """Everything the sampler loop needs, in row layout (numpy, host)."""
+  placements: list[Placement]
+  indices: list[int]             # each placement's request index (the key of its noise)
+  batch: dict[str, np.ndarray]   # positions, segment_ids, text_tokens, text_segment_ids, cond, cond_mask
+  noise: np.ndarray              # [R, L, D] initial noise
+  init: np.ndarray               # [R, L, D] SDEdit start latents (zeros where none)
+  schedule: np.ndarray           # [K + 1, R, S] per-segment times
+  patch: tuple[int, int, int]
+
+  @property
+  def has_cond(self) -> bool:
+    return bool(self.batch["cond_mask"].any())
+
+  @property
+  def num_rows(self) -> int:
+    return self.noise.shape[0]
+
+  def rows(self, start: int, stop: int) -> Packed:
+    """The sub-problem of rows [start, stop): rows are independent, so they may be denoised apart."""
+    keep = [k for k, p in enumerate(self.placements) if start <= p.row < stop]
+    return Packed([dataclasses.replace(self.placements[k], row=self.placements[k].row - start) for k in keep],
+                  [self.indices[k] for k in keep], {k: v[start:stop] for k, v in self.batch.items()},
+                  self.noise[start:stop], self.init[start:stop], self.schedule[:, start:stop], self.patch)
+
+
+def request_key(seed: int, index: int) -> jax.Array:
+  """The key of request `index`: its initial noise is draw 0, ancestral step k's noise draw k."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
+def _draw(seed: int, index: int, draw: int, shape) -> np.ndarray:
+  return np.asarray(jax.random.normal(jax.random.fold_in(request_key(seed, index), draw), shape, jnp.float32))
+
+
+def _token_mask(cond_frames: np.ndarray, grid, patch) -> np.ndarray:
+  """Per-token conditioning mask from per-latent-frame flags."""
+  nt, nh, nw = grid
+  frames = np.asarray(cond_frames, bool)
+  if frames.shape != (nt * patch[0],):
+    raise ValueError(f"cond_frames of shape {frames.shape} do not match {nt * patch[0]} latent frames")
+  per_patch = frames.reshape(nt, patch[0])
+  if (per_patch.any(1) != per_patch.all(1)).any():
+    raise ValueError(f"given latent frames {np.flatnonzero(frames).tolist()} split a time patch of "
+                     f"{patch[0]} frames; give whole time patches")
+  return np.repeat(per_patch[:, 0], nh * nw).astype(np.float32)
+
+
+def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Sequence[Sequence[int]], *,
+                  seed: int, steps: int, row_len: int, shift_fn: Callable | None = None,
+                  index_offset: int = 0) -> Packed:
+  """Packs requests (with their tokenized captions) into rows, with noise and per-segment schedules.
+
+  Request i draws its noise from `request_key(seed, index_offset + i)`.
+  """
+  grids = [geometry.grid(r.num_frames, r.height, r.width) for r in requests]
+  placements, row_len = pack(grids, row_len)
+  rows = 1 + max(p.row for p in placements)
+  segs = max(p.segment for p in placements)
+  d = patching.token_dim(geometry.channels, geometry.patch)
+  text_len = max(1, max(sum(len(text_ids[i]) for i, p in enumerate(placements) if p.row == r)
+                        for r in range(rows)))
+  b = dict(positions=np.zeros((rows, row_len, 3), np.int32),
+           segment_ids=np.zeros((rows, row_len), np.int32),
+           text_tokens=np.zeros((rows, text_len), np.int32),
+           text_segment_ids=np.zeros((rows, text_len), np.int32),
+           cond=np.zeros((rows, row_len, d), np.float32),
+           cond_mask=np.zeros((rows, row_len), np.float32))
+  noise = np.zeros((rows, row_len, d), np.float32)
+  init = np.zeros((rows, row_len, d), np.float32)
+  # Unused segment slots keep t = 0 at every step, so the loop leaves them alone.
+  schedule = np.zeros((steps + 1, rows, segs), np.float64)
+  text_fill = [0] * rows
+  for i, (r, p) in enumerate(zip(requests, placements)):
+    shape = geometry.latent_shape(r.num_frames, r.height, r.width)
+    sl = (p.row, slice(p.start, p.start + p.num_tokens))
+    eps, pos = patching.patchify(_draw(seed, index_offset + i, 0, shape), geometry.patch)
+    noise[sl] = eps
+    b["positions"][sl] = pos
+    b["segment_ids"][sl] = p.segment
+    ids = np.asarray(text_ids[i], np.int32)
+    t0 = text_fill[p.row]
+    b["text_tokens"][p.row, t0:t0 + len(ids)] = ids
+    b["text_segment_ids"][p.row, t0:t0 + len(ids)] = p.segment
+    text_fill[p.row] += len(ids)
+    for name in ("cond_latents", "init_latents"):
+      z = getattr(r, name)
+      if z is not None and tuple(z.shape) != shape:
+        raise ValueError(f"{name} of shape {tuple(z.shape)} do not match the request's latents {shape}")
+    if r.cond_frames is not None and np.any(r.cond_frames):
+      if r.cond_latents is None:
+        raise ValueError(f"request {r.caption!r} has cond_frames but no cond_latents")
+      mask = _token_mask(r.cond_frames, p.grid, geometry.patch)
+      b["cond"][sl] = patching.patchify(np.asarray(r.cond_latents, np.float32), geometry.patch)[0] * mask[:, None]
+      b["cond_mask"][sl] = mask
+    strength = 1.0
+    if r.init_latents is not None:
+      init[sl] = patching.patchify(np.asarray(r.init_latents, np.float32), geometry.patch)[0]
+      strength = float(r.strength)
+    schedule[:, p.row, p.segment - 1] = time_schedule(steps, p.num_tokens, shift_fn, strength)
+  return Packed(placements, [index_offset + i for i in range(len(requests))], b, noise, init, schedule,
+                geometry.patch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The denoising loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """What a sampler needs from the diffusion objective, in terms of per-token times t [B, L, 1]."""
+  objective: str                              # "flow" | "ddpm"
+  alpha_sigma: Callable                       # t -> (alpha, sigma) with x_t = alpha x0 + sigma eps
+  x0_eps: Callable                            # (x_t, prediction, t) -> (x0, eps) estimates
+
+  @classmethod
+  def from_config(cls, cfg) -> Schedule:
+    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+    objective = cfg.diffusion.objective
+    if objective == "flow":
+      alpha_sigma = lambda t: (1.0 - t, t)
+    else:
+      def alpha_sigma(t):
+        ab = diffusion.cosine_alpha_bar(t, cfg)
+        return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+    x0_eps = lambda x, pred, t: (diffusion.predict_x0(x, pred, t[..., 0], cfg),
+                                 diffusion.predict_eps(x, pred, t[..., 0], cfg))
+    return cls(objective, alpha_sigma, x0_eps)
+
+  @classmethod
+  def flow(cls) -> Schedule:
+    """Rectified flow with a velocity-predicting model (no config needed)."""
+    return cls("flow", lambda t: (1.0 - t, t), lambda x, v, t: (x - t * v, x + (1.0 - t) * v))
+
+  def samplers(self) -> tuple[str, ...]:
+    return FLOW_SAMPLERS if self.objective == "flow" else DDPM_SAMPLERS
+
+
+def _per_token(t_bs: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """[B, S] per-segment values -> [B, L, 1] per token (0 on padding)."""
+  t = jnp.concatenate([jnp.zeros_like(t_bs[:, :1]), t_bs], axis=1)
+  return jnp.take_along_axis(t, segment_ids, axis=1)[..., None]
+
+
+def _model_apply(model) -> tuple[Callable, Any]:
+  """A pure function (state, *args, **kw) -> model(*args, **kw), and the model's state."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(model, nnx.Module):
+    graphdef, state = nnx.split(model)
+    return (lambda state, *a, **k: nnx.merge(graphdef, state)(*a, **k)), state
+  return (lambda state, *a, **k: model(*a, **k)), None
+
+
+def guided(apply, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: bool):
+  """The model's prediction with classifier-free guidance: uncond + g * (cond - uncond).
+
+  The unconditional half is the same rows with text_drop = 1 (the learned null text), stacked on the
+  batch axis so both halves cost one model call.
+  """
+  cond = dict(cond=batch["cond"], cond_mask=batch["cond_mask"]) if has_cond else {}
+  args = (batch["positions"], batch["segment_ids"], t_bs.astype(jnp.float32), batch["text_tokens"],
+          batch["text_segment_ids"])
+  if not use_cfg:
+    return apply(state, x, *args, **cond, text_drop=jnp.zeros(t_bs.shape, jnp.float32)).astype(jnp.float32)
+  two = lambda a: jnp.concatenate([a, a], axis=0)
+  drop = jnp.concatenate([jnp.zeros(t_bs.shape, jnp.float32), jnp.ones(t_bs.shape, jnp.float32)], axis=0)
+  out = apply(state, two(x), *map(two, args), **{k: two(v) for k, v in cond.items()},
+              text_drop=drop).astype(jnp.float32)
+  c, u = jnp.split(out, 2, axis=0)
+  return u + guidance * (c - u)
+
+
+def _make_step(apply, sched: Schedule, *, sampler: str, use_cfg: bool, has_cond: bool) -> Callable:
+  """One jitted sampler step (state, batch, x, t_cur [R, S], t_next [R, S], z, guidance) -> x_next."""
+
+  def step(state, batch, x, tc_bs, tn_bs, z, guidance):
+    seg = batch["segment_ids"]
+    tc, tn = _per_token(tc_bs, seg), _per_token(tn_bs, seg)
+    # Given tokens hold their clean latents at every step, as in training (diffusion.loss_fn).
+    given = ((lambda x: jnp.where(batch["cond_mask"][..., None] > 0, batch["cond"], x)) if has_cond
+             else (lambda x: x))
+    model = lambda x, t_bs: guided(apply, state, batch, x, t_bs, guidance, use_cfg=use_cfg,
+                                   has_cond=has_cond)
+    x = given(x)
+    out = model(x, tc_bs)
+    if sampler in FLOW_SAMPLERS:
+      x_new = x + (tn - tc) * out
+      if sampler == "heun":
+        # Heun's correction needs the velocity at t_next; a segment reaching t = 0 keeps the Euler step.
+        v2 = model(given(x_new), tn_bs)
+        x_new = jnp.where(tn > 0, x + (tn - tc) * 0.5 * (out + v2), x_new)
+    else:
+      x0, eps_hat = sched.x0_eps(x, out, tc)
+      a_n, s_n = sched.alpha_sigma(tn)
+      if sampler == "ddim":
+        x_new = a_n * x0 + s_n * eps_hat
+      else:
+        # Ancestral: sample q(x_tn | x_tc, x0) at the predicted x0 (variance-preserving schedule).
+        ab_c, ab_n = sched.alpha_sigma(tc)[0] ** 2, a_n ** 2
+        alpha = ab_c / ab_n
+        one_c = jnp.maximum(1.0 - ab_c, 1e-12)
+        var = (1.0 - ab_n) / one_c * (1.0 - alpha)
+        mean = (a_n * (1.0 - alpha) * x0 + jnp.sqrt(alpha) * (1.0 - ab_n) * x) / one_c
+        x_new = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
+    x_new = given(jnp.where(tn < tc, x_new, x))  # a segment whose schedule has ended stays put
+    return jnp.where((seg > 0)[..., None], x_new, 0.0)
+
+  return jax.jit(step)
+
+
+def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
+            schedule: Schedule | None = None, progress: bool = False) -> list[np.ndarray]:
+  """Runs the sampler over packed rows; returns each placement's normalised latents [t, h, w, c].
+
+  `model` has the DiT's call signature (an nnx.Module or a plain function).
+  """
+  sched = schedule or Schedule.flow()
+  if sampler not in sched.samplers():
+    raise ValueError(f"sampler {sampler!r} does not apply to the {sched.objective!r} objective; "
+                     f"accepted: {list(sched.samplers())}")
+  apply, state = _model_apply(model)
+  use_cfg = float(guidance) != 1.0
+  step = _make_step(apply, sched, sampler=sampler, use_cfg=use_cfg, has_cond=packed.has_cond)
+  batch = {k: jnp.asarray(v) for k, v in packed.batch.items()}
+  eps = jnp.asarray(packed.noise)
+  a0, s0 = sched.alpha_sigma(_per_token(jnp.asarray(packed.schedule[0], jnp.float32), batch["segment_ids"]))
+  # SDEdit segments start at t = strength from their noised input latents; the rest from pure noise.
+  init = jnp.asarray(packed.init)
+  x = jnp.where(init.any(-1, keepdims=True), a0 * init + s0 * eps, eps)
+  steps = packed.schedule.shape[0] - 1
+  it = range(steps)
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    it = tqdm(it, desc=f"{sampler} x{packed.num_rows} rows", unit="step", leave=False)
+  g = jnp.float32(guidance)
+  zero = jnp.zeros_like(eps)
+  for k in it:
+    z = _step_noise(packed, seed, k + 1) if sampler == "ddpm" else zero
+    x = step(state, batch, x, jnp.asarray(packed.schedule[k], jnp.float32),
+             jnp.asarray(packed.schedule[k + 1], jnp.float32), z, g)
+  x = np.asarray(jax.block_until_ready(x))
+  return [patching.unpatchify(x[p.row, p.start:p.start + p.num_tokens], p.grid, packed.patch)
+          for p in packed.placements]
+
+
+def _step_noise(packed: Packed, seed: int, draw: int) -> jax.Array:
+  """Ancestral step noise in row layout, drawn per request from its own key so packing cannot change it."""
+  z = np.zeros_like(packed.noise)
+  for i, p in zip(packed.indices, packed.placements):
+    z[p.row, p.start:p.start + p.num_tokens] = _draw(seed, i, draw, (p.num_tokens, z.shape[-1]))
+  return jnp.asarray(z)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: everything generation needs, from a bundle, a training workdir, or parts
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """The trained parts and settings that sampling needs."""
+  cfg: Any                       # the full config (sections data, vae, dit, diffusion, sample)
+  dit: Any                       # the DiT (EMA weights), or any callable with its signature
+  vae: Any | None                # models.vae.VAE; None when cfg.data.source == "shapes" (pooled pixels)
+  tokenize: Callable[[str], Sequence[int]]
+  shift: np.ndarray              # latent normalisation: z_norm = (z - shift) / scale
+  scale: np.ndarray
+
+  @property
+  def geometry(self) -> Geometry:
+    patch = tuple(int(p) for p in self.cfg.data.get("patch", (1, 2, 2)))
+    if self.vae is None:
+      ft, fh, fw = (int(f) for f in self.cfg.data.stand_in_factors)
+      if fh != fw:
+        raise ValueError(f"data.stand_in_factors {(ft, fh, fw)}: sampling needs equal spatial factors")
+      return Geometry(ft, fh, 3, patch)
+    s = self.vae.settings
+    return Geometry(s.temporal_factor, s.spatial_factor, s.z_dim, patch)
+
+  @property
+  def schedule(self) -> Schedule:
+    return Schedule.from_config(self.cfg)
+
+  def shift_fn(self, u: np.ndarray, num_tokens: int) -> np.ndarray:
+    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+    return np.asarray(diffusion.time_shift(jnp.asarray(u, jnp.float32), jnp.float32(num_tokens), self.cfg))
+
+  def text_ids(self, caption: str) -> np.ndarray:
+    ids = np.asarray(self.tokenize(caption), np.int32)
+    return ids[:int(self.cfg.data.max_text_tokens)]
+
+  def sample_setting(self, name: str, value, default):
+    """An explicit argument, else the config's `sample` section, else the built-in default."""
+    if value is not None and value != "":
+      return value
+    section = self.cfg.get("sample", None) if hasattr(self.cfg, "get") else None
+    got = section.get(name, None) if section is not None else None
+    return default if got is None or got == "" else got
+
+  # --- pixels <-> normalised latents
+  def encode(self, frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W, 3] (T = 1 + ft*k, H and W on the grid) -> normalised latents [t, h, w, c]."""
+    if self.vae is None:
+      from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      return np.asarray(pipeline.stand_in_latents(np.asarray(frames, np.uint8),
+                                                  tuple(self.cfg.data.stand_in_factors)), np.float32)
+    x = np.asarray(frames, np.float32) / 127.5 - 1.0
+    mean, _ = self.vae.encode_chunked(jnp.asarray(x)[None])
+    return (np.asarray(mean[0], np.float32) - self.shift) / self.scale
+
+  def decode(self, z_norm: np.ndarray) -> np.ndarray:
+    """Normalised latents [t, h, w, c] -> uint8 [T, H, W, 3], through the VAE's chunked decoder."""
+    z = np.asarray(z_norm, np.float32) * self.scale + self.shift
+    if self.vae is None:  # the stand-in "latents" are pooled pixels: undo the pooling by repetition
+      g = self.geometry
+      x = np.repeat(np.repeat(z, g.spatial, axis=1), g.spatial, axis=2)
+      x = np.concatenate([x[:1], np.repeat(x[1:], g.temporal, axis=0)], axis=0)
+    else:
+      tile = int(self.sample_setting("max_tile_pixels", None, 0))
+      x = np.asarray(self.vae.decode_chunked(jnp.asarray(z)[None], max_tile_pixels=tile)[0])
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def as_pipeline(models) -> Pipeline:
+  """A Pipeline from a Pipeline or a loaded bundle (sora_jax.bundle)."""
+  if isinstance(models, Pipeline):
+    return models
+  missing = [k for k in ("config", "dit", "vae", "tokenizer", "latent_shift", "latent_scale")
+             if not hasattr(models, k)]
+  if missing:
+    raise TypeError(f"{type(models).__name__} is not a Pipeline or a loaded bundle (missing {missing})")
+  return Pipeline(models.config, models.dit, models.vae, models.tokenizer,
+                  np.asarray(models.latent_shift, np.float32), np.asarray(models.latent_scale, np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image and video prompts: all become (cond_latents, cond_frames) or (init_latents, strength)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 [T, H', W', 3] -> [T, height, width, 3] (bicubic; identity when the size already matches)."""
+  frames = np.asarray(frames, np.uint8)
+  if frames.shape[1:3] == (height, width):
+    return frames
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
+
+
+def _usable_frames(n: int, ft: int) -> int:
+  """The largest 1 + ft*k <= n."""
+  return 1 + (n - 1) // ft * ft
+
+
+def _check_frames(name: str, frames: np.ndarray, need: int) -> None:
+  if frames.shape[0] < need:
+    raise ValueError(f"{name} has {frames.shape[0]} frames; this mode needs at least {need}")
+
+
+def image_prompt(pipe: Pipeline, caption: str, image: np.ndarray, num_frames: int, height: int,
+                 width: int) -> Request:
+  """Image-to-video: the image (uint8 [H, W, 3] or [1, H, W, 3]) becomes the first frame."""
+  image = np.asarray(image).reshape((-1,) + np.asarray(image).shape[-3:])[:1]
+  g = pipe.geometry
+  t, h, w, c = g.latent_shape(num_frames, height, width)
+  z = np.zeros((t, h, w, c), np.float32)
+  z[:1] = pipe.encode(resize_frames(image, height, width))
+  given = np.zeros(t, bool)
+  given[:g.patch[0]] = True
+  if g.patch[0] > 1:
+    raise ValueError(f"image prompts need a time patch of 1 latent frame; this model's is {g.patch[0]}")
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
+
+
+def extend_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int, height: int,
+                  width: int, direction: str = "forward") -> Request:
+  """Video extension: the output continues `video` (forward) or leads into it (backward).
+
+  Up to half of the output's latent frames are given. Forward, the output begins with the last frames of
+  the video (their latents are exact: the VAE is causal). Backward, the output ends with the video's
+  first frames; frame 0 of a clip is encoded as an image, so the given latents are those of the video's
+  frames 1..4k, as the last frames of a longer clip (as in training's "last_frames" mode).
+  """
+  if direction not in ("forward", "backward"):
+    raise ValueError(f"direction {direction!r} is unknown; accepted: 'forward', 'backward'")
+  g = pipe.geometry
+  t, h, w, c = g.latent_shape(num_frames, height, width)
+  if t < 2:
+    raise ValueError(f"num_frames {num_frames} leaves nothing to generate; use at least {1 + g.temporal}")
+  video = resize_frames(video, height, width)
+  z = np.zeros((t, h, w, c), np.float32)
+  given = np.zeros(t, bool)
+  k = max(1, t // 2)
+  if direction == "forward":
+    k = min(k, 1 + (video.shape[0] - 1) // g.temporal)
+    n = _usable_frames(min(video.shape[0], g.pixel_frames(k)), g.temporal)
+    z[:k] = pipe.encode(video[video.shape[0] - n:])
+    given[:k] = True
+  else:
+    _check_frames("the video", video, 1 + g.temporal)
+    k = min(k, (video.shape[0] - 1) // g.temporal)
+    z[t - k:] = pipe.encode(video[:1 + k * g.temporal])[1:]
+    given[t - k:] = True
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
+
+
+def connect_prompt(pipe: Pipeline, caption: str, video_a: np.ndarray, video_b: np.ndarray,
+                   num_frames: int, height: int, width: int) -> Request:
+  """A video that begins like `video_a` and ends like `video_b` (training's "both_ends" mode).
+
+  The first latent frame is a's last frame (encoded as an image, exactly as frame 0 of a clip is); the
+  last latent frame holds b's frames 1..ft, encoded after b's frame 0.
+  """
+  g = pipe.geometry
+  t, h, w, c = g.latent_shape(num_frames, height, width)
+  if t < 3:
+    raise ValueError(f"num_frames {num_frames} is too short to connect two videos; use at least "
+                     f"{g.pixel_frames(3)}")
+  b = resize_frames(video_b, height, width)
+  _check_frames("the second video", b, 1 + g.temporal)
+  z = np.zeros((t, h, w, c), np.float32)
+  z[:1] = pipe.encode(resize_frames(np.asarray(video_a)[-1:], height, width))
+  z[-1:] = pipe.encode(b[:1 + g.temporal])[1:]
+  given = np.zeros(t, bool)
+  given[0] = given[-1] = True
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
+
+
+def edit_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int, height: int,
+                width: int, strength: float) -> Request:
+  """SDEdit video-to-video: start from the video's latents noised to t = strength, under a new caption."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength {strength} is not accepted: use a value in (0, 1]")
+  pipe.geometry.latent_shape(num_frames, height, width)
+  video = resize_frames(video, height, width)
+  _check_frames("the video to edit", video, num_frames)
+  return Request(caption, num_frames, height, width, init_latents=pipe.encode(video[:num_frames]),
+                 strength=float(strength))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generator
+
+
+def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int = 0,
+                   steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                   row_len: int | None = None, rows_per_call: int = 8, index_offset: int = 0,
+                   progress: bool = False) -> list[np.ndarray]:
+  """Normalised latents [t, h, w, c] per request; see `generate`."""
+  pipe = as_pipeline(models)
+  reqs = [Request.of(r) for r in requests]
+  if not reqs:
+    return []
+  sched = pipe.schedule
+  steps = int(pipe.sample_setting("steps", steps, 30))
+  guidance = float(pipe.sample_setting("guidance", guidance, 1.0))
+  sampler = str(pipe.sample_setting("sampler", sampler, sched.samplers()[0]))
+  row_len = int(pipe.sample_setting("row_len", row_len, 0) or pipe.cfg.data.seq_len)
+  packed = pack_requests(reqs, pipe.geometry, [pipe.text_ids(r.caption) for r in reqs], seed=seed,
+                         steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset)
+  out: list[np.ndarray | None] = [None] * len(reqs)
+  for r0 in range(0, packed.num_rows, rows_per_call):
+    part = packed.rows(r0, r0 + rows_per_call)
+    latents = denoise(pipe.dit, part, sampler=sampler, guidance=guidance, seed=seed, schedule=sched,
+                      progress=progress)
+    for i, z in zip(part.indices, latents):
+      out[i - index_offset] = z
+  return out
+
+
+def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, steps: int | None = None,
+             guidance: float | None = None, sampler: str | None = None, row_len: int | None = None,
+             rows_per_call: int = 8, index_offset: int = 0, progress: bool = False) -> list[np.ndarray]:
+  """Videos for `requests`: a list of uint8 [num_frames, height, width, 3], in request order.
+
+  models: a loaded bundle (sora_jax.bundle) or a Pipeline. requests: (caption, num_frames, height, width)
+  tuples or Requests (which may carry image/video conditioning). steps, guidance, sampler, row_len default
+  to the config's `sample` section. Request i's noise comes from fold_in(PRNGKey(seed), index_offset + i):
+  the result for a request does not depend on the others it is packed with.
+  """
+  pipe = as_pipeline(models)
+  latents = sample_latents(pipe, requests, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                           row_len=row_len, rows_per_call=rows_per_call, index_offset=index_offset,
+                           progress=progress)
+  return [pipe.decode(z) for z in latents]
