@@ -8,9 +8,11 @@ so ingestion can skip and report it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -26,6 +28,22 @@ class VideoReadError(ValueError):
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
   """Decodes a video (mp4/webm/mov/gif/...) or an image (png/jpg) into (uint8 [T, H, W, 3], fps)."""
+  fps, frames = iter_frames(path)
+  times, stacked = zip(*frames)
+  if len({f.shape for f in stacked}) > 1:
+    raise VideoReadError(f"{path}: frame size changes mid-stream {sorted({f.shape for f in stacked})}")
+  if Path(path).suffix.lower() == ".gif" and len(times) > 1 and times[-1] > 0:
+    fps = (len(times) - 1) / times[-1]  # GIF delays vary; the stream's nominal rate is a guess
+  return np.stack(stacked), fps
+
+
+def iter_frames(path: str | os.PathLike) -> tuple[float, Iterator[tuple[float, np.ndarray]]]:
+  """Streams a file as (fps, iterator of (seconds since the first frame, uint8 [H, W, 3])).
+
+  The container is opened (and the first frame decoded) before this returns, so a file that cannot
+  be read at all fails here; a decode error later raises from the iterator. Either way the error is
+  a `VideoReadError`.
+  """
   path = Path(path)
   suffix = path.suffix.lower()
   if suffix not in VIDEO_SUFFIXES + IMAGE_SUFFIXES + (".npy",):
@@ -35,16 +53,22 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
   if path.stat().st_size == 0:
     raise VideoReadError(f"{path}: empty file (0 bytes)")
   if suffix == ".npy":
-    frames = np.load(path)
-    return _check_frames(frames, path), IMAGE_FPS
+    frames = _check_frames(np.load(path), path)
+    return IMAGE_FPS, ((i / IMAGE_FPS, f) for i, f in enumerate(frames))
   if suffix in IMAGE_SUFFIXES:
-    return _read_image(path), IMAGE_FPS
+    return IMAGE_FPS, iter([(0.0, _read_image(path)[0])])
   if suffix == ".gif":
     with open(path, "rb") as f:
       f.seek(-1, os.SEEK_END)
       if f.read(1) != b";":  # PyAV decodes a cut-off GIF's leading frames without complaint
         raise VideoReadError(f"{path}: truncated GIF (no trailer byte)")
-  return _read_av(path)
+  gen = _decode_av(path)
+  fps = next(gen)
+  try:
+    first = next(gen)
+  except StopIteration:
+    raise VideoReadError(f"{path}: no decodable frames") from None
+  return fps, itertools.chain([first], gen)
 
 
 def _check_frames(frames: np.ndarray, path) -> np.ndarray:
@@ -64,9 +88,14 @@ def _read_image(path: Path) -> np.ndarray:
   return _check_frames(rgb[None], path)
 
 
-def _read_av(path: Path) -> tuple[np.ndarray, float]:
+def _decode_av(path: Path) -> Iterator:
+  """Yields the stream's fps, then (seconds, frame) pairs; every failure is a VideoReadError.
+
+  Frames before a decode error may be fine, but a clip silently cut short would carry the wrong
+  caption and duration, so a decode error anywhere rejects the whole file.
+  """
   import av
-  frames = []
+  n = 0
   try:
     with av.open(str(path)) as container:
       if not container.streams.video:
@@ -75,25 +104,20 @@ def _read_av(path: Path) -> tuple[np.ndarray, float]:
       stream.thread_type = "AUTO"
       rate = stream.average_rate or stream.guessed_rate or stream.base_rate
       fps = float(rate) if rate else 0.0
+      if not math.isfinite(fps) or fps <= 0:
+        fps = IMAGE_FPS
+      yield fps
+      t0 = None
       for frame in container.decode(stream):
-        frames.append(frame.to_ndarray(format="rgb24"))
+        t = frame.time if frame.time is not None else n / fps
+        t0 = t if t0 is None else t0
+        yield max(t - t0, 0.0), frame.to_ndarray(format="rgb24")
+        n += 1
   except VideoReadError:
     raise
   except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
-    if not frames:
-      raise VideoReadError(f"{path}: undecodable ({_short(e)})") from None
-    # Frames before a decode error may be fine, but a clip silently cut short would carry the wrong
-    # caption/duration: a decode error always rejects the whole file.
-    raise VideoReadError(f"{path}: decode error after {len(frames)} frames ({_short(e)})") from None
-  if not frames:
-    raise VideoReadError(f"{path}: no decodable frames")
-  if not math.isfinite(fps) or fps <= 0:
-    fps = IMAGE_FPS if len(frames) == 1 else 0.0
-    if fps == 0.0:
-      raise VideoReadError(f"{path}: unknown frame rate")
-  if len({f.shape for f in frames}) > 1:
-    raise VideoReadError(f"{path}: frame size changes mid-stream {sorted({f.shape for f in frames})}")
-  return np.stack(frames), fps
+    where = "undecodable" if n == 0 else f"decode error after {n} frames"
+    raise VideoReadError(f"{path}: {where} ({_short(e)})") from None
 
 
 def _short(e: BaseException) -> str:
@@ -122,8 +146,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -
   elif suffix == ".gif":
     from PIL import Image
     images = [Image.fromarray(f) for f in frames]
+    # GIF delays are whole centiseconds: alternate them so the average rate is `fps`.
+    ends = np.round(np.arange(1, len(images) + 1) * 100.0 / fps) * 10
+    durations = np.diff(np.r_[0.0, ends]).clip(min=20).astype(int).tolist()
     images[0].save(path, save_all=True, append_images=images[1:], loop=0,
-                   duration=max(int(round(1000 / fps)), 20), disposal=1)
+                   duration=durations if len(images) > 1 else durations[0], disposal=1)
   else:
     _write_mp4(path, frames, fps)
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -106,17 +107,33 @@ def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, feature
       del dl_manager
       return {split: self._generate_examples()}
 
+    def _log_download_bytes(self):  # "Downloading and preparing ...": nothing is downloaded
+      pass
+
+    def _log_download_done(self):  # the calling pipeline prints its own one-line summary
+      pass
+
     def _generate_examples(self):
       for i, ex in enumerate(examples_iter):
         yield i, dict(ex)
 
   _Builder.name = name
   builder = _Builder(data_dir=str(data_dir), config=split, file_format="array_record")
-  with _deterministic_serialization():
+  with _deterministic_serialization(), tempfile.TemporaryDirectory() as downloads:
+    # Nothing is downloaded, but tfds creates a download dir: keep it out of data_dir.
     # try_download_gcs=False: never look for a prebuilt copy on the network.
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_dir=downloads, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return out
+
+
+def remove_incomplete(data_dir: str | os.PathLike, name: str, split: str) -> None:
+  """Removes what a failed `write_dataset` of this split left behind (never a finished build)."""
+  split_dir = Path(data_dir) / name / split
+  for p in split_dir.glob("*incomplete*"):
+    shutil.rmtree(p, ignore_errors=True)
+  if split_dir.is_dir() and not any(split_dir.iterdir()):
+    split_dir.rmdir()
 
 
 @contextlib.contextmanager
