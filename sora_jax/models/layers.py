@@ -1,0 +1,201 @@
+"""Transformer pieces shared by the DiT and its text encoder: dense layers with logical-axis annotations,
+RMS norms, rotary position embeddings over any number of axes, segment-restricted attention, MLPs,
+and the stacked-and-scanned layer helpers.
+
+Precision policy: parameters are stored in `param_dtype` (float32); matmul inputs are cast to the
+compute `dtype` (bfloat16 by default) and accumulate in float32 (`preferred_element_type`), which is
+both the fast path on TPU and, per FACTS.md, on this CPU; norms and softmax run in float32.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.models.attention import segment_attention
+
+Names = tuple[str | None, ...]
+
+# Remat policies by config name: "none" keeps every activation, "full" recomputes the whole block in
+# the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
+  """A parameter annotated with logical axis names (sharding.py maps them to mesh axes)."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=names)
+
+
+class Dense(nnx.Module):
+  """x [..., in] @ kernel [in, *out] (+ bias) -> [..., *out]; bf16 inputs, f32 accumulation."""
+
+  def __init__(self, in_dim: int, out_dims: int | Sequence[int], names: Names, *, use_bias: bool = True,
+               zero_init: bool = False, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_dims = (out_dims,) if isinstance(out_dims, int) else tuple(out_dims)
+    # fan-in scaled normal init; zero_init for the layers adaLN-Zero and the conditioning path need.
+    init = nnx.initializers.zeros if zero_init else nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=tuple(range(1, 1 + len(out_dims))))
+    self.kernel = param(rngs, init, (in_dim, *out_dims), names, param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, out_dims, names[1:], param_dtype) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class DenseIn(nnx.Module):
+  """[..., H, Dh] -> [..., out]: the attention output projection (contracts heads and head_dim)."""
+
+  def __init__(self, heads: int, head_dim: int, out_dim: int, *, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+    self.kernel = param(rngs, init, (heads, head_dim, out_dim), ("heads", "head_dim", "embed"), param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, (out_dim,), ("embed",), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x_blhd: jax.Array) -> jax.Array:
+    y = jnp.einsum("blhd,hdo->blo", x_blhd.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    return (y + self.bias[...]).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMS norm over the last axis in float32; `use_scale=False` where adaLN supplies the scale."""
+
+  def __init__(self, dim: int, names: Names = ("embed",), *, use_scale: bool = True, eps: float = 1e-6,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), names, param_dtype) if use_scale else None
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...]
+    return y.astype(self.dtype)
+
+
+def rope_split(head_dim: int, num_axes: int) -> tuple[int, ...]:
+  """How head_dim is split between position axes: equal even parts, the remainder to the first (time)."""
+  if head_dim % 2 or head_dim < 2 * num_axes:
+    raise ValueError(f"head_dim={head_dim} must be even and at least {2 * num_axes} for {num_axes}-axis RoPE")
+  part = 2 * (head_dim // num_axes // 2)
+  return (head_dim - part * (num_axes - 1),) + (part,) * (num_axes - 1)
+
+
+def rope_angles(positions_bln: jax.Array, dims: Sequence[int], theta: float) -> jax.Array:
+  """Per-token rotation angles [B, L, head_dim / 2] from integer positions [B, L, n] (no tables).
+
+  Axis a rotates its own `dims[a]` channels with frequencies theta^(-2i / dims[a]), so a query-key dot
+  product depends only on the position difference along every axis.
+  """
+  parts = []
+  for a, d in enumerate(dims):
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    parts.append(positions_bln[..., a:a + 1].astype(jnp.float32) * freqs)
+  return jnp.concatenate(parts, axis=-1)
+
+
+def apply_rope(x_blhd: jax.Array, angles_blk: jax.Array) -> jax.Array:
+  """Rotates consecutive channel pairs of x [B, L, H, D] by angles [B, L, D/2] (in float32)."""
+  x = x_blhd.astype(jnp.float32).reshape(*x_blhd.shape[:-1], -1, 2)
+  cos, sin = jnp.cos(angles_blk)[:, :, None], jnp.sin(angles_blk)[:, :, None]
+  x1, x2 = x[..., 0], x[..., 1]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.reshape(x_blhd.shape).astype(x_blhd.dtype)
+
+
+def positions_in_segment(segment_ids_bl: jax.Array) -> jax.Array:
+  """Index of each token within its (contiguous) packed segment: [B, L] int32, starting at 0."""
+  idx = jnp.arange(segment_ids_bl.shape[1], dtype=jnp.int32)[None]
+  is_start = jnp.concatenate([jnp.ones_like(segment_ids_bl[:, :1], dtype=bool),
+                              segment_ids_bl[:, 1:] != segment_ids_bl[:, :-1]], axis=1)
+  start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+  return idx - start
+
+
+class Attention(nnx.Module):
+  """Multi-head attention restricted to equal segment ids, with RMS QK-norm and optional RoPE.
+
+  Self-attention when called with kv = x; cross-attention when kv comes from another sequence
+  (kv_dim may differ from the query width).
+  """
+
+  def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None, qk_norm: bool = True,
+               implementation: str = "reference", dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads={heads}")
+    head_dim = dim // heads
+    kv_dim = kv_dim or dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = Dense(dim, (heads, head_dim), ("embed", "heads", "head_dim"), **kw)
+    self.k = Dense(kv_dim, (heads, head_dim), ("embed", "heads", "head_dim"), **kw)
+    self.v = Dense(kv_dim, (heads, head_dim), ("embed", "heads", "head_dim"), **kw)
+    self.o = DenseIn(heads, head_dim, dim, **kw)
+    self.q_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
+    self.implementation = implementation
+
+  def __call__(self, x_bld, q_segment_ids, kv_bmd, kv_segment_ids, *, q_angles=None, kv_angles=None):
+    names = ("act_batch", "act_seq", "act_heads", None)
+    q = sharding.constrain(self.q(x_bld), names)
+    k = sharding.constrain(self.k(kv_bmd), names)
+    v = sharding.constrain(self.v(kv_bmd), names)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if q_angles is not None:
+      q, k = apply_rope(q, q_angles), apply_rope(k, kv_angles)
+    out = segment_attention(q, k, v, q_segment_ids, kv_segment_ids, implementation=self.implementation)
+    return self.o(sharding.constrain(out, names))
+
+
+class MLP(nnx.Module):
+  """Two-layer GELU MLP."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up = Dense(dim, hidden, ("embed", "mlp"), **kw)
+    self.down = Dense(hidden, dim, ("mlp", "embed"), **kw)
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    h = sharding.constrain(jax.nn.gelu(self.up(x_bld), approximate=True), ("act_batch", "act_seq", "act_mlp"))
+    return self.down(h)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`depth` layers as one module whose params gain a leading `layers` axis (nnx.vmap over inits)."""
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=depth, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r):
+    return make_layer(r)
+
+  return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, x, step: Callable, remat: str):
+  """Runs `x = step(layer, x)` through stacked `layers` with nnx.scan, remat per layer by policy name."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is unknown; accepted: {sorted(REMAT_POLICIES)}")
+
+  def body(x, layer):
+    return step(layer, x)
+
+  if remat != "none":
+    body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  body = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+  return body(x, layers)

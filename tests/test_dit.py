@@ -1,0 +1,194 @@
+"""The DiT over packed rows: segments are independent, RoPE is relative, the final layer starts at zero,
+parameters carry logical axes that shard, remat does not change the maths."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax import sharding
+from sora_jax.models import layers
+from sora_jax.models.dit import DiT
+
+D, V, S = 8, 32, 4
+
+
+def tiny_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(
+      in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, mlp_ratio=2.0, time_freq_dim=32,
+      rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=2, text_heads=2, attention="reference",
+      remat="none", dtype="float32", param_dtype="float32"))
+  c.update(kw)
+  return c
+
+
+def randomize(model, seed=1, scale=0.2):
+  """Perturbs every parameter (zero-initialised ones included) so all paths carry signal."""
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+  return model
+
+
+def grid_positions(nt, nh, nw):
+  t, h, w = np.meshgrid(np.arange(nt), np.arange(nh), np.arange(nw), indexing="ij")
+  return np.stack([t, h, w], -1).reshape(-1, 3).astype(np.int32)
+
+
+def make_segment(rng, grid, caption_len, t):
+  n = int(np.prod(grid))
+  return dict(x=rng.normal(size=(n, D)).astype(np.float32), pos=grid_positions(*grid),
+              cond=rng.normal(size=(n, D)).astype(np.float32),
+              cond_mask=(grid_positions(*grid)[:, 0] == 0).astype(np.float32) * (grid[0] > 1),
+              text=rng.integers(1, V, size=caption_len).astype(np.int32), t=t)
+
+
+def pack(segments, L, Lt, drop=()):
+  """One packed row (batch of 1) of the given segments, ids 1..n in order, padding after."""
+  x, pos = np.zeros((1, L, D), np.float32), np.zeros((1, L, 3), np.int32)
+  cond, cmask = np.zeros((1, L, D), np.float32), np.zeros((1, L), np.float32)
+  seg, text, tseg = np.zeros((1, L), np.int32), np.zeros((1, Lt), np.int32), np.zeros((1, Lt), np.int32)
+  t, text_drop = np.zeros((1, S), np.float32), np.zeros((1, S), np.float32)
+  i = j = 0
+  for k, s in enumerate(segments):
+    n, m = len(s["x"]), len(s["text"])
+    x[0, i:i + n], pos[0, i:i + n], cond[0, i:i + n], cmask[0, i:i + n] = s["x"], s["pos"], s["cond"], s["cond_mask"]
+    seg[0, i:i + n] = k + 1
+    text[0, j:j + m], tseg[0, j:j + m] = s["text"], k + 1
+    t[0, k] = s["t"]
+    text_drop[0, k] = float(k in drop)
+    i, j = i + n, j + m
+  return dict(x=x, positions=pos, segment_ids=seg, t=t, text_tokens=text, text_segment_ids=tseg,
+              cond=cond, cond_mask=cmask, text_drop=text_drop), i
+
+
+def run(model, row):
+  r = {k: jnp.asarray(v) for k, v in row.items()}
+  return np.asarray(model(r["x"], r["positions"], r["segment_ids"], r["t"], r["text_tokens"],
+                          r["text_segment_ids"], cond=r["cond"], cond_mask=r["cond_mask"],
+                          text_drop=r["text_drop"]))
+
+
+def test_packed_segments_match_running_alone():
+  model = randomize(DiT(tiny_cfg(), rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  segs = [make_segment(rng, (3, 2, 2), 5, 0.3), make_segment(rng, (1, 3, 3), 3, 0.9),
+          make_segment(rng, (2, 2, 3), 7, 0.6)]
+  row, _ = pack(segs, L=40, Lt=20, drop=(1,))
+  packed = run(model, row)
+  # Different neighbours: the same first segment next to other content must not change.
+  other, _ = pack([segs[0], make_segment(rng, (2, 3, 3), 4, 0.1)], L=40, Lt=20)
+  assert np.abs(run(model, other)[0, :12] - packed[0, :12]).max() < 1e-5
+  start = 0
+  for k, s in enumerate(segs):
+    n = len(s["x"])
+    alone_row, _ = pack([s], L=n + 3, Lt=len(s["text"]) + 2, drop=(0,) if k == 1 else ())
+    alone = run(model, alone_row)
+    np.testing.assert_allclose(packed[0, start:start + n], alone[0, :n], atol=1e-5, rtol=0)
+    assert np.abs(alone[0, :n]).max() > 1e-2  # the comparison is not between zeros
+    start += n
+  assert np.all(packed[0, start:] == 0)  # padding outputs nothing
+
+
+def test_final_layer_zero_init_gives_zero_output():
+  model = DiT(tiny_cfg(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  row, _ = pack([make_segment(rng, (2, 2, 2), 4, 0.5)], L=10, Lt=6)
+  assert np.all(run(model, row) == 0)
+
+
+def test_rope_depends_only_on_relative_position():
+  dims = layers.rope_split(32, 3)
+  assert sum(dims) == 32 and all(d % 2 == 0 for d in dims)
+  rng = np.random.default_rng(2)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 32)), jnp.float32) for _ in range(2))
+
+  def score(pq, pk):
+    aq = layers.rope_angles(jnp.asarray([[pq]], jnp.int32), dims, 10000.0)
+    ak = layers.rope_angles(jnp.asarray([[pk]], jnp.int32), dims, 10000.0)
+    return float(jnp.sum(layers.apply_rope(q, aq) * layers.apply_rope(k, ak)))
+
+  base = score((1, 2, 3), (4, 0, 5))
+  assert abs(score((7, 12, 4), (10, 10, 6)) - base) < 1e-4  # same offsets, shifted on every axis
+  for axis in range(3):  # a different offset along any single axis changes the score
+    pk = [4, 0, 5]
+    pk[axis] += 1
+    assert abs(score((1, 2, 3), tuple(pk)) - base) > 1e-3
+
+
+def test_text_drop_replaces_caption_by_null_text():
+  model = randomize(DiT(tiny_cfg(), rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(3)
+  a = make_segment(rng, (2, 2, 2), 6, 0.5)
+  b = dict(a, text=rng.integers(1, V, size=3).astype(np.int32))  # another caption, another length
+  out = [run(model, pack([s], L=10, Lt=8, drop=drop)[0]) for s in (a, b) for drop in ((0,), ())]
+  np.testing.assert_allclose(out[0], out[2], atol=1e-6)  # dropped: caption does not matter
+  assert np.abs(out[1] - out[3]).max() > 1e-3  # kept: it does
+  assert np.abs(out[0] - out[1]).max() > 1e-3
+
+
+def test_params_are_annotated_and_shard_on_a_mesh():
+  cfg = tiny_cfg()
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))  # built outside any mesh (eager sharding off)
+  state = nnx.state(model)
+  specs = nnx.get_partition_spec(state)
+  allowed = {"embed", "mlp", "heads", "head_dim", "vocab", "layers", None}
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var[...].ndim, path
+    assert set(names) <= allowed, (path, names)
+    assert (names[0] == "layers") == ("blocks" in path), path
+
+  rng = np.random.default_rng(4)
+  rows = [pack([make_segment(rng, (2, 2, 2), 4, 0.4), make_segment(rng, (1, 2, 2), 3, 0.7)], L=16, Lt=8)[0]
+          for _ in range(4)]
+  batch = {k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]}
+  graphdef = nnx.graphdef(model)
+
+  def fwd(state, b):
+    m = nnx.merge(graphdef, state)
+    return m(b["x"], b["positions"], b["segment_ids"], b["t"], b["text_tokens"], b["text_segment_ids"],
+             cond=b["cond"], cond_mask=b["cond_mask"], text_drop=b["text_drop"])
+
+  want = jax.jit(fwd)(state, batch)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  with sharding.use_mesh(mesh):
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(s)), specs)
+    sharded = jax.device_put(state, shardings)
+    got = jax.block_until_ready(jax.jit(fwd)(sharded, batch))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_loss_and_grads(remat):
+  rng = np.random.default_rng(5)
+  row, _ = pack([make_segment(rng, (2, 2, 2), 4, 0.4), make_segment(rng, (1, 2, 2), 3, 0.7)], L=14, Lt=8)
+  r = {k: jnp.asarray(v) for k, v in row.items()}
+
+  def grads(cfg):
+    model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(m):
+      out = m(r["x"], r["positions"], r["segment_ids"], r["t"], r["text_tokens"], r["text_segment_ids"],
+              cond=r["cond"], cond_mask=r["cond_mask"], text_drop=r["text_drop"])
+      return jnp.mean(out ** 2)
+
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  (l0, g0), (l1, g1) = grads(tiny_cfg()), grads(tiny_cfg(remat=remat))
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bf16_compute_is_close_to_f32():
+  rng = np.random.default_rng(6)
+  row, _ = pack([make_segment(rng, (2, 2, 2), 4, 0.4)], L=10, Lt=6)
+  f32 = run(randomize(DiT(tiny_cfg(), rngs=nnx.Rngs(0))), row)
+  bf16 = run(randomize(DiT(tiny_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))), row)
+  assert bf16.dtype == np.float32
+  rel = np.abs(bf16 - f32).max() / np.abs(f32).max()
+  assert rel < 0.1, rel
