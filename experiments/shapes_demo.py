@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.data.tokenizer = "runs/demo/data/tokenizer.model"  # sentencepiece model
   c.data.vocab_size = 128
   c.data.seq_len = 1024          # packed row length L (video tokens)
-  c.data.text_len = 256          # packed text row length Lt
+  c.data.text_len = 384          # packed text row length Lt (256 binds rows of images: 4.4% padding)
   c.data.max_text_tokens = 24    # per caption, after tokenization
   c.data.max_segments = 48       # per packed row
   c.data.batch_size = 4          # packed rows per global batch
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.data.sample_latents = True   # z = mean + std * eps (per record and epoch); False = the mean
   c.data.stand_in_factors = (4, 8, 8)  # "shapes" source: causal average pool (ft, fh, fw)
   c.data.packer = "best_fit"     # or "first_fit" (grain packers)
-  c.data.packing_bins = 16       # rows packed at once; more bins, less padding, more latency
+  c.data.packing_bins = 64       # rows packed at once; more bins, less padding, more latency
 
   # --- Sharding (sora_jax/sharding.py): -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

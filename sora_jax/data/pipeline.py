@@ -158,9 +158,11 @@ def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.
   return shift, scale, patching.token_dim(len(shift), patch)
 
 
-def make_spec(config, *, workdir: str | None = None, seed: int | None = None) -> Spec:
+def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
+              stats: tuple[np.ndarray, np.ndarray] | None = None) -> Spec:
+  """The resolved stream spec; `stats` = (shift, scale) overrides latent_stats (in-memory sources)."""
   d = config.data
-  shift, scale, _ = latent_stats(config, workdir=workdir)
+  shift, scale = latent_stats(config, workdir=workdir)[:2] if stats is None else stats
   budget = int(d.get("token_budget", 0)) or int(d.seq_len)
   if budget > d.seq_len:
     raise ValueError(f"config.data.token_budget {budget} exceeds seq_len {d.seq_len}: a sample must fit a row")
@@ -335,15 +337,17 @@ def open_tokenizer(config, *, workdir: str | None = None) -> Callable[[str], np.
 
 def make_dataset(config, *, split: str = "train", seed: int | None = None, source=None,
                  tokenize: Callable[[str], np.ndarray] | None = None, workdir: str | None = None,
+                 stats: tuple[np.ndarray, np.ndarray] | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  num_epochs: int | None = None) -> grain.IterDataset:
   """The packed, batched grain IterDataset of one process (see the module docstring for the stages).
 
-  `source` (len / getitem of records) and `tokenize` default to the configured data set and
-  tokenizer. `num_epochs` defaults to endless for train and one pass for other splits.
+  `source` (len / getitem of records), `tokenize` and `stats` (shift, scale) default to the configured
+  data set, tokenizer and latent_stats. `num_epochs` defaults to endless for train and one pass for
+  other splits.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  spec = make_spec(config, workdir=workdir, seed=seed)
+  spec = make_spec(config, workdir=workdir, seed=seed, stats=stats)
   source = open_source(config, split, workdir=workdir) if source is None else source
   tokenize = open_tokenizer(config, workdir=workdir) if tokenize is None else tokenize
   pi = jax.process_index() if process_index is None else process_index
