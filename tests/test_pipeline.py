@@ -1,5 +1,7 @@
 """The packed grain pipeline: exact round trips, consistent segment metadata, size fitting, long-clip
 accounting, process sharding, global arrays, and exact resume."""
+import json
+
 import ml_collections
 import numpy as np
 import pytest
@@ -195,10 +197,10 @@ def resume_matches(cfg, records, k=3, n=4):
   it = pipeline.make_iterator(cfg, source=records, tokenize=tokenize)
   for _ in range(k):
     next(it)
-  state = it.get_state()
+  state = json.dumps(it.get_state())  # as orbax's grain checkpoint handler stores it
   expected = [next(it) for _ in range(n)]
   resumed = pipeline.make_iterator(cfg, source=records, tokenize=tokenize)
-  resumed.set_state(state)
+  resumed.set_state(json.loads(state))
   for want in expected:
     got = next(resumed)
     assert set(got) == set(want)
@@ -240,9 +242,17 @@ def test_stand_in_latents_are_causal_average_pools():
   np.testing.assert_allclose(z[1, 0, 0], (video[1:5, :8, :8] / 127.5 - 1).mean((0, 1, 2)), rtol=1e-5)
 
 
-def test_shapes_source_end_to_end(tmp_path):
-  from sora_jax.data import shapes, shapes_dataset
-  shapes_dataset.build_shapes(tmp_path, "validation", 6)
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+  from sora_jax.data import shapes_dataset
+  path = tmp_path_factory.mktemp("shapes")
+  shapes_dataset.build_shapes(path, "validation", 6)
+  return path
+
+
+def test_shapes_source_end_to_end(shapes_dir):
+  from sora_jax.data import shapes
+  tmp_path = shapes_dir
   cfg = make_config(tmp_path, source="shapes", shapes_dir=str(tmp_path), seq_len=256, text_len=160,
                     max_text_tokens=80, max_segments=6)
   batches = list(pipeline.make_iterator(cfg, split="validation", tokenize=tokenize))
@@ -261,3 +271,27 @@ def test_shapes_source_end_to_end(tmp_path):
         np.testing.assert_array_equal(z, pipeline.pool_space(full[:z.shape[0]], batch["seg_scale"][b, k]))
         seen += 1
   assert seen == 6
+
+
+def test_inspect_cli_prints_stats_and_dumps_batches(shapes_dir, tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  from sora_jax.data import shapes, tokenizer
+  tokenizer.train_tokenizer([shapes.caption(shapes.sample_spec("validation", i)) for i in range(50)],
+                            tmp_path / "tok.model", 64)
+  repo = Path(__file__).resolve().parents[1]
+  dump = tmp_path / "b.npz"
+  out = subprocess.run(
+      [sys.executable, "-m", "sora_jax.data.inspect", "--config", "experiments/shapes_demo.py",
+       "--config.data.source=shapes", f"--config.data.shapes_dir={shapes_dir}",
+       f"--config.data.tokenizer={tmp_path / 'tok.model'}", "--config.data.seq_len=256",
+       "--config.data.batch_size=2", "--split=validation", "--num_batches=5", f"--dump={dump}"],
+      cwd=repo, capture_output=True, text=True, timeout=120, check=True)
+  stats = json.loads(out.stdout.strip().splitlines()[-1])
+  d = np.load(dump)
+  assert d["tokens"].shape[1:] == (256, 12) and d["tokens"].shape[0] == 2 * stats["batches"]
+  assert stats["samples_per_batch"] * stats["batches"] == d["seg_valid"].sum() == 6
+  np.testing.assert_allclose(stats["padding_fraction"], (d["segment_ids"] == 0).mean())
+  assert stats["dropped"] == 0 and stats["cropped"] == ((d["seg_cropped"] > 0) & (d["seg_valid"] > 0)).sum()
+  assert stats["frames_cut"] == d["seg_cropped"].sum()
