@@ -8,6 +8,7 @@ Inverting a patchify is exact: it is a reshape and a transpose, no arithmetic.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -45,10 +46,16 @@ def token_dim(channels: int, patch: Sequence[int] = (1, 2, 2)) -> int:
 
 
 def grid_positions(grid: Sequence[int]) -> np.ndarray:
-  """int32 [nt*nh*nw, 3]: the (t, h, w) patch index of every token, row-major over the grid."""
-  nt, nh, nw = (int(g) for g in grid)
-  t, h, w = np.meshgrid(np.arange(nt), np.arange(nh), np.arange(nw), indexing="ij")
-  return np.stack([t.ravel(), h.ravel(), w.ravel()], axis=-1).astype(np.int32)
+  """int32 [nt*nh*nw, 3]: the (t, h, w) patch index of every token, row-major over the grid (read-only)."""
+  return _grid_positions(*(int(g) for g in grid))
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid_positions(nt: int, nh: int, nw: int) -> np.ndarray:
+  # Data sets hold few distinct sizes, and the data pipeline asks for them once per sample.
+  out = np.indices((nt, nh, nw), dtype=np.int32).reshape(3, -1).T.copy()
+  out.flags.writeable = False
+  return out
 
 
 def patchify(latents_thwc, patch: Sequence[int] = (1, 2, 2)):
@@ -60,7 +67,7 @@ def patchify(latents_thwc, patch: Sequence[int] = (1, 2, 2)):
   x = latents_thwc.reshape(nt, pt, nh, ph, nw, pw, c)
   x = xp.transpose(x, (0, 2, 4, 1, 3, 5, 6))  # grid axes first, then the block's own (pt, ph, pw, c)
   tokens_nd = x.reshape(nt * nh * nw, pt * ph * pw * c)
-  return tokens_nd, grid_positions((nt, nh, nw))
+  return tokens_nd, grid_positions((nt, nh, nw)).copy()
 
 
 def unpatchify(tokens_nd, grid: Sequence[int], patch: Sequence[int] = (1, 2, 2)):
