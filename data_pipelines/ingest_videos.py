@@ -94,7 +94,6 @@ def main(argv):
   except AssertionError:  # tfds refuses to write a split with no examples
     if ingested:
       raise
-    sources.remove_incomplete(out_dir, _NAME.value, _SPLIT.value)
   num_clips = sum(len(f["clips"]) for f in ingested)
   kinds = collections.Counter(_kind(s["reason"]) for s in skipped)
   summary = (f"ingest: {len(ingested)} files -> {num_clips} clips in {written or 'nothing'}; "

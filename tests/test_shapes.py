@@ -1,6 +1,7 @@
 """The Shapes data set: SHAPES.md's rules hold for every sampled clip, and builds are exact and repeatable."""
 import dataclasses
 import hashlib
+import pickle
 from pathlib import Path
 import subprocess
 import sys
@@ -56,6 +57,41 @@ def test_records_read_back_exactly_and_captions_parse_to_their_labels(built):
     stored = shapes.ClipSpec.from_json(rec["labels"])
     assert stored == spec
     assert shapes.parse_caption(rec["caption"]) == stored.labels()
+
+
+def test_plain_tfds_data_source_reads_the_same_arrays(built):
+  import tensorflow_datasets as tfds
+  ds = tfds.data_source("shapes/train", split="train", data_dir=str(built[1]))
+  src = sources.video_source(built[1], "train")
+  for i in (0, 5, 23):
+    np.testing.assert_array_equal(ds[i]["video"], src[i]["video"])
+    assert ds[i]["caption"].decode() == src[i]["caption"]
+
+
+def test_latent_records_round_trip_and_sources_pickle(tmp_path):
+  rng = np.random.default_rng(0)
+  examples = []
+  for i, (t, h, w) in enumerate([(1, 4, 4), (3, 2, 8), (5, 4, 2)]):
+    examples.append({"latent_mean": rng.normal(size=(t, h, w, 4)).astype(np.float32),
+                     "latent_std": rng.uniform(0.1, 1, size=(t, h, w, 4)).astype(np.float32),
+                     "caption": f"clip {i}", "num_frames": 1 + 4 * (t - 1), "height": 8 * h,
+                     "width": 8 * w, "fps": 8.0, "labels": "", "source": f"s/{i}"})
+  stats = {"shift": np.zeros(4, np.float32), "scale": np.ones(4, np.float32), "vae": {"z": 4}}
+  sources.write_latent_dataset(tmp_path, "train", examples, stats=stats)
+  src = pickle.loads(pickle.dumps(sources.latent_source(tmp_path, "train")))
+  assert len(src) == 3
+  for ex, rec in zip(examples, src):
+    for k in sources.LATENT_KEYS:
+      if k.startswith("latent"):
+        np.testing.assert_array_equal(rec[k], ex[k])
+      else:
+        assert rec[k] == ex[k]
+  assert sources.read_latent_stats(tmp_path) == {"shift": [0.0] * 4, "scale": [1.0] * 4, "vae": {"z": 4}}
+  with pytest.raises(ValueError, match="latent example lacks"):
+    sources.write_latent_dataset(tmp_path / "bad", "train", [{"caption": "x"}])
+  assert not list((tmp_path / "bad" / "latents").glob("train/*"))  # nothing half-written is left
+  with pytest.raises(FileNotFoundError, match="no built split 'validation'"):
+    sources.latent_source(tmp_path, "validation")
 
 
 def test_sampling_is_a_pure_function_of_its_arguments():

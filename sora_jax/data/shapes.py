@@ -173,11 +173,14 @@ def caption(spec: ClipSpec) -> str:
   return text
 
 
-_ALT = lambda xs: "|".join(re.escape(x) for x in sorted(xs, key=len, reverse=True))
-_OBJ = rf"a ({_ALT(COLOURS)}) ({_ALT(SHAPES)})(?: ({_ALT(MOTIONS)}))?"
+def _alternatives(words) -> str:
+  return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest match first
+
+
+_OBJ = rf"a ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)})(?: ({_alternatives(MOTIONS)}))?"
 _CAPTION_RE = re.compile(
-    rf"^{_OBJ}(?: and {_OBJ})? on a ({_ALT(BACKGROUNDS)}) background"
-    rf"(?:, then a close-up of the ({_ALT(COLOURS)}) ({_ALT(SHAPES)}))?$")
+    rf"^{_OBJ}(?: and {_OBJ})? on a ({_alternatives(BACKGROUNDS)}) background"
+    rf"(?:, then a close-up of the ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)}))?$")
 
 
 def parse_caption(text: str) -> CaptionLabels:
