@@ -32,6 +32,7 @@ How it works:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -284,29 +285,39 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Seq
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """What a sampler needs from the diffusion objective, in terms of per-token times t [B, L, 1]."""
-  objective: str                              # "flow" | "ddpm"
-  alpha_sigma: Callable                       # t -> (alpha, sigma) with x_t = alpha x0 + sigma eps
-  x0_eps: Callable                            # (x_t, prediction, t) -> (x0, eps) estimates
+  """What a sampler needs from the diffusion objective (diffusion.py), as a hashable static value."""
+  objective: str = "flow"     # "flow" | "ddpm"
+  prediction: str = "v"       # ddpm: "eps" | "v" (flow always predicts v = eps - x0)
+  cosine_s: float = 0.008
 
   @classmethod
   def from_config(cls, cfg) -> Schedule:
-    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
-    objective = cfg.diffusion.objective
-    if objective == "flow":
-      alpha_sigma = lambda t: (1.0 - t, t)
-    else:
-      def alpha_sigma(t):
-        ab = diffusion.cosine_alpha_bar(t, cfg)
-        return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    x0_eps = lambda x, pred, t: (diffusion.predict_x0(x, pred, t[..., 0], cfg),
-                                 diffusion.predict_eps(x, pred, t[..., 0], cfg))
-    return cls(objective, alpha_sigma, x0_eps)
+    d = cfg.diffusion
+    if d.objective not in ("flow", "ddpm"):
+      raise ValueError(f"diffusion.objective={d.objective!r} is unknown; accepted: 'flow', 'ddpm'")
+    return cls(str(d.objective), str(d.get("prediction", "v")), float(d.get("cosine_s", 0.008)))
 
-  @classmethod
-  def flow(cls) -> Schedule:
-    """Rectified flow with a velocity-predicting model (no config needed)."""
-    return cls("flow", lambda t: (1.0 - t, t), lambda x, v, t: (x - t * v, x + (1.0 - t) * v))
+  @property
+  def _cfg(self):
+    import types  # pylint: disable=g-import-not-at-top
+    return types.SimpleNamespace(diffusion=types.SimpleNamespace(
+        objective=self.objective, prediction=self.prediction, cosine_s=self.cosine_s))
+
+  def alpha_sigma(self, t):
+    """(alpha, sigma) with x_t = alpha x0 + sigma eps, for per-token times t."""
+    if self.objective == "flow":
+      return 1.0 - t, t
+    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+    ab = diffusion.cosine_alpha_bar(t, self._cfg)
+    return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+
+  def x0_eps(self, x, pred, t):
+    """(x0, eps) estimates from the model's prediction at per-token times t [..., 1]."""
+    if self.objective == "flow":
+      return x - t * pred, x + (1.0 - t) * pred
+    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+    return (diffusion.predict_x0(x, pred, t[..., 0], self._cfg),
+            diffusion.predict_eps(x, pred, t[..., 0], self._cfg))
 
   def samplers(self) -> tuple[str, ...]:
     return FLOW_SAMPLERS if self.objective == "flow" else DDPM_SAMPLERS
@@ -318,16 +329,22 @@ def _per_token(t_bs: jax.Array, segment_ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(t, segment_ids, axis=1)[..., None]
 
 
-def _model_apply(model) -> tuple[Callable, Any]:
-  """A pure function (state, *args, **kw) -> model(*args, **kw), and the model's state."""
+def _split_model(model) -> tuple[Any, Any]:
+  """(static part, state): an nnx.Module's graphdef and state, or a plain function and None."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(model, nnx.Module):
-    graphdef, state = nnx.split(model)
-    return (lambda state, *a, **k: nnx.merge(graphdef, state)(*a, **k)), state
-  return (lambda state, *a, **k: model(*a, **k)), None
+    return nnx.split(model)
+  return model, None
 
 
-def guided(apply, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: bool):
+def _call(static, state, *args, **kw):
+  if state is None:
+    return static(*args, **kw)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.merge(static, state)(*args, **kw)
+
+
+def guided(static, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: bool):
   """The model's prediction with classifier-free guidance: uncond + g * (cond - uncond).
 
   The unconditional half is the same rows with text_drop = 1 (the learned null text), stacked on the
@@ -337,51 +354,50 @@ def guided(apply, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: b
   args = (batch["positions"], batch["segment_ids"], t_bs.astype(jnp.float32), batch["text_tokens"],
           batch["text_segment_ids"])
   if not use_cfg:
-    return apply(state, x, *args, **cond, text_drop=jnp.zeros(t_bs.shape, jnp.float32)).astype(jnp.float32)
+    return _call(static, state, x, *args, **cond,
+                 text_drop=jnp.zeros(t_bs.shape, jnp.float32)).astype(jnp.float32)
   two = lambda a: jnp.concatenate([a, a], axis=0)
   drop = jnp.concatenate([jnp.zeros(t_bs.shape, jnp.float32), jnp.ones(t_bs.shape, jnp.float32)], axis=0)
-  out = apply(state, two(x), *map(two, args), **{k: two(v) for k, v in cond.items()},
+  out = _call(static, state, two(x), *map(two, args), **{k: two(v) for k, v in cond.items()},
               text_drop=drop).astype(jnp.float32)
   c, u = jnp.split(out, 2, axis=0)
   return u + guidance * (c - u)
 
 
-def _make_step(apply, sched: Schedule, *, sampler: str, use_cfg: bool, has_cond: bool) -> Callable:
-  """One jitted sampler step (state, batch, x, t_cur [R, S], t_next [R, S], z, guidance) -> x_next."""
-
-  def step(state, batch, x, tc_bs, tn_bs, z, guidance):
-    seg = batch["segment_ids"]
-    tc, tn = _per_token(tc_bs, seg), _per_token(tn_bs, seg)
-    # Given tokens hold their clean latents at every step, as in training (diffusion.loss_fn).
-    given = ((lambda x: jnp.where(batch["cond_mask"][..., None] > 0, batch["cond"], x)) if has_cond
-             else (lambda x: x))
-    model = lambda x, t_bs: guided(apply, state, batch, x, t_bs, guidance, use_cfg=use_cfg,
-                                   has_cond=has_cond)
-    x = given(x)
-    out = model(x, tc_bs)
-    if sampler in FLOW_SAMPLERS:
-      x_new = x + (tn - tc) * out
-      if sampler == "heun":
-        # Heun's correction needs the velocity at t_next; a segment reaching t = 0 keeps the Euler step.
-        v2 = model(given(x_new), tn_bs)
-        x_new = jnp.where(tn > 0, x + (tn - tc) * 0.5 * (out + v2), x_new)
+@functools.partial(jax.jit, static_argnames=("static", "sched", "sampler", "use_cfg", "has_cond"))
+def _step(state, batch, x, tc_bs, tn_bs, z, guidance, *, static, sched: Schedule, sampler: str,
+          use_cfg: bool, has_cond: bool):
+  """One sampler step from per-segment times t_cur [R, S] to t_next [R, S]; jitted once per shape."""
+  seg = batch["segment_ids"]
+  tc, tn = _per_token(tc_bs, seg), _per_token(tn_bs, seg)
+  # Given tokens hold their clean latents at every step, as in training (diffusion.loss_fn).
+  given = ((lambda x: jnp.where(batch["cond_mask"][..., None] > 0, batch["cond"], x)) if has_cond
+           else (lambda x: x))
+  model = lambda x, t_bs: guided(static, state, batch, x, t_bs, guidance, use_cfg=use_cfg,
+                                 has_cond=has_cond)
+  x = given(x)
+  out = model(x, tc_bs)
+  if sampler in FLOW_SAMPLERS:
+    x_new = x + (tn - tc) * out
+    if sampler == "heun":
+      # Heun's correction needs the velocity at t_next; a segment reaching t = 0 keeps the Euler step.
+      v2 = model(given(x_new), tn_bs)
+      x_new = jnp.where(tn > 0, x + (tn - tc) * 0.5 * (out + v2), x_new)
+  else:
+    x0, eps_hat = sched.x0_eps(x, out, tc)
+    a_n, s_n = sched.alpha_sigma(tn)
+    if sampler == "ddim":
+      x_new = a_n * x0 + s_n * eps_hat
     else:
-      x0, eps_hat = sched.x0_eps(x, out, tc)
-      a_n, s_n = sched.alpha_sigma(tn)
-      if sampler == "ddim":
-        x_new = a_n * x0 + s_n * eps_hat
-      else:
-        # Ancestral: sample q(x_tn | x_tc, x0) at the predicted x0 (variance-preserving schedule).
-        ab_c, ab_n = sched.alpha_sigma(tc)[0] ** 2, a_n ** 2
-        alpha = ab_c / ab_n
-        one_c = jnp.maximum(1.0 - ab_c, 1e-12)
-        var = (1.0 - ab_n) / one_c * (1.0 - alpha)
-        mean = (a_n * (1.0 - alpha) * x0 + jnp.sqrt(alpha) * (1.0 - ab_n) * x) / one_c
-        x_new = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
-    x_new = given(jnp.where(tn < tc, x_new, x))  # a segment whose schedule has ended stays put
-    return jnp.where((seg > 0)[..., None], x_new, 0.0)
-
-  return jax.jit(step)
+      # Ancestral: sample q(x_tn | x_tc, x0) at the predicted x0 (variance-preserving schedule).
+      ab_c, ab_n = sched.alpha_sigma(tc)[0] ** 2, a_n ** 2
+      alpha = ab_c / ab_n
+      one_c = jnp.maximum(1.0 - ab_c, 1e-12)
+      var = (1.0 - ab_n) / one_c * (1.0 - alpha)
+      mean = (a_n * (1.0 - alpha) * x0 + jnp.sqrt(alpha) * (1.0 - ab_n) * x) / one_c
+      x_new = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
+  x_new = given(jnp.where(tn < tc, x_new, x))  # a segment whose schedule has ended stays put
+  return jnp.where((seg > 0)[..., None], x_new, 0.0)
 
 
 def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
@@ -390,13 +406,13 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
 
   `model` has the DiT's call signature (an nnx.Module or a plain function).
   """
-  sched = schedule or Schedule.flow()
+  sched = schedule or Schedule()
   if sampler not in sched.samplers():
     raise ValueError(f"sampler {sampler!r} does not apply to the {sched.objective!r} objective; "
                      f"accepted: {list(sched.samplers())}")
-  apply, state = _model_apply(model)
-  use_cfg = float(guidance) != 1.0
-  step = _make_step(apply, sched, sampler=sampler, use_cfg=use_cfg, has_cond=packed.has_cond)
+  static, state = _split_model(model)
+  step = functools.partial(_step, static=static, sched=sched, sampler=sampler,
+                           use_cfg=float(guidance) != 1.0, has_cond=packed.has_cond)
   batch = {k: jnp.asarray(v) for k, v in packed.batch.items()}
   eps = jnp.asarray(packed.noise)
   a0, s0 = sched.alpha_sigma(_per_token(jnp.asarray(packed.schedule[0], jnp.float32), batch["segment_ids"]))
