@@ -5,8 +5,8 @@
         --num_batches 4 --dump /tmp/batches.npz
 
 The line holds: video and text padding fractions, samples / segments and real tokens per batch, the
-steady-state rate after the first batch (tokens/s, samples/s, and tokens per CPU-second of this process,
-which with 0 workers is the per-core figure), the time to the first batch, and the long-clip accounting:
+steady-state rate after the first batch (tokens/s, samples/s, and with 0 workers tokens per CPU-second
+of this process: the per-core figure), the time to the first batch, and the long-clip accounting:
 samples dropped, cropped in time (and latent frames cut), and spatially downscaled. `--dump` writes every
 key of the batches concatenated along the leading batch axis ([num_batches * B, ...]).
 """
@@ -89,8 +89,9 @@ def main(argv):
   later = stats[1:]
   if later:
     toks, samples = sum(s["tokens"] for s in later), sum(s["samples"] for s in later)
-    out.update(tokens_per_s=toks / (t2 - t1), samples_per_s=samples / (t2 - t1),
-               tokens_per_cpu_s=toks / max(c2 - c1, 1e-9))
+    out.update(tokens_per_s=toks / (t2 - t1), samples_per_s=samples / (t2 - t1))
+    if not int(cfg.data.num_workers):  # with workers the work is in other processes
+      out["tokens_per_cpu_s"] = toks / max(c2 - c1, 1e-9)
   print(json.dumps(out, sort_keys=False))
   if _DUMP.value:
     np.savez(_DUMP.value, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
