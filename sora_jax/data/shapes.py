@@ -312,14 +312,17 @@ def render_clip(spec: ClipSpec, *, noise_std: float = 0.0, seed: int = 0,
   """Renders `spec` as uint8 [T, H, W, 3]. `noise_std` (in [0, 1] pixel units) adds Gaussian noise
   drawn from `seed`; noise_std=0 gives the exact evaluation render."""
   cov = object_coverage(spec) if coverage is None else coverage  # [T, N, H, W]
-  bg = np.asarray(BACKGROUNDS[spec.background], np.float32)
-  colours = np.asarray([COLOURS[o.colour] for o in spec.objects], np.float32)  # [N, 3]
-  covered = cov.sum(axis=1)[..., None]
-  frames = bg * (1.0 - covered) + np.einsum("tnhw,nc->thwc", cov, colours)
+  frames = np.empty(cov.shape[:1] + cov.shape[2:] + (3,), np.float32)
+  frames[:] = np.asarray(BACKGROUNDS[spec.background], np.float32)
+  frames *= (1.0 - cov.sum(axis=1))[..., None]
+  for i, o in enumerate(spec.objects):
+    frames += cov[:, i, :, :, None] * np.asarray(COLOURS[o.colour], np.float32)
   if noise_std > 0:
     rng = np.random.default_rng(seed)
-    frames = frames + rng.normal(0.0, noise_std * 255.0, frames.shape).astype(np.float32)
-  return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+    frames += rng.standard_normal(frames.shape, dtype=np.float32) * np.float32(noise_std * 255.0)
+  np.rint(frames, out=frames)
+  np.clip(frames, 0, 255, out=frames)
+  return frames.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- sampling
