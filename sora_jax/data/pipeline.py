@@ -67,6 +67,8 @@ def fit_to_budget(latent_thw: Sequence[int], patch: Sequence[int], budget: int, 
     raise ValueError(f"long_clips {long_clips!r} is unknown; accepted: {list(LONG_CLIPS)}")
   t, h, w = (int(v) for v in latent_thw)
   pt, ph, pw = (int(p) for p in patch)
+  if h % ph or w % pw or t < pt:
+    raise ValueError(f"latent grid {(t, h, w)} does not hold whole patches {(pt, ph, pw)}")
   nt = t // pt  # a trailing partial time patch is cut (only when pt > 1)
   scales = [s for s in range(1, max(h, w) + 1)
             if h % (s * ph) == 0 and w % (s * pw) == 0
