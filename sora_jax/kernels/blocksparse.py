@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 # Finite so that fully masked rows give exp(NEG - NEG) = 1 rescales instead of NaNs.
 _NEG = -1e30
@@ -85,18 +86,37 @@ def _dot(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, q_ids, kv_ids, block_q, block_k):
-  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k)[0]
+def _loop(width, max_window, body, init):
+  """body(t, carry) for t < width.max(): a while loop, or `max_window` unrolled steps when it is given."""
+  if max_window is None:
+    return lax.fori_loop(0, width.max(), body, init)
+  carry = init
+  for t in range(max_window):
+    carry = body(t, carry)
+  return carry
 
 
-def _forward(q, k, v, q_ids, kv_ids, block_q, block_k):
+def _overflow_to_nan(x, widths, max_window):
+  """A wrong `max_window` must not pass silently: any wider window turns the result into NaNs."""
+  if max_window is None:
+    return x
+  too_wide = functools.reduce(jnp.logical_or, [w.max() > max_window for w in widths])
+  return jnp.where(too_wide, jnp.nan, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
+  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window)[0]
+
+
+def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
   scale = q.shape[-1] ** -0.5
   q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
   batch, nq, heads, _, dim = q_b.shape
   q_ids_b = q_ids.reshape(batch, nq, block_q)
   kv_ids_b = kv_ids.reshape(batch, -1, block_k)
-  first, width = _windows(block_map(q_ids_b, kv_ids_b))
+  active = block_map(q_ids_b, kv_ids_b)
+  first, width = _windows(active)
 
   def step(t, carry):
     o, m, l = carry
@@ -114,19 +134,17 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k):
   o = jnp.zeros((batch, nq, heads, block_q, dim), jnp.float32)
   m = jnp.full((batch, nq, heads, block_q), _NEG, jnp.float32)
   l = jnp.zeros((batch, nq, heads, block_q), jnp.float32)
-  o, m, l = lax.fori_loop(0, width.max(), step, (o, m, l))
+  o, m, l = _loop(width, max_window, step, (o, m, l))
   has_keys = l > 0
   o = o / jnp.where(has_keys, l, 1.0)[..., None]
   lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
   out = _from_blocks(o).astype(q.dtype)
+  if max_window is not None:
+    out = _overflow_to_nan(out, (width, _windows(jnp.swapaxes(active, 1, 2))[1]), max_window)
   return out, (q, k, v, q_ids, kv_ids, out, lse)
 
 
-def _forward_vjp(q, k, v, q_ids, kv_ids, block_q, block_k):
-  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k)
-
-
-def _backward(block_q, block_k, res, dout):
+def _backward(block_q, block_k, max_window, res, dout):
   q, k, v, q_ids, kv_ids, out, lse = res
   scale = q.shape[-1] ** -0.5
   q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
@@ -156,7 +174,7 @@ def _backward(block_q, block_k, res, dout):
     _, ds = probs_and_dlogits(q_b, kk, _take_blocks(v_b, j), do_b, lse, delta, mask)
     return dq + _dot("bnhqk,bnhkd->bnhqd", ds.astype(k.dtype), kk)
 
-  dq = lax.fori_loop(0, width_k.max(), dq_step, jnp.zeros(q_b.shape, jnp.float32)) * scale
+  dq = _loop(width_k, max_window, dq_step, jnp.zeros(q_b.shape, jnp.float32)) * scale
 
   # dk, dv: each key block walks its window of query blocks (blocks indexed by the key block here).
   first_q, width_q = _windows(jnp.swapaxes(active, 1, 2))
@@ -172,23 +190,37 @@ def _backward(block_q, block_k, res, dout):
     return dk, dv
 
   zeros = jnp.zeros(k_b.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, width_q.max(), dkv_step, (zeros, zeros))
+  dk, dv = _loop(width_q, max_window, dkv_step, (zeros, zeros))
   dq = _from_blocks(dq).astype(q.dtype)
   dk = _from_blocks(dk * scale).astype(k.dtype)
   dv = _from_blocks(dv).astype(v.dtype)
   return dq, dk, dv, None, None
 
 
-_attention.defvjp(_forward_vjp, _backward)
+_attention.defvjp(_forward, _backward)
 
 
-def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 128,
-                          block_k: int = 128):
+def max_window(q_segment_ids, kv_segment_ids, block_q: int, block_k: int) -> int:
+  """The widest block window of concrete (numpy) ids in either direction: a valid `max_window`."""
+  q_ids = np.asarray(_pad_axis1(jnp.asarray(q_segment_ids, jnp.int32), block_q))
+  kv_ids = np.asarray(_pad_axis1(jnp.asarray(kv_segment_ids, jnp.int32), block_k))
+  active = block_map(q_ids.reshape(q_ids.shape[0], -1, block_q),
+                     kv_ids.reshape(kv_ids.shape[0], -1, block_k))
+  return int(max(_windows(active)[1].max(), _windows(jnp.swapaxes(active, 1, 2))[1].max()))
+
+
+def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 64,
+                          block_k: int = 64, max_window: int | None = None):
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` computing only active blocks.
 
   Same contract as the dense reference: a query attends to keys of its own segment id, padding (id 0)
   queries return zeros. Lq and Lk need not be multiples of the block sizes (padding is added and removed
   here); blocks shrink to the padded lengths of short sequences.
+
+  `max_window` (static) replaces the while loops by that many unrolled steps: for rows whose longest
+  segment is bounded by the data config (`max_window` then follows from it), it lets XLA schedule and
+  count the work (cost_analysis counts a while-loop body once). Rows with a wider window return NaNs.
+  64-token blocks were fastest on this CPU (docs/benchmarks.md, issue 9).
   """
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
@@ -198,5 +230,5 @@ def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: in
   q_ids = _pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
   kv_ids = _pad_axis1(kv_segment_ids.astype(jnp.int32), block_k)
   out = _attention(_pad_axis1(q, block_q), _pad_axis1(k, block_k), _pad_axis1(v, block_k),
-                   q_ids, kv_ids, block_q, block_k)
+                   q_ids, kv_ids, block_q, block_k, max_window)
   return out[:, :lq]

@@ -1,0 +1,172 @@
+"""Every segment-attention implementation equals the dense reference, forward and gradients, in f32."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.kernels import blocksparse
+from sora_jax.models import attention
+
+
+def _ids(lengths, length):
+  ids = np.zeros(length, np.int32)
+  pos = 0
+  for s, n in enumerate(lengths):
+    ids[pos:pos + n] = s + 1
+    pos += n
+  return ids
+
+
+def _inputs(batch, lq, lk, heads, dim, seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda l: jnp.asarray(rng.normal(size=(batch, l, heads, dim)), jnp.float32)
+  return make(lq), make(lk), make(lk), make(lq)
+
+
+def _out_and_grads(fn, q, k, v, w, q_ids, kv_ids):
+  def loss(q, k, v):
+    out = fn(q, k, v, q_ids, kv_ids)
+    return (out * w).sum(), out
+  (_, out), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+  return out, grads
+
+
+def _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids, tol=1e-5):
+  run = jax.jit(_out_and_grads, static_argnums=0)
+  want, want_grads = run(attention._reference, q, k, v, w, jnp.asarray(q_ids), jnp.asarray(kv_ids))
+  got, got_grads = run(fn, q, k, v, w, jnp.asarray(q_ids), jnp.asarray(kv_ids))
+  np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+  for name, a, b in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=0, err_msg=f"d{name}")
+
+
+# Rows with trailing padding, single-token segments (also at block edges), one segment filling the row.
+_SELF_ROWS = [[37, 1, 1, 50, 7, 1], [1, 1, 100], [128]]
+_TEXT_ROWS = [[5, 1, 9, 2, 1, 3], [4, 1, 20], [9]]
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (8, 32), (64, 64)])
+def test_blocksparse_self_attention_matches_reference(block_q, block_k):
+  q, k, v, w = _inputs(3, 128, 128, 2, 16)
+  ids = np.stack([_ids(r, 128) for r in _SELF_ROWS])
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=block_q, block_k=block_k)
+  _assert_matches_reference(fn, q, k, v, w, ids, ids)
+
+
+def test_blocksparse_cross_attention_matches_reference():
+  q, k, v, w = _inputs(3, 128, 40, 2, 16)  # Lq != Lk, neither a multiple of the key block
+  q_ids = np.stack([_ids(r, 128) for r in _SELF_ROWS])
+  kv_ids = np.stack([_ids(r, 40) for r in _TEXT_ROWS])
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=16)
+  _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
+
+
+def test_blocksparse_random_layouts_match_reference():
+  rng = np.random.default_rng(1)
+  rows = []
+  for _ in range(4):
+    lengths = rng.integers(1, 60, size=12)
+    lengths = lengths[np.cumsum(lengths) <= 200]
+    rows.append(_ids(lengths, 200))
+  ids = np.stack(rows)
+  q, k, v, w = _inputs(4, 200, 200, 1, 8, seed=2)
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32)
+  _assert_matches_reference(fn, q, k, v, w, ids, ids)
+
+
+def test_blocksparse_static_window_matches_and_overflow_is_nan():
+  q, k, v, w = _inputs(3, 128, 128, 2, 16)
+  ids = np.stack([_ids(r, 128) for r in _SELF_ROWS])
+  window = blocksparse.max_window(ids, ids, 32, 32)
+  assert window == 4  # the 128-token segment spans all 4 blocks
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32, max_window=window)
+  _assert_matches_reference(fn, q, k, v, w, ids, ids)
+  short = jax.jit(functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32,
+                                    max_window=window - 1))(q, k, v, ids, ids)
+  assert np.isnan(np.asarray(short)).all()
+
+
+def test_block_map_counts_only_shared_segment_blocks():
+  # k aligned equal segments of l tokens in blocks of b: exactly k (l/b)^2 of (k l/b)^2 pairs are active.
+  ids = np.repeat(np.arange(1, 9), 64)[None]
+  active = blocksparse.block_map(jnp.asarray(ids).reshape(1, -1, 16), jnp.asarray(ids).reshape(1, -1, 16))
+  assert int(active.sum()) == 8 * 4 ** 2
+  # Padding blocks are never active.
+  padded = np.concatenate([ids[:, :256], np.zeros((1, 256), np.int32)], axis=1)
+  active = blocksparse.block_map(jnp.asarray(padded).reshape(1, -1, 16),
+                                 jnp.asarray(padded).reshape(1, -1, 16))
+  assert not bool(active[:, 16:].any()) and not bool(active[:, :, 16:].any())
+
+
+def test_blocksparse_memory_does_not_grow_quadratically():
+  def temp(fn, l):
+    ids = jnp.asarray(np.repeat(np.arange(1, l // 64 + 1), 64)[None], jnp.int32)
+    x = jax.ShapeDtypeStruct((1, l, 2, 16), jnp.float32)
+    f = jax.grad(lambda q, k, v: fn(q, k, v, ids, ids).sum(), (0, 1, 2))
+    return jax.jit(f).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32)
+  ratio = temp(fn, 512) / temp(fn, 256)
+  ref_ratio = temp(attention._reference, 512) / temp(attention._reference, 256)
+  assert ratio < 2.6 and ref_ratio > 3.5, (ratio, ref_ratio)
+
+
+def test_segments_never_see_each_other():
+  q, k, v, _ = _inputs(1, 64, 64, 1, 8)
+  ids = jnp.asarray(_ids([20, 30], 64)[None])
+  fn = jax.jit(functools.partial(blocksparse.blocksparse_attention, block_q=16, block_k=16))
+  out = fn(q, k, v, ids, ids)
+  # Change segment 2's keys and values: segment 1's outputs are untouched, padding stays zero.
+  out2 = fn(q, k.at[:, 20:].multiply(3.0), v.at[:, 20:].add(1.0), ids, ids)
+  np.testing.assert_array_equal(out[:, :20], out2[:, :20])
+  assert not np.allclose(out[:, 20:50], out2[:, 20:50])
+  assert not np.asarray(out2[:, 50:]).any()
+
+
+def test_dispatch_names_and_errors():
+  assert attention.resolve("auto") == "blocksparse"  # tests run on CPU
+  with pytest.raises(ValueError, match="'flash'.*accepted"):
+    attention.segment_attention(*_inputs(1, 8, 8, 1, 4)[:3], jnp.ones((1, 8)), jnp.ones((1, 8)),
+                                implementation="flash")
+  q, k, v, w = _inputs(2, 64, 24, 1, 8)
+  q_ids = np.stack([_ids([10, 1, 30], 64), _ids([64], 64)])
+  kv_ids = np.stack([_ids([5, 1, 10], 24), _ids([3], 24)])
+  auto = functools.partial(attention.segment_attention, implementation="auto")
+  _assert_matches_reference(auto, q, k, v, w, q_ids, kv_ids)
+
+
+def test_gpu_kernels_interpret_match_reference():
+  from sora_jax.kernels import gpu
+  q, k, v, w = _inputs(2, 64, 64, 1, 16)
+  ids = np.stack([_ids([20, 1, 30], 64), _ids([1, 1, 40], 64)])
+  fn = functools.partial(gpu.gpu_attention, block_q=16, block_k=32, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, ids, ids)
+
+
+@pytest.mark.slow
+def test_gpu_kernels_interpret_cross_attention_match_reference():
+  from sora_jax.kernels import gpu
+  q, k, v, w = _inputs(2, 64, 24, 2, 12)  # head dim 12 pads to 16
+  q_ids = np.stack([_ids([20, 1, 30], 64), _ids([1, 1, 40], 64)])
+  kv_ids = np.stack([_ids([4, 1, 7], 24), _ids([2, 3, 9], 24)])
+  fn = functools.partial(gpu.gpu_attention, block_q=16, block_k=16, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
+
+
+def test_splash_interpret_matches_reference():
+  from sora_jax.kernels import splash
+  q, k, v, w = _inputs(2, 256, 256, 1, 128)
+  ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([256], 256)])
+  fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, ids, ids)
+
+
+@pytest.mark.slow
+def test_splash_interpret_cross_attention_matches_reference():
+  from sora_jax.kernels import splash
+  q, k, v, w = _inputs(2, 256, 100, 2, 128)
+  q_ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([1, 200], 256)])
+  kv_ids = np.stack([_ids([10, 1, 3, 20], 100), _ids([7, 50], 100)])
+  fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
