@@ -295,3 +295,58 @@ def test_inspect_cli_prints_stats_and_dumps_batches(shapes_dir, tmp_path):
   np.testing.assert_allclose(stats["padding_fraction"], (d["segment_ids"] == 0).mean())
   assert stats["dropped"] == 0 and stats["cropped"] == ((d["seg_cropped"] > 0) & (d["seg_valid"] > 0)).sum()
   assert stats["frames_cut"] == d["seg_cropped"].sum()
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from tests.test_pipeline import LatentRecords, make_config, tokenize
+from sora_jax import sharding
+from sora_jax.data import pipeline
+cfg = make_config(sys.argv[4], batch_size=4)
+it = pipeline.make_iterator(cfg, source=LatentRecords([(1 + i % 3, 4, 4) for i in range(400)]),
+                            tokenize=tokenize)
+local = next(it)
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
+glob = pipeline.to_global(local, mesh)
+rows = [s.index[0].start for s in glob["seg_index"].addressable_shards]
+mine = np.concatenate([np.asarray(s.data) for s in sorted(glob["seg_index"].addressable_shards,
+                                                          key=lambda s: s.index[0].start)])
+print(json.dumps(dict(shape=list(glob["tokens"].shape), local_rows=local["tokens"].shape[0],
+                      rows=sorted(rows), same=bool((mine == local["seg_index"]).all()),
+                      index=sorted(int(i) for i, v in zip(local["seg_index"].ravel(),
+                                                          local["seg_valid"].ravel()) if v))))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_global_batch(stats_dir, tmp_path):
+  import socket
+  import subprocess
+  import sys
+  from pathlib import Path
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "two_process.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  repo = str(Path(__file__).resolve().parents[1])
+  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), repo,
+                             str(stats_dir)], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  res = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+  for r in res:
+    assert r["shape"] == [4, 64, 16] and r["local_rows"] == 2 and r["same"]
+  # Process i's two rows are global rows 2i and 2i + 1 (one per device), and the two processes read
+  # different samples (first batches come from the first epoch of 200 records per process).
+  assert sorted(tuple(r["rows"]) for r in res) == [(0, 1), (2, 3)]
+  assert not set(res[0]["index"]) & set(res[1]["index"])
