@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sora_jax.data import shapes, shapes_dataset
 
@@ -28,6 +28,7 @@ _FORCE = flags.DEFINE_bool("force", False, "rebuild even if an identical build e
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # tfds logs every step of a build at INFO
   params = dict(split=_SPLIT.value, num_examples=_NUM.value, seed=_SEED.value,
                 mixture=_MIXTURE.value, version=shapes_dataset.sources.VERSION)
   stamp = Path(_OUT_DIR.value) / shapes_dataset.NAME / _SPLIT.value / "build_params.json"

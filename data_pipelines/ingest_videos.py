@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from tqdm import tqdm
 
 from sora_jax.data import ingest, sources
@@ -46,6 +46,7 @@ def _kind(reason: str) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # tfds logs every step of a build at INFO
   start = time.time()
   root = Path(_INPUT.value)
   if not root.is_dir():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sora_jax.data import sources, tokenizer
 
@@ -24,6 +24,7 @@ _NAME = flags.DEFINE_string("name", None, "data set name, when D holds several")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # tfds logs every step of a build at INFO
   start = time.time()
   captions = []
   for split in _SPLITS.value:

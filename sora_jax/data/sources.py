@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -36,8 +35,7 @@ LATENT_STATS = "latent_stats.json"
 
 def _tfds():
   import tensorflow_datasets as tfds
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  tfds.disable_progress_bar()
+  tfds.disable_progress_bar()  # pipelines print their own progress
   return tfds
 
 
