@@ -1,0 +1,158 @@
+"""Diffusion objectives: per-segment loss normalisation, conditioning tokens out of the loss, exact
+inversions of every parameterisation, the resolution-dependent shift, and prompt masks."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sora_jax import diffusion
+
+S = 4
+
+
+def cfg(**kw):
+  c = ml_collections.ConfigDict()
+  c.diffusion = ml_collections.ConfigDict(dict(
+      objective="flow", prediction="v", cosine_s=0.008, t_mean=0.0, t_std=1.0, time_shift=True,
+      shift_scale=1.0, shift_ref_tokens=16, text_drop=0.1, cond_first_frame=0.0, cond_first_frames=0.0,
+      cond_last_frames=0.0, cond_both_ends=0.0))
+  c.diffusion.update(kw)
+  return c
+
+
+def grid_positions(nt, nh, nw):
+  t, h, w = np.meshgrid(np.arange(nt), np.arange(nh), np.arange(nw), indexing="ij")
+  return np.stack([t, h, w], -1).reshape(-1, 3).astype(np.int32)
+
+
+def batch_of(grids, L=48, D=4, seed=0):
+  """One packed row of segments with the given patch grids (ids 1..n), padding after."""
+  rng = np.random.default_rng(seed)
+  pos, seg = np.zeros((1, L, 3), np.int32), np.zeros((1, L), np.int32)
+  i = 0
+  for k, g in enumerate(grids):
+    n = int(np.prod(g))
+    pos[0, i:i + n], seg[0, i:i + n] = grid_positions(*g), k + 1
+    i += n
+  valid = np.zeros((1, S), np.int32)
+  valid[0, :len(grids)] = 1
+  return dict(tokens=rng.normal(size=(1, L, D)).astype(np.float32), positions=pos, segment_ids=seg,
+              loss_mask=(seg > 0).astype(np.float32), text_tokens=np.ones((1, 8), np.int32),
+              text_segment_ids=np.repeat(np.arange(1, 5), 2)[None].astype(np.int32), seg_valid=valid)
+
+
+def test_duplicating_a_segments_tokens_does_not_change_its_weight():
+  err_a, err_b = np.array([1.0, 3.0]), np.array([10.0, 20.0, 30.0])
+  seg = np.array([[1, 1, 2, 2, 2, 0]])
+  err = np.concatenate([err_a, err_b, [99.0]])[None]
+  loss, seg_loss, has = diffusion.segment_mean_loss(jnp.asarray(err), jnp.asarray(seg > 0, jnp.float32),
+                                                    jnp.asarray(seg), S)
+  assert float(loss) == pytest.approx((2.0 + 20.0) / 2)
+  np.testing.assert_allclose(seg_loss[0, :2], [2.0, 20.0])
+  assert has[0].tolist() == [True, True, False, False]
+  # Segment 1 four times as long (its tokens repeated): same per-segment mean, same overall loss.
+  seg4 = np.array([[1] * 8 + [2, 2, 2, 0]])
+  err4 = np.concatenate([np.tile(err_a, 4), err_b, [99.0]])[None]
+  loss4, _, _ = diffusion.segment_mean_loss(jnp.asarray(err4), jnp.asarray(seg4 > 0, jnp.float32),
+                                            jnp.asarray(seg4), S)
+  assert float(loss4) == pytest.approx(float(loss))
+
+
+def test_conditioning_tokens_are_excluded_from_the_loss():
+  c = cfg(cond_first_frame=1.0)
+  batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}
+  seen = {}
+
+  def model(garbage_at_given):
+    def f(x, positions, segment_ids, t, text, text_seg, *, cond, cond_mask, text_drop):
+      seen["cond_mask"], seen["x"] = cond_mask, x
+      return jnp.where(cond_mask[..., None] > 0, garbage_at_given, 0.0) * jnp.ones_like(x)
+    return f
+
+  rng = jax.random.key(0)
+  loss0, m0 = diffusion.loss_fn(model(0.0), batch, rng, c)
+  loss1, m1 = diffusion.loss_fn(model(1e6), batch, rng, c)
+  assert float(loss0) == float(loss1)
+  # The given tokens are exactly the first latent frame of each video (images are never conditioned),
+  # and the model sees them clean.
+  f0 = (batch["positions"][..., 0] == 0) & (batch["segment_ids"] != 2) & (batch["segment_ids"] > 0)
+  np.testing.assert_array_equal(np.asarray(seen["cond_mask"]) > 0, np.asarray(f0))
+  np.testing.assert_array_equal(np.asarray(seen["x"])[np.asarray(f0)], np.asarray(batch["tokens"])[np.asarray(f0)])
+  assert float(m0["cond_token_frac"]) == pytest.approx(10 / 33)  # 4 + 6 first-frame tokens of 33
+
+
+@pytest.mark.parametrize("objective,prediction", [("flow", "v"), ("ddpm", "eps"), ("ddpm", "v")])
+def test_exact_prediction_recovers_x0_eps_and_velocity(objective, prediction):
+  c = cfg(objective=objective, prediction=prediction)
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  x0, eps = jax.random.normal(k1, (64, 4)), jax.random.normal(k2, (64, 4))
+  t = jax.random.uniform(k3, (64,), minval=0.02, maxval=0.98)
+  x_t, target = diffusion.noisy(x0, eps, t, c)
+  np.testing.assert_allclose(diffusion.predict_x0(x_t, target, t, c), x0, atol=1e-4)
+  np.testing.assert_allclose(diffusion.predict_eps(x_t, target, t, c), eps, atol=1e-4)
+  np.testing.assert_allclose(diffusion.predict_velocity(x_t, target, t, c), eps - x0, atol=1e-4)
+
+
+def test_time_shift_gives_bigger_segments_more_noise():
+  c = cfg(shift_ref_tokens=16)
+  t = jnp.linspace(0.0, 1.0, 11)
+  np.testing.assert_allclose(diffusion.time_shift(t, jnp.float32(16), c), t, atol=1e-6)
+  big, small = diffusion.time_shift(t, jnp.float32(64), c), diffusion.time_shift(t, jnp.float32(4), c)
+  assert np.all(np.asarray(big[1:-1]) > np.asarray(t[1:-1]))
+  assert np.all(np.asarray(small[1:-1]) < np.asarray(t[1:-1]))
+  assert float(big[0]) == 0.0 and float(big[-1]) == pytest.approx(1.0)
+  assert np.all(np.diff(np.asarray(big)) > 0)  # still monotone
+  # a = sqrt(64 / 16) = 2: t = 0.5 -> 2 * 0.5 / (1 + 0.5) = 2/3
+  assert float(big[5]) == pytest.approx(2 / 3, rel=1e-6)
+  np.testing.assert_allclose(diffusion.time_shift(t, jnp.float32(64), cfg(time_shift=False)), t)
+
+
+@pytest.mark.parametrize("mode", ["first_frame", "first_frames", "last_frames", "both_ends"])
+def test_prompt_masks_follow_their_mode_and_leave_tokens_to_learn(mode):
+  c = cfg(**{f"cond_{mode}": 1.0})
+  b = batch_of([(5, 1, 2), (1, 2, 2), (2, 2, 1), (3, 1, 1)])
+  pos, seg = jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])
+  for seed in range(5):
+    mask = np.asarray(diffusion.sample_cond_mask(jax.random.key(seed), pos, seg, S, c)) > 0
+    f = b["positions"][0, :, 0]
+    for k, nt in zip(range(1, 5), (5, 1, 2, 3)):
+      given_frames = sorted(set(f[(b["segment_ids"][0] == k) & mask[0]].tolist()))
+      if nt == 1 or (mode == "both_ends" and nt < 3):
+        assert given_frames == [], (k, given_frames)
+        continue
+      assert len(given_frames) < nt  # never the whole segment
+      if mode == "first_frame":
+        assert given_frames == [0]
+      elif mode == "first_frames":
+        assert given_frames == list(range(len(given_frames))) and given_frames
+      elif mode == "last_frames":
+        assert given_frames == list(range(nt - len(given_frames), nt)) and given_frames
+      else:
+        assert given_frames == [0, nt - 1]
+    assert not mask[0][b["segment_ids"][0] == 0].any()
+
+
+def test_loss_fn_trains_a_real_dit_under_jit():
+  from flax import nnx
+  from sora_jax.models.dit import DiT
+  dit = ml_collections.ConfigDict(dict(
+      in_dim=4, vocab_size=16, width=16, depth=1, num_heads=2, mlp_ratio=2.0, time_freq_dim=16,
+      rope_theta=10000.0, qk_norm=True, text_width=8, text_depth=1, text_heads=2, attention="reference",
+      remat="none", dtype="float32", param_dtype="float32"))
+  c = cfg(cond_first_frame=0.3)
+  model = nnx.jit(lambda: DiT(dit, rngs=nnx.Rngs(0)))()
+  batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}
+
+  @nnx.jit
+  def step(model, rng):
+    (loss, metrics), grads = nnx.value_and_grad(
+        lambda m: diffusion.loss_fn(m, batch, rng, c), has_aux=True)(model)
+    return loss, metrics, grads
+
+  loss, metrics, grads = step(model, jax.random.key(0))
+  # The zero-initialised model predicts v = 0: the loss is E|eps - x0|^2 per element, about 2.
+  assert 1.0 < float(loss) < 3.5
+  assert float(metrics["num_segments"]) == 3
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["out"]["kernel"][...]).max()) > 0  # the zero-init output layer learns first
