@@ -13,8 +13,9 @@ pixels and the caption's labels (`CaptionLabels`), so a generated video is judge
   frame when its colour has a component of at least 1% of min(H, W)^2 pixels (58% of the smallest
   object the renderer draws) that fills at least 30% of its bounding box and is solid (at least 20%
   of its pixels survive an erosion by the 4-neighbour cross); clusters of noise pixels are not.
-- Shape: intersection-over-union of the largest component with an ellipse, a rectangle and an upright
-  triangle fitted to its bounding box; majority vote over frames where it does not touch the border.
+- Shape: soft coverage of the largest component (contrast over its interior contrast, including the
+  uncoloured edge pixels around it) compared by soft IoU with a circle, a square and an upright
+  triangle of the same area and centroid; majority vote over frames where it does not touch the border.
 - Cut: for a caption with a close-up, the frame where the close-up colour's mask changes most (area
   ratio and IoU with the previous frame); found when that change is large (score >= 0.9).
 - Motion: the centroid track (fractions of W and H) over the wide shot (unscored when a cut leaves
@@ -110,7 +111,7 @@ class Blob:
   cy: float
   box: tuple[int, int, int, int]   # y0, x0, y1, x1 (exclusive ends)
   mask: np.ndarray                 # bool crop of the box
-  contrast: np.ndarray             # float crop of the box: contrast with the background
+  alpha: np.ndarray                # soft coverage in [0, 1] over the box grown by a pixel
   touches_border: bool
   solid: bool                      # has an interior: >= 20% of it survives a 4-neighbour erosion
 
@@ -119,7 +120,11 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def _blobs(mask_hw: np.ndarray, contrast_hw: np.ndarray, min_area: float) -> list[Blob]:
-  """Compact components of at least `min_area` pixels, largest first."""
+  """Compact components of at least `min_area` pixels, largest first.
+
+  `contrast_hw` is the contrast of this colour's and of uncoloured pixels (zero on other colours):
+  a blob's soft coverage takes its component plus the uncoloured edge pixels around it.
+  """
   labels, n = ndimage.label(mask_hw, structure=np.ones((3, 3)))
   if n == 0:
     return []
@@ -134,40 +139,61 @@ def _blobs(mask_hw: np.ndarray, contrast_hw: np.ndarray, min_area: float) -> lis
     y0, x0 = sl[0].start, sl[1].start
     box = (y0, x0, sl[0].stop, sl[1].stop)
     solid = ndimage.binary_erosion(np.pad(crop, 1), _CROSS).sum() >= _MIN_SOLID * area
+    pad = (slice(max(y0 - 1, 0), min(box[2] + 1, H)), slice(max(x0 - 1, 0), min(box[3] + 1, W)))
+    own = (labels[pad] == i + 1) | ((labels[pad] == 0) & (contrast_hw[pad] > 0))
+    c = np.where(own, contrast_hw[pad], 0.0)
+    alpha = np.clip(c / max(np.percentile(c[_crop_in(pad, sl, crop)], 90), 1e-6), 0.0, 1.0)
     out.append(Blob(area, float(xs.mean() + x0 + 0.5), float(ys.mean() + y0 + 0.5), box, crop,
-                    np.where(crop, contrast_hw[sl], 0.0), y0 == 0 or x0 == 0 or box[2] == H or box[3] == W,
-                    bool(solid)))
+                    alpha, y0 == 0 or x0 == 0 or box[2] == H or box[3] == W, bool(solid)))
   return sorted(out, key=lambda b: -b.area)
 
 
-def classify_shape(contrast: np.ndarray) -> str | None:
-  """`circle`, `square` or `triangle` for one object's contrast with the background (a crop, zero off
-  the object), or None when it is too small to tell.
+def _own(cls_hw: np.ndarray, con_hw: np.ndarray, colour_id: int) -> np.ndarray:
+  """Contrast of one colour's and of uncoloured pixels; zero on other colours."""
+  return np.where((cls_hw == colour_id) | (cls_hw == 0), con_hw, 0.0)
 
-  The object's outline is where its contrast reaches half its interior contrast, i.e. where a pixel is
-  at least half covered, which is how a renderer's anti-aliased edge rounds.
+
+def _crop_in(outer: tuple[slice, slice], inner: tuple[slice, slice], mask: np.ndarray) -> np.ndarray:
+  """`mask` (the crop of `inner`) placed inside a bool array the shape of `outer`."""
+  out = np.zeros((outer[0].stop - outer[0].start, outer[1].stop - outer[1].start), bool)
+  out[inner[0].start - outer[0].start:inner[0].stop - outer[0].start,
+      inner[1].start - outer[1].start:inner[1].stop - outer[1].start] = mask
+  return out
+
+
+def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, d: float) -> np.ndarray:
+  """Pixels from the outline (negative inside) of a shape of diameter/side `d` centred on its box."""
+  if shape == "circle":
+    return np.sqrt(dx * dx + dy * dy) - d / 2
+  if shape == "square":
+    return np.maximum(np.abs(dx), np.abs(dy)) - d / 2
+  h = d * math.sqrt(3) / 2                 # equilateral, apex up: slanted edges have unit normal
+  return np.maximum((h * np.abs(dx) - (d / 2) * (dy + h / 2)) / d, dy - h / 2)  # (h, -d/2) / d
+
+
+def classify_shape(alpha: np.ndarray) -> str | None:
+  """`circle`, `square` or `triangle` for one object's soft coverage (float [h, w] in [0, 1], zero off
+  the object), or None when it covers too few pixels to tell.
+
+  Each shape is placed at the coverage's centroid with the coverage's area, drawn with a one-pixel
+  anti-aliased edge, and compared by soft IoU (sum of minima over sum of maxima): this uses the
+  partly covered edge pixels instead of thresholding them, so it holds on small, noisy or blurred
+  objects where a bounding box would be off by a pixel.
   """
-  inner = contrast[contrast > 0]
-  if inner.size < _MIN_SHAPE_PIXELS:
+  area = float(alpha.sum())
+  if area < _MIN_SHAPE_PIXELS:
     return None
-  mask = contrast >= 0.5 * np.percentile(inner, 90)
-  ys, xs = np.nonzero(mask)
-  mask = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-  h, w = mask.shape
-  y, x = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+  h, w = alpha.shape
+  y, x = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+  cx, cy = float((alpha * x).sum() / area), float((alpha * y).sum() / area)
+  sizes = {"circle": 2 * math.sqrt(area / math.pi), "square": math.sqrt(area),
+           "triangle": math.sqrt(4 * area / math.sqrt(3))}
   iou = {}
-  # Fit each outline to the box of the covered pixel centres, and to that box grown by half a pixel:
-  # the true edge lies anywhere up to a pixel beyond the outermost covered centre.
-  for grow in (0.0, 0.5):
-    u = (x - w / 2) / (w / 2 + grow)                      # [-1, 1] across
-    v = (y + grow) / (h + 2 * grow)                       # [0, 1] from the top
-    templates = {
-        "circle": u * u + ((v - 0.5) * 2) ** 2 <= 1.0,
-        "square": np.ones_like(mask),
-        "triangle": np.abs(u) <= v,                       # apex at the top, as the renderer draws
-    }
-    for k, t in templates.items():
-      iou[k] = max(iou.get(k, 0.0), (t & mask).sum() / max((t | mask).sum(), 1))
+  for shape, d in sizes.items():
+    # A triangle's centroid sits a sixth of its height below its box centre.
+    box_cy = cy - (d * math.sqrt(3) / 12 if shape == "triangle" else 0.0)
+    t = np.clip(0.5 - _signed_distance(shape, x - cx, y - box_cy, d), 0.0, 1.0)
+    iou[shape] = np.minimum(alpha, t).sum() / max(np.maximum(alpha, t).sum(), 1e-9)
   return max(iou, key=iou.get)
 
 
@@ -182,7 +208,7 @@ def _majority(votes: Iterable[str | None]) -> str | None:
 def _shape_of(blobs: Sequence[Blob | None]) -> str | None:
   blobs = [b for b in blobs if b is not None]
   inside = [b for b in blobs if not b.touches_border] or blobs
-  return _majority(classify_shape(b.contrast) for b in inside)
+  return _majority(classify_shape(b.alpha) for b in inside)
 
 
 # ---------------------------------------------------------------------------------------------- motion
@@ -269,7 +295,7 @@ def _cut_frame(cls: np.ndarray, colour_id: int) -> int | None:
 
 def _tracks(cls: np.ndarray, con: np.ndarray, colour_id: int, n: int, min_area: float) -> list[list[Blob | None]]:
   """`n` (1 or 2) per-frame tracks of one colour's components, linked by nearest centroid."""
-  per_frame = [[b for b in _blobs(cls[t] == colour_id, con[t], min_area) if b.solid]
+  per_frame = [[b for b in _blobs(cls[t] == colour_id, _own(cls[t], con[t], colour_id), min_area) if b.solid]
                for t in range(len(cls))]
   if n == 1:
     return [[b[0] if b else None for b in per_frame]]
@@ -298,7 +324,7 @@ def _colour_track(cls: np.ndarray, con: np.ndarray, colour_id: int, min_area: fl
   (so an object cut in two by an occluder keeps its centre); NaN where absent."""
   track, xy = [], np.full((len(cls), 2), np.nan)
   for t in range(len(cls)):
-    blobs = _blobs(cls[t] == colour_id, con[t], min_area / 4)
+    blobs = _blobs(cls[t] == colour_id, _own(cls[t], con[t], colour_id), min_area / 4)
     big = [b for b in blobs if b.area >= min_area and b.solid]
     track.append(big[0] if big else None)
     if big:
