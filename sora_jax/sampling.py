@@ -453,7 +453,7 @@ class Pipeline:
   cfg: Any                       # the full config (sections data, vae, dit, diffusion, sample)
   dit: Any                       # the DiT (EMA weights), or any callable with its signature
   vae: Any | None                # models.vae.VAE; None when cfg.data.source == "shapes" (pooled pixels)
-  tokenize: Callable[[str], Sequence[int]]
+  tokenize: Any                  # data.tokenizer.Tokenizer, or any caption -> ids function
   shift: np.ndarray              # latent normalisation: z_norm = (z - shift) / scale
   scale: np.ndarray
 
@@ -473,12 +473,14 @@ class Pipeline:
     return Schedule.from_config(self.cfg)
 
   def shift_fn(self, u: np.ndarray, num_tokens: int) -> np.ndarray:
-    from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
-    return np.asarray(diffusion.time_shift(jnp.asarray(u, jnp.float32), jnp.float32(num_tokens), self.cfg))
+    return np.asarray(_diffusion_shift(u, num_tokens, self.cfg))
 
   def text_ids(self, caption: str) -> np.ndarray:
-    ids = np.asarray(self.tokenize(caption), np.int32)
-    return ids[:int(self.cfg.data.max_text_tokens)]
+    """Caption ids exactly as training saw them (data.tokenizer's encode: pieces + EOS, truncated)."""
+    max_len = int(self.cfg.data.max_text_tokens)
+    if hasattr(self.tokenize, "encode"):
+      return np.asarray(self.tokenize.encode(caption, max_len), np.int32)
+    return np.asarray(self.tokenize(caption), np.int32)[:max_len]
 
   def sample_setting(self, name: str, value, default):
     """An explicit argument, else the config's `sample` section, else the built-in default."""
@@ -673,3 +675,55 @@ def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, s
                            row_len=row_len, rows_per_call=rows_per_call, index_offset=index_offset,
                            progress=progress)
   return [pipe.decode(z) for z in latents]
+
+
+def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int = 2) -> dict[str, np.ndarray]:
+  """Sample videos for the trainer's periodic logging: the first captions and sizes of a packed batch.
+
+  Uses cfg.sample's steps and guidance and the batch's text tokens and patch grids (row 0). With the raw
+  "shapes" source the pooled-pixel latents are shown as pixels; with VAE latents (no VAE in the trainer)
+  the first three normalised latent channels are shown, upsampled to pixel size, as a preview.
+  Returns {name: uint8 [T, H, W, 3]}.
+  """
+  seg_ids = np.asarray(jax.device_get(batch["segment_ids"]))[0]
+  grids = np.asarray(jax.device_get(batch["seg_grid"]))[0]
+  text = np.asarray(jax.device_get(batch["text_tokens"]))[0]
+  text_seg = np.asarray(jax.device_get(batch["text_segment_ids"]))[0]
+  patch = tuple(int(p) for p in cfg.data.get("patch", (1, 2, 2)))
+  stand_in = cfg.data.get("source", "latents") == "shapes"
+  channels = 3 if stand_in else int(cfg.dit.in_dim) // math.prod(patch)
+  geometry = Geometry(1, 1, channels, patch)  # latent units: the grid is all that sampling needs here
+  reqs, ids = [], []
+  for k, grid in enumerate(grids[:max_videos]):
+    if not grid.any() or not (seg_ids == k + 1).any():
+      break
+    nt, nh, nw = (int(g) for g in grid)
+    reqs.append(Request(f"segment {k + 1}", nt * patch[0], nh * patch[1], nw * patch[2]))
+    ids.append(text[text_seg == k + 1])
+  if not reqs:
+    return {}
+  seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+  sched = Schedule.from_config(cfg)
+  shift = lambda u, n: np.asarray(_diffusion_shift(u, n, cfg))
+  steps = int(cfg.get("sample", {}).get("steps", 30) or 30)
+  guidance = float(cfg.get("sample", {}).get("guidance", 1.0) or 1.0)
+  packed = pack_requests(reqs, geometry, ids, seed=seed, steps=steps, row_len=0, shift_fn=shift)
+  latents = denoise(model, packed, sampler=sched.samplers()[0], guidance=guidance, seed=seed,
+                    schedule=sched)
+  out = {}
+  for k, z in enumerate(latents):
+    if stand_in:
+      ft, fh, fw = (int(f) for f in cfg.data.stand_in_factors)
+      x = np.repeat(np.repeat(z, fh, axis=1), fw, axis=2)
+      x = np.concatenate([x[:1], np.repeat(x[1:], ft, axis=0)], axis=0)
+      name = f"video_{k}"
+    else:
+      x = np.repeat(np.repeat(z[..., :3] / 2.0, 8, axis=1), 8, axis=2)  # about [-1, 1] after / 2
+      name = f"latent_preview_{k}"
+    out[name] = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  return out
+
+
+def _diffusion_shift(u, num_tokens, cfg):
+  from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+  return diffusion.time_shift(jnp.asarray(u, jnp.float32), jnp.float32(num_tokens), cfg)
