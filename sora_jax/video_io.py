@@ -113,6 +113,11 @@ def _decode_av(path: Path) -> Iterator:
         t0 = t if t0 is None else t0
         yield max(t - t0, 0.0), frame.to_ndarray(format="rgb24")
         n += 1
+      # A cut-off file whose index sits at the front (mp4 "faststart") decodes its leading frames
+      # without any error; the header's frame count gives it away. Slack for edit lists.
+      declared = stream.frames or 0
+      if declared and n < declared - max(2, declared // 50):
+        raise VideoReadError(f"{path}: truncated (decoded {n} of {declared} frames)")
   except VideoReadError:
     raise
   except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:

@@ -10,6 +10,7 @@ import pytest
 
 from sora_jax import video_io
 from sora_jax.data import ingest, sources
+from test_video_io import write_faststart_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,7 @@ BAD = {  # name -> the reason the report must give
     "notes.txt": "not a video or image",
     "gone.mp4": "missing",
     "strip.png": "aspect ratio",
+    "cut_faststart.mp4": "truncated (decoded",
 }
 
 
@@ -68,6 +70,11 @@ def folder(tmp_path_factory):
   (d / "cut.gif").write_bytes(gif[:len(gif) * 2 // 3])
   (d / "notes.txt").write_text("notes")
   video_io.write_video(d / "strip.png", _noise_clip(1, 20, 200, 0))
+  noise = np.random.default_rng(0).integers(0, 256, (34, 64, 64, 3), dtype=np.uint8)
+  write_faststart_mp4(d / "faststart.mp4", noise)
+  data = (d / "faststart.mp4").read_bytes()
+  (d / "faststart.mp4").unlink()
+  (d / "cut_faststart.mp4").write_bytes(data[:len(data) // 2])  # decodes 17 frames, no error
   for name in sorted(set(BAD) - {"nocaption.mp4"}):
     captions.append({"file": name, "caption": "a caption"})
   lines = [json.dumps(c) for c in captions] + ["{not json"]

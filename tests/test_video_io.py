@@ -70,6 +70,27 @@ def test_unreadable_files_raise_one_line_errors(clip, tmp_path):
     video_io.read_video(tmp_path / "missing.mp4")
 
 
+def write_faststart_mp4(path, frames, fps=8):
+  """An mp4 with its index before the data, as web encoders write them."""
+  import av
+  with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    for f in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+    container.mux(stream.encode())
+
+
+def test_cut_off_faststart_mp4_is_detected(tmp_path):
+  noise = np.random.default_rng(0).integers(0, 256, (34, 64, 64, 3), dtype=np.uint8)
+  write_faststart_mp4(tmp_path / "fs.mp4", noise)
+  assert video_io.read_video(tmp_path / "fs.mp4")[0].shape[0] == 34
+  data = (tmp_path / "fs.mp4").read_bytes()
+  (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])  # decodes some frames without an error
+  with pytest.raises(video_io.VideoReadError, match="truncated \\(decoded \\d+ of 34 frames\\)"):
+    video_io.read_video(tmp_path / "cut.mp4")
+
+
 def test_write_rejects_bad_frames_and_suffixes(clip, tmp_path):
   with pytest.raises(ValueError, match="uint8"):
     video_io.write_video(tmp_path / "x.mp4", clip.astype(np.float32))
