@@ -49,6 +49,7 @@ def get_config(arg=None):
   c.data.stand_in_factors = (4, 8, 8)  # "shapes" source: causal average pool (ft, fh, fw)
   c.data.packer = "best_fit"     # or "first_fit" (grain packers)
   c.data.packing_bins = 64       # rows packed at once; more bins, less padding, more latency
+  c.data.read_threads = 1        # threads loading and patchifying samples, per process or worker
 
   # --- Sharding (sora_jax/sharding.py): -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -372,7 +372,7 @@ def make_dataset(config, *, split: str = "train", seed: int | None = None, sourc
   # 3-4. Decode, sample, fit, patchify, tokenize.
   ds = ds.map(PrepareSample(spec, source, tokenize, n))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.get("read_threads", 1)),
-                                            prefetch_buffer_size=int(d.get("read_buffer", 16))))
+                                            prefetch_buffer_size=16))
   ds = CountDrops(ds)
   # 5. Pack: every feature in length_struct caps the row, so a row closes when its video tokens, its
   # text tokens or its S segment slots run out.
