@@ -75,7 +75,7 @@ def stages(cfg_arg: str, cfg, w: str) -> list[Stage]:
       Stage("export", 7, "sora_jax.export", (f"--workdir={w}", f"--out={w}/bundle")),
       Stage("samples", 6, "sora_jax.sample", (
           f"--bundle={w}/bundle", f"--prompts_file={_ROOT}/experiments/demo_prompts.txt",
-          f"--out={w}/samples/sample.mp4")),
+          f"--out={w}/samples/sample.mp4", "--also=gif")),
       Stage("evaluate", 7, "sora_jax.evaluate", (f"--bundle={w}/bundle", f"--out_dir={w}/eval")),
   ]
   return out
