@@ -1,0 +1,412 @@
+"""Inference bundles: everything that sample, reconstruct and evaluate need, with no training config.
+
+`python -m sora_jax.export` writes one from training work directories; `load(path)` reads it back, after
+checking every file against the bundle's manifest. Layout of a bundle directory B:
+
+    B/manifest.json              format, versions, dtype, where the weights came from, and the SHA-256
+                                 and byte size of every other file in B
+    B/config.json                the resolved config (all sections; dit.in_dim filled in)
+    B/tokenizer.model            the sentencepiece caption tokenizer
+    B/latent_stats.json          {"shift": [c], "scale": [c], ...}: models see (z - shift) / scale
+    B/weights/dit/               orbax PyTree: the DiT's EMA parameters without its caption encoder
+    B/weights/text_encoder/      orbax PyTree: the caption encoder's EMA parameters (the DiT's `text`)
+    B/weights/vae/               orbax PyTree: the VAE's EMA parameters (absent when the DiT was trained
+                                 on pooled pixels, config.data.source == "shapes")
+
+Weights are stored as orbax PyTrees of plain arrays (no pickle), in float32 or, with
+`--dtype bfloat16`, with every float32 array rounded to bfloat16 (half the bytes; `load` casts them back
+to the models' parameter dtype). `load_workdir` builds the same object straight from training work
+directories laid out as `make demo` leaves them (see `WorkdirLayout`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+FORMAT = "sora-jax-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "bfloat16")
+_PACKAGES = ("sora-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "sentencepiece",
+             "ml-collections")
+
+
+class BundleError(ValueError):
+  """A bundle that is missing, incomplete, or does not match its manifest."""
+
+
+@dataclasses.dataclass
+class Bundle:
+  """A loaded bundle: what `sampling.as_pipeline` takes (config, dit, vae, tokenizer, latent stats)."""
+  config: ml_collections.ConfigDict
+  dit: Any                              # models.dit.DiT with the EMA weights
+  vae: Any | None                       # models.vae.VAE with the EMA weights, or None (pooled pixels)
+  tokenizer: Any                        # data.tokenizer.Tokenizer
+  latent_shift: np.ndarray
+  latent_scale: np.ndarray
+  manifest: dict
+  path: str
+
+
+# ---------------------------------------------------------------------------------------- the manifest
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / MANIFEST)
+
+
+def versions() -> dict[str, str]:
+  out = {"python": platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      out[name] = importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out
+
+
+def verify(path: str | os.PathLike) -> dict:
+  """The manifest of bundle `path`, after checking that its files are exactly those it lists, with
+  their SHA-256; raises BundleError (one line: the first bad file and how to fix it) otherwise."""
+  root = Path(path)
+  if not (root / MANIFEST).is_file():
+    raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing (write one with "
+                      "python -m sora_jax.export --workdir W --out B)")
+  try:
+    manifest = json.loads((root / MANIFEST).read_text())
+  except json.JSONDecodeError as e:
+    raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({e.msg} at line {e.lineno}); "
+                      "re-export the bundle") from None
+  if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    raise BundleError(f"bundle {root}: format {manifest.get('format')!r} v{manifest.get('format_version')}"
+                      f" is not {FORMAT!r} v{FORMAT_VERSION}; re-export it with this version")
+  listed = manifest.get("files", {})
+  present = set(_files(root))
+  for name in sorted(set(listed) - present):
+    raise BundleError(f"bundle {root} does not match its manifest: {name} is missing; re-export it")
+  for name in sorted(present - set(listed)):
+    raise BundleError(f"bundle {root} does not match its manifest: {name} is not listed in it "
+                      "(added after export); remove it or re-export the bundle")
+  for name in sorted(listed):
+    got = _sha256(root / name)
+    if got != listed[name]["sha256"]:
+      raise BundleError(f"bundle {root} does not match its manifest: {name} has sha256 {got[:12]}..., "
+                        f"the manifest says {listed[name]['sha256'][:12]}... (modified after export); "
+                        "re-export the bundle")
+  return manifest
+
+
+# -------------------------------------------------------------------------------------------- writing
+def _save_tree(directory: Path, tree: Mapping) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(directory.absolute(), jax.tree.map(np.asarray, dict(tree)))
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+
+def _cast(tree: Mapping, dtype: str) -> dict:
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not accepted; accepted: {list(DTYPES)}")
+  target = jnp.bfloat16 if dtype == "bfloat16" else np.float32
+
+  def cast(x):
+    x = np.asarray(x)
+    return x.astype(target) if x.dtype in (np.float32, np.dtype(jnp.bfloat16)) else x
+  return jax.tree.map(cast, dict(tree))
+
+
+def split_text_encoder(dit_params: Mapping) -> tuple[dict, dict]:
+  """(the DiT's parameters without its caption encoder, the caption encoder's: its `text` subtree)."""
+  params = dict(dit_params)
+  if "text" not in params:
+    raise BundleError(f"DiT parameters have no `text` subtree (caption encoder); top-level keys: "
+                      f"{sorted(params)}")
+  text = params.pop("text")
+  return params, text
+
+
+def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping, dit_params: Mapping,
+          vae_params: Mapping | None, tokenizer_model: str | os.PathLike, latent_stats: Mapping,
+          dtype: str = "float32", source: Mapping | None = None) -> dict:
+  """Writes a bundle to `out` (replacing one there) and returns its manifest.
+
+  The bundle is assembled in a sibling temporary directory and renamed into place, so `out` never holds
+  a half-written bundle.
+  """
+  out = Path(out)
+  tmp = out.with_name(out.name + ".tmp-export")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  cfg = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=_jsonable))
+  shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+  (tmp / "latent_stats.json").write_text(json.dumps(dict(latent_stats), indent=2, sort_keys=True,
+                                                    default=_jsonable))
+  dit, text = split_text_encoder(dit_params)
+  _save_tree(tmp / "weights" / "dit", _cast(dit, dtype))
+  _save_tree(tmp / "weights" / "text_encoder", _cast(text, dtype))
+  if vae_params is not None:
+    _save_tree(tmp / "weights" / "vae", _cast(vae_params, dtype))
+  count = lambda t: int(sum(np.asarray(x).size for x in jax.tree.leaves(t)))
+  manifest = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "dtype": dtype,
+      "versions": versions(),
+      "source": dict(source or {}),
+      "parameters": {"dit": count(dit), "text_encoder": count(text),
+                     "vae": count(vae_params) if vae_params is not None else 0},
+      "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in _files(tmp)},
+  }
+  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+  if out.exists():
+    shutil.rmtree(out)
+  tmp.rename(out)
+  return manifest
+
+
+def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+# -------------------------------------------------------------------------------------------- loading
+def _restore_tree(directory: Path, subtree: str | None = None) -> dict:
+  """A PyTree of host numpy arrays from an orbax checkpoint `directory` (optionally one top-level key),
+  laid out on one device whatever mesh it was saved from."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = directory.absolute()
+  meta = ocp.StandardCheckpointer().metadata(directory)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if subtree is not None:
+    if subtree not in tree:
+      raise BundleError(f"checkpoint {directory} has no {subtree!r}; it holds {sorted(tree)}")
+    tree = {subtree: tree[subtree]}
+  dev = jax.devices("cpu")[0]
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(dev)),
+      dict(tree))
+  ckptr = ocp.PyTreeCheckpointer()
+  restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=subtree is not None))
+  restored = jax.tree.map(np.asarray, restored)
+  return restored[subtree] if subtree is not None else restored
+
+
+def build_model(ctor, params: Mapping, *, what: str):
+  """`ctor()` built abstractly, then filled with `params` (a pure dict), cast to its parameter dtypes.
+
+  Raises BundleError naming the first parameter whose path or shape differs.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(ctor)
+  graphdef, state = nnx.split(abstract)
+  want = nnx.to_pure_dict(state)
+  flat_want = dict(_flatten(want))
+  flat_got = dict(_flatten(params))
+  for k in sorted(set(flat_want) | set(flat_got)):
+    if k not in flat_got:
+      raise BundleError(f"{what}: parameter {k} is missing from the stored weights (config and weights "
+                        "disagree)")
+    if k not in flat_want:
+      raise BundleError(f"{what}: stored parameter {k} is not in the model built from the config")
+    if tuple(flat_got[k].shape) != tuple(flat_want[k].shape):
+      raise BundleError(f"{what}: parameter {k} is stored as {list(flat_got[k].shape)}, the config "
+                        f"builds {list(flat_want[k].shape)}")
+  filled = jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), want, _unflatten_like(want, flat_got))
+  nnx.replace_by_pure_dict(state, filled)
+  return nnx.merge(graphdef, state)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      yield from _flatten(v, f"{prefix}/{k}" if prefix else str(k))
+  else:
+    yield prefix, tree
+
+
+def _unflatten_like(like, flat, prefix=""):
+  if isinstance(like, Mapping):
+    return {k: _unflatten_like(v, flat, f"{prefix}/{k}" if prefix else str(k)) for k, v in like.items()}
+  return flat[prefix]
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Mapping | None,
+             tokenizer_model: str | os.PathLike | bytes, latent_stats: Mapping, *, manifest: dict,
+             path: str) -> Bundle:
+  """Models from parameters: the Bundle that `load` and `load_workdir` return."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
+  dit = build_model(lambda: DiT(cfg.dit, rngs=nnx.Rngs(0)), dit_params, what=f"{path}: DiT")
+  vae = None
+  if vae_params is not None:
+    from sora_jax.models.vae import VAE  # pylint: disable=g-import-not-at-top
+    vae = build_model(lambda: VAE(cfg.vae, rngs=nnx.Rngs(0)), vae_params, what=f"{path}: VAE")
+  return Bundle(cfg, dit, vae, Tokenizer(tokenizer_model),
+                np.asarray(latent_stats["shift"], np.float32), np.asarray(latent_stats["scale"], np.float32),
+                manifest, str(path))
+
+
+def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,
+                                                                       dict | None, dict]:
+  """(config, DiT params incl. caption encoder, VAE params or None, latent stats) of a bundle, as
+  stored (bfloat16 bundles stay bfloat16 here); checks the manifest first unless `check` is False."""
+  root = Path(path)
+  if check:
+    verify(root)
+  elif not (root / MANIFEST).is_file():
+    raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+  cfg = config_from_json((root / "config.json").read_text())
+  dit = _restore_tree(root / "weights" / "dit")
+  dit["text"] = _restore_tree(root / "weights" / "text_encoder")
+  vae = _restore_tree(root / "weights" / "vae") if (root / "weights" / "vae").is_dir() else None
+  stats = json.loads((root / "latent_stats.json").read_text())
+  return cfg, dit, vae, stats
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> Bundle:
+  """A bundle's models, tokenizer and latent statistics, after checking its files against the manifest
+  (BundleError, one line, when they do not match)."""
+  root = Path(path)
+  if not root.is_dir():
+    raise BundleError(f"bundle {root} does not exist (write one with python -m sora_jax.export)")
+  manifest = verify(root) if check else json.loads((root / MANIFEST).read_text())
+  cfg, dit, vae, stats = load_parts(root, check=False)
+  return assemble(cfg, dit, vae, root / "tokenizer.model", stats, manifest=manifest, path=str(root))
+
+
+# ------------------------------------------------------------------------------- training work dirs
+@dataclasses.dataclass(frozen=True)
+class WorkdirLayout:
+  """Where the parts of a run live, as `make demo` lays them out under one work directory W:
+  W/dit/checkpoints (DiT trainer), W/vae/checkpoints (VAE trainer), W/data/tokenizer.model and
+  W/data/latents/latent_stats.json; the config is W/dit/config.json, else W/config.json."""
+  root: Path
+
+  @property
+  def dit(self) -> Path:
+    return self.root / "dit"
+
+  @property
+  def vae(self) -> Path:
+    return self.root / "vae"
+
+  def config_file(self) -> Path | None:
+    for p in (self.dit / "config.json", self.root / "config.json"):
+      if p.is_file():
+        return p
+    return None
+
+  def tokenizer(self, cfg) -> Path:
+    given = cfg.data.get("tokenizer", "") if cfg is not None else ""
+    return Path(given) if given else self.root / "data" / "tokenizer.model"
+
+  def latents_dir(self, cfg) -> Path:
+    given = cfg.data.get("latents_dir", "") if cfg is not None else ""
+    return Path(given) if given else self.root / "data" / "latents"
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int]:
+  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, its step)."""
+  ckpts = run_dir / "checkpoints"
+  base = ckpts if ckpts.is_dir() else run_dir
+  steps = sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+  if not steps:
+    raise BundleError(f"{run_dir} holds no finished checkpoint (looked for {base}/<step>/state)")
+  return base / str(steps[-1]) / "state", steps[-1]
+
+
+def restore_ema(run_dir: Path) -> tuple[dict, int, str]:
+  """(EMA parameters of a run's newest checkpoint, its step, which key they came from); a run without
+  an EMA gives its raw parameters ("params")."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state_dir, step = latest_checkpoint(run_dir)
+  meta = ocp.StandardCheckpointer().metadata(state_dir.absolute())
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+  key = "ema" if "ema" in tree else "params"
+  if key not in tree:
+    raise BundleError(f"checkpoint {state_dir} has neither 'ema' nor 'params'; it holds {sorted(tree)}")
+  return _restore_tree(state_dir, key), step, key
+
+
+def resolve_config(cfg: ml_collections.ConfigDict, latent_stats: Mapping) -> ml_collections.ConfigDict:
+  """A plain copy of `cfg` with the values the trainer derives filled in (dit.in_dim)."""
+  from sora_jax import patching  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if not cfg.dit.get("in_dim", 0):
+    patch = tuple(cfg.data.get("patch", (1, 2, 2)))
+    cfg.dit.in_dim = int(patching.token_dim(len(latent_stats["shift"]), patch))
+  return cfg
+
+
+def read_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None
+                 ) -> tuple[ml_collections.ConfigDict, dict, dict | None, dict, Path, dict]:
+  """(resolved config, DiT EMA params, VAE EMA params or None, latent stats, tokenizer path, source
+  record) of a work directory laid out as `WorkdirLayout` says. `cfg` overrides the config it holds."""
+  layout = WorkdirLayout(Path(workdir))
+  if cfg is None:
+    path = layout.config_file()
+    if path is None:
+      raise BundleError(f"{workdir} has no dit/config.json or config.json; pass the training config "
+                        "(--config experiments/x.py)")
+    cfg = config_from_json(path.read_text())
+  stand_in = cfg.data.get("source", "latents") == "shapes"
+  if stand_in:
+    stats = {"shift": [0.0, 0.0, 0.0], "scale": [1.0, 1.0, 1.0], "source": "shapes (pooled pixels)"}
+  else:
+    stats_path = layout.latents_dir(cfg) / "latent_stats.json"
+    if not stats_path.is_file():
+      raise BundleError(f"{stats_path} is missing (data_pipelines/encode_latents.py writes it)")
+    stats = json.loads(stats_path.read_text())
+  cfg = resolve_config(cfg, stats)
+  dit, dit_step, dit_key = restore_ema(layout.dit)
+  vae, vae_step, vae_key = (None, None, None) if stand_in else restore_ema(layout.vae)
+  tok = layout.tokenizer(cfg)
+  if not tok.is_file():
+    raise BundleError(f"tokenizer {tok} is missing (data_pipelines/train_tokenizer.py writes it)")
+  source = {"workdir": str(Path(workdir).absolute()), "dit_step": dit_step, "dit_weights": dit_key,
+            "vae_step": vae_step, "vae_weights": vae_key}
+  return cfg, dit, vae, stats, tok, source
+
+
+def load_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None) -> Bundle:
+  """The same object as `load`, straight from training work directories (no manifest to check)."""
+  cfg, dit, vae, stats, tok, source = read_workdir(workdir, cfg)
+  return assemble(cfg, dit, vae, tok, stats, manifest={"source": source}, path=str(workdir))
