@@ -66,7 +66,8 @@ def get_config(arg=None):
   c.sample.row_len = 0           # packed inference row length in tokens; 0 = data.seq_len
   c.sample.max_tile_pixels = 0   # VAE chunked decoding: tile frames above this many pixels; 0 = never
 
-  # --- DiT (sora_jax/models/dit.py, models/text.py): ~3.6M params; sized for ~12 min of 2-core CPU.
+  # --- DiT (sora_jax/models/dit.py, models/text.py): 5.5M params (1.3M of them adaLN, applied per
+  # segment so nearly free in FLOPs); sized for ~12 min of 2-core CPU.
   c.dit = ml_collections.ConfigDict()
   c.dit.in_dim = 0               # token dim D = pt*ph*pw*latent channels; 0 = the data's (train.py fills it)
   c.dit.vocab_size = c.data.get_ref("vocab_size")  # sentencepiece ids of the caption encoder

@@ -41,13 +41,14 @@ class TextEncoder(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.text_width),
-                              ("vocab", "embed"), param_dtype)
-    self.blocks = layers.stack_layers(
-        lambda r: TextBlock(cfg.text_width, cfg.text_heads, cfg.mlp_ratio, implementation=cfg.attention,
-                            dtype=dtype, param_dtype=param_dtype, rngs=r),
-        cfg.text_depth, rngs)
-    self.norm = layers.RMSNorm(cfg.text_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    with nnx.use_eager_sharding(False):  # annotated, but constructible outside a mesh (as the DiT)
+      self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.text_width),
+                                ("vocab", "embed"), param_dtype)
+      self.blocks = layers.stack_layers(
+          lambda r: TextBlock(cfg.text_width, cfg.text_heads, cfg.mlp_ratio, implementation=cfg.attention,
+                              dtype=dtype, param_dtype=param_dtype, rngs=r),
+          cfg.text_depth, rngs)
+      self.norm = layers.RMSNorm(cfg.text_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.head_dim = cfg.text_width // cfg.text_heads
     self.rope_theta, self.remat, self.dtype, self.vocab_size = cfg.rope_theta, cfg.remat, dtype, cfg.vocab_size
 
