@@ -81,6 +81,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(_current_mesh, logical_to_spec(names)))
 
 
+def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
+  """`fn(*args)` run on each device's block of `args` (split by logical `names`, one tuple per arg);
+  the output is laid out like the first arg. Outside `use_mesh` it is `fn(*args)`.
+
+  For Pallas kernels (Mosaic/Triton custom calls), which XLA cannot partition: without this, a kernel
+  on sharded inputs fails to compile on a multi-device TPU mesh.
+  """
+  mesh = _current_mesh
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  specs = tuple(spec_for_shape(n, a.shape, mesh) for n, a in zip(names, args))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
 def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of a config's `mesh` section ({data, fsdp, tensor}, -1 = the remaining devices)."""
   return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES}, devices)

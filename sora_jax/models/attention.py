@@ -16,6 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sora_jax import sharding
+
+# Pallas kernels are custom calls XLA cannot partition: they run per device block (sharding.per_shard),
+# batch over the data axes and heads over `tensor`, like the activations around them.
+_KERNEL_NAMES = (("act_batch", "act_seq", "act_heads", None),) * 3 + (("act_batch", "act_seq"),) * 2
+
 
 def _reference(q, k, v, q_segment_ids, kv_segment_ids):
   """Dense-mask attention: O(Lq * Lk) memory; the ground truth the kernels are tested against."""
@@ -36,12 +42,14 @@ def _blocksparse(q, k, v, q_segment_ids, kv_segment_ids):
 
 def _splash(q, k, v, q_segment_ids, kv_segment_ids):
   from sora_jax.kernels import splash
-  return splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  return sharding.per_shard(splash.splash_attention, q, k, v, q_segment_ids, kv_segment_ids,
+                            names=_KERNEL_NAMES)
 
 
 def _gpu(q, k, v, q_segment_ids, kv_segment_ids):
   from sora_jax.kernels import gpu
-  return gpu.gpu_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  return sharding.per_shard(gpu.gpu_attention, q, k, v, q_segment_ids, kv_segment_ids,
+                            names=_KERNEL_NAMES)
 
 
 _IMPLEMENTATIONS = {"reference": _reference, "blocksparse": _blocksparse, "splash": _splash,
