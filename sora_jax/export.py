@@ -23,9 +23,15 @@ from absl import flags
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory holding dit/, vae/ and data/")
-_OUT = flags.DEFINE_string("out", None, "the bundle directory to write (replaced if it exists)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(bundle_lib.DTYPES), "stored weight dtype")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none (several
+  entry points share names like --workdir)."""
+  flags.DEFINE_string("workdir", None, "run directory holding dit/, vae/ and data/")
+  flags.DEFINE_string("out", None, "the bundle directory to write (replaced if it exists)")
+  flags.DEFINE_enum("dtype", "float32", list(bundle_lib.DTYPES), "stored weight dtype")
 
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                             "shapes_demo.py")
@@ -60,22 +66,23 @@ def export(workdir: str, out: str, *, dtype: str = "float32", cfg=None) -> dict:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     config_lib._fail("--workdir and --out are required")  # pylint: disable=protected-access
   cfg = config_lib.get_config() if flags.FLAGS["config"].present else None
   start = time.time()
   try:
-    manifest = export(_WORKDIR.value, _OUT.value, dtype=_DTYPE.value, cfg=cfg)
+    manifest = export(FLAGS.workdir, FLAGS.out, dtype=FLAGS.dtype, cfg=cfg)
   except (bundle_lib.BundleError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   size = sum(f["bytes"] for f in manifest["files"].values())
   p = manifest["parameters"]
-  print(f"[export] wrote {_OUT.value}: {len(manifest['files'])} files, {size / 1e6:.1f} MB, {_DTYPE.value}; "
+  print(f"[export] wrote {FLAGS.out}: {len(manifest['files'])} files, {size / 1e6:.1f} MB, {FLAGS.dtype}; "
         f"DiT {p['dit'] / 1e6:.2f}M + text {p['text_encoder'] / 1e6:.2f}M + VAE {p['vae'] / 1e6:.2f}M params "
         f"(DiT step {manifest['source']['dit_step']}, VAE step {manifest['source']['vae_step']}) "
         f"in {time.time() - start:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   config_lib.run(main)

@@ -1,0 +1,420 @@
+"""Evaluates an inference bundle on the Shapes benchmark and writes a report that opens offline.
+
+    python -m sora_jax.evaluate --bundle runs/demo/bundle --out_dir runs/demo/eval \
+        [--num_prompts 64] [--vae_clips 32] [--seed 0] [--steps 30] [--guidance 4] \
+        [--data_dir ingested_tfds_dir --data_split test] [--workdir runs/demo]
+
+1. VAE: PSNR and SSIM of reconstructions (encoder mean, decoded) of `vae_clips` held-out Shapes clips
+   (test split, rendered without noise), and of the first clips of an ingested video data set when
+   `--data_dir` is given (cropped to the VAE's grid). Means come with 95% bootstrap intervals.
+2. Generation: the first `num_prompts` clips of the Shapes test split (half of them show a held-out
+   composition) give captions and sizes; the bundle generates them (sampling.generate) and the detector
+   (sora_jax/detector.py) scores colour, motion, persistence, shot consistency and shape with 95% Wilson
+   intervals, over all clips and by group: seen / held-out compositions, images, videos, long clips
+   (>= 65 frames), two objects, cuts. The same detector on the ground-truth renders of the same specs
+   is reported next to them, as the ceiling.
+3. Report: out_dir/report.html with metric tables, sample grids (first, middle, last frame of each
+   generated video next to its ground truth), VAE reconstructions, and training curves from
+   <workdir>/{vae,dit}/metrics.jsonl (the workdir defaults to the one the bundle was exported from).
+   out_dir/metrics.json holds every number and the per-clip verdicts.
+
+Settings come from the flags, else the bundle config's `eval` section, else the defaults below. The
+command ends by printing the headline metrics and the report's path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import numpy as np
+
+from sora_jax import bundle as bundle_lib
+from sora_jax import config as config_lib
+from sora_jax import detector
+from sora_jax import report
+from sora_jax.data import shapes
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs (entry points share names like --workdir)."""
+  flags.DEFINE_string("bundle", None, "the inference bundle to evaluate")
+  flags.DEFINE_string("out_dir", None, "where metrics.json, report.html and the PNGs go")
+  flags.DEFINE_integer("num_prompts", None, "Shapes test prompts to generate and score")
+  flags.DEFINE_integer("vae_clips", None, "held-out Shapes clips for VAE PSNR/SSIM")
+  flags.DEFINE_integer("seed", None, "sampling seed (and data set seed of the prompts)")
+  flags.DEFINE_integer("steps", None, "sampler steps (default: the bundle config's sample.steps)")
+  flags.DEFINE_float("guidance", None, "CFG scale (default: the bundle config's sample.guidance)")
+  flags.DEFINE_string("mixture", None, "Shapes size mixture of the prompts (default: data.mixture)")
+  flags.DEFINE_string("data_dir", None, "an ingested video data set (tfds dir) for VAE metrics")
+  flags.DEFINE_string("data_split", None, "its split")
+  flags.DEFINE_string("workdir", None, "training runs for the curves (default: the bundle's source)")
+
+
+DEFAULTS = dict(num_prompts=64, vae_clips=32, seed=0, steps=0, guidance=0.0, mixture="", data_dir="",
+                data_split="test", chunk=16)
+LONG_CLIP = 65  # frames: "persistence over long clips" is reported on clips at least this long
+
+
+def settings(cfg, **overrides) -> dict:
+  """Flags (non-None overrides) > the config's `eval` section > DEFAULTS."""
+  section = cfg.get("eval", None) if hasattr(cfg, "get") else None
+  out = {}
+  for k, default in DEFAULTS.items():
+    v = overrides.get(k)
+    if v is None and section is not None:
+      v = section.get(k, None)
+    out[k] = default if v is None else type(default)(v)
+  if not out["mixture"]:
+    out["mixture"] = str(cfg.data.get("mixture", "demo")) if hasattr(cfg, "data") else "demo"
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  """Peak signal-to-noise ratio in dB of two uint8 videos (over all pixels)."""
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return float("inf") if mse == 0 else float(10 * math.log10(255.0 ** 2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, 11 taps, K1 0.01, K2 0.03) over frames and
+  channels of two uint8 videos [T, H, W, C]."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  x, y = a.astype(np.float64), b.astype(np.float64)
+  blur = lambda v: ndimage.gaussian_filter(v, sigma=(0, 1.5, 1.5, 0), truncate=3.5, mode="reflect")
+  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+  mx, my = blur(x), blur(y)
+  sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+  return float(s.mean())
+
+
+def bootstrap_mean(values: Sequence[float], *, seed: int = 0, draws: int = 2000) -> dict:
+  """Mean of `values` with a 95% percentile-bootstrap interval."""
+  v = np.asarray([x for x in values if math.isfinite(x)], np.float64)
+  if v.size == 0:
+    return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+  idx = np.random.default_rng(seed).integers(0, v.size, (draws, v.size))
+  means = v[idx].mean(axis=1)
+  return {"mean": float(v.mean()), "ci95": [float(np.percentile(means, 2.5)),
+                                            float(np.percentile(means, 97.5))], "n": int(v.size)}
+
+
+def fit_to_vae(frames: np.ndarray, temporal: int, spatial: int, max_frames: int = 481) -> np.ndarray:
+  """The largest 1 + temporal*k frames and centre crop on the spatial grid that fit `frames`."""
+  T, H, W = frames.shape[:3]
+  t = 1 + (min(T, max_frames) - 1) // temporal * temporal
+  h, w = H // spatial * spatial, W // spatial * spatial
+  if h == 0 or w == 0:
+    raise ValueError(f"a {H}x{W} video is smaller than the VAE's {spatial}-pixel grid")
+  y0, x0 = (H - h) // 2, (W - w) // 2
+  return frames[:t, y0:y0 + h, x0:x0 + w]
+
+
+def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0) -> dict:
+  """PSNR/SSIM of the VAE's reconstructions of (name, uint8 video) clips; keeps a few for the report."""
+  g = pipe.geometry
+  per_clip, examples = [], []
+  for name, frames in clips:
+    x = fit_to_vae(np.asarray(frames, np.uint8), g.temporal, g.spatial)
+    y = pipe.decode(pipe.encode(x))
+    per_clip.append({"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
+                     "psnr": psnr(x, y), "ssim": ssim(x, y)})
+    if len(examples) < 8:
+      examples.append((name, x, y))
+  return {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
+          "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
+          "clips": per_clip, "examples": examples}
+
+
+def ingested_clips(data_dir: str, split: str, count: int) -> list[tuple[str, np.ndarray]]:
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
+  src = sources.video_source(data_dir, split)
+  return [(str(src[i].get("caption", f"clip {i}")), np.asarray(src[i]["video"]))
+          for i in range(min(count, len(src)))]
+
+
+# ---------------------------------------------------------------------------------------- generation
+def test_prompts(num: int, *, seed: int, mixture: str) -> list[shapes.ClipSpec]:
+  """The first `num` specs of the Shapes test split: the evaluation's prompts and sizes."""
+  return [shapes.sample_spec("test", i, seed, mixture) for i in range(num)]
+
+
+def is_held_out(spec: shapes.ClipSpec) -> bool:
+  return not spec.is_image and any((o.colour, o.shape, o.motion) in shapes.HELD_OUT for o in spec.objects)
+
+
+GROUPS: dict[str, Callable[[shapes.ClipSpec], bool]] = {
+    "all": lambda s: True,
+    "seen compositions": lambda s: not is_held_out(s),
+    "held-out compositions": is_held_out,
+    "images": lambda s: s.is_image,
+    "videos": lambda s: not s.is_image,
+    f"long clips (>= {LONG_CLIP} frames)": lambda s: s.num_frames >= LONG_CLIP,
+    "two objects": lambda s: len(s.objects) == 2,
+    "with a cut": lambda s: bool(s.cut_frame),
+}
+
+
+def grouped(specs: Sequence[shapes.ClipSpec], scores: Sequence[detector.ClipScore]) -> dict:
+  """{group: {metric: Rate.to_dict()}} over the groups that hold at least one clip."""
+  out = {}
+  for name, member in GROUPS.items():
+    picked = [sc for s, sc in zip(specs, scores) if member(s)]
+    if picked:
+      out[name] = {m: r.to_dict() for m, r in detector.summarize(picked).items()}
+  return out
+
+
+def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, steps: int, guidance: float,
+                    chunk: int = 16, generate: Callable | None = None) -> list[np.ndarray | None]:
+  """One uint8 video per spec from its caption and size (None where the model cannot make that size).
+
+  Requests go in chunks (progress lines) with `index_offset`, so each video's noise depends only on
+  (seed, its index), not on the chunking.
+  """
+  if generate is None:
+    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+    generate = sampling.generate
+  kw = {}
+  if steps:
+    kw["steps"] = steps
+  if guidance:
+    kw["guidance"] = guidance
+  out: list[np.ndarray | None] = [None] * len(specs)
+  start = time.time()
+  for c0 in range(0, len(specs), chunk):
+    part = list(range(c0, min(c0 + chunk, len(specs))))
+    reqs = [(shapes.caption(specs[i]), specs[i].num_frames, specs[i].height, specs[i].width) for i in part]
+    try:
+      videos = generate(bundle, reqs, seed=seed, index_offset=c0, **kw)
+    except ValueError as e:  # a size off this model's grid: generate the chunk one by one
+      print(f"[eval] chunk at {c0}: {e}; retrying one by one", flush=True)
+      videos = []
+      for i, r in zip(part, reqs):
+        try:
+          videos.append(generate(bundle, [r], seed=seed, index_offset=i, **kw)[0])
+        except ValueError as e1:
+          print(f"[eval] prompt {i} skipped: {e1}", flush=True)
+          videos.append(None)
+    for i, v in zip(part, videos):
+      out[i] = None if v is None else np.asarray(v, np.uint8)
+    print(f"[eval] generated {part[-1] + 1}/{len(specs)} videos ({time.time() - start:.0f}s)", flush=True)
+  return out
+
+
+def generation_scores(specs: Sequence[shapes.ClipSpec], videos: Sequence[np.ndarray | None]) -> dict:
+  """Detector scores of generated videos (by group), of the ground-truth renders, and chance levels."""
+  kept = [(s, v) for s, v in zip(specs, videos) if v is not None]
+  scores = [detector.score_clip(v, s.labels()) for s, v in kept]
+  truth = [detector.score_clip(shapes.render_clip(s), s.labels()) for s, _ in kept]
+  per_clip = []
+  for (s, v), sc in zip(kept, scores):
+    per_clip.append({"caption": shapes.caption(s), "num_frames": s.num_frames, "size": [s.height, s.width],
+                     "held_out": is_held_out(s), **{m: getattr(sc, m) for m in detector.METRICS},
+                     "read": {"colours": list(sc.reading.colours),
+                              "objects": [dataclasses.asdict(o) for o in sc.reading.objects],
+                              "cut_frame": sc.reading.cut_frame}})
+  return {"groups": grouped([s for s, _ in kept], scores),
+          "ground_truth": grouped([s for s, _ in kept], truth),
+          "chance": detector.chance_level([s.labels() for s, _ in kept]),
+          "skipped": len(specs) - len(kept), "clips": per_clip, "_scores": scores, "_kept": kept}
+
+
+# -------------------------------------------------------------------------------------------- report
+def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
+  from sora_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  out = []
+  if not workdir:
+    return out
+  for run in ("vae", "dit"):
+    path = os.path.join(workdir, run, "metrics.jsonl")
+    if not os.path.isfile(path):
+      continue
+    records = metrics_lib.read_metrics(path)
+    keys = sorted({k for r in records for k, v in r.items()
+                   if "loss" in k and not k.startswith("compile/") and isinstance(v, (int, float))})
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
+    png = report.curve_png(os.path.join(out_dir, f"curves_{run}.png"), f"{run} training (step)", series,
+                           log_y=True)
+    if png:
+      out.append((run, os.path.basename(png)))
+  return out
+
+
+def _headline_rows(result: dict) -> list[tuple[str, str]]:
+  rows = []
+  gen = result.get("generation")
+  if gen and "all" in gen["groups"]:
+    for m in ("colour", "motion", "persistence", "consistency"):
+      rows.append((f"{m} accuracy (all prompts)", report._pct(gen["groups"]["all"].get(m))))  # pylint: disable=protected-access
+    held = gen["groups"].get("held-out compositions")
+    if held:
+      for m in ("colour", "motion"):
+        rows.append((f"{m} accuracy (held-out compositions)", report._pct(held.get(m))))  # pylint: disable=protected-access
+    longs = gen["groups"].get(f"long clips (>= {LONG_CLIP} frames)")
+    if longs:
+      rows.append(("persistence (long clips)", report._pct(longs.get("persistence"))))  # pylint: disable=protected-access
+  elif gen is None:
+    rows.append(("generation", result.get("generation_skipped", "not run")))
+  for name in ("vae_shapes", "vae_ingested"):
+    v = result.get(name)
+    if v:
+      rows.append((f"VAE PSNR ({v['label']})", f"{v['psnr']['mean']:.2f} dB <span class=note>"
+                   f"[{v['psnr']['ci95'][0]:.2f}, {v['psnr']['ci95'][1]:.2f}] n={v['psnr']['n']}</span>"))
+      rows.append((f"VAE SSIM ({v['label']})", f"{v['ssim']['mean']:.4f} <span class=note>"
+                   f"[{v['ssim']['ci95'][0]:.4f}, {v['ssim']['ci95'][1]:.4f}]</span>"))
+  return rows
+
+
+def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_examples: dict,
+                 curves: list[tuple[str, str]]) -> str:
+  sections = []
+  gen = result.get("generation")
+  if gen:
+    chance = ", ".join(f"{k} {100 * v:.1f}%" for k, v in gen["chance"].items() if math.isfinite(v))
+    sections.append(("Generation: detector scores", report.metric_table(gen["groups"], detector.METRICS) +
+                     "<p class=note>95% Wilson intervals; one trial per clip (a two-object clip counts "
+                     "only if both objects are right). Chance (a prompt-blind random reader): "
+                     f"{chance}. {gen['skipped']} prompts skipped (size off the model's grid).</p>"))
+    sections.append(("Detector on the ground-truth renders of the same prompts (ceiling)",
+                     report.metric_table(gen["ground_truth"], detector.METRICS)))
+  if gen_extra:
+    sections.append(("Samples: first, middle and last frames (generated | ground truth)",
+                     report.img(gen_extra["grid"], "samples")))
+  for name, (label, png) in vae_examples.items():
+    sections.append((f"VAE reconstructions, {label} (input | reconstruction)", report.img(png, name)))
+  for run, png in curves:
+    sections.append((f"Training curves: {run}", report.img(png, run)))
+  settings_rows = [(k, str(v)) for k, v in result["settings"].items()]
+  src = result.get("bundle_source", {})
+  settings_rows += [("bundle", result["bundle"]), ("bundle dtype", result.get("bundle_dtype", "")),
+                    ("trained steps", f"DiT {src.get('dit_step')}, VAE {src.get('vae_step')}")]
+  sections.append(("Settings", report.kv_table(settings_rows)))
+  return report.write_html(os.path.join(out_dir, "report.html"), title="sora-jax evaluation",
+                           headline=_headline_rows(result), sections=sections)
+
+
+def _verdict(sc: detector.ClipScore) -> str:
+  marks = [f"{m[:4]} {'ok' if v else 'X'}" for m in ("colour", "motion", "persistence", "consistency")
+           if (v := getattr(sc, m)) is not None]
+  return "; ".join(marks)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Callable | None = None,
+             **overrides) -> dict:
+  """Runs the whole evaluation of a loaded bundle; writes metrics.json, report.html and PNGs."""
+  os.makedirs(out_dir, exist_ok=True)
+  s = settings(bundle.config, **overrides)
+  result: dict[str, Any] = {"bundle": bundle.path, "settings": s,
+                            "bundle_source": bundle.manifest.get("source", {}),
+                            "bundle_dtype": bundle.manifest.get("dtype", "")}
+  vae_examples = {}
+  if bundle.vae is not None:
+    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+    pipe = sampling.as_pipeline(bundle)
+    specs = test_prompts(s["vae_clips"], seed=s["seed"], mixture=s["mixture"])
+    sets = [("vae_shapes", "held-out Shapes clips", [(shapes.caption(x), shapes.render_clip(x)) for x in specs])]
+    if s["data_dir"]:
+      sets.append(("vae_ingested", f"{s['data_dir']}:{s['data_split']}",
+                   ingested_clips(s["data_dir"], s["data_split"], s["vae_clips"])))
+    for key, label, clips in sets:
+      t0 = time.time()
+      v = vae_scores(pipe, clips, seed=s["seed"])
+      rows = [(name, [x, y]) for name, x, y in v.pop("examples")]
+      png = report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows)
+      vae_examples[key] = (label, os.path.basename(png))
+      result[key] = {"label": label, **v}
+      print(f"[eval] VAE on {label}: PSNR {v['psnr']['mean']:.2f} dB, SSIM {v['ssim']['mean']:.4f} "
+            f"({len(clips)} clips, {time.time() - t0:.0f}s)", flush=True)
+  else:
+    result["vae_shapes"] = None
+    print("[eval] the bundle has no VAE (DiT trained on pooled pixels): no VAE metrics", flush=True)
+
+  gen_extra = None
+  specs = test_prompts(s["num_prompts"], seed=s["seed"], mixture=s["mixture"])
+  try:
+    videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                             chunk=s["chunk"], generate=generate)
+  except ImportError as e:
+    videos = None
+    result["generation"] = None
+    result["generation_skipped"] = f"sora_jax.sampling is not available ({e})"
+    print(f"[eval] generation skipped: {result['generation_skipped']}", flush=True)
+  if videos is not None:
+    gen = generation_scores(specs, videos)
+    scores, kept = gen.pop("_scores"), gen.pop("_kept")
+    result["generation"] = gen
+    rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
+             [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
+    if rows:
+      gen_extra = {"grid": os.path.basename(report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))}
+  workdir = workdir or result["bundle_source"].get("workdir")
+  curves = _curves(workdir, out_dir)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2, default=_jsonable)
+  result["report"] = write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples,
+                                  curves=curves)
+  return result
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def headline(result: dict) -> str:
+  """The lines `python -m sora_jax.evaluate` ends with."""
+  lines = []
+  gen = result.get("generation")
+  if gen and "all" in gen["groups"]:
+    for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)"):
+      g = gen["groups"].get(group)
+      if g:
+        parts = [f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}" for m in ("colour", "motion", "persistence",
+                                                                         "consistency") if g[m]["n"]]
+        lines.append(f"[eval] {group}: " + "; ".join(parts))
+  elif result.get("generation_skipped"):
+    lines.append(f"[eval] generation: {result['generation_skipped']}")
+  for key in ("vae_shapes", "vae_ingested"):
+    v = result.get(key)
+    if v:
+      lines.append(f"[eval] VAE ({v['label']}): PSNR {v['psnr']['mean']:.2f} dB "
+                   f"[{v['psnr']['ci95'][0]:.2f}, {v['psnr']['ci95'][1]:.2f}], SSIM {v['ssim']['mean']:.4f}")
+  lines.append(f"[eval] report: {os.path.abspath(result['report'])}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.bundle or not FLAGS.out_dir:
+    config_lib._fail("--bundle and --out_dir are required")  # pylint: disable=protected-access
+  try:
+    loaded = bundle_lib.load(FLAGS.bundle)
+  except (bundle_lib.BundleError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  overrides = dict(num_prompts=FLAGS.num_prompts, vae_clips=FLAGS.vae_clips, seed=FLAGS.seed,
+                   steps=FLAGS.steps, guidance=FLAGS.guidance, mixture=FLAGS.mixture,
+                   data_dir=FLAGS.data_dir, data_split=FLAGS.data_split)
+  start = time.time()
+  result = evaluate(loaded, FLAGS.out_dir, workdir=FLAGS.workdir, **overrides)
+  print(f"[eval] done in {time.time() - start:.0f}s", flush=True)
+  print(headline(result), flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  config_lib.run(main)
