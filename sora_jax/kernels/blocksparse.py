@@ -1,16 +1,18 @@
 """Block-sparse segment attention in plain JAX: packed rows pay for their segments, not for the row.
 
-A packed row of k segments of length l costs k * l^2 here instead of (k * l)^2. The sequence is cut into
-blocks; a (query block, key block) pair is *active* when the id ranges of the two blocks overlap. Packed
-rows have contiguous, increasing segment ids, so the active key blocks of a query block form a contiguous
-window `[first, first + width)` (and likewise the active query blocks of a key block). The kernels loop
-over window offsets `t` with a dynamic trip count (the widest window in the batch): step `t` computes, for
-every query block at once, the flash-attention update against key block `first + t` — one batched matmul
-per step, gathers only, no scatters. Ids that are not contiguous stay correct (the window covers every
-overlap and masking inside a block is exact); they only cost more.
+A packed row of k segments of length l costs about k * l^2 here instead of (k * l)^2. The sequence is cut
+into blocks; a (query block, key block) pair is *active* when the id ranges of the two blocks overlap.
+Packed rows have contiguous, increasing segment ids, so the active key blocks of a query block form a
+contiguous window `[first, first + width)` (and likewise the active query blocks of a key block). Blocks
+are sorted by window width and stepped in small groups: step `t` of a group computes, for each of its
+blocks, the flash-attention update against partner block `first + t`, as one batched matmul, and a group
+stops after its own widest window (a while loop with a dynamic trip count). Shapes stay static under jit,
+only gathers are used (no scatters), and mixed segment lengths cost about their active block pairs.
+Ids that are not contiguous stay correct (the window covers every overlap and masking inside a block is
+exact); they only cost more.
 
 Memory is O(L) plus the O((L / block)^2) boolean block map: the backward pass recomputes the logits block
-by block from the saved log-sum-exp (FlashAttention-2: one loop for dq over key windows, one for dk and
+by block from the saved log-sum-exp (FlashAttention-2: one sweep for dq over key windows, one for dk and
 dv over query windows), so nothing of size Lq * Lk is ever stored.
 """
 from __future__ import annotations
@@ -86,14 +88,39 @@ def _dot(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _loop(width, max_window, body, init):
-  """body(t, carry) for t < width.max(): a while loop, or `max_window` unrolled steps when it is given."""
-  if max_window is None:
-    return lax.fori_loop(0, width.max(), body, init)
-  carry = init
-  for t in range(max_window):
-    carry = body(t, carry)
-  return carry
+def _sweep(first, width, num_partners, rows, step, init, *, max_window, group):
+  """Runs `step` for every block over its window of partner blocks; returns the carries in block order.
+
+  rows: pytree of per-block arrays [B, n, ...]; step(rows_c, partner_idx [B, c], valid [B, c], carry_c)
+  works on a group of c blocks at a time; init(c) makes their initial carry. Blocks are sorted by window
+  width and cut into groups of `group` blocks; each group loops only as long as its own widest window, so
+  a row of mixed segment lengths costs about its active block pairs rather than blocks x widest window.
+  With a static `max_window` there is one group and the steps are unrolled.
+  """
+  n = width.shape[1]
+  chunks = 1 if max_window is not None else -(-n // group)
+  order = jnp.argsort(-width, axis=1, stable=True)
+  first_s, width_s = _take_blocks(first, order), _take_blocks(width, order)
+  rows_s = jax.tree.map(lambda x: _take_blocks(x, order), rows)
+  bounds = sorted(set(np.linspace(0, n, min(chunks, n) + 1).round().astype(int).tolist()))
+  outs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    f, w = first_s[:, lo:hi], width_s[:, lo:hi]
+    rows_c = jax.tree.map(lambda x, lo=lo, hi=hi: x[:, lo:hi], rows_s)
+
+    def body(t, carry, f=f, w=w, rows_c=rows_c):
+      return step(rows_c, jnp.minimum(f + t, num_partners - 1), t < w, carry)
+
+    carry = init(hi - lo)
+    if max_window is None:
+      carry = lax.fori_loop(0, w[:, 0].max(), body, carry)  # sorted: column 0 is the widest
+    else:
+      for t in range(max_window):
+        carry = body(t, carry)
+    outs.append(carry)
+  carry_s = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
+  inverse = jnp.argsort(order, axis=1)
+  return jax.tree.map(lambda x: _take_blocks(x, inverse), carry_s)
 
 
 def _overflow_to_nan(x, widths, max_window):
@@ -104,12 +131,12 @@ def _overflow_to_nan(x, widths, max_window):
   return jnp.where(too_wide, jnp.nan, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
-  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group):
+  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group)[0]
 
 
-def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
+def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group):
   scale = q.shape[-1] ** -0.5
   q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
   batch, nq, heads, _, dim = q_b.shape
@@ -118,11 +145,11 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
   active = block_map(q_ids_b, kv_ids_b)
   first, width = _windows(active)
 
-  def step(t, carry):
+  def step(rows, j, valid, carry):
+    q_c, q_ids_c = rows
     o, m, l = carry
-    j = jnp.minimum(first + t, kv_ids_b.shape[1] - 1)
-    mask = _mask(q_ids_b, _take_blocks(kv_ids_b, j), t < width)
-    s = _dot("bnhqd,bnhkd->bnhqk", q_b, _take_blocks(k_b, j)) * scale
+    mask = _mask(q_ids_c, _take_blocks(kv_ids_b, j), valid)
+    s = _dot("bnhqd,bnhkd->bnhqk", q_c, _take_blocks(k_b, j)) * scale
     s = jnp.where(mask, s, _NEG)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -131,10 +158,13 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
     o = alpha[..., None] * o + _dot("bnhqk,bnhkd->bnhqd", p.astype(v.dtype), _take_blocks(v_b, j))
     return o, m_new, l
 
-  o = jnp.zeros((batch, nq, heads, block_q, dim), jnp.float32)
-  m = jnp.full((batch, nq, heads, block_q), _NEG, jnp.float32)
-  l = jnp.zeros((batch, nq, heads, block_q), jnp.float32)
-  o, m, l = _loop(width, max_window, step, (o, m, l))
+  def init(c):
+    return (jnp.zeros((batch, c, heads, block_q, dim), jnp.float32),
+            jnp.full((batch, c, heads, block_q), _NEG, jnp.float32),
+            jnp.zeros((batch, c, heads, block_q), jnp.float32))
+
+  o, m, l = _sweep(first, width, kv_ids_b.shape[1], (q_b, q_ids_b), step, init,
+                   max_window=max_window, group=group)
   has_keys = l > 0
   o = o / jnp.where(has_keys, l, 1.0)[..., None]
   lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
@@ -144,7 +174,7 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window):
   return out, (q, k, v, q_ids, kv_ids, out, lse)
 
 
-def _backward(block_q, block_k, max_window, res, dout):
+def _backward(block_q, block_k, max_window, group, res, dout):
   q, k, v, q_ids, kv_ids, out, lse = res
   scale = q.shape[-1] ** -0.5
   q_b, k_b, v_b = _to_blocks(q, block_q), _to_blocks(k, block_k), _to_blocks(v, block_k)
@@ -167,30 +197,33 @@ def _backward(block_q, block_k, max_window, res, dout):
   # dq: each query block walks its window of key blocks.
   first_k, width_k = _windows(active)
 
-  def dq_step(t, dq):
-    j = jnp.minimum(first_k + t, nk - 1)
-    mask = _mask(q_ids_b, _take_blocks(kv_ids_b, j), t < width_k)
+  def dq_step(rows, j, valid, dq):
+    q_c, do_c, lse_c, delta_c, q_ids_c = rows
+    mask = _mask(q_ids_c, _take_blocks(kv_ids_b, j), valid)
     kk = _take_blocks(k_b, j)
-    _, ds = probs_and_dlogits(q_b, kk, _take_blocks(v_b, j), do_b, lse, delta, mask)
+    _, ds = probs_and_dlogits(q_c, kk, _take_blocks(v_b, j), do_c, lse_c, delta_c, mask)
     return dq + _dot("bnhqk,bnhkd->bnhqd", ds.astype(k.dtype), kk)
 
-  dq = _loop(width_k, max_window, dq_step, jnp.zeros(q_b.shape, jnp.float32)) * scale
+  dq = _sweep(first_k, width_k, nk, (q_b, do_b, lse, delta, q_ids_b), dq_step,
+              lambda c: jnp.zeros((batch, c, heads, block_q, dim), jnp.float32),
+              max_window=max_window, group=group) * scale
 
   # dk, dv: each key block walks its window of query blocks (blocks indexed by the key block here).
   first_q, width_q = _windows(jnp.swapaxes(active, 1, 2))
 
-  def dkv_step(t, carry):
+  def dkv_step(rows, i, valid, carry):
+    k_c, v_c, kv_ids_c = rows
     dk, dv = carry
-    i = jnp.minimum(first_q + t, nq - 1)
-    mask = _mask(_take_blocks(q_ids_b, i), kv_ids_b, t < width_q)
+    mask = _mask(_take_blocks(q_ids_b, i), kv_ids_c, valid)
     qq, dd = _take_blocks(q_b, i), _take_blocks(do_b, i)
-    p, ds = probs_and_dlogits(qq, k_b, v_b, dd, _take_blocks(lse, i), _take_blocks(delta, i), mask)
+    p, ds = probs_and_dlogits(qq, k_c, v_c, dd, _take_blocks(lse, i), _take_blocks(delta, i), mask)
     dv = dv + _dot("bnhqk,bnhqd->bnhkd", p.astype(dout.dtype), dd)
     dk = dk + _dot("bnhqk,bnhqd->bnhkd", ds.astype(q.dtype), qq)
     return dk, dv
 
-  zeros = jnp.zeros(k_b.shape, jnp.float32)
-  dk, dv = _loop(width_q, max_window, dkv_step, (zeros, zeros))
+  zeros = lambda c: jnp.zeros((batch, c, heads, block_k, dim), jnp.float32)
+  dk, dv = _sweep(first_q, width_q, nq, (k_b, v_b, kv_ids_b), dkv_step, lambda c: (zeros(c), zeros(c)),
+                  max_window=max_window, group=group)
   dq = _from_blocks(dq).astype(q.dtype)
   dk = _from_blocks(dk * scale).astype(k.dtype)
   dv = _from_blocks(dv).astype(v.dtype)
@@ -210,7 +243,7 @@ def max_window(q_segment_ids, kv_segment_ids, block_q: int, block_k: int) -> int
 
 
 def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 64,
-                          block_k: int = 64, max_window: int | None = None):
+                          block_k: int = 64, max_window: int | None = None, group: int = 4):
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` computing only active blocks.
 
   Same contract as the dense reference: a query attends to keys of its own segment id, padding (id 0)
@@ -220,7 +253,9 @@ def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: in
   `max_window` (static) replaces the while loops by that many unrolled steps: for rows whose longest
   segment is bounded by the data config (`max_window` then follows from it), it lets XLA schedule and
   count the work (cost_analysis counts a while-loop body once). Rows with a wider window return NaNs.
-  64-token blocks were fastest on this CPU (docs/benchmarks.md, issue 9).
+  `group`: blocks stepped together (smaller groups follow mixed segment lengths more closely, larger
+  ones batch more work per step). 64-token blocks in groups of 4 were fastest on this CPU
+  (docs/benchmarks.md, issue 9).
   """
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
@@ -230,5 +265,5 @@ def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: in
   q_ids = _pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
   kv_ids = _pad_axis1(kv_segment_ids.astype(jnp.int32), block_k)
   out = _attention(_pad_axis1(q, block_q), _pad_axis1(k, block_k), _pad_axis1(v, block_k),
-                   q_ids, kv_ids, block_q, block_k, max_window)
+                   q_ids, kv_ids, block_q, block_k, max_window, group)
   return out[:, :lq]
