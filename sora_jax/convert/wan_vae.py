@@ -298,29 +298,36 @@ def run(input_path: str | os.PathLike, out: str | os.PathLike, *,
   return record
 
 
-_INPUT = flags.DEFINE_string("input", None, f"the {FILE_NAME} file, or its directory")
-_OUT = flags.DEFINE_string("out", None, "the VAE run directory to create (must be new or empty)")
-_DIFFUSERS_CONFIG = flags.DEFINE_string("diffusers_config", None,
-                                        "diffusers config.json; default: the one beside --input, if any")
+def _define_flags() -> dict:
+  # Defined only when run as a program: library users (tests, other entry points) keep their own
+  # --out / --input flags.
+  return {
+      "input": flags.DEFINE_string("input", None, f"the {FILE_NAME} file, or its directory"),
+      "out": flags.DEFINE_string("out", None, "the VAE run directory to create (must be new or empty)"),
+      "diffusers_config": flags.DEFINE_string(
+          "diffusers_config", None, "diffusers config.json; default: the one beside --input, if any"),
+  }
 
 
-def main(argv):
+def main(argv, flag_values: dict):
   del argv
-  if not _INPUT.value or not _OUT.value:
+  src, out = flag_values["input"].value, flag_values["out"].value
+  if not src or not out:
     print("error: --input and --out are required", file=sys.stderr)
     sys.exit(2)
   start = time.time()
   try:
-    record = run(_INPUT.value, _OUT.value, diffusers_config=_DIFFUSERS_CONFIG.value)
+    record = run(src, out, diffusers_config=flag_values["diffusers_config"].value)
   except (ConversionError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   v = record["vae"]
-  print(f"[convert] {record['input']} -> {_OUT.value}: {record['tensors']} tensors, "
+  print(f"[convert] {record['input']} -> {out}: {record['tensors']} tensors, "
         f"{record['parameters'] / 1e6:.2f}M params, base_dim {v['base_dim']}, dim_mult {v['dim_mult']}, "
         f"z_dim {v['z_dim']}, temporal_downsample {v['temporal_downsample']}; latent stats: "
         f"{record['latent_stats_source']}; {time.time() - start:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))
