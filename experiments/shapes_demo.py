@@ -110,6 +110,7 @@ def get_config(arg=None):
   c.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
   c.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
   c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
+  c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 40
@@ -121,6 +122,55 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.01    # matrices only
   c.optim.grad_clip = 1.0        # global norm; 0 = off
   c.optim.ema_decay = 0.999      # EMA of the weights (warmed up: min(decay, (1+n)/(10+n)))
+
+  # --- VAE (sora_jax/models/vae.py): Wan 2.1's layout at toy width; 4x time, 4x space (8x cannot
+  # reach 30 dB in the demo's minutes), 8 latent channels. Wan 2.1 itself: base_dim=96,
+  # dim_mult=(1, 2, 4, 4), num_res_blocks=2, z_dim=16, temporal_downsample=(False, True, True).
+  c.vae = ml_collections.ConfigDict()
+  c.vae.base_dim = 16
+  c.vae.dim_mult = (1, 2, 2)
+  c.vae.num_res_blocks = 1
+  c.vae.z_dim = 8
+  c.vae.temporal_downsample = (True, True)
+  c.vae.patch_size = 1           # pixel-unshuffle before the encoder (spatial factor x patch_size)
+  c.vae.decoder_base_dim = 0     # 0 = base_dim
+  c.vae.dtype = "float32"        # 3D convs are no faster in bf16 on CPU
+
+  # --- VAE training (sora_jax/train_vae.py): ~8 min of 2-core CPU; docs/benchmarks.md "Issue 3".
+  c.vae_train = ml_collections.ConfigDict()
+  c.vae_train.total_steps = 600
+  c.vae_train.max_train_seconds = 600.0  # stop early (checkpointed) if a slow machine would overrun
+  c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
+  c.vae_train.image_pixels = 8192
+  c.vae_train.video_frames = 5           # video crops video_frames x video_crop^2
+  c.vae_train.video_crop = 32
+  c.vae_train.video_pixels = 20480
+  c.vae_train.l1_weight = 1.0
+  c.vae_train.l2_weight = 1.0
+  c.vae_train.kl_weight = 1e-4           # per latent element, against per-pixel reconstruction
+  c.vae_train.gan_weight = 0.0           # 3D patch discriminator (hinge); 0 = off
+  c.vae_train.gan_start = 2000
+  c.vae_train.disc_dim = 32
+  c.vae_train.disc_layers = 3
+  c.vae_train.log_every_steps = 20
+  c.vae_train.val_every_steps = 0        # 0 = validate at the end only
+  c.vae_train.checkpoint_every_steps = 200
+  c.vae_train.keep_checkpoints = 2
+  c.vae_train.num_val = 32               # validation specs, rendered noise-free
+  c.vae_train.val_frames = 17
+  c.vae_train.val_size = 64
+  c.vae_train.recon_videos = 4           # side-by-side videos written at each validation
+  c.vae_train.optim = ml_collections.ConfigDict()
+  c.vae_train.optim.lr = 2e-3
+  c.vae_train.optim.warmup_steps = 30
+  c.vae_train.optim.schedule = "cosine"
+  c.vae_train.optim.end_lr_fraction = 0.05
+  c.vae_train.optim.b1 = 0.9
+  c.vae_train.optim.b2 = 0.99
+  c.vae_train.optim.eps = 1e-8
+  c.vae_train.optim.weight_decay = 0.0
+  c.vae_train.optim.grad_clip = 1.0
+  c.vae_train.optim.ema_decay = 0.99
 
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.

@@ -109,16 +109,19 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names, *, zero: bool = False)
 
   Drawn with numpy from a seed taken off `rngs`: initialising a few hundred kernels with jax.random
   means either hundreds of eager compilations or one huge threefry program, minutes on a busy CPU.
-  Under `nnx.eval_shape` (a traced key) only the shape matters.
+  Under a trace (jit, eval_shape) the key has no value, so jax.random draws instead.
   """
   key = rngs.params()
-  if zero or isinstance(key, jax.core.Tracer):
+  scale = 1.0 / math.sqrt(math.prod(shape[:-1]))
+  if zero:
     value = jnp.zeros(shape, jnp.float32)
+  elif isinstance(key, jax.core.Tracer):
+    value = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * (scale / 0.87962566)
   else:
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
     normal = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     # std 1/sqrt(fan_in) after truncation at two standard deviations (its std is 0.8796).
-    value = jnp.asarray(np.clip(normal, -2, 2) / (0.87962566 * math.sqrt(math.prod(shape[:-1]))))
+    value = jnp.asarray(np.clip(normal, -2, 2) * (scale / 0.87962566))
   return nnx.Param(value, sharding_names=names, eager_sharding=False)
 
 
