@@ -172,6 +172,18 @@ def get_config(arg=None):
   c.vae_train.optim.grad_clip = 1.0
   c.vae_train.optim.ema_decay = 0.99
 
+  # --- Evaluation (sora_jax/evaluate.py, detector.py): Shapes test prompts scored from pixels.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 64        # first clips of the test split (half show a held-out composition)
+  c.eval.vae_clips = 32          # held-out Shapes clips for VAE PSNR/SSIM
+  c.eval.seed = 0                # sampling seed and data set seed of the prompts
+  c.eval.steps = 0               # 0 = sample.steps
+  c.eval.guidance = 0.0          # 0 = sample.guidance
+  c.eval.mixture = ""            # "" = data.mixture
+  c.eval.data_dir = ""           # an ingested video data set for VAE metrics too ("" = none)
+  c.eval.data_split = "test"
+  c.eval.chunk = 16              # prompts per sampling call (progress lines; noise is per prompt)
+
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.
   if arg.runlocal:

@@ -317,7 +317,9 @@ def load(path: str | os.PathLike, *, check: bool = True) -> Bundle:
 class WorkdirLayout:
   """Where the parts of a run live, as `make demo` lays them out under one work directory W:
   W/dit/checkpoints (DiT trainer), W/vae/checkpoints (VAE trainer), W/data/tokenizer.model and
-  W/data/latents/latent_stats.json; the config is W/dit/config.json, else W/config.json."""
+  W/data/latents/latent_stats.json. The config is W/dit/config.json, else W/config.json, else
+  W/vae/config.json; the VAE section always comes from W/vae/config.json when the VAE trainer wrote
+  one (it describes the weights in W/vae)."""
   root: Path
 
   @property
@@ -329,7 +331,7 @@ class WorkdirLayout:
     return self.root / "vae"
 
   def config_file(self) -> Path | None:
-    for p in (self.dit / "config.json", self.root / "config.json"):
+    for p in (self.dit / "config.json", self.root / "config.json", self.vae / "config.json"):
       if p.is_file():
         return p
     return None
@@ -388,6 +390,10 @@ def read_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | No
                         "(--config experiments/x.py)")
     cfg = config_from_json(path.read_text())
   stand_in = cfg.data.get("source", "latents") == "shapes"
+  vae_config = layout.vae / "config.json"
+  if not stand_in and vae_config.is_file():
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.vae = config_from_json(vae_config.read_text()).vae
   if stand_in:
     stats = {"shift": [0.0, 0.0, 0.0], "scale": [1.0, 1.0, 1.0], "source": "shapes (pooled pixels)"}
   else:

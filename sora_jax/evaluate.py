@@ -304,9 +304,9 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
 
 
 def _verdict(sc: detector.ClipScore) -> str:
-  marks = [f"{m[:4]} {'ok' if v else 'X'}" for m in ("colour", "motion", "persistence", "consistency")
+  marks = [f"{m} {'ok' if v else 'WRONG'}" for m in ("colour", "motion", "persistence", "consistency")
            if (v := getattr(sc, m)) is not None]
-  return "; ".join(marks)
+  return ", ".join(marks)
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -6,10 +6,10 @@
 The work directory is laid out as `make demo` leaves it: W/dit/ (DiT trainer: checkpoints/<step>/state),
 W/vae/ (VAE trainer, same layout), W/data/tokenizer.model and W/data/latents/latent_stats.json. The
 newest checkpoint of each trainer gives its EMA weights. The config is, in order: --config (with its
---config.* overrides), W/dit/config.json, W/config.json, else experiments/shapes_demo.py with its data
-paths pointed under W (the demo's own config; a different one fails loudly when the weights' shapes
-disagree with it). The bundle is written next to --out and renamed into place; the command prints its
-manifest summary. Every failure ends with one line naming what is wrong.
+--config.* overrides), W/dit/config.json, W/config.json, W/vae/config.json, else
+experiments/shapes_demo.py with its data paths pointed under W (the demo's own config; a different one
+fails loudly when the weights' shapes disagree with it). The bundle is written next to --out and
+renamed into place; the command prints a summary. Every failure ends with one line naming what is wrong.
 """
 from __future__ import annotations
 

@@ -28,12 +28,13 @@ def _font(size: int = 11):
     return ImageFont.load_default()
 
 
-def frames_strip(video: np.ndarray, *, min_side: int = 96, pad: int = 2) -> np.ndarray:
-  """uint8 [H', 3W' + 2 pad, 3]: the first, middle and last frames of uint8 [T, H, W, 3], enlarged by an
-  integer factor (nearest neighbour, so pixels stay visible) to at least `min_side` on the short side."""
+def frames_strip(video: np.ndarray, *, long_side: int = 128, pad: int = 2) -> np.ndarray:
+  """uint8 [H', 3W' + 2 pad, 3]: the first, middle and last frames of uint8 [T, H, W, 3], enlarged by the
+  integer factor (nearest neighbour, so pixels stay visible) that brings the long side nearest
+  `long_side`."""
   video = np.asarray(video, np.uint8)
   picks = [video[0], video[len(video) // 2], video[-1]]
-  k = max(1, math.ceil(min_side / min(video.shape[1:3])))
+  k = max(1, round(long_side / max(video.shape[1:3])))
   picks = [np.repeat(np.repeat(f, k, axis=0), k, axis=1) for f in picks]
   h, w = picks[0].shape[:2]
   out = np.full((h, 3 * w + 2 * pad, 3), 255, np.uint8)
@@ -42,13 +43,13 @@ def frames_strip(video: np.ndarray, *, min_side: int = 96, pad: int = 2) -> np.n
   return out
 
 
-def grid_png(path: str, rows: Sequence[tuple[str, Sequence[np.ndarray]]], *, min_side: int = 96,
+def grid_png(path: str, rows: Sequence[tuple[str, Sequence[np.ndarray]]], *, long_side: int = 128,
              label_width: int = 360) -> str:
   """Writes a PNG with one row per (label, [video, ...]): the label, then each video's frames strip.
 
   Returns `path`. Videos of different sizes are centred in cells sized to the largest strip.
   """
-  strips = [[frames_strip(v, min_side=min_side) for v in videos] for _, videos in rows]
+  strips = [[frames_strip(v, long_side=long_side) for v in videos] for _, videos in rows]
   cell_h = max(s.shape[0] for row in strips for s in row) + 8
   cell_w = max(s.shape[1] for row in strips for s in row) + 12
   ncol = max(len(row) for row in strips)
@@ -90,6 +91,16 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
   return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+  """log10 positions of 1-2-5 values (or 1..9 when the range is under a decade) inside [lo, hi]."""
+  for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+    ticks = [math.log10(m) + e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    if len(ticks) >= 3:
+      return ticks
+  return ticks
+
+
 def curve_png(path: str, title: str, series: Mapping[str, Sequence[tuple[float, float]]], *,
               size: tuple[int, int] = (640, 300), log_y: bool = False) -> str | None:
   """Writes a line chart of {name: [(step, value), ...]} to `path`; None when nothing is finite."""
@@ -114,7 +125,8 @@ def curve_png(path: str, title: str, series: Mapping[str, Sequence[tuple[float, 
   font = _font(11)
   px = lambda s: left + (s - x_lo) / (x_hi - x_lo) * (W - left - right)
   py = lambda v: top + (y_hi - v) / (y_hi - y_lo) * (H - top - bottom)
-  for t in _nice_ticks(y_lo, y_hi):
+  y_ticks = _log_ticks(y_lo, y_hi) if log_y else _nice_ticks(y_lo, y_hi)
+  for t in y_ticks:
     y = py(t)
     draw.line([(left, y), (W - right, y)], fill=_GRID)
     label = f"{10 ** t:.3g}" if log_y else f"{t:.3g}"

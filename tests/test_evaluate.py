@@ -108,7 +108,7 @@ def test_fit_to_vae_crops_to_the_grid():
 def test_report_pictures(tmp_path):
   video = shapes.render_clip(shapes.ClipSpec(objects=(shapes.ObjectSpec("circle", "red", "moving left",
                                                                         0.25, 0.7, 0.5),)))
-  strip = report.frames_strip(video, min_side=96)
+  strip = report.frames_strip(video, long_side=96)
   assert strip.shape[0] == 96 and strip.shape[1] == 3 * 96 + 4
   np.testing.assert_array_equal(strip[:96:3, :96:3], video[0])  # first frame, 3x nearest neighbour
   grid = report.grid_png(str(tmp_path / "g.png"), [("a", [video, video]), ("b", [video[:1]])])
