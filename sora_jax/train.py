@@ -170,7 +170,9 @@ def compile_step(step_fn, setup: Setup, batch: dict, mesh):
   b_sh = batch_shardings(batch, mesh)
   jitted = jax.jit(step_fn, in_shardings=(setup.shardings, b_sh),
                    out_shardings=(setup.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=b_sh[k])
+  # `batch` is host-local: the step sees the global batch, process_count times as many rows.
+  abstract_batch = {k: jax.ShapeDtypeStruct((np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:],
+                                            np.asarray(v).dtype, sharding=b_sh[k])
                     for k, v in batch.items()}
   with sharding.use_mesh(mesh):
     lowered = jitted.lower(setup.abstract_state, abstract_batch)
@@ -338,7 +340,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   report.update(peak_tflops=peak / 1e12, model_tflops_per_step=step_flops.model / 1e12,
                 tflops_per_step=step_flops.total / 1e12,
                 cost_analysis_tflops_per_device=cost / 1e12,
-                cost_analysis_over_hand_count=flops.compare_with_compiled(step_flops, cost, mesh.size))
+                cost_analysis_over_once_count=flops.compare_with_compiled(step_flops, cost, mesh.size,
+                                                                          scanned=True))
+  if cfg.get("flops_check", False):
+    # cost_analysis() counts a scan body once: compare the hand count with an unrolled compile.
+    t1 = time.time()
+    with flops.unrolled_scans():
+      unrolled = compiled_flops(compile_step(step_fn, setup, batch, mesh))
+    report.update(unrolled_compile_s=time.time() - t1,
+                  unrolled_cost_analysis_tflops_per_device=unrolled / 1e12,
+                  cost_analysis_over_hand_count=flops.compare_with_compiled(step_flops, unrolled, mesh.size,
+                                                                            scanned=False))
   log.info("compiled in %.1fs; peak from %s; %s", report["compile_s"], peak_source, json.dumps(report))
   writer.write_scalars(first, {f"compile/{k}": v for k, v in report.items()})
 
