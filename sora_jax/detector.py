@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -492,3 +493,54 @@ def chance_level(labels: Sequence[shapes.CaptionLabels]) -> dict[str, float]:
       "shape": (float(np.mean([(1 / len(shapes.SHAPES)) ** len(l.objects) for l in labels]))
                 if labels else float("nan")),
   }
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+_KINDS = ("ground_truth", "train_noise", "blurred", "uniform_noise", "gaussian_noise")
+
+
+def benchmark_videos(spec: shapes.ClipSpec, kind: str, rng: np.random.Generator) -> np.ndarray:
+  """A video for `spec` of one benchmark kind: the evaluation render, the training render (noise 6/255),
+  the render blurred (Gaussian sigma 0.8 px) plus noise 8/255 (a stand-in for a VAE's softness), or pure
+  noise (uniform, or Gaussian around mid-gray with std 64) of the spec's size."""
+  shape = (spec.num_frames, spec.height, spec.width, 3)
+  if kind == "ground_truth":
+    return shapes.render_clip(spec)
+  if kind == "train_noise":
+    return shapes.render_clip(spec, noise_std=shapes.TRAIN_NOISE_STD, seed=int(rng.integers(1 << 30)))
+  if kind == "blurred":
+    x = ndimage.gaussian_filter(shapes.render_clip(spec).astype(np.float32), (0, 0.8, 0.8, 0))
+    return np.clip(np.rint(x + rng.normal(0, 8, shape)), 0, 255).astype(np.uint8)
+  if kind == "uniform_noise":
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+  if kind == "gaussian_noise":
+    return np.clip(np.rint(rng.normal(128, 64, shape)), 0, 255).astype(np.uint8)
+  raise ValueError(f"video kind {kind!r} is unknown; accepted: {list(_KINDS)}")
+
+
+def _main(argv: Sequence[str]) -> None:
+  """python -m sora_jax.detector --kind ground_truth --num_per_split 300 --mixture demo"""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description="Scores the detector on rendered or noise videos of Shapes specs.")
+  p.add_argument("--kind", choices=_KINDS, default="ground_truth")
+  p.add_argument("--num_per_split", type=int, default=300)
+  p.add_argument("--mixture", default="demo", choices=list(shapes.MIXTURES))
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  rng = np.random.default_rng(a.seed)
+  specs = [shapes.sample_spec(split, i, a.seed, a.mixture) for split in shapes.SPLITS
+           for i in range(a.num_per_split)]
+  start = time.time()
+  scores = [score_clip(benchmark_videos(s, a.kind, rng), s) for s in specs]
+  held = [sc for s, sc in zip(specs, scores)
+          if any((o.colour, o.shape, o.motion) in shapes.HELD_OUT for o in s.objects) and not s.is_image]
+  print(f"{a.kind}, {len(specs)} clips ({a.mixture} mixture, all splits), {time.time() - start:.0f}s")
+  chance = chance_level([s.labels() for s in specs])
+  for name, group in (("all", scores), ("held-out compositions", held)):
+    print(f"  {name}: " + "; ".join(f"{m} {r}" for m, r in summarize(group).items()))
+  print("  chance: " + "; ".join(f"{m} {100 * v:.1f}%" for m, v in chance.items()))
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1:])
