@@ -1,0 +1,173 @@
+"""Encodes a video data set into a latent data set with a trained VAE (docs/architecture.md).
+
+    python data_pipelines/encode_latents.py --vae runs/demo/vae --data_dir D --out_dir L \
+        [--splits train,validation,test] [--shard_size 64] [--max_tile_pixels 0]
+
+Records of L/latents/<split> hold `latent_mean` and `latent_std` float32 [t, h, w, c] (the posterior,
+unnormalised) and the video record's caption, num_frames, height, width, fps, labels and source.
+L/latent_stats.json holds {"shift": [c], "scale": [c], "vae": {...}}: the per-channel mean and std of
+the train split's latent means, so that models see z_norm = (z - shift) / scale.
+
+Work is cut into shards of --shard_size records. Each process takes the shards k with
+k % process_count == process_index, and spreads their clips over its local devices; each finished
+shard is written atomically to L/_shards/<split>/ and skipped on a re-run, so an interrupted run
+resumes where it stopped. When every shard exists, process 0 writes the data sets (tfds ArrayRecord,
+via sora_jax.data.sources) and the stats. Clips are encoded chunked (frame 0, then ft frames at a
+time), so memory is flat in clip length; frames above --max_tile_pixels are tiled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+import numpy as np
+
+_VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "video data set directory (tfds data_dir)")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "where the latent data set goes")
+_SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode (missing "
+                            "splits other than train are skipped with a note)")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard")
+_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
+
+META_KEYS = ("caption", "num_frames", "height", "width", "fps", "labels", "source")
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def shard_path(out_dir: Path, split: str, k: int, n: int) -> Path:
+  return out_dir / "_shards" / split / f"shard-{k:05d}-of-{n:05d}.npz"
+
+
+def encode_shard(vae_per_device, src, indices, path: Path, *, max_tile_pixels: int) -> None:
+  """Encodes records `indices` of `src` (clip i on local device i % n) and writes one .npz atomically."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  pending = []
+  for j, i in enumerate(indices):
+    rec = src[i]
+    dev = j % len(vae_per_device)
+    x = jax.device_put(jnp.asarray(np.asarray(rec["video"])[None], jnp.float32) / 127.5 - 1.0,
+                       jax.local_devices()[dev])
+    mean, logvar = vae_per_device[dev].encode_chunked(x, max_tile_pixels=max_tile_pixels)
+    pending.append((rec, mean, logvar))  # dispatched asynchronously: devices work in parallel
+  arrays, meta = {}, []
+  channel_sum = channel_sq = None
+  count = 0
+  for j, (rec, mean, logvar) in enumerate(pending):
+    m = np.asarray(mean[0], np.float32)
+    arrays[f"mean_{j}"] = m
+    arrays[f"std_{j}"] = np.exp(0.5 * np.asarray(logvar[0], np.float32))
+    meta.append({k: (rec[k].item() if isinstance(rec[k], np.generic) else rec[k]) for k in META_KEYS})
+    flat = m.reshape(-1, m.shape[-1]).astype(np.float64)
+    channel_sum = flat.sum(0) if channel_sum is None else channel_sum + flat.sum(0)
+    channel_sq = (flat ** 2).sum(0) if channel_sq is None else channel_sq + (flat ** 2).sum(0)
+    count += flat.shape[0]
+  arrays["channel_sum"], arrays["channel_sq"] = channel_sum, channel_sq
+  arrays["count"] = np.asarray(count)
+  arrays["meta"] = np.asarray(json.dumps(meta))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # atomic: a shard file that exists is complete
+
+
+def shard_examples(paths: list[Path]):
+  """The latent records of a split's shards, in record order."""
+  for p in paths:
+    with np.load(p) as z:
+      meta = json.loads(str(z["meta"]))
+      for j, m in enumerate(meta):
+        yield {"latent_mean": z[f"mean_{j}"], "latent_std": z[f"std_{j}"], **m}
+
+
+def channel_stats(paths: list[Path]) -> tuple[list[float], list[float]]:
+  """Per-channel (shift, scale) = mean and std of the latent means over the shards' positions."""
+  total = sq = None
+  count = 0
+  for p in paths:
+    with np.load(p) as z:
+      total = z["channel_sum"] if total is None else total + z["channel_sum"]
+      sq = z["channel_sq"] if sq is None else sq + z["channel_sq"]
+      count += int(z["count"])
+  mean = total / count
+  std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
+  return mean.tolist(), std.tolist()
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from sora_jax.train_vae import load  # pylint: disable=g-import-not-at-top
+  logging.getLogger().setLevel(logging.WARNING)
+  for name, flag in (("--vae", _VAE), ("--data_dir", _DATA_DIR), ("--out_dir", _OUT_DIR)):
+    if not flag.value:
+      _fail(f"{name} is required")
+  if _SHARD_SIZE.value < 1:
+    _fail(f"--shard_size={_SHARD_SIZE.value}: must be >= 1")
+  out_dir = Path(_OUT_DIR.value)
+  try:
+    vae, cfg, step = load(_VAE.value)
+  except (FileNotFoundError, ValueError) as e:
+    _fail(str(e).splitlines()[0])
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(vae)
+  per_device = [nnx.merge(graphdef, jax.device_put(state, d)) for d in jax.local_devices()]
+  pid, nproc = jax.process_index(), jax.process_count()
+
+  t0 = time.time()
+  splits = {}
+  for split in _SPLITS.value:
+    try:
+      src = sources.video_source(_DATA_DIR.value, split)
+    except (FileNotFoundError, ValueError) as e:
+      if split == "train":
+        _fail(f"--data_dir {_DATA_DIR.value}: no train split ({str(e).splitlines()[0]})")
+      print(f"encode_latents: skipping split {split!r}: {str(e).splitlines()[0]}")
+      continue
+    n = len(src)
+    n_shards = max(1, -(-n // _SHARD_SIZE.value))
+    paths = [shard_path(out_dir, split, k, n_shards) for k in range(n_shards)]
+    splits[split] = paths
+    done_before = sum(p.exists() for p in paths)
+    for k in range(pid, n_shards, nproc):
+      if paths[k].exists():
+        continue
+      idx = range(k * _SHARD_SIZE.value, min(n, (k + 1) * _SHARD_SIZE.value))
+      encode_shard(per_device, src, idx, paths[k], max_tile_pixels=_MAX_TILE.value)
+      print(f"encode_latents: {split} shard {k + 1}/{n_shards} ({len(idx)} clips) "
+            f"{time.time() - t0:.0f}s", flush=True)
+    print(f"encode_latents: {split}: {n} clips in {n_shards} shards ({done_before} were done "
+          f"before this run)", flush=True)
+  if nproc > 1:
+    multihost_utils.sync_global_devices("encode_latents shards")
+  if pid != 0:
+    return
+  if "train" not in splits:
+    _fail("the train split is needed for the latent statistics")
+  shift, scale = channel_stats(splits["train"])
+  stats = {"shift": shift, "scale": scale, "vae": cfg.vae.to_dict(),
+           "vae_source": {"path": os.path.abspath(_VAE.value), "step": step}}
+  for split, paths in splits.items():
+    final = out_dir / "latents" / split / sources.VERSION / "dataset_info.json"
+    if final.exists() and (out_dir / sources.LATENT_STATS).exists():
+      print(f"encode_latents: {split}: data set already written")
+      continue
+    sources.write_latent_dataset(out_dir, split, shard_examples(paths), stats=stats)
+  sources.write_latent_stats(out_dir, stats)
+  print(f"encode_latents: wrote {sorted(splits)} to {out_dir} in {time.time() - t0:.0f}s; "
+        f"shift {np.round(shift, 3).tolist()} scale {np.round(scale, 3).tolist()}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
