@@ -156,6 +156,12 @@ class DiT(nnx.Module):
     null = jnp.broadcast_to(self.null_text[...].astype(self.dtype), (b, s, text_bmw.shape[-1]))
     kv = jnp.concatenate([text_bmw, null], axis=1)
     kv_seg = jnp.concatenate([tseg, jnp.broadcast_to(jnp.arange(1, s + 1, dtype=jnp.int32), (b, s))], axis=1)
+    # Sort keys by segment (each null token next to its caption, hidden/padding keys last): attention is
+    # invariant to key order, and the block-sparse kernels cost what the segments cost only when ids are
+    # contiguous and increasing.
+    perm = jnp.argsort(jnp.where(kv_seg > 0, kv_seg, s + 1), axis=1, stable=True)
+    kv = jnp.take_along_axis(kv, perm[..., None], axis=1)
+    kv_seg = jnp.take_along_axis(kv_seg, perm, axis=1)
 
     angles = layers.rope_angles(positions, self.rope_dims, self.rope_theta)
     ctx = (seg, angles, c_bsw, c0_w, given, kv, kv_seg)

@@ -1,0 +1,107 @@
+"""DiT train-step throughput: diffusion.loss_fn forward + backward + an SGD update, on synthetic packed rows.
+
+    python -m sora_jax.bench.dit                                    # the demo's cfg.dit, L=1024, B=4
+    python -m sora_jax.bench.dit --width=1152 --depth=28 --heads=16 --seq_len=8192 --batch=2 \
+        --seg_len=1024 --remat=full                                 # DiT-XL-like, on an accelerator
+
+Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions.
+Model FLOPs come from sora_jax/flops.py (dense attention, no remat recomputation), the peak from
+flops.peak_flops (measured in-process on CPU, published for accelerators); the step is timed as the
+minimum of `--steps` runs after a warm-up.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax import diffusion, flops
+from sora_jax.models.dit import DiT
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("width", 0, "DiT width; 0 = the demo config's")
+flags.DEFINE_integer("depth", 0, "DiT depth; 0 = the demo config's")
+flags.DEFINE_integer("heads", 0, "attention heads; 0 = the demo config's")
+flags.DEFINE_integer("seq_len", 1024, "packed row length L")
+flags.DEFINE_integer("batch", 4, "rows per step")
+flags.DEFINE_integer("seg_len", 64, "tokens per segment (a multiple of 4)")
+flags.DEFINE_integer("in_dim", 64, "token dim D (the demo's latents: 16 channels x 1x2x2 patches)")
+flags.DEFINE_string("remat", "none", "cfg.dit.remat")
+flags.DEFINE_string("dtype", "bfloat16", "cfg.dit.dtype")
+flags.DEFINE_string("attention", "reference", "cfg.dit.attention")
+flags.DEFINE_integer("steps", 5, "timed steps")
+
+
+def synthetic_batch(b: int, l: int, lt: int, s: int, seg_len: int, in_dim: int) -> dict:
+  nseg = l // seg_len
+  per_frame = seg_len // 4
+  nh = max(d for d in range(1, int(per_frame ** 0.5) + 1) if per_frame % d == 0)
+  grid = np.stack(np.meshgrid(np.arange(4), np.arange(nh), np.arange(per_frame // nh), indexing="ij"), -1)
+  pos, seg = np.zeros((b, l, 3), np.int32), np.zeros((b, l), np.int32)
+  for k in range(nseg):
+    pos[:, k * seg_len:(k + 1) * seg_len] = grid.reshape(-1, 3)
+    seg[:, k * seg_len:(k + 1) * seg_len] = k + 1
+  per = min(12, lt // nseg)
+  tseg = np.zeros((b, lt), np.int32)
+  tseg[:, :nseg * per] = np.repeat(np.arange(1, nseg + 1), per)
+  rng = np.random.default_rng(0)
+  batch = dict(tokens=rng.normal(size=(b, l, in_dim)).astype(np.float32), positions=pos, segment_ids=seg,
+               loss_mask=np.ones((b, l), np.float32), text_tokens=rng.integers(1, 128, (b, lt)).astype(np.int32),
+               text_segment_ids=tseg, seg_valid=(np.arange(s) < nseg)[None].repeat(b, 0).astype(np.int32))
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def main(_):
+  from experiments import shapes_demo  # pylint: disable=g-import-not-at-top
+  cfg = shapes_demo.get_config()
+  d = cfg.dit
+  d.in_dim = FLAGS.in_dim
+  d.width, d.depth, d.num_heads = FLAGS.width or d.width, FLAGS.depth or d.depth, FLAGS.heads or d.num_heads
+  d.remat, d.dtype, d.attention = FLAGS.remat, FLAGS.dtype, FLAGS.attention
+  if d.width >= 512:  # a caption encoder in proportion to a big DiT
+    d.text_width, d.text_depth, d.text_heads = 512, 4, 8
+  b, l, lt = FLAGS.batch, FLAGS.seq_len, cfg.data.text_len
+  s = max(cfg.data.max_segments, l // FLAGS.seg_len)
+  batch = synthetic_batch(b, l, lt, s, FLAGS.seg_len, d.in_dim)
+
+  model = nnx.jit(lambda: DiT(d, rngs=nnx.Rngs(0)))()
+  graphdef, state = nnx.split(model)
+  num_params = sum(x.size for x in jax.tree.leaves(state))
+
+  def step(state, rng):
+    def loss(st):
+      return diffusion.loss_fn(nnx.merge(graphdef, st), batch, rng, cfg)
+    (l_, _), g = jax.value_and_grad(loss, has_aux=True)(state)
+    return l_, jax.tree.map(lambda p, gp: p - 1e-4 * gp.astype(p.dtype), state, g)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t0
+  loss, state = compiled(state, jax.random.key(0))
+  jax.block_until_ready(loss)
+  times = []
+  for i in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    loss, state = compiled(state, jax.random.key(i + 1))
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t0)
+  best = min(times)
+  model_flops = flops.dit_train_step_flops(cfg, batch=b, seq_len=l, text_len=lt, num_segments=s,
+                                           num_params=num_params).model
+  peak, peak_source = flops.peak_flops(jax.devices()[:1], d.dtype)
+  print(json.dumps(dict(
+      device=jax.devices()[0].device_kind, width=d.width, depth=d.depth, heads=d.num_heads, seq_len=l,
+      batch=b, seg_len=FLAGS.seg_len, remat=d.remat, dtype=d.dtype, attention=d.attention,
+      params_m=round(num_params / 1e6, 2), compile_s=round(compile_s, 1), step_s=round(best, 4),
+      tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),
+      mfu=round(model_flops / best / peak, 4), peak=f"{peak / 1e12:.1f} TFLOP/s, {peak_source}",
+      loss=round(float(loss), 4))))
+
+
+if __name__ == "__main__":
+  app.run(main)
