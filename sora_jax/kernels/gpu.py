@@ -98,9 +98,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_i
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _specs(batch_first: bool, block: int, lq: int, lk: int, dim: int, *, rows_are_q: bool):
-  """BlockSpecs for grid (block index n, batch b, head h): the blocked side is q or kv."""
-  del batch_first
+def _specs(block: int, lq: int, lk: int, dim: int, *, rows_are_q: bool):
+  """(q spec, kv spec) for grid (block index n, batch b, head h): one side blocked, the other whole."""
   blk = lambda n, b, h: (b, n, h, 0)
   full = lambda n, b, h: (b, 0, h, 0)
   if rows_are_q:
@@ -136,7 +135,7 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret):
   batch, lq, heads, dim = q.shape
   lk = k.shape[1]
   kv_first, kv_width, q_first, q_width = _plan(q_ids, kv_ids, block_q, block_k)
-  q_spec, kv_spec = _specs(True, block_q, lq, lk, dim, rows_are_q=True)
+  q_spec, kv_spec = _specs(block_q, lq, lk, dim, rows_are_q=True)
   ids_q = pl.BlockSpec((None, block_q), lambda n, b, h: (b, n))
   ids_kv = pl.BlockSpec((None, lk), lambda n, b, h: (b, 0))
   kernel = functools.partial(_fwd_kernel, scale=dim ** -0.5, block_k=block_k)
@@ -159,7 +158,7 @@ def _backward(block_q, block_k, interpret, res, dout):
   row_q = pl.BlockSpec((None, None, block_q), lambda n, b, h: (b, h, n))
   full_q = pl.BlockSpec((None, None, lq), lambda n, b, h: (b, h, 0))
 
-  q_spec, kv_spec = _specs(True, block_q, lq, lk, dim, rows_are_q=True)
+  q_spec, kv_spec = _specs(block_q, lq, lk, dim, rows_are_q=True)
   dq = _call(
       functools.partial(_dq_kernel, scale=scale, block_k=block_k), (lq // block_q, batch, heads),
       [q_spec, kv_spec, kv_spec, q_spec, row_q, row_q,
@@ -168,7 +167,7 @@ def _backward(block_q, block_k, interpret, res, dout):
       q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, "segment_attention_dq",
   )(q, k, v, dout, lse, delta, q_ids, kv_ids, kv_first, kv_width)
 
-  q_full, kv_blk = _specs(True, block_k, lq, lk, dim, rows_are_q=False)
+  q_full, kv_blk = _specs(block_k, lq, lk, dim, rows_are_q=False)
   dk, dv = _call(
       functools.partial(_dkv_kernel, scale=scale, block_q=block_q), (lk // block_k, batch, heads),
       [q_full, kv_blk, kv_blk, q_full, full_q, full_q,
