@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_dtypes
 import numpy as np
 
@@ -315,6 +315,7 @@ def main(argv, flag_values: dict):
   if not src or not out:
     print("error: --input and --out are required", file=sys.stderr)
     sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
   start = time.time()
   try:
     record = run(src, out, diffusers_config=flag_values["diffusers_config"].value)
