@@ -17,7 +17,8 @@ writes the same video in more formats next to it. Several prompts write `<stem>_
 A prompts file has one prompt per line, `caption` or `caption | num_frames | HxW`; empty lines and lines
 starting with # are skipped. Defaults (frames, size, steps, guidance, sampler) come from the model's
 config `sample` section. Models come from an exported bundle (--bundle) or a training work directory
-(--workdir, laid out as runs/demo: vae/, dit/, data/).
+(--workdir, laid out as runs/demo: vae/, dit/, data/; its config is --config, else the one saved in it,
+else experiments/shapes_demo.py's).
 """
 from __future__ import annotations
 
@@ -79,12 +80,19 @@ def read_prompts(path: str) -> list[tuple[str, int | None, int | None, int | Non
   return out
 
 
-def load_models(bundle: str | None, workdir: str | None) -> sampling.Pipeline:
+def load_models(bundle: str | None, workdir: str | None, cfg=None) -> sampling.Pipeline:
+  """Models from an exported bundle, or from a training work directory: its config is `cfg`, else the
+  one saved in it, else the demo's (experiments/shapes_demo.py with data paths under it, as export)."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
   from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   if bool(bundle) == bool(workdir):
     raise ValueError("give exactly one of --bundle or --workdir")
-  loaded = bundle_lib.load(bundle) if bundle else bundle_lib.load_workdir(workdir)
-  return sampling.as_pipeline(loaded)
+  if bundle:
+    return sampling.as_pipeline(bundle_lib.load(bundle))
+  if cfg is None and bundle_lib.WorkdirLayout(Path(workdir)).config_file() is None:
+    from sora_jax import export  # pylint: disable=g-import-not-at-top
+    cfg = export.demo_config(workdir)
+  return sampling.as_pipeline(bundle_lib.load_workdir(workdir, cfg))
 
 
 def _read(path: str) -> np.ndarray:
@@ -168,7 +176,8 @@ def main(argv):
     if _PROMPTS_FILE.value:
       prompts += read_prompts(_PROMPTS_FILE.value)
     start = time.time()
-    pipe = load_models(_BUNDLE.value, _WORKDIR.value)
+    cfg = config_lib.get_config() if "config" in flags.FLAGS and flags.FLAGS["config"].present else None
+    pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
     loaded = time.time()
     reqs = build_requests(pipe, prompts)
     fps = float(pipe.sample_setting("fps", _FPS.value, 8.0))
@@ -176,7 +185,7 @@ def main(argv):
       output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
     videos = sampling.generate(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
                                sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=True)
-  except (ValueError, TypeError, video_io.VideoReadError, FileNotFoundError) as e:
+  except (ValueError, TypeError, FileNotFoundError) as e:  # BundleError and VideoReadError included
     config_lib._fail(str(e).splitlines()[0])  # pylint: disable=protected-access
   for i, (r, v) in enumerate(zip(reqs, videos)):
     for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):

@@ -201,6 +201,10 @@ class Packed:
                   self.noise[start:stop], self.init[start:stop], self.schedule[:, start:stop], self.patch)
 
 
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-int(n) // m) * m)
+
+
 def request_key(seed: int, index: int) -> jax.Array:
   """The key of request `index`: its initial noise is draw 0, ancestral step k's noise draw k."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), index)
@@ -235,8 +239,9 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Seq
   rows = 1 + max(p.row for p in placements)
   segs = max(p.segment for p in placements)
   d = patching.token_dim(geometry.channels, geometry.patch)
-  text_len = max(1, max(sum(len(text_ids[i]) for i, p in enumerate(placements) if p.row == r)
-                        for r in range(rows)))
+  # Text rows are rounded up to 16 tokens so that captions of different lengths share a compiled step.
+  text_len = _round_up(max(sum(len(text_ids[i]) for i, p in enumerate(placements) if p.row == r)
+                           for r in range(rows)), 16)
   b = dict(positions=np.zeros((rows, row_len, 3), np.int32),
            segment_ids=np.zeros((rows, row_len), np.int32),
            text_tokens=np.zeros((rows, text_len), np.int32),
@@ -648,6 +653,10 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
   guidance = float(pipe.sample_setting("guidance", guidance, 1.0))
   sampler = str(pipe.sample_setting("sampler", sampler, sched.samplers()[0]))
   row_len = int(pipe.sample_setting("row_len", row_len, 0) or pipe.cfg.data.seq_len)
+  # A few small requests need less than a full row: pad to a multiple of 64 tokens, not to row_len, so
+  # one-by-one calls stay cheap and still share compiled shapes.
+  total = sum(pipe.geometry.num_tokens(r.num_frames, r.height, r.width) for r in reqs)
+  row_len = min(row_len, _round_up(total, 64))
   packed = pack_requests(reqs, pipe.geometry, [pipe.text_ids(r.caption) for r in reqs], seed=seed,
                          steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset)
   out: list[np.ndarray | None] = [None] * len(reqs)

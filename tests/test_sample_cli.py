@@ -1,14 +1,12 @@
 """The sample CLI: every prompting mode writes a playable file of the requested size (tiny random models).
 
-The CLI runs in this process (`sample.main` after parsing its flags) with the model loader pointed at a
-tiny random DiT + VAE, so the compiled steps are shared between tests. The causal VAE makes some checks
+The CLI runs in this process (`sample.main` after parsing its flags) on a real bundle of a tiny random
+DiT + VAE, so the compiled steps are shared between tests; a slow test runs every mode as a separate
+`python -m sora_jax.sample` process. The causal VAE makes some checks
 exact even with random weights: output frame 0 decodes from latent frame 0 alone, so an image prompt's
 first frame must equal the VAE's reconstruction of the image, and a forward extension must begin with
 the reconstruction of the given frames.
 """
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -21,30 +19,39 @@ from sora_jax import video_io
 import test_sampling as ts  # tiny_config, tokenize
 
 
+CAPTIONS = ["a red circle moving left on a black background", "a blue square on a gray background",
+            "a green triangle bouncing up and down on a black background"]
+
+
+def write_bundle(path):
+  """A real bundle (sora_jax.bundle) of the tiny random DiT and VAE, with a trained tokenizer."""
+  from sora_jax import bundle
+  from sora_jax.data import tokenizer
+  dit, vae = ts.tiny_models()
+  tok = tokenizer.train_tokenizer(CAPTIONS * 4, path.parent / "tok.model", vocab_size=ts.V)
+  assert tok.vocab_size <= ts.V
+  params = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  bundle.write(path, config=ts.tiny_config(), dit_params=params(dit), vae_params=params(vae),
+               tokenizer_model=path.parent / "tok.model",
+               latent_stats={"shift": [0.1] * 4, "scale": [0.5] * 4})
+  return path
+
+
 @pytest.fixture(scope="module")
-def pipe():
-  from sora_jax.models.dit import DiT
-  from sora_jax.models.vae import VAE
-  cfg = ts.tiny_config()
-  cfg.vae = dict(base_dim=4, dim_mult=(1, 1, 1), num_res_blocks=1, z_dim=4, temporal_downsample=(True, True))
-  vae = VAE(cfg.vae, rngs=nnx.Rngs(1))
-  dit = DiT(ml_collections.ConfigDict(cfg.dit), rngs=nnx.Rngs(0))
-  state = nnx.state(dit, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(dit, jax.tree.unflatten(
-      treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
-  shift, scale = np.full(4, 0.1, np.float32), np.full(4, 0.5, np.float32)
-  return S.Pipeline(cfg, dit, vae, ts.tokenize, shift, scale)
+def bundle_dir(tmp_path_factory):
+  return write_bundle(tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle_dir):
+  return sample.load_models(str(bundle_dir), None)
 
 
 @pytest.fixture
-def cli(pipe, monkeypatch):
-  monkeypatch.setattr(sample, "load_models", lambda bundle, workdir: pipe)
-
+def cli(bundle_dir):
   def run(*args):
     flags.FLAGS.unparse_flags()
-    argv = ["sample", "--bundle=unused", "--steps=2", "--guidance=2"] + list(args)
+    argv = ["sample", f"--bundle={bundle_dir}", "--steps=2", "--guidance=2"] + list(args)
     flags.FLAGS(argv)
     sample.main(argv[:1])
   yield run
@@ -62,10 +69,10 @@ def _recon(pipe, frames):
 def test_text_to_video_writes_every_format_at_the_requested_size(cli, tmp_path):
   out = tmp_path / "v.mp4"
   cli("--prompt=a red circle moving left on a black background", "--num_frames=9", "--height=16",
-      "--width=32", f"--out={out}", "--also=npy,gif,png")
+      "--width=24", f"--out={out}", "--also=npy,gif,png")
   for suffix in (".mp4", ".gif", ".npy"):
     frames, _ = video_io.read_video(out.with_suffix(suffix))
-    assert frames.shape == (9, 16, 32, 3), suffix
+    assert frames.shape == (9, 16, 24, 3), suffix
   exact = np.load(out.with_suffix(".npy"))
   assert exact.dtype == np.uint8 and exact.std() > 0
   assert video_io.read_video(out.with_suffix(".png"))[0].shape[0] == 1  # a grid image of the frames
@@ -75,10 +82,10 @@ def test_one_frame_is_written_as_png_and_prompts_file_numbers_outputs(cli, tmp_p
   prompts = tmp_path / "p.txt"
   prompts.write_text("# a comment\na red circle on a black background\n\n"
                      "a blue square moving up on a gray background | 5 | 16x16\n")
-  cli(f"--prompts_file={prompts}", "--num_frames=1", "--height=32", "--width=16",
+  cli(f"--prompts_file={prompts}", "--num_frames=1", "--height=24", "--width=16",
       f"--out={tmp_path / 's.mp4'}")
   img, _ = video_io.read_video(tmp_path / "s_000.png")
-  assert img.shape == (1, 32, 16, 3)
+  assert img.shape == (1, 24, 16, 3)
   vid, _ = video_io.read_video(tmp_path / "s_001.mp4")
   assert vid.shape == (5, 16, 16, 3)
 
@@ -119,8 +126,8 @@ def test_extend_backward_and_connect_and_edit_write_requested_sizes(cli, pipe, t
   np.save(tmp_path / "a.npy", _clip(9, 16, 16, 1))
   np.save(tmp_path / "b.npy", _clip(9, 16, 16, 2))
   cli("--prompt=x", f"--extend={tmp_path / 'a.npy'}", "--direction=backward", "--num_frames=13",
-      "--height=16", "--width=32", f"--out={tmp_path / 'back.mp4'}")
-  assert video_io.read_video(tmp_path / "back.mp4")[0].shape == (13, 16, 32, 3)
+      "--height=24", "--width=16", f"--out={tmp_path / 'back.mp4'}")
+  assert video_io.read_video(tmp_path / "back.mp4")[0].shape == (13, 24, 16, 3)
   cli("--prompt=x", f"--connect={tmp_path / 'a.npy'},{tmp_path / 'b.npy'}", "--num_frames=13",
       f"--out={tmp_path / 'conn.npy'}")
   conn = np.load(tmp_path / "conn.npy")
@@ -147,3 +154,27 @@ def test_two_modes_at_once_are_refused(cli, tmp_path, capsys):
     cli("--prompt=x", f"--image={tmp_path / 'a.npy'}", f"--edit={tmp_path / 'a.npy'}",
         f"--out={tmp_path / 'x.mp4'}")
   assert "one prompting mode" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_mode_as_a_separate_process(bundle_dir, tmp_path):
+  import subprocess
+  import sys
+  np.save(tmp_path / "a.npy", _clip(9, 16, 16, 1))
+  np.save(tmp_path / "b.npy", _clip(9, 16, 16, 2))
+  video_io.write_video(tmp_path / "img.png", _clip(1, 16, 16, 3))
+  base = [sys.executable, "-m", "sora_jax.sample", f"--bundle={bundle_dir}", "--steps=2",
+          f"--prompt={CAPTIONS[0]}"]
+  modes = {"text.mp4": ["--num_frames=9", "--height=16", "--width=24"],
+           "image.mp4": [f"--image={tmp_path / 'img.png'}", "--num_frames=9"],
+           "fwd.mp4": [f"--extend={tmp_path / 'a.npy'}", "--num_frames=17"],
+           "back.mp4": [f"--extend={tmp_path / 'a.npy'}", "--direction=backward", "--num_frames=17"],
+           "conn.mp4": [f"--connect={tmp_path / 'a.npy'},{tmp_path / 'b.npy'}", "--num_frames=13"],
+           "edit.mp4": [f"--edit={tmp_path / 'b.npy'}", "--strength=0.7"]}
+  want = {"text.mp4": (9, 16, 24), "image.mp4": (9, 16, 16), "fwd.mp4": (17, 16, 16),
+          "back.mp4": (17, 16, 16), "conn.mp4": (13, 16, 16), "edit.mp4": (9, 16, 16)}
+  for name, args in modes.items():
+    r = subprocess.run(base + args + [f"--out={tmp_path / name}"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, (name, r.stderr[-2000:])
+    assert video_io.read_video(tmp_path / name)[0].shape == want[name] + (3,), name

@@ -1,6 +1,6 @@
 """Sampling speed: packed inference against one-by-one, and a one-minute video on this CPU.
 
-    python -m sora_jax.bench.sampling --what=packed      # 8 small prompts: one packed row vs 8 calls
+    python -m sora_jax.bench.sampling --what=packed      # 8 and 32 small prompts: packed rows vs 1 by 1
     python -m sora_jax.bench.sampling --what=minute      # 481 frames at 32x32, text to pixels
 
 Both use the demo's model sizes (experiments/shapes_demo.py) with random weights (speed does not depend
@@ -12,6 +12,7 @@ user would see it) and then again warm.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from absl import app, flags
@@ -25,6 +26,9 @@ _BUNDLE = flags.DEFINE_string("bundle", None, "a trained bundle instead of rando
 _STEPS = flags.DEFINE_integer("steps", 10, "sampler steps")
 _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "classifier-free guidance (2 model rows per row)")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs (the minimum is reported)")
+_NUM_PROMPTS = flags.DEFINE_list("num_prompts", ["8", "32"], "packed: prompt counts (PROMPTS, cycled)")
+_ROW_LENS = flags.DEFINE_list("row_lens", ["128", "256", "1024"], "packed: row lengths to compare")
+_ATTENTION = flags.DEFINE_string("attention", None, "override dit.attention (random-weight models only)")
 
 # Small prompts of mixed sizes, as an evaluation batch of images and short clips would be.
 PROMPTS = [("a red circle on a black background", 1, 32, 32),
@@ -50,9 +54,22 @@ def demo_pipeline() -> sampling.Pipeline:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
-  vae = VAE(cfg.vae, rngs=nnx.Rngs(1))
+  # The demo's VAE section when it exists; else a VAE of the same 4x8x8 grid at FACTS.md's calibration
+  # width (base 32, 16 latent channels).
+  vae_cfg = cfg.get("vae", None) or dict(base_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=1, z_dim=16,
+                                         temporal_downsample=(False, True, True))
+  vae = VAE(vae_cfg, rngs=nnx.Rngs(1))
   cfg.dit.in_dim = patching.token_dim(vae.settings.z_dim, tuple(cfg.data.patch))
+  if _ATTENTION.value:
+    cfg.dit.attention = _ATTENTION.value
   dit = DiT(cfg.dit, rngs=nnx.Rngs(0))
+  # Zero-initialised output layers predict exactly 0; perturb every weight so outputs (and the packed vs
+  # one-by-one difference) are those of a generic model.
+  state = nnx.state(dit, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  nnx.update(dit, jax.tree.unflatten(
+      treedef, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
   vocab = int(cfg.dit.vocab_size)
   tokenize = lambda s: [1 + ord(ch) % (vocab - 1) for ch in s]
   c = vae.settings.z_dim
@@ -72,22 +89,32 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def bench_packed(pipe: sampling.Pipeline) -> dict:
+def bench_packed(pipe: sampling.Pipeline, num_prompts: int) -> dict:
+  """Denoising time of `num_prompts` small prompts: packed into rows of each --row_lens, or one by one."""
   kw = dict(seed=0, steps=_STEPS.value, guidance=_GUIDANCE.value)
-  reqs = [sampling.Request(*p) for p in PROMPTS]
-  packed = lambda: sampling.sample_latents(pipe, reqs, **kw)
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_prompts)]
+  reqs = [sampling.Request(*p) for p in prompts]
+  row_lens = [int(r) for r in _ROW_LENS.value]
+  packed = {r: (lambda r=r: sampling.sample_latents(pipe, reqs, row_len=r, **kw)) for r in row_lens}
   alone = lambda: [sampling.sample_latents(pipe, [r], index_offset=i, **kw) for i, r in enumerate(reqs)]
-  compile_packed, compile_alone = _timed(packed), _timed(alone)
-  t_packed = min(_timed(packed) for _ in range(_REPEATS.value))
-  t_alone = min(_timed(alone) for _ in range(_REPEATS.value))
-  a, b = packed(), [z for zs in alone() for z in zs]
-  diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+  first = {f"packed_{r}": round(_timed(fn), 1) for r, fn in packed.items()}
+  first["one_by_one"] = round(_timed(alone), 1)
+  times = {k: [] for k in first}
+  for _ in range(_REPEATS.value):  # interleaved, so every variant sees the same CPU conditions
+    for r, fn in packed.items():
+      times[f"packed_{r}"].append(_timed(fn))
+    times["one_by_one"].append(_timed(alone))
+  best = {k: round(min(v), 3) for k, v in times.items()}
+  ref = [z for zs in alone() for z in zs]
+  diff = max(float(np.abs(x - y).max()) for r in row_lens for x, y in zip(packed[r](), ref))
   g = pipe.geometry
-  tokens = [g.num_tokens(n, h, w) for _, n, h, w in PROMPTS]
-  return dict(section="packed", prompts=len(PROMPTS), tokens=tokens, steps=_STEPS.value,
-              guidance=_GUIDANCE.value, packed_s=round(t_packed, 3), one_by_one_s=round(t_alone, 3),
-              speedup=round(t_alone / t_packed, 2), first_run_packed_s=round(compile_packed, 1),
-              first_run_one_by_one_s=round(compile_alone, 1), max_abs_latent_diff=diff)
+  grids = [g.grid(n, h, w) for _, n, h, w in prompts]
+  rows = {r: 1 + max(p.row for p in sampling.pack(grids, r)[0]) for r in row_lens}
+  return dict(section="packed", prompts=len(prompts), tokens=sum(math.prod(x) for x in grids),
+              rows=rows, attention=str(pipe.cfg.dit.attention), dtype=str(pipe.cfg.dit.dtype),
+              steps=_STEPS.value, guidance=_GUIDANCE.value, seconds=best,
+              speedup_vs_one_by_one={k: round(best["one_by_one"] / v, 2) for k, v in best.items()},
+              first_run_seconds=first, max_abs_latent_diff=diff)
 
 
 def bench_minute(pipe: sampling.Pipeline) -> dict:
@@ -112,10 +139,13 @@ def main(argv):
   del argv
   pipe = load()
   for what in _WHAT.value:
-    fn = {"packed": bench_packed, "minute": bench_minute}.get(what)
-    if fn is None:
+    if what == "packed":
+      for n in _NUM_PROMPTS.value:
+        print(json.dumps(bench_packed(pipe, int(n))), flush=True)
+    elif what == "minute":
+      print(json.dumps(bench_minute(pipe)), flush=True)
+    else:
       raise app.UsageError(f"--what {what!r} is unknown; accepted: packed, minute")
-    print(json.dumps(fn(pipe)), flush=True)
 
 
 if __name__ == "__main__":
