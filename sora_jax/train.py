@@ -266,7 +266,8 @@ def _host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).item(), tree)
 
 
-def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter) -> None:
+def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter,
+                   batch: dict) -> None:
   """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present."""
   try:
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
@@ -278,8 +279,13 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
     log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
     return
   model = nnx.merge(setup.graphdef, state["ema"])
-  for name, frames in make(model, cfg, jax.random.PRNGKey(step)).items():
-    writer.write_video(step, f"samples/{name}", np.asarray(frames))
+  t0 = time.time()
+  videos = make(model, cfg, batch, jax.random.PRNGKey(step))
+  fps = float(cfg.get("sample", {}).get("fps", 8.0))
+  for name, frames in videos.items():
+    writer.write_video(step, f"samples/{name}", np.asarray(frames), fps=fps)
+  log.info("step %d: %d sample videos (EMA weights, captions of the last batch) in %.1fs", step,
+           len(videos), time.time() - t0)
 
 
 def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -385,7 +391,7 @@ def _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh,
     if batch is None:
       batch = next(data_iter)
     state, scalars = compiled(state, to_global(batch, mesh))
-    batch = None
+    last_batch, batch = batch, None
     step += 1
     steps_since += 1
     pending.append(scalars)
@@ -406,7 +412,7 @@ def _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh,
                       mfu=f"{row['mfu']:.1%}")
       pending, t_last, steps_since = [], time.time(), 0
     if sample_every and step % sample_every == 0:
-      _maybe_samples(cfg, step, state, setup, writer)
+      _maybe_samples(cfg, step, state, setup, writer, last_batch)
       t_last = time.time()  # sampling time is not step time
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:
       _check_finite(state)
