@@ -420,10 +420,10 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
                            use_cfg=float(guidance) != 1.0, has_cond=packed.has_cond)
   batch = {k: jnp.asarray(v) for k, v in packed.batch.items()}
   eps = jnp.asarray(packed.noise)
-  a0, s0 = sched.alpha_sigma(_per_token(jnp.asarray(packed.schedule[0], jnp.float32), batch["segment_ids"]))
-  # SDEdit segments start at t = strength from their noised input latents; the rest from pure noise.
-  init = jnp.asarray(packed.init)
-  x = jnp.where(init.any(-1, keepdims=True), a0 * init + s0 * eps, eps)
+  t0 = _per_token(jnp.asarray(packed.schedule[0], jnp.float32), batch["segment_ids"])
+  a0, s0 = sched.alpha_sigma(t0)
+  # SDEdit segments start at t = strength < 1 from their noised input latents; the rest from pure noise.
+  x = jnp.where(t0 < 1.0, a0 * jnp.asarray(packed.init) + s0 * eps, eps)
   steps = packed.schedule.shape[0] - 1
   it = range(steps)
   if progress:

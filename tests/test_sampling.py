@@ -315,3 +315,21 @@ def test_trained_connect_matches_both_ends(trained):
   start, end = psnr(video[0], a[-1]), psnr(video[-4:], b[1:5])
   print(f"connect: start PSNR {start:.1f} dB, end PSNR {end:.1f} dB")
   assert start >= 25.0 and end >= 22.0
+
+
+def test_training_samples_from_a_packed_batch(dit):
+  """What train.py calls every sample_every_steps: videos for the first segments of a packed batch."""
+  cfg = tiny_config()
+  cfg.data.source = "latents"
+  packed = S.pack_requests([S.Request("a", 5, 16, 16), S.Request("b", 1, 16, 32)], GEO, [[1, 2], [3]],
+                           seed=0, steps=1, row_len=64)
+  batch = dict(packed.batch)
+  batch["seg_grid"] = np.zeros((packed.num_rows, 4, 3), np.int32)
+  for p in packed.placements:
+    batch["seg_grid"][p.row, p.segment - 1] = p.grid
+  videos = S.training_samples(dit, cfg, batch, jax.random.PRNGKey(0))
+  assert sorted(videos) == ["latent_preview_0", "latent_preview_1"]
+  # Latent frames x (latent size * 8) pixels, from the batch's patch grids; uint8 for the metrics writer.
+  assert videos["latent_preview_0"].shape == (2, 16, 16, 3)
+  assert videos["latent_preview_1"].shape == (1, 16, 32, 3)
+  assert all(v.dtype == np.uint8 for v in videos.values())
