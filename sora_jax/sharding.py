@@ -54,6 +54,15 @@ def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(shape)} needs {math.prod(sizes)} devices; {len(devices)} are present")
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    # Multi-slice: slices are joined by the data-centre network (DCN), much slower than the links
+    # inside a slice, so only `data` (one gradient reduction per step) spans slices.
+    if sizes[0] % slices:
+      raise ValueError(f"mesh {dict(shape)}: data={sizes[0]} must be a multiple of the {slices} slices")
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
