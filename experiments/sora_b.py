@@ -1,0 +1,85 @@
+"""sora-B: a ~1B-parameter text-to-video DiT (depth 28, width 1152, like Open-Sora 1.2's STDiT3-XL) on a
+TPU pod: 16-channel latents of a 4x8x8 VAE, 1x2x2 patches (64-dim tokens), rows of 16k packed tokens,
+512 text tokens per row, splash attention, FSDP over the whole slice.
+
+Check it fits and how fast the compiler thinks it runs, from any machine with libtpu (docs/pods.md):
+    python -m sora_jax.compile_check --config experiments/sora_b.py --topology v5p:4x4x4
+Train on a v5p-128 slice (64 chips, 16 hosts; scripts/tpu_vm.sh copies the repo and runs this on all):
+    python -m sora_jax.train --config experiments/sora_b.py --workdir gs://BUCKET/runs/sora_b \\
+        --config.data.latents_dir=gs://BUCKET/latents --config.data.tokenizer=gs://BUCKET/tok.model
+Other slices: `experiments/sora_b.py:topology=v6e:8x8` picks that slice's batch and remat.
+Expected (docs/benchmarks.md, Issue 8): fits in HBM; compiler-estimated MFU as recorded there.
+
+Head dim 128 (9 heads of 128 rather than STDiT3's 16 of 72) keeps the MXU and splash's lanes full.
+"""
+import ml_collections
+
+from experiments import shapes_demo
+from sora_jax.config import parse_arg
+
+# Per slice: (global batch in rows, remat policy, mesh). Rows are 16k tokens; the batch is a multiple of
+# the chips so that every chip holds whole rows (FSDP shards the batch like the parameters).
+SLICES = {
+    "v5p:4x4x4": dict(batch_size=128, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
+    "v6e:8x8": dict(batch_size=64, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+    "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, topology="v5p:4x4x4", seq_len=16384, runlocal=False)
+  if arg.topology not in SLICES:
+    raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
+  pod = SLICES[arg.topology]
+  c = shapes_demo.get_config()
+
+  # Latents of real videos (data_pipelines/ingest_videos.py then encode_latents.py with a 16-channel
+  # 4x8x8 VAE); paths are overridden on the command line (docs/pods.md).
+  c.data.source = "latents"
+  c.data.latents_dir = "data/sora/latents"
+  c.data.tokenizer = "data/sora/tokenizer.model"
+  c.data.vocab_size = 32000
+  c.data.patch = (1, 2, 2)
+  c.data.seq_len = arg.seq_len
+  c.data.text_len = 512
+  c.data.max_text_tokens = 256
+  c.data.max_segments = 64        # 256 px images are 256 tokens: up to 64 per row
+  c.data.batch_size = pod["batch_size"]
+  c.data.min_patch_side = 8
+  c.data.num_workers = 4
+  c.data.packing_bins = 128
+  c.data.read_threads = 8
+
+  c.mesh = ml_collections.ConfigDict(pod["mesh"])
+
+  c.dit.in_dim = 1 * 2 * 2 * 16
+  c.dit.width = 1152
+  c.dit.depth = 28
+  c.dit.num_heads = 9             # head_dim 128
+  c.dit.mlp_ratio = 4.0
+  c.dit.text_width = 1024
+  c.dit.text_depth = 8
+  c.dit.text_heads = 8
+  c.dit.attention = "splash"      # TPU Pallas; "gpu" on GPU clusters (scripts/slurm_gpu.sh sets it)
+  c.dit.remat = pod["remat"]
+
+  c.diffusion.shift_ref_tokens = 4096
+
+  c.total_steps = 200_000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.sample_every_steps = 0
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 2000
+  c.optim.b2 = 0.999
+  c.optim.ema_decay = 0.9999
+
+  # --- Pod checks (sora_jax/compile_check.py).
+  c.compile_check = ml_collections.ConfigDict()
+  c.compile_check.topology = arg.topology
+
+  if arg.runlocal:  # the same shapes but tiny, for a smoke run on one CPU host
+    c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 8, 128
+    c.dit.depth, c.dit.width, c.dit.num_heads, c.dit.text_depth = 2, 256, 2, 1
+    c.dit.attention, c.mesh = "auto", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return c

@@ -1,0 +1,51 @@
+"""sora-XL: an ~11B-parameter text-to-video DiT, the scale of Open-Sora 2.0 (width 4096, 32 heads of 128,
+depth 30; text encoder 1024 x 12), on v5p or v6e pods: 16-channel 4x8x8 latents, 1x2x2 patches, rows
+of 64k packed tokens (32k on v6e, whose chips have a third of v5p's HBM), 512 text tokens per row.
+
+    python -m sora_jax.compile_check --config experiments/sora_xl.py --topology v5p:8x8x4
+    python -m sora_jax.compile_check --config experiments/sora_xl.py:topology=v6e:16x16 --topology v6e:16x16
+Train (v5p-512, 64 hosts; or GKE via XPK: scripts/xpk.sh, multi-slice with --num_slices):
+    python -m sora_jax.train --config experiments/sora_xl.py --workdir gs://BUCKET/runs/sora_xl \\
+        --config.data.latents_dir=gs://BUCKET/latents --config.data.tokenizer=gs://BUCKET/tok.model
+Expected (docs/benchmarks.md, Issue 8): fits in HBM; compiler-estimated MFU as recorded there.
+
+Shares everything but the sizes with sora_b (imported and mutated).
+"""
+import ml_collections
+
+from experiments import sora_b
+from sora_jax.config import parse_arg
+
+SLICES = {
+    "v5p:8x8x4": dict(batch_size=256, seq_len=65536, remat="full",
+                      mesh=dict(data=1, fsdp=-1, tensor=1)),
+    "v6e:16x16": dict(batch_size=256, seq_len=32768, remat="full",
+                      mesh=dict(data=1, fsdp=-1, tensor=1)),
+    # Two v5p-512 slices over DCN (scripts/xpk.sh): data parallel across slices, FSDP within.
+    "2xv5p:8x8x4": dict(batch_size=512, seq_len=65536, remat="full",
+                        mesh=dict(data=2, fsdp=-1, tensor=1)),
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, topology="v5p:8x8x4", runlocal=False)
+  if arg.topology not in SLICES:
+    raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
+  pod = SLICES[arg.topology]
+  c = sora_b.get_config("runlocal" if arg.runlocal else None)
+  if arg.runlocal:
+    return c
+  c.data.seq_len = pod["seq_len"]
+  c.data.batch_size = pod["batch_size"]
+  c.data.max_segments = 128
+  c.mesh = ml_collections.ConfigDict(pod["mesh"])
+  c.dit.width = 4096
+  c.dit.depth = 30
+  c.dit.num_heads = 32
+  c.dit.text_width = 1024
+  c.dit.text_depth = 12
+  c.dit.text_heads = 8
+  c.dit.remat = pod["remat"]
+  c.optim.lr = 5e-5
+  c.compile_check.topology = arg.topology
+  return c

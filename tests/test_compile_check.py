@@ -1,0 +1,97 @@
+"""compile_check: the real train step compiled ahead of time for a TPU slice (needs libtpu, the `tpu`
+extra), its memory report, the kernel FLOP accounting and the extrapolation over depth."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libtpu", reason="ahead-of-time TPU compilation needs libtpu (pip install -e '.[tpu]')")
+
+from sora_jax import compile_check, flops  # pylint: disable=g-import-not-at-top
+
+REPO = Path(__file__).resolve().parents[1]
+TOPOLOGY = "v5p:2x2x1"  # 4 chips
+
+
+def tiny_config(**dit):
+  from experiments import sora_b
+  c = sora_b.get_config("topology=v5p:2x2x1")
+  c.data.update(dict(seq_len=256, text_len=32, max_segments=4, batch_size=4))
+  c.data.vocab_size = 64
+  c.dit.update(dict(width=128, depth=2, num_heads=1, text_width=32, text_depth=2, text_heads=1,
+                    attention="reference", remat="full"))
+  c.dit.update(dit)
+  return c
+
+
+def test_memory_of_the_real_step_is_the_sharded_state_plus_batch():
+  cfg = tiny_config()
+  rep = compile_check.check(cfg, TOPOLOGY, skip_cost=True)
+  assert rep["fits"] and rep["chips"] == 4 and rep["hbm_gb_per_chip"] == 95.0
+  assert rep["peak_flops_per_chip"] == 459e12  # v5p, dense bf16
+  # FSDP: each chip holds a quarter of params, EMA and Adam's two moments (16 bytes per parameter)
+  # and of the global batch; a replicated state would be 4x this.
+  batch_bytes = sum(math.prod(v.shape) * v.dtype.itemsize
+                    for v in compile_check.abstract_batch(cfg).values())
+  expected = (16 * rep["params_b"] * 1e9 + batch_bytes) / 4
+  assert 0.9 < rep["memory_gb"]["argument"] * 1e9 / expected < 1.25
+  assert rep["memory_gb"]["temp"] > 0 and rep["memory_gb_per_chip"] < rep["hbm_gb_per_chip"]
+  assert rep["flops_per_step"] == flops.dit_train_step_flops(
+      cfg, batch=4, seq_len=256, text_len=32, num_segments=4,
+      num_params=round(rep["params_b"] * 1e9)).model
+
+
+def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention():
+  cfg = tiny_config(attention="splash", remat="none")
+  kw = dict(batch=4, seq_len=256, text_len=32, num_segments=4)
+  k = compile_check.kernel_flops(cfg, **kw)
+  d = cfg.dit
+  # DiT self-attention alone: 2 layers x (2 forward + 7 backward matmuls) of 2 * B * L^2 * width.
+  self_attn = d.depth * 9 * 2 * 4 * 256 * 256 * d.width
+  assert k.executed > self_attn
+  assert k.executed < 1.2 * self_attn + d.depth * 9 * 2 * 4 * 256 * 128 * d.width + \
+      d.text_depth * 9 * 2 * 4 * 128 * 128 * d.text_width
+  remat = compile_check.kernel_flops(tiny_config(attention="splash", remat="full"), **kw)
+  assert remat.executed / k.executed == pytest.approx(11 / 9)
+  assert compile_check.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
+
+
+def test_out_of_memory_errors_are_read():
+  e = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+                   "space hbm. Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G.")
+  assert compile_check._oom_bytes(e) == pytest.approx(120.5 * 2**30)
+  assert compile_check._oom_bytes(ValueError("shapes do not match")) is None
+
+
+@pytest.mark.slow
+def test_extrapolated_cost_matches_the_fully_unrolled_step_and_flops_py():
+  cfg = tiny_config(depth=4, text_depth=4)
+  rep = compile_check.check(cfg, TOPOLOGY)
+  full = compile_check.check(cfg, TOPOLOGY, full_unroll=True)
+  assert rep["xla_tflops_per_step"] == pytest.approx(full["xla_tflops_per_step"], rel=0.01)
+  assert rep["xla_seconds"] == pytest.approx(full["xla_seconds"], rel=0.05)
+  assert rep["flops_agree"], rep["xla_over_flops_py"]
+  assert 0 < rep["estimated_mfu"] < 1
+
+
+@pytest.mark.slow
+def test_cli_prints_one_json_line_and_fails_when_the_step_does_not_fit(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  base = [sys.executable, "-m", "sora_jax.compile_check", "--config",
+          "experiments/sora_b.py:topology=v5p:2x2x1", "--config.data.seq_len=256",
+          "--config.data.text_len=32", "--config.dit.depth=1", "--config.dit.text_depth=1",
+          "--config.dit.width=128", "--config.dit.num_heads=1", "--config.dit.attention=reference"]
+  ok = subprocess.run(base + ["--config.data.batch_size=4"], cwd=REPO, env=env, capture_output=True,
+                      text=True, timeout=1200)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  line = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert sorted(line) == sorted(compile_check.JSON_KEYS) and line["fits"]
+  # Dense reference attention over 16k-token rows: [B, H, L, L] f32 scores do not fit in 95 GB.
+  big = subprocess.run(base + ["--config.data.batch_size=16", "--config.data.seq_len=65536"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=1200)
+  assert big.returncode == 1, big.stderr[-2000:]
+  assert json.loads(big.stdout.strip().splitlines()[-1])["fits"] is False
