@@ -258,22 +258,30 @@ def bench_gpu():
   # Timings, bf16: ours, the stock Pallas mha with segment ids (every block), XLA dense reference.
   stock_fn = lambda q, k, v, i, j: jnp.where((i > 0)[:, :, None, None], stock.mha(
       q, k, v, i, sm_scale=q.shape[-1] ** -0.5), 0)
-  for l, k_ in ((4096, 8), (16384, 8), (16384, 64), (65536, 64)):
-    b, h, d = 1, 16, 64
-    ids = jnp.asarray(equal_segments(b, l, k_))
+  rows = [(f"L={l} k={k_} equal", equal_segments(1, l, k_))
+          for l, k_ in ((4096, 8), (16384, 8), (16384, 64), (65536, 64))]
+  rows.append(("L=16384 Shapes 'small' mixture, 2 rows",
+               pack_rows(demo_lengths(3000, "small"), 16384, 1, 2)))
+  h, d = 16, 64
+  gpu32 = functools.partial(gpu.gpu_attention, block_q=32, block_k=32)
+  gpu128 = functools.partial(gpu.gpu_attention, block_q=128, block_k=128)
+  for label, ids in rows:
+    ids = jnp.asarray(ids)
+    b, l = ids.shape
     q, kk, v, w = qkvw(b, l, l, h, d, dtype=jnp.bfloat16)
     row = {}
-    gpu128 = functools.partial(gpu.gpu_attention, block_q=128, block_k=128)
-    for name, fn in (("gpu", gpu.gpu_attention), ("gpu_block128", gpu128), ("stock_mha", stock_fn),
-                     ("blocksparse", bs(128)), ("reference", attention._reference)):
+    for name, fn in (("gpu", gpu.gpu_attention), ("gpu_block32", gpu32), ("gpu_block128", gpu128),
+                     ("stock_mha", stock_fn), ("blocksparse", bs(128)),
+                     ("reference", attention._reference)):
       if name == "reference" and l > 4096:
         continue
       try:
         row[name] = time_ms(grad_fn(fn, ids, ids, w), q, kk, v, repeats=10)
       except Exception as e:  # noqa: BLE001 - a benchmark row reports what failed and moves on
         row[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-    print(f"  fwd+bwd bf16 B={b} L={l} k={k_} heads={h} head_dim={d}: " +
-          ", ".join(f"{n} {t:.2f} ms" if isinstance(t, float) else f"{n} {t}" for n, t in row.items()))
+    sq = float(sum((np.bincount(r[r > 0]) ** 2).sum() for r in np.asarray(ids)))
+    print(f"  fwd+bwd bf16 {label} heads={h} head_dim={d} (sum l^2 / (B L^2) = {sq / (b * l * l):.4f}): "
+          + ", ".join(f"{n} {t:.2f} ms" if isinstance(t, float) else f"{n} {t}" for n, t in row.items()))
 
 
 def main(argv):
