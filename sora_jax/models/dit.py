@@ -132,6 +132,9 @@ class DiT(nnx.Module):
     b, _, _ = x.shape
     s = t.shape[1]
     seg = segment_ids.astype(jnp.int32)
+    if (cond is None) != (cond_mask is None):
+      raise ValueError("cond and cond_mask must be given together (or neither); got only "
+                       f"{'cond' if cond is not None else 'cond_mask'}")
     given = jnp.zeros(seg.shape, bool) if cond_mask is None else cond_mask > 0
 
     # Inputs: given tokens are the clean conditioning latents, plus the zero-initialised cond path.
