@@ -135,16 +135,18 @@ def get_config(arg=None):
   c.vae.patch_size = 1           # pixel-unshuffle before the encoder (spatial factor x patch_size)
   c.vae.decoder_base_dim = 0     # 0 = base_dim
   c.vae.dtype = "float32"        # 3D convs are no faster in bf16 on CPU
+  c.vae.logvar_init = -6.0       # posterior starts narrow: the decoder is not trained on noise
 
   # --- VAE training (sora_jax/train_vae.py): ~8 min of 2-core CPU; docs/benchmarks.md "Issue 3".
   c.vae_train = ml_collections.ConfigDict()
   c.vae_train.total_steps = 600
   c.vae_train.max_train_seconds = 600.0  # stop early (checkpointed) if a slow machine would overrun
   c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
-  c.vae_train.image_pixels = 8192
-  c.vae_train.video_frames = 5           # video crops video_frames x video_crop^2
+  c.vae_train.image_pixels = 4096
+  c.vae_train.video_frames = 17          # video crops video_frames x video_crop^2: 5 latent frames, so
+                                         # later latents train with real (not frame-0) context
   c.vae_train.video_crop = 32
-  c.vae_train.video_pixels = 20480
+  c.vae_train.video_pixels = 17408
   c.vae_train.l1_weight = 1.0
   c.vae_train.l2_weight = 1.0
   c.vae_train.kl_weight = 1e-4           # per latent element, against per-pixel reconstruction
@@ -161,7 +163,7 @@ def get_config(arg=None):
   c.vae_train.val_size = 64
   c.vae_train.recon_videos = 4           # side-by-side videos written at each validation
   c.vae_train.optim = ml_collections.ConfigDict()
-  c.vae_train.optim.lr = 2e-3
+  c.vae_train.optim.lr = 1e-3
   c.vae_train.optim.warmup_steps = 30
   c.vae_train.optim.schedule = "cosine"
   c.vae_train.optim.end_lr_fraction = 0.05
@@ -186,6 +188,17 @@ def get_config(arg=None):
 
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.
-  if arg.runlocal:
+  if arg.runlocal:  # every stage in a minute or two: for smoke tests of the whole demo
     c.data.num_train = 64
+    c.data.num_validation = c.data.num_test = 8
+    c.vae_train.total_steps = 10
+    c.vae_train.num_val = 4
+    c.vae_train.checkpoint_every_steps = 5
+    c.total_steps = 10
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 5
+    c.sample_every_steps = 0
+    c.sample.steps = 4
+    c.eval.num_prompts = 4
+    c.eval.vae_clips = 4
   return c

@@ -46,6 +46,7 @@ class VAESettings:
   in_channels: int = 3
   dtype: str = "float32"         # compute dtype; parameters stay float32
   decoder_base_dim: int = 0      # 0 = base_dim
+  logvar_init: float = -6.0      # initial posterior log-variance (quant_conv's bias)
 
   @property
   def temporal_factor(self) -> int:
@@ -402,6 +403,10 @@ class VAE(nnx.Module):
     self.settings = s = settings(cfg)
     self.encoder = Encoder(s, rngs=rngs)
     self.quant_conv = CausalConv3d(2 * s.z_dim, 2 * s.z_dim, 1, rngs=rngs)
+    # A posterior that starts with unit variance buries the signal in sampling noise and the decoder
+    # learns to blur; starting narrow lets reconstruction lead, and the KL term widens it as it pays.
+    self.quant_conv.bias[...] = jnp.concatenate([jnp.zeros((s.z_dim,)),
+                                                 jnp.full((s.z_dim,), s.logvar_init)])
     self.post_quant_conv = CausalConv3d(s.z_dim, s.z_dim, 1, rngs=rngs)
     self.decoder = Decoder(s, rngs=rngs)
 
