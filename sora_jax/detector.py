@@ -11,7 +11,7 @@ pixels and the caption's labels (`CaptionLabels`), so a generated video is judge
   contrast errors) blend an object towards the background, which changes RGB but not hue.
 - Objects. Connected components (8-neighbour, per frame) of one colour; an object is *present* in a
   frame when its colour has a component of at least 1% of min(H, W)^2 pixels (58% of the smallest
-  object the renderer draws) that fills at least 30% of its bounding box and is solid (at least 20%
+  object the renderer draws) that fills at least 30% of its bounding box and is solid (at least 15%
   of its pixels survive an erosion by the 4-neighbour cross); clusters of noise pixels are not.
 - Shape: soft coverage of the largest component (contrast over its interior contrast, including the
   uncoloured edge pixels around it) compared by soft IoU with a circle, a square and an upright
@@ -58,7 +58,7 @@ _MIN_SAT, _MIN_VAL = 0.3, 0.25
 _MIN_MOTION_FRAMES = 4  # a wide shot shorter than this (0.375 s, 11% of the frame) shows no motion
 _MIN_AREA_FRAC = 0.01     # of min(H, W)^2
 _MIN_FILL = 0.3
-_MIN_SOLID = 0.2      # random speckle clusters are thin: on uniform noise 2 in 2880 pass
+_MIN_SOLID = 0.15     # smallest render: 3 of 16 pixels survive; uniform noise: 99% of clusters < 0.1
 _STILL = 0.05             # SHAPES.md: still means displacement under 5% of the frame
 _TURN = 0.03              # a turn back by this much (of the frame) along the axis is a reversal
 _PERSIST = 0.9
@@ -114,7 +114,7 @@ class Blob:
   mask: np.ndarray                 # bool crop of the box
   alpha: np.ndarray                # soft coverage in [0, 1] over the box grown by a pixel
   touches_border: bool
-  solid: bool                      # has an interior: >= 20% of it survives a 4-neighbour erosion
+  solid: bool                      # has an interior: >= 15% of it survives a 4-neighbour erosion
 
 
 _CROSS = ndimage.generate_binary_structure(2, 1)

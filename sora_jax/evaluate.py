@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import logging
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
@@ -399,6 +400,7 @@ def headline(result: dict) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
   if not FLAGS.bundle or not FLAGS.out_dir:
     config_lib._fail("--bundle and --out_dir are required")  # pylint: disable=protected-access
   try:

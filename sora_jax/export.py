@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from absl import flags
+from absl import logging
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
@@ -66,6 +67,7 @@ def export(workdir: str, out: str, *, dtype: str = "float32", cfg=None) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
   if not FLAGS.workdir or not FLAGS.out:
     config_lib._fail("--workdir and --out are required")  # pylint: disable=protected-access
   cfg = config_lib.get_config() if flags.FLAGS["config"].present else None
