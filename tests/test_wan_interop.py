@@ -200,17 +200,24 @@ def test_reconstruct_cli_on_converted_vae(tiny, tmp_path):
   assert np.max(np.abs(got.astype(np.float32) - want)) <= 1.0  # uint8 rounding only
 
 
-@pytest.mark.slow
-def test_real_wan21_config_image_equals_diffusers(tmp_path):
-  """The full-size Wan 2.1 architecture (diffusers' defaults, 127M parameters), random weights."""
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+  """The full-size Wan 2.1 architecture (diffusers' defaults, 126.9M parameters), random weights."""
+  root = tmp_path_factory.mktemp("wan21")
   model = random_wan(1)
   assert model.config.base_dim == 96 and model.config.z_dim == 16
-  model.save_pretrained(tmp_path / "diffusers")
-  wan_vae.run(tmp_path / "diffusers", tmp_path / "vae")
-  vae = load_converted(tmp_path / "vae")
+  model.save_pretrained(root / "diffusers")
+  wan_vae.run(root / "diffusers", root / "vae")
+  return {"torch": model, "jax": load_converted(root / "vae")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_frames", [1, 17])
+def test_real_wan21_config_equals_diffusers(real, num_frames):
+  vae = real["jax"]
   wan_cfg = _wan21_config().vae
   assert wan_vae.settings_dict(vae.settings) == wan_vae.settings_dict(wan_vae.vae_lib.settings(wan_cfg))
-  errs = max_errors(vae, model, video(1, 64, seed=0))
+  errs = max_errors(vae, real["torch"], video(num_frames, 64, seed=0))
   assert max(errs.values()) <= TOL, errs
 
 
