@@ -429,6 +429,8 @@ def _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh,
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+  log.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save's details at INFO
   if not _WORKDIR.value:
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   cfg = config_lib.get_config()
