@@ -192,8 +192,22 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
     kw["guidance"] = guidance
   out: list[np.ndarray | None] = [None] * len(specs)
   start = time.time()
-  for c0 in range(0, len(specs), chunk):
-    part = list(range(c0, min(c0 + chunk, len(specs))))
+  # Packed rows widen to the longest request they hold: long clips go alone, the rest in chunks of
+  # consecutive indices (index_offset keeps every video's noise that of its index either way).
+  parts, run = [], []
+  for i, s in enumerate(specs):
+    if s.num_frames >= LONG_CLIP:
+      parts.append([i])
+      continue
+    if run and (run[-1] != i - 1 or len(run) == chunk):
+      parts.append(run)
+      run = []
+    run.append(i)
+  parts += [run] if run else []
+  parts.sort()
+  processed = 0
+  for part in parts:
+    c0 = part[0]
     reqs = [(shapes.caption(specs[i]), specs[i].num_frames, specs[i].height, specs[i].width) for i in part]
     try:
       videos = generate(bundle, reqs, seed=seed, index_offset=c0, **kw)
@@ -208,7 +222,8 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
           videos.append(None)
     for i, v in zip(part, videos):
       out[i] = None if v is None else np.asarray(v, np.uint8)
-    print(f"[eval] generated {part[-1] + 1}/{len(specs)} videos ({time.time() - start:.0f}s)", flush=True)
+    processed += len(part)
+    print(f"[eval] generated {processed}/{len(specs)} videos ({time.time() - start:.0f}s)", flush=True)
   return out
 
 

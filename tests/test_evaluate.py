@@ -62,6 +62,22 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   assert "colour" in evaluate.headline(result) and "report.html" in evaluate.headline(result)
 
 
+def test_generation_requests_keep_their_index_and_long_clips_go_alone():
+  specs = [shapes.sample_spec("test", i, 0, "demo") for i in range(40)]
+  assert any(s.num_frames >= evaluate.LONG_CLIP for s in specs)
+  calls = []
+
+  def generate(bundle, requests, *, seed, index_offset, **kw):
+    calls.append((index_offset, list(requests), kw))
+    return [np.full((r[1], r[2], r[3], 3), index_offset + j, np.uint8) for j, r in enumerate(requests)]
+  videos = evaluate.generate_videos(None, specs, seed=0, steps=5, guidance=0.0, chunk=8, generate=generate)
+  for i, (s, v) in enumerate(zip(specs, videos)):
+    assert v.shape == (s.num_frames, s.height, s.width, 3) and v[0, 0, 0, 0] == i
+  for offset, reqs, kw in calls:
+    assert len(reqs) <= 8 and kw == {"steps": 5}
+    assert len(reqs) == 1 or all(r[1] < evaluate.LONG_CLIP for r in reqs)
+
+
 @pytest.mark.slow
 def test_evaluate_with_the_real_sampler(tiny_bundle, tmp_path):
   b = bundle_lib.load(tiny_bundle["f32"])
