@@ -22,14 +22,13 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import flags
 from flax import nnx
@@ -280,7 +279,11 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
     return
   model = nnx.merge(setup.graphdef, state["ema"])
   t0 = time.time()
-  videos = make(model, cfg, batch, jax.random.PRNGKey(step))
+  try:
+    videos = make(model, cfg, batch, jax.random.PRNGKey(step))
+  except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
+    log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
+    return
   fps = float(cfg.get("sample", {}).get("fps", 8.0))
   for name, frames in videos.items():
     writer.write_video(step, f"samples/{name}", np.asarray(frames), fps=fps)
@@ -313,39 +316,52 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   cfg = prepare_config(cfg, workdir)
   data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
-  total = int(cfg.total_steps)
-  # Several fake CPU devices deadlock on unblocked collectives (FACTS.md); on CPU the sync costs nothing.
-  block_every_step = jax.default_backend() == "cpu"
   os.makedirs(workdir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.get("keep_checkpoints", 3)),
                             save_interval_steps=max(int(cfg.checkpoint_every_steps), 1))
   writer = metrics.MetricWriter(workdir)
+  # Installed before the (long) compile: a SIGTERM then ends the run cleanly at the first step boundary.
+  preempt = _Preempted()
+  try:
+    setup = make_setup(cfg, mesh, model_fn)
+    start = resolve_start(cfg, ckpt_dir, ckpt)
+    state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
+    first = int(jax.device_get(state["step"]))
+    log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
+             int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
+             sharding.describe(setup.shardings["params"]))
+    if first >= int(cfg.total_steps):
+      log.info("already at total_steps=%d; nothing to do", int(cfg.total_steps))
+      return state
+    batch = next(data_iter)
+    compiled, seconds_at_peak = _compile_and_report(cfg, setup, make_train_step(cfg, setup, loss_fn),
+                                                    batch, mesh, writer, first)
+    return _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
+                 seconds_at_peak, preempt)
+  finally:
+    preempt.restore()
+    ckpt.close()
+    writer.close()
 
-  setup = make_setup(cfg, mesh, model_fn)
-  start = resolve_start(cfg, ckpt_dir, ckpt)
-  state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
-  first = int(jax.device_get(state["step"]))
-  log.info("start: %s (step %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
-           dict(mesh.shape), setup.num_params / 1e6, sharding.describe(setup.shardings["params"]))
 
-  batch = next(data_iter)
-  if batch["segment_ids"].shape[0] * jax.process_count() % sharding.batch_size_multiple(mesh):
-    raise ValueError(f"global batch {batch['segment_ids'].shape[0] * jax.process_count()} is not a "
-                     f"multiple of data x fsdp = {sharding.batch_size_multiple(mesh)}")
-  step_fn = make_train_step(cfg, setup, loss_fn)
+def _compile_and_report(cfg, setup: Setup, step_fn, batch: dict, mesh, writer, step: int):
+  """Compiles the step; logs memory, FLOPs (hand count vs XLA) and the peak. Returns (compiled,
+  seconds one step would take at peak, for MFU)."""
+  b, l = batch["segment_ids"].shape
+  if b * jax.process_count() % sharding.batch_size_multiple(mesh):
+    raise ValueError(f"global batch {b * jax.process_count()} is not a multiple of data x fsdp = "
+                     f"{sharding.batch_size_multiple(mesh)}")
   t0 = time.time()
   compiled = compile_step(step_fn, setup, batch, mesh)
   report = {"compile_s": time.time() - t0, **memory_report(compiled)}
-  b, l = batch["segment_ids"].shape
   step_flops = flops.dit_train_step_flops(
       cfg, batch=b * jax.process_count(), seq_len=l, text_len=batch["text_tokens"].shape[1],
       num_segments=batch["seg_valid"].shape[1], num_params=setup.num_params)
   peak, peak_source = flops.peak_flops(mesh.devices.flat, cfg.dit.get("dtype", "bfloat16"))
   cost = compiled_flops(compiled)
   report.update(peak_tflops=peak / 1e12, model_tflops_per_step=step_flops.model / 1e12,
-                tflops_per_step=step_flops.total / 1e12,
-                cost_analysis_tflops_per_device=cost / 1e12,
+                tflops_per_step=step_flops.total / 1e12, cost_analysis_tflops_per_device=cost / 1e12,
                 cost_analysis_over_once_count=flops.compare_with_compiled(step_flops, cost, mesh.size,
                                                                           scanned=True))
   if cfg.get("flops_check", False):
@@ -358,17 +374,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
                   cost_analysis_over_hand_count=flops.compare_with_compiled(step_flops, unrolled, mesh.size,
                                                                             scanned=False))
   log.info("compiled in %.1fs; peak from %s; %s", report["compile_s"], peak_source, json.dumps(report))
-  writer.write_scalars(first, {f"compile/{k}": v for k, v in report.items()})
-
-  preempt = _Preempted()
-  try:
-    state = _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh, ckpt, writer,
-                  setup, step_flops.model / peak, block_every_step, preempt)
-  finally:
-    preempt.restore()
-    ckpt.close()
-    writer.close()
-  return state
+  writer.write_scalars(step, {f"compile/{k}": v for k, v in report.items()})
+  return compiled, step_flops.model / peak
 
 
 def _check_finite(state: State) -> None:
@@ -378,15 +385,21 @@ def _check_finite(state: State) -> None:
                         "(parameters are those after the last finite step)")
 
 
-def _loop(cfg, state, batch, first, total, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
-          seconds_at_peak, block_every_step, preempt) -> State:
+def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
+          seconds_at_peak, preempt) -> State:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  total = int(cfg.total_steps)
+  # Several fake CPU devices deadlock on unblocked collectives (FACTS.md); on CPU the sync costs nothing.
+  block_every_step = jax.default_backend() == "cpu"
   log_every = max(int(cfg.log_every_steps), 1)
   sample_every = int(cfg.get("sample_every_steps", 0))
   bar = tqdm(total=total, initial=first, disable=jax.process_index() != 0, dynamic_ncols=True)
   pending: list[dict] = []
   t_last, steps_since = time.time(), 0
   step = first
+  if preempt.flag:  # SIGTERM during the compile: nothing new to save
+    log.info("SIGTERM before the first step; exiting")
+    return state
   while step < total:
     if batch is None:
       batch = next(data_iter)
