@@ -134,29 +134,32 @@ def test_prompt_masks_follow_their_mode_and_leave_tokens_to_learn(mode):
     assert not mask[0][b["segment_ids"][0] == 0].any()
 
 
-def test_loss_fn_trains_a_real_dit_under_jit():
+def test_loss_fn_under_jit_reaches_every_parameter():
+  """The jitted loss on a random-weight DiT is finite and every parameter gets a gradient (no dead path:
+  text encoder, null text, conditioning projection, adaLN, output)."""
   from flax import nnx
   from sora_jax.models.dit import DiT
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=16, depth=1, num_heads=2, mlp_ratio=2.0, time_freq_dim=16,
       rope_theta=10000.0, qk_norm=True, text_width=8, text_depth=1, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32"))
-  c = cfg(cond_first_frame=0.3)
-  model = nnx.jit(lambda: DiT(dit, rngs=nnx.Rngs(0)))()
+  c = cfg(cond_first_frame=1.0, text_drop=0.5)
+  # eval_shape + numpy values: eager init would compile one small program per parameter shape.
+  model = nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype),
+                                 nnx.state(model, nnx.Param)))
   batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}
 
   @nnx.jit
   def step(model, rng):
-    (loss, metrics), grads = nnx.value_and_grad(
-        lambda m: diffusion.loss_fn(m, batch, rng, c), has_aux=True)(model)
-    return loss, metrics, grads
+    return nnx.value_and_grad(lambda m: diffusion.loss_fn(m, batch, rng, c), has_aux=True)(model)
 
-  loss, metrics, grads = step(model, jax.random.key(0))
-  # The zero-initialised model predicts v = 0: the loss is E|eps - x0|^2 per element, about 2.
-  assert 1.0 < float(loss) < 3.5
+  (loss, metrics), grads = step(model, jax.random.key(0))
+  assert np.isfinite(float(loss)) and float(loss) > 0
   assert float(metrics["num_segments"]) == 3
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-  assert float(jnp.abs(grads["out"]["kernel"][...]).max()) > 0  # the zero-init output layer learns first
+  for path, g in nnx.to_flat_state(grads):
+    assert np.isfinite(np.asarray(g[...])).all() and np.abs(np.asarray(g[...])).max() > 0, path
 
 
 @pytest.mark.slow
