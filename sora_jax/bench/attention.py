@@ -173,7 +173,7 @@ def bench_align():
       real = int((ids > 0).sum())
       block_map = blocksparse.block_map(ids.reshape(rows, -1, 64), ids.reshape(rows, -1, 64))
       active = int(block_map.sum())
-      stepped = stepped_pairs(np.asarray(blocksparse._windows(block_map)[1]), group=4)
+      stepped = stepped_pairs(np.asarray(blocksparse.windows(block_map)[1]), group=4)
       rate = real / ms * 1e3
       base = base or rate
       print(f"  align {align:<3d} real tokens {real / (rows * l):.3f} of the row, active 64-blocks "
@@ -203,13 +203,26 @@ def bench_tpu():
     ca = c.cost_analysis()
     return (ca[0] if isinstance(ca, list) else ca).get("flops", 0.0)
 
+  if len(topo.devices) >= 4:
+    # Under a mesh the kernel runs per shard (sharding.per_shard): batch over data, heads over tensor.
+    from sora_jax import sharding as sharding_lib
+    mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=topo.devices[:4])
+    with sharding_lib.use_mesh(mesh):
+      named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+      x = jax.ShapeDtypeStruct((4, 2048, h, d), jnp.bfloat16, sharding=named("data", None, "tensor"))
+      ids = jax.ShapeDtypeStruct((4, 2048), jnp.int32, sharding=named("data"))
+      f = lambda q, k, v, i: jnp.sum(attention.segment_attention(
+          q, k, v, i, i, implementation="splash").astype(jnp.float32))
+      c = jax.jit(jax.grad(f, (0, 1, 2))).lower(x, x, x, ids).compile()
+      print(f"  sharded: B=4 L=2048 on mesh {dict(mesh.shape)}: splash fwd+bwd compiles, temp "
+            f"{c.memory_analysis().temp_size_in_bytes / 2**20:.1f} MiB per chip")
   print("  fwd+bwd, L, then compiled GFLOPs and temp MiB: reference / splash")
   for l in (2048, 4096, 8192):
     ref = compile_(attention._reference, l)
     spl = compile_(splash.splash_attention, l)
-    print(f"  L={l:<6d} reference {flops(ref) / 1e9:8.1f} GFLOP {ref.memory_analysis().temp_size_in_bytes / 2**20:8.1f} MiB"
-          f" | splash {flops(spl) / 1e9:6.2f} GFLOP (Pallas calls are not counted) "
-          f"{spl.memory_analysis().temp_size_in_bytes / 2**20:6.1f} MiB")
+    mib = lambda c: c.memory_analysis().temp_size_in_bytes / 2**20
+    print(f"  L={l:<6d} reference {flops(ref) / 1e9:8.1f} GFLOP {mib(ref):8.1f} MiB"
+          f" | splash {flops(spl) / 1e9:6.2f} GFLOP (Pallas calls are not counted) {mib(spl):6.1f} MiB")
   print("  L=4096: blocksparse with a static max_window (widest window in blocks), block 128: compiled")
   print("  GFLOP and its ratio to one segment; splash: active blocks (grid steps that run) / all blocks")
   print("  lengths                          sum l^2/L^2  blocksparse GFLOP  ratio  splash 512  splash 128")

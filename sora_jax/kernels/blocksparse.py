@@ -28,7 +28,8 @@ import numpy as np
 _NEG = -1e30
 
 
-def _pad_axis1(x, multiple: int):
+def pad_seq(x: jax.Array, multiple: int) -> jax.Array:
+  """Zero-pads axis 1 (the sequence) up to a multiple of `multiple`."""
   pad = -x.shape[1] % multiple
   if not pad:
     return x
@@ -55,14 +56,14 @@ def _id_ranges(ids_bnc):
   return lo, hi
 
 
-def block_map(q_ids_bnc, kv_ids_bmc):
+def block_map(q_ids_bnc: jax.Array, kv_ids_bmc: jax.Array) -> jax.Array:
   """[B, nq, nk] bool: True where a query block and a key block may share a segment (ranges overlap)."""
   q_lo, q_hi = _id_ranges(q_ids_bnc)
   k_lo, k_hi = _id_ranges(kv_ids_bmc)
   return (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
 
 
-def _windows(active_bnm):
+def windows(active_bnm: jax.Array) -> tuple[jax.Array, jax.Array]:
   """For each row of the block map: first active column and the width up to the last active one."""
   m = active_bnm.shape[-1]
   col = jnp.arange(m, dtype=jnp.int32)
@@ -143,7 +144,7 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group):
   q_ids_b = q_ids.reshape(batch, nq, block_q)
   kv_ids_b = kv_ids.reshape(batch, -1, block_k)
   active = block_map(q_ids_b, kv_ids_b)
-  first, width = _windows(active)
+  first, width = windows(active)
 
   def step(rows, j, valid, carry):
     q_c, q_ids_c = rows
@@ -170,7 +171,7 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group):
   lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
   out = _from_blocks(o).astype(q.dtype)
   if max_window is not None:
-    out = _overflow_to_nan(out, (width, _windows(jnp.swapaxes(active, 1, 2))[1]), max_window)
+    out = _overflow_to_nan(out, (width, windows(jnp.swapaxes(active, 1, 2))[1]), max_window)
   return out, (q, k, v, q_ids, kv_ids, out, lse)
 
 
@@ -195,7 +196,7 @@ def _backward(block_q, block_k, max_window, group, res, dout):
     return p, p * (dp - delta_[..., None])
 
   # dq: each query block walks its window of key blocks.
-  first_k, width_k = _windows(active)
+  first_k, width_k = windows(active)
 
   def dq_step(rows, j, valid, dq):
     q_c, do_c, lse_c, delta_c, q_ids_c = rows
@@ -209,7 +210,7 @@ def _backward(block_q, block_k, max_window, group, res, dout):
               max_window=max_window, group=group) * scale
 
   # dk, dv: each key block walks its window of query blocks (blocks indexed by the key block here).
-  first_q, width_q = _windows(jnp.swapaxes(active, 1, 2))
+  first_q, width_q = windows(jnp.swapaxes(active, 1, 2))
 
   def dkv_step(rows, i, valid, carry):
     k_c, v_c, kv_ids_c = rows
@@ -233,17 +234,19 @@ def _backward(block_q, block_k, max_window, group, res, dout):
 _attention.defvjp(_forward, _backward)
 
 
-def max_window(q_segment_ids, kv_segment_ids, block_q: int, block_k: int) -> int:
+def max_window(q_segment_ids: np.ndarray, kv_segment_ids: np.ndarray, block_q: int,
+               block_k: int) -> int:
   """The widest block window of concrete (numpy) ids in either direction: a valid `max_window`."""
-  q_ids = np.asarray(_pad_axis1(jnp.asarray(q_segment_ids, jnp.int32), block_q))
-  kv_ids = np.asarray(_pad_axis1(jnp.asarray(kv_segment_ids, jnp.int32), block_k))
+  q_ids = np.asarray(pad_seq(jnp.asarray(q_segment_ids, jnp.int32), block_q))
+  kv_ids = np.asarray(pad_seq(jnp.asarray(kv_segment_ids, jnp.int32), block_k))
   active = block_map(q_ids.reshape(q_ids.shape[0], -1, block_q),
                      kv_ids.reshape(kv_ids.shape[0], -1, block_k))
-  return int(max(_windows(active)[1].max(), _windows(jnp.swapaxes(active, 1, 2))[1].max()))
+  return int(max(windows(active)[1].max(), windows(jnp.swapaxes(active, 1, 2))[1].max()))
 
 
-def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 64,
-                          block_k: int = 64, max_window: int | None = None, group: int = 4):
+def blocksparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                          kv_segment_ids: jax.Array, *, block_q: int = 64, block_k: int = 64,
+                          max_window: int | None = None, group: int = 4) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` computing only active blocks.
 
   Same contract as the dense reference: a query attends to keys of its own segment id, padding (id 0)
@@ -262,8 +265,8 @@ def blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: in
   lq, lk = q.shape[1], k.shape[1]
   block_q = min(block_q, -(-lq // 8) * 8)
   block_k = min(block_k, -(-lk // 8) * 8)
-  q_ids = _pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
-  kv_ids = _pad_axis1(kv_segment_ids.astype(jnp.int32), block_k)
-  out = _attention(_pad_axis1(q, block_q), _pad_axis1(k, block_k), _pad_axis1(v, block_k),
+  q_ids = pad_seq(q_segment_ids.astype(jnp.int32), block_q)
+  kv_ids = pad_seq(kv_segment_ids.astype(jnp.int32), block_k)
+  out = _attention(pad_seq(q, block_q), pad_seq(k, block_k), pad_seq(v, block_k),
                    q_ids, kv_ids, block_q, block_k, max_window, group)
   return out[:, :lq]

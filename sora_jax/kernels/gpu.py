@@ -115,8 +115,8 @@ def _window_specs():
 def _plan(q_ids, kv_ids, block_q, block_k):
   batch = q_ids.shape[0]
   active = blocksparse.block_map(q_ids.reshape(batch, -1, block_q), kv_ids.reshape(batch, -1, block_k))
-  kv_first, kv_width = blocksparse._windows(active)
-  q_first, q_width = blocksparse._windows(jnp.swapaxes(active, 1, 2))
+  kv_first, kv_width = blocksparse.windows(active)
+  q_first, q_width = blocksparse.windows(jnp.swapaxes(active, 1, 2))
   return kv_first, kv_width, q_first, q_width
 
 
@@ -182,8 +182,9 @@ def _backward(block_q, block_k, interpret, res, dout):
 _attention.defvjp(_forward, _backward)
 
 
-def gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 64, block_k: int = 64,
-                  interpret: bool = False):
+def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                  kv_segment_ids: jax.Array, *, block_q: int = 64, block_k: int = 64,
+                  interpret: bool = False) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` with the Pallas GPU kernels.
 
   Block sizes must be powers of two (>= 16, Triton's smallest dot); sequences are padded to them and the
@@ -197,9 +198,9 @@ def gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 64, 
   # Zero head-dim padding leaves q.k unchanged; the 1/sqrt(dim) scale is applied to q here (the kernels
   # scale by the padded dim, so undo that first).
   rescale = ((dim + pad_dim) / dim) ** 0.5
-  pad = lambda x, mult: jnp.pad(blocksparse._pad_axis1(x, mult), ((0, 0),) * 3 + ((0, pad_dim),))
-  q_ids = blocksparse._pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
-  kv_ids = blocksparse._pad_axis1(kv_segment_ids.astype(jnp.int32), block_k)
+  pad = lambda x, mult: jnp.pad(blocksparse.pad_seq(x, mult), ((0, 0),) * 3 + ((0, pad_dim),))
+  q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), block_q)
+  kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_k)
   out = _attention(pad(q * rescale, block_q), pad(k, block_k), pad(v, block_k), q_ids, kv_ids,
                    block_q, block_k, interpret)
   return out[:, :lq, :, :dim]

@@ -32,11 +32,11 @@ def _mask_info(active_nm, *, transpose: bool):
   """
   nq, nk = active_nm.shape
   if transpose:
-    first, width = blocksparse._windows(active_nm.T)  # per key block, over query blocks
+    first, width = blocksparse.windows(active_nm.T)  # per key block, over query blocks
     idx = jnp.arange(nq, dtype=jnp.int32)[:, None]
     data_next = jnp.clip(idx, first[None, :], first[None, :] + jnp.maximum(width, 1)[None, :] - 1)
   else:
-    first, width = blocksparse._windows(active_nm)
+    first, width = blocksparse.windows(active_nm)
     idx = jnp.arange(nk, dtype=jnp.int32)[None, :]
     data_next = jnp.clip(idx, first[:, None], first[:, None] + jnp.maximum(width, 1)[:, None] - 1)
   small = jnp.int8 if max(nq, nk) <= 127 else jnp.int16 if max(nq, nk) <= 32767 else jnp.int32
@@ -50,8 +50,9 @@ def _mask_info(active_nm, *, transpose: bool):
   )
 
 
-def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 512,
-                     block_kv: int = 512, interpret: bool = False):
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                     kv_segment_ids: jax.Array, *, block_q: int = 512, block_kv: int = 512,
+                     interpret: bool = False) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` with splash attention.
 
   Block sizes shrink to the padded sequence lengths; both must be multiples of 128. `interpret=True`
@@ -62,8 +63,8 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 5
   lq, lk = q.shape[1], k.shape[1]
   block_q = min(block_q, -(-lq // _LANES) * _LANES)
   block_kv = min(block_kv, -(-lk // _LANES) * _LANES)
-  q_ids = blocksparse._pad_axis1(q_segment_ids.astype(jnp.int32), block_q)
-  kv_ids = blocksparse._pad_axis1(kv_segment_ids.astype(jnp.int32), block_kv)
+  q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), block_q)
+  kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_kv)
   batch, nq, nk = q.shape[0], q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
   active = blocksparse.block_map(q_ids.reshape(batch, nq, block_q), kv_ids.reshape(batch, nk, block_kv))
   # A query block with nothing to attend to still runs one (fully masked) block: no 0/0 in splash.
@@ -73,7 +74,7 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, block_q: int = 5
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
       block_q_dq=block_q, block_kv_dq=block_kv)
-  to_hld = lambda x, mult: blocksparse._pad_axis1(x, mult).transpose(0, 2, 1, 3)
+  to_hld = lambda x, mult: blocksparse.pad_seq(x, mult).transpose(0, 2, 1, 3)
   q_hld = to_hld(q * q.shape[-1] ** -0.5, block_q)
   k_hld, v_hld = to_hld(k, block_kv), to_hld(v, block_kv)
 
