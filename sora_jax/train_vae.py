@@ -335,6 +335,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   budget = float(t.max_train_seconds)
   t_start = last_t = time.time()
+  last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
   last_step, step = start, start
   it = batches.iterate(start)
   try:
@@ -347,15 +348,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         m = jax.device_get(m)
         now = time.time()
         dt = (now - last_t) / max(done - last_step, 1)
+        cpu = time.process_time()
         m.update({"step_time_s": dt, "pixels_per_s": pixels / dt,
+                  "cpu_s_per_step": (cpu - last_cpu) / max(done - last_step, 1),
                   "gflops_per_s": step_flops / dt / 1e9, "train_minutes": (now - t_start) / 60})
         writer.write_scalars(done, m)
         print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
               f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
-              f"{pixels / dt:.0f} px/s", flush=True)
+              f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
         if not np.isfinite(m["loss"]):
           raise FloatingPointError(f"non-finite VAE loss at step {done}; no checkpoint written")
-        last_t, last_step = now, done
+        last_t, last_step, last_cpu = now, done, cpu
       if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
         run_validation(done)
       ckpt.save(done, state, force=out_of_time)
