@@ -367,8 +367,8 @@ def _compile_and_report(cfg, setup: Setup, step_fn, batch: dict, mesh, writer, s
   if cfg.get("flops_check", False):
     # cost_analysis() counts a scan body once: compare the hand count with an unrolled compile.
     t1 = time.time()
-    with flops.unrolled_scans():
-      unrolled = compiled_flops(compile_step(step_fn, setup, batch, mesh))
+    with flops.unrolled_scans():  # a new function object, or jit's trace cache returns the scanned one
+      unrolled = compiled_flops(compile_step(lambda s, b: step_fn(s, b), setup, batch, mesh))
     report.update(unrolled_compile_s=time.time() - t1,
                   unrolled_cost_analysis_tflops_per_device=unrolled / 1e12,
                   cost_analysis_over_hand_count=flops.compare_with_compiled(step_flops, unrolled, mesh.size,
