@@ -79,6 +79,19 @@ def test_round_trip_through_a_safetensors_file_is_exact(tmp_path, dtype):
     np.testing.assert_array_equal(got[k], want, err_msg=k)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_json", "too_short"])
+def test_damaged_files_are_refused_in_one_line(tmp_path, damage):
+  path = tmp_path / wan_vae.FILE_NAME
+  write_safetensors(path, as_diffusers(vae_lib.settings(TINY))[1])
+  blob = path.read_bytes()
+  blob = {"truncated": blob[:-100], "not_json": blob[:8] + b"\xff" * (len(blob) - 8),
+          "too_short": blob[:5]}[damage]
+  path.write_bytes(blob)
+  with pytest.raises(wan_vae.ConversionError, match="safetensors file|truncated") as e:
+    wan_vae.read_safetensors(path)
+  assert "\n" not in str(e.value)
+
+
 def test_converted_run_loads_like_a_trained_vae(tmp_path):
   s = vae_lib.settings(dict(TINY, decoder_base_dim=8))
   params, tensors = as_diffusers(s)

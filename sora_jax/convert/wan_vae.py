@@ -60,7 +60,7 @@ class ConversionError(ValueError):
 
 # ------------------------------------------------------------------------------------ safetensors
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors file as float32 numpy (memory-mapped while converting).
+  """Every tensor of a safetensors file as float32 numpy (read through a memory map).
 
   The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
   data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw row-major bytes.
@@ -75,7 +75,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConversionError(f"{path} is not a safetensors file (header is not JSON: {e})") from None
-  data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+  if not isinstance(header, dict):
+    raise ConversionError(f"{path} is not a safetensors file (header is not a JSON object)")
+  data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -84,8 +86,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise ConversionError(f"{path}: tensor {name} has dtype {info['dtype']}; accepted: "
                             f"{sorted(_ST_DTYPES)}")
     begin, end = info["data_offsets"]
-    arr = np.frombuffer(data[begin:end], dtype=_ST_DTYPES[info["dtype"]])
-    out[name] = arr.reshape(info["shape"]).astype(np.float32)
+    try:
+      arr = np.frombuffer(data[begin:end], dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    except ValueError:
+      raise ConversionError(f"{path}: tensor {name}'s bytes [{begin}, {end}) do not hold "
+                            f"{info['dtype']} {info['shape']} (truncated file?)") from None
+    out[name] = arr.astype(np.float32)
   return out
 
 
