@@ -57,6 +57,9 @@ def define_flags() -> None:
   flags.DEFINE_string("data_dir", None, "an ingested video data set (tfds dir) for VAE metrics")
   flags.DEFINE_string("data_split", None, "its split")
   flags.DEFINE_string("workdir", None, "training runs for the curves (default: the bundle's source)")
+  flags.DEFINE_string("compare_bundle", None, "another export of the same run (e.g. --dtype bfloat16): "
+                      "sample the first compare_prompts prompts with it too and report pixel differences")
+  flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle")
 
 
 DEFAULTS = dict(num_prompts=64, vae_clips=32, seed=0, steps=0, guidance=0.0, mixture="", data_dir="",
@@ -281,6 +284,11 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
       rows.append(("persistence (long clips)", report._pct(longs.get("persistence"))))  # pylint: disable=protected-access
   elif gen is None:
     rows.append(("generation", result.get("generation_skipped", "not run")))
+  c = result.get("comparison")
+  if c:
+    rows.append((f"vs {c['dtype']} bundle: mean |pixel difference| (of 255)",
+                 f"{c['mean_abs_diff']:.3f} <span class=note>p99 {c['p99_abs_diff']:.0f}, max "
+                 f"{c['max_abs_diff']}; same detector verdicts {c['same_verdicts']}/{c['videos']}</span>"))
   for name in ("vae_shapes", "vae_ingested"):
     v = result.get(name)
     if v:
@@ -326,9 +334,30 @@ def _verdict(sc: detector.ClipScore) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def compare_videos(a: Sequence[np.ndarray | None], b: Sequence[np.ndarray | None],
+                   specs: Sequence[shapes.ClipSpec]) -> dict:
+  """Pixel differences between two bundles' videos of the same prompts and seed, and whether the detector
+  reaches the same verdicts on them."""
+  diffs, same = [], []
+  for x, y, s in zip(a, b, specs):
+    if x is None or y is None:
+      continue
+    diffs.append(np.abs(x.astype(np.int16) - y.astype(np.int16)).ravel())
+    vx, vy = detector.score_clip(x, s.labels()), detector.score_clip(y, s.labels())
+    same.append(all(getattr(vx, m) == getattr(vy, m) for m in detector.METRICS))
+  d = np.concatenate(diffs) if diffs else np.zeros(0)
+  return {"videos": len(diffs), "mean_abs_diff": float(d.mean()) if d.size else float("nan"),
+          "p99_abs_diff": float(np.percentile(d, 99)) if d.size else float("nan"),
+          "max_abs_diff": int(d.max()) if d.size else 0, "same_verdicts": int(sum(same))}
+
+
 def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Callable | None = None,
-             **overrides) -> dict:
-  """Runs the whole evaluation of a loaded bundle; writes metrics.json, report.html and PNGs."""
+             compare=None, compare_prompts: int = 8, **overrides) -> dict:
+  """Runs the whole evaluation of a loaded bundle; writes metrics.json, report.html and PNGs.
+
+  `compare`: another loaded bundle of the same run (a bfloat16 export, say); its videos of the first
+  `compare_prompts` prompts are compared with this bundle's (same seed), see `compare_videos`.
+  """
   os.makedirs(out_dir, exist_ok=True)
   s = settings(bundle.config, **overrides)
   result: dict[str, Any] = {"bundle": bundle.path, "settings": s,
@@ -374,6 +403,12 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
              [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
     if rows:
       gen_extra = {"grid": os.path.basename(report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))}
+    if compare is not None and kept:
+      n = min(compare_prompts, len(specs))
+      other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                              chunk=s["chunk"], generate=generate)
+      result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
+                              **compare_videos(videos[:n], other, specs[:n])}
   workdir = workdir or result["bundle_source"].get("workdir")
   curves = _curves(workdir, out_dir)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -409,6 +444,11 @@ def headline(result: dict) -> str:
     if v:
       lines.append(f"[eval] VAE ({v['label']}): PSNR {v['psnr']['mean']:.2f} dB "
                    f"[{v['psnr']['ci95'][0]:.2f}, {v['psnr']['ci95'][1]:.2f}], SSIM {v['ssim']['mean']:.4f}")
+  c = result.get("comparison")
+  if c:
+    lines.append(f"[eval] vs {c['bundle']} ({c['dtype']}): mean |pixel difference| {c['mean_abs_diff']:.3f} "
+                 f"(p99 {c['p99_abs_diff']:.0f}, max {c['max_abs_diff']}) of 255 over {c['videos']} videos; "
+                 f"same detector verdicts on {c['same_verdicts']}/{c['videos']}")
   lines.append(f"[eval] report: {os.path.abspath(result['report'])}")
   return "\n".join(lines)
 
@@ -427,7 +467,15 @@ def main(argv):
                    steps=FLAGS.steps, guidance=FLAGS.guidance, mixture=FLAGS.mixture,
                    data_dir=FLAGS.data_dir, data_split=FLAGS.data_split)
   start = time.time()
-  result = evaluate(loaded, FLAGS.out_dir, workdir=FLAGS.workdir, **overrides)
+  compare = None
+  if FLAGS.compare_bundle:
+    try:
+      compare = bundle_lib.load(FLAGS.compare_bundle)
+    except (bundle_lib.BundleError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  result = evaluate(loaded, FLAGS.out_dir, workdir=FLAGS.workdir, compare=compare,
+                    compare_prompts=FLAGS.compare_prompts, **overrides)
   print(f"[eval] done in {time.time() - start:.0f}s", flush=True)
   print(headline(result), flush=True)
 

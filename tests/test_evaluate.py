@@ -41,7 +41,9 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   specs = evaluate.test_prompts(20, seed=0, mixture="demo")
   out = str(tmp_path / "eval")
   result = evaluate.evaluate(b, out, generate=_ground_truth_generator(specs), num_prompts=20, vae_clips=1,
-                             mixture="demo")
+                             mixture="demo", compare=b, compare_prompts=3)
+  assert result["comparison"]["videos"] == 3 and result["comparison"]["max_abs_diff"] == 0
+  assert result["comparison"]["same_verdicts"] == 3
   groups = result["generation"]["groups"]
   assert groups["all"]["colour"]["n"] == 20
   for group, metrics in groups.items():
