@@ -74,8 +74,12 @@ def windows(active_bnm: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _take_blocks(x_bn, idx_bm):
-  """x[b, idx[b, i]] for every b, i: the per-row gather of whole blocks."""
-  return x_bn[jnp.arange(x_bn.shape[0])[:, None], idx_bm]
+  """x[b, idx[b, i]] for every b, i: the per-row gather of whole blocks.
+
+  Written with vmap so the gather carries the batch as a batching dimension: XLA then partitions it
+  along a sharded batch instead of all-gathering the operand onto every device.
+  """
+  return jax.vmap(lambda x, i: x[i])(x_bn, idx_bm)
 
 
 def _mask(q_ids_bnc, kv_ids_bnc, valid_bn):
