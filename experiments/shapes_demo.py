@@ -139,8 +139,8 @@ def get_config(arg=None):
 
   # --- VAE training (sora_jax/train_vae.py): ~8 min of 2-core CPU; docs/benchmarks.md "Issue 3".
   c.vae_train = ml_collections.ConfigDict()
-  c.vae_train.total_steps = 600
-  c.vae_train.max_train_seconds = 600.0  # stop early (checkpointed) if a slow machine would overrun
+  c.vae_train.total_steps = 500
+  c.vae_train.max_train_seconds = 540.0  # stop early (checkpointed) if a slow machine would overrun
   c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
   c.vae_train.image_pixels = 4096
   c.vae_train.video_frames = 17          # video crops video_frames x video_crop^2: 5 latent frames, so
