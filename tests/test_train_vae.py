@@ -116,3 +116,26 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
   assert step == 4 and loaded_cfg.vae.base_dim == 4
   mean, logvar = vae.encode_chunked(np.zeros((1, 5, 16, 16, 3), np.float32))
   assert mean.shape == (1, 3, 8, 8, 4)
+
+
+@pytest.mark.slow
+def test_discriminator_trains_only_after_gan_start(data_dir):
+  import jax
+  from sora_jax import optim
+  cfg = _tiny_config(data_dir)
+  cfg.vae_train.update(dict(gan_weight=0.5, gan_start=1, disc_dim=4, disc_layers=2, total_steps=2))
+  tx = optim.make_optimizer(cfg.vae_train.optim, 2)
+  disc_tx = optim.make_optimizer(cfg.vae_train.optim, 2)
+  state, graphdef, disc_graphdef = train_vae.init_state(cfg, tx, disc_tx)
+  step = jax.jit(train_vae.make_train_step(cfg, graphdef, tx, optim.make_schedule(cfg.vae_train.optim, 2),
+                                           disc_graphdef, disc_tx))
+  batches = VAEBatches(_fake_source(), image=Crop.for_budget(1, 16, 16, 512),
+                       video=Crop.for_budget(5, 16, 16, 1280), seed=0)
+  before = jax.tree.leaves(state["disc_params"])
+  state, m0 = step(state, batches.batch(0))
+  after0 = jax.tree.leaves(state["disc_params"])
+  assert all(np.array_equal(a, b) for a, b in zip(before, after0))  # step 0 < gan_start: frozen
+  state, m1 = step(state, batches.batch(1))
+  after1 = jax.tree.leaves(state["disc_params"])
+  assert any(not np.array_equal(a, b) for a, b in zip(after0, after1))
+  assert np.isfinite(float(m1["gan/d_loss"])) and np.isfinite(float(m1["gan/g_loss"]))

@@ -67,8 +67,8 @@ def test_image_is_a_one_frame_video(tiny):
 
 @pytest.mark.parametrize("cfg,shape", [
     (TINY, (1, 13, 16, 24, 3)),
-    (dict(TINY, dim_mult=(1, 2, 2), temporal_downsample=(True, True), patch_size=2),
-     (2, 9, 8, 16, 3)),
+    pytest.param(dict(TINY, dim_mult=(1, 2, 2), temporal_downsample=(True, True), patch_size=2),
+                 (2, 9, 8, 16, 3), marks=pytest.mark.slow),
 ])
 def test_chunked_equals_full_sequence(cfg, shape):
   model = _randomised(cfg, seed=3)
