@@ -63,7 +63,8 @@ def get_config(arg=None):
   c.sample.height = 32
   c.sample.width = 32
   c.sample.fps = 8.0
-  c.sample.row_len = 0           # packed inference row length in tokens; 0 = data.seq_len
+  c.sample.row_len = 128         # packed inference rows (tokens); 0 = data.seq_len. Short rows in a batch
+                                 # beat long ones with dense-mask attention (docs/benchmarks.md, Issue 6)
   c.sample.max_tile_pixels = 0   # VAE chunked decoding: tile frames above this many pixels; 0 = never
 
   # --- DiT (sora_jax/models/dit.py, models/text.py): 5.5M params (1.3M of them adaLN, applied per

@@ -130,7 +130,7 @@ def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
       h = h or _grid_size(first.shape[1], g.spatial * g.patch[1])
       w = w or _grid_size(first.shape[2], g.spatial * g.patch[2])
       if _EDIT.value and not n:
-        n = sampling._usable_frames(min(first.shape[0], g.max_frames), g.temporal)  # pylint: disable=protected-access
+        n = sampling.usable_frames(min(first.shape[0], g.max_frames), g.temporal)
     n = int(pipe.sample_setting("num_frames", n, 17))
     h, w = int(pipe.sample_setting("height", h, 32)), int(pipe.sample_setting("width", w, 32))
     if _IMAGE.value:
@@ -168,7 +168,7 @@ def output_paths(out: str, count: int, index: int, frames: int, also) -> list[Pa
 
 def main(argv):
   if len(argv) > 1:
-    config_lib._fail(f"unexpected arguments {argv[1:]}")  # pylint: disable=protected-access
+    config_lib._fail(f"unexpected arguments {argv[1:]}")
   try:
     if not _PROMPT.value and not _PROMPTS_FILE.value:
       raise ValueError("give --prompt or --prompts_file")
@@ -186,7 +186,7 @@ def main(argv):
     videos = sampling.generate(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
                                sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=True)
   except (ValueError, TypeError, FileNotFoundError) as e:  # BundleError and VideoReadError included
-    config_lib._fail(str(e).splitlines()[0])  # pylint: disable=protected-access
+    config_lib._fail(str(e).splitlines()[0])
   for i, (r, v) in enumerate(zip(reqs, videos)):
     for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
       video_io.write_video(path, v, fps=fps)

@@ -2,32 +2,35 @@
 
 The generator the evaluator and the CLI call:
 
-    videos = sampling.generate(bundle, [(caption, num_frames, height, width), ...],
-                               seed=0, steps=30, guidance=4.0, sampler=None, row_len=None,
-                               progress=False)
+    videos = sampling.generate(models, requests, *, seed=0, steps=None, guidance=None, sampler=None,
+                               row_len=None, rows_per_call=8, index_offset=0, progress=False)
+    # models: sora_jax.bundle.load(path) / load_workdir(W), or a Pipeline
+    # requests: [(caption, num_frames, height, width), ...] or Requests (image/video conditioning)
     # -> list of uint8 numpy arrays [num_frames, height, width, 3], in request order
 
-`bundle` is what `sora_jax.bundle.load(path)` returns (or a `Pipeline`); a request may also be a `Request`,
-which carries image/video conditioning.
+steps, guidance, sampler and row_len default to the model config's `sample` section. Request i's
+noise is drawn from `fold_in(PRNGKey(seed), index_offset + i)`, so a request's video does not depend on
+what else it was packed with; `sample_latents` is the same without decoding.
 
 How it works:
 - Every request becomes a latent grid of spacetime patches (`Geometry` checks the size: frame counts 1 or
-  1 + 4k, heights and widths on the patch grid). Its initial noise, and every noise draw of an ancestral
-  sampler, comes from `fold_in(PRNGKey(seed), request index)`, so a request's video does not depend on
-  what else it was packed with.
-- Packed inference: requests are packed first-fit into rows of `row_len` tokens (NaViT style, as in
-  training) and denoised together with one diffusion time per segment, so several small prompts share
-  one model call per step. Packed output equals one-by-one output up to float rounding.
-- Samplers: Euler and Heun on the rectified-flow ODE (with the resolution-dependent time shift of
-  `diffusion.py`); DDIM (deterministic) and DDPM (ancestral) for the DDPM objective.
-- Classifier-free guidance: the unconditional branch is the same row with `text_drop = 1` (the model's
-  learned null text); out = uncond + guidance * (cond - uncond).
-- Image and video prompts all go through one mechanism, the DiT's `cond` / `cond_mask` inputs: clean
-  latents of the given frames and a per-token mask. At every step the given tokens of x_t are reset to
-  their noised clean value at the current time, and the final latents take the given values exactly.
-  SDEdit (`init_latents`, `strength`) instead starts the segment's ODE at t = strength from the noised
-  input latents.
-- Latents are decoded by the VAE's chunked decoder.
+  1 + ft*k up to 481, heights and widths on the patch grid; otherwise one line naming the value and
+  what is accepted).
+- Packed inference: requests are packed first-fit-decreasing into rows of `row_len` tokens (NaViT style,
+  as in training) and denoised together, one diffusion time per segment (each segment keeps its own
+  time-shifted schedule), so several small prompts share one model call per step. Packed output equals
+  one-by-one output up to float rounding (tests/test_sampling.py).
+- Samplers: Euler and Heun on the rectified-flow ODE with the training's resolution-dependent time shift
+  (`diffusion.time_shift`); DDIM (deterministic) and DDPM (ancestral) for the DDPM objective.
+- Classifier-free guidance: the unconditional branch is the same rows with `text_drop = 1` (the model's
+  learned null text), stacked on the batch axis; out = uncond + guidance * (cond - uncond).
+- Image and video prompts all go through one mechanism, the DiT's `cond` / `cond_mask` inputs (the
+  modes diffusion.loss_fn trains with random masks): clean latents of the given latent frames and a
+  per-token mask. Given tokens hold their clean latents at every step, as in training, so they come out
+  exactly. `image_prompt` (first frame), `extend_prompt` (forward: first frames; backward: last frames),
+  `connect_prompt` (first and last latent frame) build such Requests. SDEdit (`edit_prompt`:
+  `init_latents`, `strength`) instead starts the segment's ODE at t = strength from the noised input.
+- Latents are decoded by the VAE's chunked decoder (frame 0, then one latent frame at a time).
 """
 from __future__ import annotations
 
@@ -544,7 +547,7 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
 
 
-def _usable_frames(n: int, ft: int) -> int:
+def usable_frames(n: int, ft: int) -> int:
   """The largest 1 + ft*k <= n."""
   return 1 + (n - 1) // ft * ft
 
@@ -590,7 +593,7 @@ def extend_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: i
   k = max(1, t // 2)
   if direction == "forward":
     k = min(k, 1 + (video.shape[0] - 1) // g.temporal)
-    n = _usable_frames(min(video.shape[0], g.pixel_frames(k)), g.temporal)
+    n = usable_frames(min(video.shape[0], g.pixel_frames(k)), g.temporal)
     z[:k] = pipe.encode(video[video.shape[0] - n:])
     given[:k] = True
   else:
