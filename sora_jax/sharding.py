@@ -5,7 +5,9 @@ below map them onto the physical axes `data`, `fsdp`, `tensor`. The trainers ask
 shardings of parameters (`state_shardings`), of batches (`batch_sharding`) and of replicated values.
 
 Parameters: FSDP by default (`embed` over `fsdp`), tensor parallelism when the `tensor` axis is > 1
-(`mlp` and `heads` over `tensor`). A dimension that the mesh axis does not divide stays replicated
+(`mlp` and `heads` over `tensor`). Context parallelism (issue 11): the optional `context` axis shards the
+sequence of activations (`act_seq`); attention across it is sora_jax/kernels/ring.py or ulysses.py. The
+axis exists only in meshes that name it, so three-axis meshes are unchanged. A dimension that the mesh axis does not divide stays replicated
 (tiny test models, odd vocabularies), and a mesh axis is used at most once per array.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ from flax import nnx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+# Present in a mesh only when its shape names it (make_mesh).
+OPTIONAL_AXES = ("context",)
 
 # Logical name -> physical mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_batch", ("data", "fsdp")),
-    ("act_seq", None),
+    ("act_seq", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -43,7 +47,8 @@ _current_mesh: Mesh | None = None
 def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over MESH_AXES from {axis: size}; one size may be -1 for "all remaining devices"."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  axes = tuple(a for a in MESH_AXES if a not in OPTIONAL_AXES or a in shape)
+  sizes = [int(shape.get(a, 1)) for a in axes]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {dict(shape)}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -53,7 +58,7 @@ def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(shape)} needs {math.prod(sizes)} devices; {len(devices)} are present")
-  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices > 1:
     # Multi-slice: slices are joined by the data-centre network (DCN), much slower than the links
@@ -61,9 +66,10 @@ def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     if sizes[0] % slices:
       raise ValueError(f"mesh {dict(shape)}: data={sizes[0]} must be a multiple of the {slices} slices")
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices)
-    return Mesh(grid, MESH_AXES, axis_types=axis_types)
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]),
+                                                (slices,) + (1,) * (len(axes) - 1), devices)
+    return Mesh(grid, axes, axis_types=axis_types)
+  return jax.make_mesh(tuple(sizes), axes, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:
@@ -83,11 +89,23 @@ def use_mesh(mesh: Mesh):
     _current_mesh = prev
 
 
+def current_mesh() -> Mesh | None:
+  """The mesh of the enclosing `use_mesh`, or None."""
+  return _current_mesh
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   if _current_mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(_current_mesh, logical_to_spec(names)))
+  spec = P(*(_in_mesh(a, _current_mesh) for a in logical_to_spec(names)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(_current_mesh, spec))
+
+
+def _in_mesh(axes, mesh: Mesh):
+  """`axes` (a PartitionSpec entry) without the axes `mesh` lacks (an unnamed optional axis)."""
+  kept = tuple(a for a in _axes_tuple(axes) if a in mesh.shape)
+  return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
@@ -105,8 +123,9 @@ def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
 
 
 def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh of a config's `mesh` section ({data, fsdp, tensor}, -1 = the remaining devices)."""
-  return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES}, devices)
+  """The mesh of a config's `mesh` section ({data, fsdp, [context,] tensor}, -1 = the remaining devices)."""
+  return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES
+                    if a not in OPTIONAL_AXES or a in cfg_mesh}, devices)
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:
@@ -134,7 +153,7 @@ def spec_for_shape(names: Sequence[str | None] | None, shape: Sequence[int], mes
     kept = []
     size = 1
     for axis in _axes_tuple(rules.get(name) if name is not None else None):
-      n = mesh.shape[axis]
+      n = mesh.shape.get(axis, 1)
       if n == 1 or axis in used or dim % (size * n):
         continue
       kept.append(axis)
