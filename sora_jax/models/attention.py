@@ -9,18 +9,28 @@ Implementations (all equal to "reference" within float rounding, forward and gra
   sora_jax/kernels/splash.py.
 - "gpu": GPU Pallas (Triton) flash attention that walks only the key blocks sharing a segment.
   sora_jax/kernels/gpu.py.
+- "ring", "ulysses": context parallelism (issue 11) for sequences sharded over the `context` mesh axis:
+  ring attention rotates key/value shards around the axis (sora_jax/kernels/ring.py, block-sparse local
+  kernel); all-to-all attention swaps sequence for head sharding around the "auto" local kernel
+  (sora_jax/kernels/ulysses.py). Without a context axis (or for cross-attention, whose keys are not
+  sharded) they run the "auto" kernel on each device's query shard against all keys.
 - "auto": "splash" on TPU, "gpu" on GPU, "blocksparse" elsewhere (decided by jax.default_backend()).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from sora_jax import sharding
 
 # Pallas kernels are custom calls XLA cannot partition: they run per device block (sharding.per_shard),
-# batch over the data axes and heads over `tensor`, like the activations around them.
-_KERNEL_NAMES = (("act_batch", "act_seq", "act_heads", None),) * 3 + (("act_batch", "act_seq"),) * 2
+# batch over the data axes and heads over `tensor`, like the activations around them. The sequence is
+# whole per device (a kernel on a sequence shard would drop the keys of the other shards).
+_KERNEL_NAMES = (("act_batch", None, "act_heads", None),) * 3 + (("act_batch", None),) * 2
+_CONTEXT_NAMES = (("act_batch", "act_seq", "act_heads", None),) * 3 + (("act_batch", "act_seq"),) * 2
 
 
 def _reference(q, k, v, q_segment_ids, kv_segment_ids):
@@ -52,8 +62,47 @@ def _gpu(q, k, v, q_segment_ids, kv_segment_ids):
                             names=_KERNEL_NAMES)
 
 
+def _local_kernel(name: str):
+  """The single-device function of a local implementation, for use inside shard_map."""
+  if name == "splash":
+    from sora_jax.kernels import splash
+    return splash.splash_attention
+  if name == "gpu":
+    from sora_jax.kernels import gpu
+    return gpu.gpu_attention
+  return {"reference": _reference, "blocksparse": _blocksparse}[name]
+
+
+def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids):
+  """Ring or all-to-all attention over the `context` axis of the current mesh (see the docstring)."""
+  from sora_jax.kernels import ring, ulysses
+  mesh = sharding.current_mesh()
+  local = resolve("auto")
+  n = mesh.shape.get("context", 1) if mesh is not None else 1
+  if n == 1:
+    return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids)
+  args = (q, k, v, q_segment_ids, kv_segment_ids)
+  specs = [sharding.spec_for_shape(nm, x.shape, mesh) for nm, x in zip(_CONTEXT_NAMES, args)]
+  if specs[0][1] != "context":
+    raise ValueError(f"{kind} attention: query length {q.shape[1]} is not divisible by the context "
+                     f"axis size {n}")
+  if specs[1][1] != "context" or q.shape[1] != k.shape[1]:
+    # Keys not sharded like the queries (cross-attention to a short caption row): every device attends
+    # its query shard to all keys.
+    specs = specs[:1] + [P(s[0], None, *s[2:]) for s in specs[1:3]] + [specs[3], P(specs[4][0], None)]
+    body = _local_kernel(local)
+  elif kind == "ring":
+    body = functools.partial(ring.ring_attention_shard, axis_name="context", axis_size=n)
+  else:
+    body = functools.partial(ulysses.ulysses_attention_shard, axis_name="context", axis_size=n,
+                             local_fn=_local_kernel(local))
+  return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0],
+                       check_vma=False)(*args)
+
+
 _IMPLEMENTATIONS = {"reference": _reference, "blocksparse": _blocksparse, "splash": _splash,
-                    "gpu": _gpu}
+                    "gpu": _gpu, "ring": functools.partial(_context_parallel, "ring"),
+                    "ulysses": functools.partial(_context_parallel, "ulysses")}
 _AUTO = {"tpu": "splash", "gpu": "gpu"}
 
 
