@@ -98,7 +98,10 @@ class _Stream:
   def __init__(self, past: list | None, first: bool):
     self.past, self.first, self.out = past, first, []
 
-  def take(self):
+  def take(self, x=None):
+    """The past of the calling layer; `x` is its input chunk (a context-parallel stream sends the tail
+    of it to the next device, sora_jax/models/vae_cp.py)."""
+    del x
     return None if self.past is None else self.past[len(self.out)]
 
   def give(self, cache) -> None:
@@ -158,7 +161,7 @@ class CausalConv3d(nnx.Module):
     if kt > 1:
       if stream is None:  # a stand-alone full-sequence call
         stream = _Stream(None, True)
-      past = stream.take()
+      past = stream.take(x)
       if past is None:
         past = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
       x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
@@ -262,7 +265,7 @@ class Resample(nnx.Module):
     if stream.first:
       head, past = x[:, :1], None
     else:
-      head, past = x[:, :0], stream.take()
+      head, past = x[:, :0], stream.take(x)
     stream.give(x[:, -1:])
     seq = x if past is None else jnp.concatenate([past.astype(x.dtype), x], axis=1)
     if seq.shape[1] < 3:
@@ -277,7 +280,7 @@ class Resample(nnx.Module):
 
   def _time_up(self, x, stream: _Stream):
     head, rest = (x[:, :1], x[:, 1:]) if stream.first else (x[:, :0], x)
-    past = stream.take()
+    past = stream.take(rest)
     if past is None:
       past = jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype)
     if rest.shape[1] == 0:
