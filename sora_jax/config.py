@@ -99,6 +99,14 @@ def get_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def flag(define: Callable, name: str, *args, **kwargs) -> flags.FlagHolder:
+  """`define(name, ...)` once per process: entry points share names like --workdir, and tests import
+  several entry points into one process; a second definition reuses the first flag."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, *args, **kwargs)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run` with one-line errors for bad configs and bad flags."""
   _define_config_flag()

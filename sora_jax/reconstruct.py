@@ -21,11 +21,13 @@ import time
 from absl import app, flags
 import numpy as np
 
-_VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
-_INPUT = flags.DEFINE_string("input", None, "video (mp4, gif, ...), image (png, jpg) or .npy frames")
-_OUT = flags.DEFINE_string("out", None, "output .mp4, .gif, .png or .npy")
-_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
-_FPS = flags.DEFINE_float("fps", 0.0, "output frame rate; 0 = the input's")
+from sora_jax import config as config_lib
+
+_VAE = config_lib.flag(flags.DEFINE_string, "vae", None, "VAE workdir or inference bundle")
+_INPUT = config_lib.flag(flags.DEFINE_string, "input", None, "video (mp4, gif, ...), image (png, jpg) or .npy frames")
+_OUT = config_lib.flag(flags.DEFINE_string, "out", None, "output .mp4, .gif, .png or .npy")
+_MAX_TILE = config_lib.flag(flags.DEFINE_integer, "max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
+_FPS = config_lib.flag(flags.DEFINE_float, "fps", 0.0, "output frame rate; 0 = the input's")
 
 
 def pad_to_grid(frames: np.ndarray, temporal: int, spatial: int) -> np.ndarray:

@@ -41,7 +41,7 @@ import optax
 from sora_jax import checkpoint, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+_WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where checkpoints, metrics and samples go")
 
 log = logging.getLogger("sora_jax.train")
 

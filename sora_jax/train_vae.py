@@ -41,7 +41,7 @@ from sora_jax import checkpoint, metrics, optim
 from sora_jax import config as config_lib
 from sora_jax.models import vae as vae_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and reconstructions go")
+_WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where checkpoints, metrics and reconstructions go")
 
 log = logging.getLogger("sora_jax.train_vae")
 State = dict[str, Any]
