@@ -56,9 +56,9 @@ COLOUR_NAMES: tuple[str, ...] = tuple(shapes.COLOURS)  # class k + 1 in a class 
 _FG_THRESHOLD = 40.0 / 255.0
 _MIN_SAT, _MIN_VAL = 0.3, 0.25
 _MIN_MOTION_FRAMES = 4  # a wide shot shorter than this (0.375 s, 11% of the frame) shows no motion
-_MIN_AREA_FRAC = 0.01     # of min(H, W)^2
+_MIN_AREA_FRAC = 0.01    # of min(H, W)^2
 _MIN_FILL = 0.3
-_MIN_SOLID = 0.15     # smallest render: 3 of 16 pixels survive; uniform noise: 99% of clusters < 0.1
+_MIN_SOLID = 0.15         # smallest render: 3 of 16 pixels survive; uniform noise: 99% of clusters < 0.1
 _STILL = 0.05             # SHAPES.md: still means displacement under 5% of the frame
 _TURN = 0.03              # a turn back by this much (of the frame) along the axis is a reversal
 _PERSIST = 0.9
@@ -294,12 +294,11 @@ def _cut_frame(cls: np.ndarray, colour_id: int) -> int | None:
   return t + 1 if score[t] >= _CUT_SCORE else None
 
 
-def _tracks(cls: np.ndarray, con: np.ndarray, colour_id: int, n: int, min_area: float) -> list[list[Blob | None]]:
-  """`n` (1 or 2) per-frame tracks of one colour's components, linked by nearest centroid."""
+def _two_tracks(cls: np.ndarray, con: np.ndarray, colour_id: int, min_area: float
+                ) -> list[list[Blob | None]]:
+  """Two per-frame tracks of one colour's two largest solid components, linked by nearest centroid."""
   per_frame = [[b for b in _blobs(cls[t] == colour_id, _own(cls[t], con[t], colour_id), min_area) if b.solid]
                for t in range(len(cls))]
-  if n == 1:
-    return [[b[0] if b else None for b in per_frame]]
   tracks: list[list[Blob | None]] = [[], []]
   last: list[Blob | None] = [None, None]
   for blobs in per_frame:
@@ -359,7 +358,7 @@ def read_clip(frames: np.ndarray, labels: shapes.CaptionLabels) -> ClipReading:
     if len(idx) == 1:
       blob_tracks[idx[0]], xy_tracks[idx[0]] = _colour_track(cls[wide], con[wide], cid, min_area)
     else:
-      tracks = _tracks(cls[wide], con[wide], cid, 2, min_area)
+      tracks = _two_tracks(cls[wide], con[wide], cid, min_area)
       xys = [np.array([(b.cx, b.cy) if b else (np.nan, np.nan) for b in tr]) for tr in tracks]
       shapes_read = [_shape_of(tr) for tr in tracks]
       motions = [_motion_of(xy, scale) for xy in xys]
