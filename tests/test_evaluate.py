@@ -36,12 +36,30 @@ def _ground_truth_generator(specs):
   return generate
 
 
+def _write_ingested(data_dir):
+  """A two-clip video data set like data_pipelines/ingest_videos.py writes, sizes off any grid."""
+  from sora_jax.data import sources
+  rng = np.random.default_rng(0)
+  examples = []
+  for i, (t, h, w) in enumerate([(10, 40, 50), (7, 33, 32)]):
+    examples.append({"video": rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), "caption": f"clip {i}",
+                     "num_frames": t, "height": h, "width": w, "fps": 8.0, "labels": "",
+                     "source": f"file{i}.mp4#0"})
+  sources.write_dataset(data_dir, name="ingested", split="test", features=sources.video_features(),
+                        examples=examples)
+  return str(data_dir)
+
+
 def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(tiny_bundle, tmp_path):
   b = bundle_lib.load(tiny_bundle["f32"])
   specs = evaluate.test_prompts(20, seed=0, mixture="demo")
   out = str(tmp_path / "eval")
+  ingested = _write_ingested(tmp_path / "ingested")
   result = evaluate.evaluate(b, out, generate=_ground_truth_generator(specs), num_prompts=20, vae_clips=1,
-                             mixture="demo", compare=b, compare_prompts=3)
+                             mixture="demo", compare=b, compare_prompts=3, data_dir=ingested,
+                             data_split="test")
+  # The first vae_clips ingested clips, cropped to the VAE's grid (10 frames -> 9, 40x50 -> 40x48).
+  assert [(c["frames"], c["size"]) for c in result["vae_ingested"]["clips"]] == [(9, [40, 48])]
   assert result["comparison"]["videos"] == 3 and result["comparison"]["max_abs_diff"] == 0
   assert result["comparison"]["same_verdicts"] == 3
   groups = result["generation"]["groups"]
