@@ -149,12 +149,15 @@ def split_text_encoder(dit_params: Mapping) -> tuple[dict, dict]:
 def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping, dit_params: Mapping,
           vae_params: Mapping | None, tokenizer_model: str | os.PathLike, latent_stats: Mapping,
           dtype: str = "float32", source: Mapping | None = None) -> dict:
-  """Writes a bundle to `out` (replacing one there) and returns its manifest.
+  """Writes a bundle to `out` (replacing a bundle there, never anything else) and returns its manifest.
 
   The bundle is assembled in a sibling temporary directory and renamed into place, so `out` never holds
   a half-written bundle.
   """
   out = Path(out)
+  if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+    raise BundleError(f"--out {out} exists and is not a bundle; refusing to replace it (give a new or "
+                      "empty directory, or an existing bundle)")
   tmp = out.with_name(out.name + ".tmp-export")
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)

@@ -161,6 +161,18 @@ def test_config_that_does_not_fit_the_weights_fails_in_one_line(run, tmp_path):
   assert not os.path.exists(tmp_path / "b")
 
 
+def test_export_never_replaces_a_directory_that_is_not_a_bundle(run, tmp_path):
+  precious = tmp_path / "runs"
+  precious.mkdir()
+  (precious / "notes.txt").write_text("keep me")
+  with pytest.raises(bundle_lib.BundleError, match="not a bundle"):
+    export.export(run["workdir"], str(precious))
+  assert (precious / "notes.txt").read_text() == "keep me"
+  export.export(run["workdir"], str(tmp_path / "b"))
+  export.export(run["workdir"], str(tmp_path / "b"))  # an existing bundle is replaced
+  assert bundle_lib.verify(tmp_path / "b")
+
+
 def test_export_cli(run, tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   out = str(tmp_path / "cli_bundle")
