@@ -135,17 +135,22 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                          kv_segment_ids: jax.Array, *, axis_name: str, axis_size: int,
-                         block: int = 64, group: int = 4) -> jax.Array:
+                         block: int = 128, group: int = 4, max_groups: int = 8) -> jax.Array:
   """The per-device body (call inside shard_map): local q `[B, Lq/n, H, D]` and k, v `[B, Lk/n, H, D]`
   are this device's contiguous shards; returns this device's shard of the segment attention output.
 
   Every device's shard must have the same length (shard_map guarantees it); the shards are padded to a
-  multiple of `block` here (padding ids are 0, so padded keys are never attended to).
+  multiple of `block` here (padding ids are 0, so padded keys are never attended to). `group`: blocks
+  stepped together by the local kernel (blocksparse.blocksparse_attention), raised so that a hop runs
+  at most `max_groups` loops: a shard of 80k tokens is 640 blocks, and one loop per 4 of them would be
+  hundreds of while loops per hop to compile.
   """
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"ring attention needs equal q and kv shard lengths, got {q.shape[1]} and {k.shape[1]}")
   lq = q.shape[1]
   block = min(block, -(-lq // 8) * 8)
+  num_blocks = -(-lq // block)
+  group = max(group, -(-num_blocks // max_groups))
   pad = lambda x: bs.pad_seq(x, block)
   out = _ring(pad(q), pad(k), pad(v), pad(q_segment_ids.astype(jnp.int32)),
               pad(kv_segment_ids.astype(jnp.int32)), axis_name, axis_size, block, group)

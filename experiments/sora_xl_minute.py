@@ -1,0 +1,57 @@
+"""sora-XL-minute: sora-XL (experiments/sora_xl.py, ~11B parameters) trained on single sequences of a
+whole minute of 720p video at 24 fps, with context parallelism (issue 11, docs/context_parallel.md).
+
+A minute is 1 + 1440 frames; the 4x8x8 VAE makes 361 x 90 x 160 latents and 1x2x2 patches
+361 x 45 x 80 = 1,299,600 tokens, one sequence per row (rows are padded to 1,300,480 = 635 x 2048 so
+every one of the 16 context shards is a whole number of 128-token blocks). No chip holds that
+sequence's activations: the `context` mesh axis shards the sequence of every activation (act_seq) and
+self-attention runs as ring or all-to-all attention over it (dit.context_attention).
+
+    python -m sora_jax.compile_check --config experiments/sora_xl_minute.py --topology v5p:8x8x4
+    python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py  # fits + MFU
+Train (v5p-512 = 256 chips: 16 context groups of 16 chips, FSDP over the groups):
+    python -m sora_jax.train --config experiments/sora_xl_minute.py --workdir gs://BUCKET/runs/minute \\
+        --config.data.latents_dir=gs://BUCKET/minute_latents --config.data.tokenizer=gs://BUCKET/tok.model
+Expected (docs/benchmarks.md, Issue 11): what compiled on this CPU machine, and how, is recorded there.
+
+`runlocal` is the same recipe at toy size on 8 fake CPU devices (context 4, fsdp 2).
+"""
+import ml_collections
+
+from experiments import sora_xl
+from sora_jax.config import parse_arg
+
+MINUTE_TOKENS = 361 * 45 * 80  # latent frames x (90 / 2) x (160 / 2)
+
+SLICES = {
+    # 256 chips: 16 rows per step, each row's sequence over 16 chips (81k tokens per chip).
+    "v5p:8x8x4": dict(batch_size=16, mesh=dict(data=1, fsdp=16, context=16, tensor=1)),
+    # 512 chips (v5p-1024): 32 context groups.
+    "v5p:8x8x8": dict(batch_size=32, mesh=dict(data=1, fsdp=32, context=16, tensor=1)),
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, topology="v5p:8x8x4", context_attention="ring", runlocal=False)
+  if arg.context_attention not in ("ring", "ulysses"):
+    raise ValueError(f"context_attention={arg.context_attention!r}; accepted: 'ring', 'ulysses'")
+  if arg.runlocal:
+    c = sora_xl.get_config("runlocal=True")
+    c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 2, 128
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=2, context=4, tensor=1))
+  else:
+    if arg.topology not in SLICES:
+      raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
+    pod = SLICES[arg.topology]
+    c = sora_xl.get_config()
+    c.data.seq_len = -(-MINUTE_TOKENS // 2048) * 2048
+    c.data.batch_size = pod["batch_size"]
+    c.data.max_segments = 4     # one minute-long video per row (short clips may share its padding)
+    c.mesh = ml_collections.ConfigDict(pod["mesh"])
+    c.dit.remat = "full"
+    c.compile_check.topology = arg.topology
+  # Self-attention over the sharded sequence (sora_jax/models/attention.py "ring" | "ulysses"); the
+  # attention key follows this one (a --config.dit.context_attention override carries over).
+  c.dit.context_attention = arg.context_attention
+  c.dit.attention = c.dit.get_ref("context_attention")
+  return c
