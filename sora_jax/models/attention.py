@@ -91,7 +91,9 @@ def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids):
     # its query shard to all keys.
     specs = specs[:1] + [P(s[0], None, *s[2:]) for s in specs[1:3]] + [specs[3], P(specs[4][0], None)]
     body = _local_kernel(local)
-  elif kind == "ring":
+  elif kind == "ring" or (q.shape[2] // (mesh.shape["tensor"] if specs[0][2] else 1)) % n:
+    # Ulysses needs each device's heads divisible by n; other attentions (a text encoder with fewer
+    # heads) take the ring.
     body = functools.partial(ring.ring_attention_shard, axis_name="context", axis_size=n)
   else:
     body = functools.partial(ulysses.ulysses_attention_shard, axis_name="context", axis_size=n,
