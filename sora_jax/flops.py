@@ -2,7 +2,10 @@
 
 Two counts per train step (global, all devices together):
 - `model`: the matmul FLOPs the model needs, forward + backward (weight and input gradients) and no
-  recomputation. MFU = model FLOPs / step time / peak, the usual definition, so remat lowers MFU.
+  recomputation, with attention over every (query, key) pair of the row. MFU = model FLOPs / step time
+  / peak, the usual definition, so remat lowers MFU; the trainer replaces the dense attention part by
+  the pairs each batch's segments really need (`useful_attention_pairs`), so MFU neither rewards
+  computing masked pairs nor penalises block-sparse kernels for skipping them.
 - `total`: what the compiled step executes: `model` plus remat recomputation, plus elementwise work
   (softmax, norms, activations, the optimizer), so it is comparable with XLA's `cost_analysis()`.
 
@@ -74,6 +77,7 @@ class StepFlops:
   total: float
   per_layer: dict
   depths: dict
+  model_attention: float = 0.0   # the part of `model` that is dense (query, key) attention matmuls
 
   @property
   def once(self) -> float:
@@ -156,8 +160,35 @@ def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_se
   dit_m, dit_t = dit_layer_flops(d, b, l, lt, s)
   model = c.model + d.text_depth * text_m + d.depth * dit_m
   total = c.total + d.text_depth * text_t + d.depth * dit_t
+  k = lt + s
+  dense_pairs = {"self": b * l * l, "cross": b * l * k, "text": b * lt * lt}
   return StepFlops(model=model, total=total, per_layer={"text": text_t, "dit": dit_t},
-                   depths={"text": d.text_depth, "dit": d.depth})
+                   depths={"text": d.text_depth, "dit": d.depth},
+                   model_attention=attention_model_flops(cfg, dense_pairs))
+
+
+def attention_model_flops(cfg, pairs: dict) -> float:
+  """Model FLOPs (forward + backward) of the attention matmuls over `pairs` (query, key) pairs:
+  {"self": video self-attention, "cross": video to text, "text": caption self-attention}."""
+  d = cfg.dit
+  per_pair = 3 * 2 * 2  # q k^T and p v, 2 flops per multiply-add, forward + 2x backward
+  return per_pair * (d.depth * d.width * (pairs["self"] + pairs["cross"])
+                     + d.text_depth * d.text_width * pairs["text"])
+
+
+def useful_attention_pairs(batch: dict) -> dict:
+  """The (query, key) pairs a packed batch really needs: per segment, n^2 video pairs, n * (m + 1)
+  video-to-caption pairs (the caption's m tokens and the null-text token) and m^2 caption pairs.
+
+  Dense attention computes every pair of the row; MFU counts only these (so it does not reward
+  computing masked pairs, and block-sparse kernels are not penalised for skipping them).
+  """
+  seg = np.asarray(batch["segment_ids"])
+  tseg = np.asarray(batch["text_segment_ids"])
+  s = int(max(seg.max(initial=0), tseg.max(initial=0))) + 1
+  n = np.stack([np.bincount(r, minlength=s)[1:s] for r in seg]).astype(np.float64)
+  m = np.stack([np.bincount(r, minlength=s)[1:s] for r in tseg]).astype(np.float64)
+  return {"self": float((n * n).sum()), "cross": float((n * (m + 1)).sum()), "text": float((m * m).sum())}
 
 
 def compare_with_compiled(step: StepFlops, compiled_flops: float, num_devices: int, *,

@@ -43,7 +43,8 @@ def test_sharded_step_matches_single_device():
   cfg = tf.tiny_config()
   batches = [tf.synthetic_batch(i, cfg) for i in range(3)]
   loss8, state8 = _run_steps(cfg, jax.devices()[:8], batches)
-  cfg1 = tf.tiny_config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+  cfg1 = cfg.copy_and_resolve_references()
+  cfg1.mesh.data = cfg1.mesh.fsdp = cfg1.mesh.tensor = 1
   loss1, state1 = _run_steps(cfg1, jax.devices()[:1], batches)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   assert loss8[0] != loss8[2]  # the steps did train
