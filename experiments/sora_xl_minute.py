@@ -2,14 +2,14 @@
 whole minute of 720p video at 24 fps, with context parallelism (issue 11, docs/context_parallel.md).
 
 A minute is 1 + 1440 frames; the 4x8x8 VAE makes 361 x 90 x 160 latents and 1x2x2 patches
-361 x 45 x 80 = 1,299,600 tokens, one sequence per row (rows are padded to 1,300,480 = 635 x 2048 so
-every one of the 16 context shards is a whole number of 128-token blocks). No chip holds that
+361 x 45 x 80 = 1,299,600 tokens, one sequence per row (rows are padded to 1,300,480 = 1270 x 1024 so
+each of the 8 context shards is a whole number of 128-token blocks). No chip holds that
 sequence's activations: the `context` mesh axis shards the sequence of every activation (act_seq) and
 self-attention runs as ring or all-to-all attention over it (dit.context_attention).
 
     python -m sora_jax.compile_check --config experiments/sora_xl_minute.py --topology v5p:8x8x4
     python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py  # fits + MFU
-Train (v5p-512 = 256 chips: 16 context groups of 16 chips, FSDP over the groups):
+Train (v5p-512 = 256 chips: 32 context groups of 8 chips, FSDP over the groups):
     python -m sora_jax.train --config experiments/sora_xl_minute.py --workdir gs://BUCKET/runs/minute \\
         --config.data.latents_dir=gs://BUCKET/minute_latents --config.data.tokenizer=gs://BUCKET/tok.model
 Expected (docs/benchmarks.md, Issue 11): what compiled on this CPU machine, and how, is recorded there.
@@ -24,10 +24,11 @@ from sora_jax.config import parse_arg
 MINUTE_TOKENS = 361 * 45 * 80  # latent frames x (90 / 2) x (160 / 2)
 
 SLICES = {
-    # 256 chips: 16 rows per step, each row's sequence over 16 chips (81k tokens per chip).
-    "v5p:8x8x4": dict(batch_size=16, mesh=dict(data=1, fsdp=16, context=16, tensor=1)),
-    # 512 chips (v5p-1024): 32 context groups.
-    "v5p:8x8x8": dict(batch_size=32, mesh=dict(data=1, fsdp=32, context=16, tensor=1)),
+    # 256 chips: 32 rows per step, each row's sequence over 8 chips (163k tokens per chip). Mesh axes must
+    # be products of the torus dimensions (8, 8, 4): context 8 is one ring of the torus, fsdp 32 = 8 x 4.
+    "v5p:8x8x4": dict(batch_size=32, mesh=dict(data=1, fsdp=32, context=8, tensor=1)),
+    # 512 chips (v5p-1024): 64 context groups of 8.
+    "v5p:8x8x8": dict(batch_size=64, mesh=dict(data=1, fsdp=64, context=8, tensor=1)),
 }
 
 
