@@ -216,7 +216,7 @@ def measure_cpu_peak(dtype: str = "bfloat16", n: int = 1024, seconds: float = 1.
   """Best matmul FLOP/s of this process's CPU: [n, n] x [n, n], `dtype` inputs, float32 accumulation
   (how the models' Dense layers run), over about `seconds` of repeats."""
   dt = jnp.dtype(dtype)
-  dev = jax.devices("cpu")[0]
+  dev = jax.local_devices(backend="cpu")[0]  # this process's own: multi-process CPU jobs see all
   a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dt), dev)
 
   @jax.jit
