@@ -123,11 +123,11 @@ def test_discriminator_trains_only_after_gan_start(data_dir):
   import jax
   from sora_jax import optim
   cfg = _tiny_config(data_dir)
-  cfg.vae_train.update(dict(gan_weight=0.5, gan_start=1, disc_dim=4, disc_layers=2, total_steps=2))
-  tx = optim.make_optimizer(cfg.vae_train.optim, 2)
-  disc_tx = optim.make_optimizer(cfg.vae_train.optim, 2)
+  cfg.vae_train.update(dict(gan_weight=0.5, gan_start=1, disc_dim=4, disc_layers=2, total_steps=3))
+  tx = optim.make_optimizer(cfg.vae_train.optim, 3)
+  disc_tx = optim.make_optimizer(cfg.vae_train.optim, 3)
   state, graphdef, disc_graphdef = train_vae.init_state(cfg, tx, disc_tx)
-  step = jax.jit(train_vae.make_train_step(cfg, graphdef, tx, optim.make_schedule(cfg.vae_train.optim, 2),
+  step = jax.jit(train_vae.make_train_step(cfg, graphdef, tx, optim.make_schedule(cfg.vae_train.optim, 3),
                                            disc_graphdef, disc_tx))
   batches = VAEBatches(_fake_source(), image=Crop.for_budget(1, 16, 16, 512),
                        video=Crop.for_budget(5, 16, 16, 1280), seed=0)
@@ -135,7 +135,9 @@ def test_discriminator_trains_only_after_gan_start(data_dir):
   state, m0 = step(state, batches.batch(0))
   after0 = jax.tree.leaves(state["disc_params"])
   assert all(np.array_equal(a, b) for a, b in zip(before, after0))  # step 0 < gan_start: frozen
-  state, m1 = step(state, batches.batch(1))
+  # Its optimizer starts counting at gan_start: the warmup's first step has lr 0.
+  for i in (1, 2):
+    state, m1 = step(state, batches.batch(i))
   after1 = jax.tree.leaves(state["disc_params"])
   assert any(not np.array_equal(a, b) for a, b in zip(after0, after1))
   assert np.isfinite(float(m1["gan/d_loss"])) and np.isfinite(float(m1["gan/g_loss"]))
