@@ -105,6 +105,7 @@ def get_config(arg=None):
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
   c.total_steps = 400
+  c.max_train_seconds = 900.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3

@@ -404,6 +404,9 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
   # MFU counts the attention pairs the batch's segments need, not the dense row (flops.py).
   non_attention = step_flops.model - step_flops.model_attention
   step = first
+  # A wall-clock budget (the demo's): stop at a step boundary with a checkpoint, as at total_steps.
+  budget = float(cfg.get("max_train_seconds", 0) or 0)
+  deadline = time.time() + budget if budget > 0 else float("inf")
   if preempt.flag:  # SIGTERM during the compile: nothing new to save
     log.info("SIGTERM before the first step; exiting")
     return state
@@ -420,7 +423,9 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
     if block_every_step:
       jax.block_until_ready(state["step"])
     bar.update(1)
-    last = step == total
+    last = step == total or time.time() > deadline
+    if last and step < total:
+      log.info("max_train_seconds=%.0f reached at step %d of %d; stopping", budget, step, total)
     if step % log_every == 0 or last or preempt.flag:
       _check_finite(state)
       host = _host(pending)
@@ -443,6 +448,8 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
     if preempt.flag:
       ckpt.wait()
       log.info("SIGTERM: saved step %d; exiting", step)
+      break
+    if last:
       break
   bar.close()
   return state
