@@ -24,7 +24,7 @@ def get_config(arg=None):
   # --- Data (sora_jax/data): the Shapes mixture, its splits and the packed token stream.
   c.data = ml_collections.ConfigDict()
   c.data.mixture = "demo"        # named size mixture in sora_jax/data/shapes.py
-  c.data.num_train = 3000
+  c.data.num_train = 1000
   c.data.num_validation = 64
   c.data.num_test = 64
   # Where the demo's stages meet; `python -m sora_jax.demo --workdir W` points them all under W/data.
@@ -105,7 +105,7 @@ def get_config(arg=None):
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
   c.total_steps = 400
-  c.max_train_seconds = 900.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
+  c.max_train_seconds = 720.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3
