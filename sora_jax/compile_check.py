@@ -60,6 +60,8 @@ _UNROLL = flags.DEFINE_bool("unroll", False, "cost from the fully unrolled step 
 _KERNEL_EFFICIENCY = flags.DEFINE_float("kernel_efficiency", 0.5, "fraction of peak assumed for Pallas "
                                         "attention kernels, whose cost XLA's model does not see")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice)")
+_MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "compile the real step once: memory and fit "
+                                 "only, no cost estimate")
 
 log = logging.getLogger("sora_jax.compile_check")
 
@@ -190,6 +192,7 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, full_unroll: bool = False) ->
   for dd in (1, 2):
     with _unrolled_scans():
       costs[dd] = Cost.of(compile_train_step(_with_depths(cfg, dd, dd), mesh)[0])
+    log.info("unrolled at depth %d: %s", dd, costs[dd])
   pair = costs[2] - costs[1]
   share = hand.per_layer["dit"] / (hand.per_layer["dit"] + hand.per_layer["text"])
   per_dit, per_text = pair * share, pair * (1 - share)
@@ -273,6 +276,8 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, full_unroll: bool = 
             "compiler_error": str(e).splitlines()[0][:300]}
   compile_s = time.time() - t0
   mem = memory(compiled)
+  log.info("real step compiled in %.0fs: %.2f GB per chip of %.1f", compile_s, mem["total"] / 1e9,
+           hbm / 1e9)
   hand = flops.dit_train_step_flops(cfg, batch=batch, seq_len=seq_len, text_len=int(cfg.data.text_len),
                                     num_segments=int(cfg.data.max_segments), num_params=setup.num_params)
   out = {"config_mesh": dict(mesh.shape), "remat": cfg.dit.remat, "params_b": setup.num_params / 1e9,
@@ -368,7 +373,7 @@ def main(argv):
       print(f"plan: chose --config.dit.remat={cfg.dit.remat} --config.mesh.fsdp={cfg.mesh.fsdp} "
             f"--config.mesh.tensor={cfg.mesh.tensor}")
     rep = check(cfg, topology, full_unroll=_UNROLL.value, kernel_efficiency=_KERNEL_EFFICIENCY.value,
-                num_slices=_NUM_SLICES.value)
+                num_slices=_NUM_SLICES.value, skip_cost=_MEMORY_ONLY.value)
   except ValueError as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
   if "compiler_error" in rep:
@@ -381,6 +386,9 @@ def main(argv):
   print(f"memory per chip: arguments {gb['argument']:.2f} GB, outputs {gb['output']:.2f} (aliased "
         f"{gb['alias']:.2f}), temporaries {gb['temp']:.2f}, code {gb['generated_code']:.2f}; total "
         f"{gb['total']:.2f} of {rep['hbm_gb_per_chip']:.1f} GB HBM -> {'fits' if rep['fits'] else 'DOES NOT FIT'}")
+  if _MEMORY_ONLY.value:
+    print(json.dumps({k: rep[k] for k in JSON_KEYS}))
+    sys.exit(0 if rep["fits"] else 1)
   print(f"FLOPs per step: compiler (XLA-counted, all chips) {rep['xla_tflops_per_step']:.1f} T + kernels "
         f"{rep['kernel_tflops_executed']:.1f} T executed; flops.py total {rep['hand_total_tflops_per_step']:.1f} T "
         f"(kernels' share {rep['kernel_tflops_counted']:.1f} T), model {rep['flops_per_step'] / 1e12:.1f} T; "
