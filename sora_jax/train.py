@@ -40,6 +40,7 @@ import optax
 
 from sora_jax import checkpoint, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
+from sora_jax import distributed
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where checkpoints, metrics and samples go")
 
@@ -463,6 +464,7 @@ def main(argv):
   if not _WORKDIR.value:
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   cfg = config_lib.get_config()
+  distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     train(cfg, _WORKDIR.value)
   except NonFiniteLoss as e:

@@ -39,6 +39,7 @@ import optax
 
 from sora_jax import checkpoint, metrics, optim
 from sora_jax import config as config_lib
+from sora_jax import distributed
 from sora_jax.models import vae as vae_lib
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where checkpoints, metrics and reconstructions go")
@@ -387,6 +388,7 @@ def main(argv):
   if not _WORKDIR.value:
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   logging.getLogger().setLevel(logging.WARNING)  # orbax logs every save at INFO
+  distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   train(cfg, _WORKDIR.value)
 
 
