@@ -180,7 +180,8 @@ def main(argv):
     pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
     loaded = time.time()
     reqs = build_requests(pipe, prompts)
-    fps = float(pipe.sample_setting("fps", _FPS.value, 8.0))
+    # 0 means unset too: reconstruct shares this flag with a default of 0.
+    fps = float(pipe.sample_setting("fps", _FPS.value or None, 8.0))
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
       output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
     videos = sampling.generate(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
