@@ -63,7 +63,7 @@ class Bundle:
 
 
 # ---------------------------------------------------------------------------------------- the manifest
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -108,7 +108,7 @@ def verify(path: str | os.PathLike) -> dict:
     raise BundleError(f"bundle {root} does not match its manifest: {name} is not listed in it "
                       "(added after export); remove it or re-export the bundle")
   for name in sorted(listed):
-    got = _sha256(root / name)
+    got = sha256(root / name)
     if got != listed[name]["sha256"]:
       raise BundleError(f"bundle {root} does not match its manifest: {name} has sha256 {got[:12]}..., "
                         f"the manifest says {listed[name]['sha256'][:12]}... (modified after export); "
@@ -181,7 +181,7 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
       "source": dict(source or {}),
       "parameters": {"dit": count(dit), "text_encoder": count(text),
                      "vae": count(vae_params) if vae_params is not None else 0},
-      "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+      "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in _files(tmp)},
   }
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))

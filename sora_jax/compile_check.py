@@ -34,7 +34,6 @@ the step does not fit in HBM, 2 on bad input, 3 when the FLOP check fails.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -120,22 +119,6 @@ def abstract_batch(cfg) -> dict:
           "seg_is_image": z((b, s), np.int32), "seg_valid": z((b, s), np.int32)}
 
 
-@contextlib.contextmanager
-def _unrolled_scans():
-  """Traces `jax.lax.scan` fully unrolled (nnx.scan looks it up at call time), so every layer is costed."""
-  original = jax.lax.scan
-
-  def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
-    del unroll
-    return original(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
-
-  jax.lax.scan = scan
-  try:
-    yield
-  finally:
-    jax.lax.scan = original
-
-
 def compile_train_step(cfg, mesh):
   """(compiled step, Setup) of train.py's real step for this config on `mesh` (abstract inputs)."""
   setup = train.make_setup(cfg, mesh)
@@ -186,11 +169,11 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, full_unroll: bool = False) ->
   """
   depth, text_depth = int(cfg.dit.depth), int(cfg.dit.text_depth)
   if full_unroll:
-    with _unrolled_scans():
+    with flops.unrolled_scans():
       return Cost.of(compile_train_step(cfg, mesh)[0]), {"method": "fully unrolled"}
   costs = {}
   for dd in (1, 2):
-    with _unrolled_scans():
+    with flops.unrolled_scans():
       costs[dd] = Cost.of(compile_train_step(_with_depths(cfg, dd, dd), mesh)[0])
     log.info("unrolled at depth %d: %s", dd, costs[dd])
   pair = costs[2] - costs[1]

@@ -28,7 +28,6 @@ encoder attention (`attn_scales`) are refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from absl import app, flags, logging
 import ml_dtypes
 import numpy as np
 
+from sora_jax import bundle as bundle_lib
 from sora_jax.models import vae as vae_lib
 
 FILE_NAME = "diffusion_pytorch_model.safetensors"
@@ -253,14 +253,6 @@ def settings_dict(s: vae_lib.VAESettings) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- output
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def resolve_input(path: str | os.PathLike) -> Path:
   p = Path(path)
   if p.is_dir():
@@ -297,7 +289,7 @@ def run(input_path: str | os.PathLike, out: str | os.PathLike, *,
   (out / "config.json").write_text(json.dumps({"vae": settings_dict(s)}, indent=2, sort_keys=True))
   (out / "latent_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
   record = {"format": "diffusers AutoencoderKLWan (Wan 2.1 layout)", "input": str(src.absolute()),
-            "sha256": _sha256(src), "bytes": src.stat().st_size, "tensors": len(tensors),
+            "sha256": bundle_lib.sha256(src), "bytes": src.stat().st_size, "tensors": len(tensors),
             "parameters": int(sum(x.size for x in tensors.values())),
             "diffusers_config": dcfg, "vae": settings_dict(s), "latent_stats_source": stats["source"]}
   (out / "conversion.json").write_text(json.dumps(record, indent=2, sort_keys=True))
