@@ -83,6 +83,38 @@ def settings(cfg: Any) -> VAESettings:
   return s
 
 
+def conv3d(x, kernel, t_stride: int = 1):
+  """A 3D conv, VALID (strided) in time and SAME in space: `[B, T, H, W, I] x [kt, kh, kw, I, O]`.
+
+  XLA:CPU runs 3D convolutions several times slower than the same work done as one 2D conv per
+  temporal tap (docs/benchmarks.md, "3D convs on XLA:CPU"), so on CPU it is computed that way; TPU
+  and GPU get the native 3D conv. Both forms are the same sum, checked by tests/test_vae.py.
+  """
+  kt, kh, kw = kernel.shape[:3]
+  if jax.default_backend() != "cpu":
+    return jax.lax.conv_general_dilated(
+        x, kernel, (t_stride, 1, 1), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=CONV_DIMS)
+  return _conv3d_as_2d(x, kernel, t_stride)
+
+
+def _conv3d_as_2d(x, kernel, t_stride: int = 1):
+  kt, kh, kw = kernel.shape[:3]
+  b, t, h, w, _ = x.shape
+  t_out = (t - kt) // t_stride + 1
+  y = None
+  for i in range(kt):
+    xi = x[:, i:i + t_stride * (t_out - 1) + 1:t_stride]
+    if kh == kw == 1:
+      yi = jnp.einsum("bthwi,io->bthwo", xi, kernel[i, 0, 0])
+    else:
+      yi = jax.lax.conv_general_dilated(
+          xi.reshape(b * t_out, h, w, -1), kernel[i], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+          dimension_numbers=CONV2D_DIMS).reshape(b, t_out, h, w, -1)
+    y = yi if y is None else y + yi
+  return y
+
+
 # ----------------------------------------------------------------------------------------------
 # The stream: per-chunk caches of every causal layer, visited in a fixed order.
 
@@ -157,7 +189,7 @@ class CausalConv3d(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_dim,), jnp.float32))
 
   def __call__(self, x, stream: _Stream | None = None):
-    kt, kh, kw = self.kernel_size
+    kt = self.kernel_size[0]
     if kt > 1:
       if stream is None:  # a stand-alone full-sequence call
         stream = _Stream(None, True)
@@ -166,9 +198,7 @@ class CausalConv3d(nnx.Module):
         past = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
       x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
       stream.give(x[:, -(kt - 1):])
-    y = jax.lax.conv_general_dilated(
-        x, self.kernel[...].astype(x.dtype), (1, 1, 1),
-        ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=CONV_DIMS)
+    y = conv3d(x, self.kernel[...].astype(x.dtype))
     return y + self.bias[...].astype(y.dtype)
 
 
@@ -273,8 +303,7 @@ class Resample(nnx.Module):
     if (seq.shape[1] - 1) % 2:
       raise ValueError(f"temporal downsampling got a chunk of {x.shape[1]} frames; chunks after "
                        "frame 0 need an even number of frames at every temporal level")
-    y = jax.lax.conv_general_dilated(
-        seq, conv.kernel[...].astype(x.dtype), (2, 1, 1), "VALID", dimension_numbers=CONV_DIMS)
+    y = conv3d(seq, conv.kernel[...].astype(x.dtype), 2)
     y = y + conv.bias[...].astype(y.dtype)
     return jnp.concatenate([head, y], axis=1)
 
@@ -289,8 +318,7 @@ class Resample(nnx.Module):
     seq = jnp.concatenate([past.astype(x.dtype), rest], axis=1)
     stream.give(seq[:, -2:])
     conv = self.time_conv
-    y = jax.lax.conv_general_dilated(
-        seq, conv.kernel[...].astype(x.dtype), (1, 1, 1), "VALID", dimension_numbers=CONV_DIMS)
+    y = conv3d(seq, conv.kernel[...].astype(x.dtype))
     y = y + conv.bias[...].astype(y.dtype)
     b, t, h, w, c2 = y.shape
     # Channels [:C] are the earlier of the two frames, [C:] the later (Wan's interleaving).
