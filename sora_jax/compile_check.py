@@ -21,8 +21,9 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   `--unroll` compiles the full-depth unrolled step instead (slow; a check of the extrapolation).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
   for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls, its
-  non-fused backward 7, the forward again under remat), for rows holding one segment each (the densest
-  packing, where splash skips no block), and their time is those FLOPs at `--kernel_efficiency` of peak.
+  fused backward 5 (the GPU kernels' 7), the forward again under a remat policy that does not save the
+  kernel's residuals), for rows holding one segment each (the densest packing, where splash skips no
+  block), and their time is those FLOPs at `--kernel_efficiency` of peak.
 - The compiler's FLOPs (XLA-counted part, times chips) must agree with flops.py's count of the same
   work (flops.py's total minus the kernels' share) within 10%; the run fails otherwise.
 - MFU = flops.py's model FLOPs (no remat, dense attention = one segment per row) / (step time x chips x
@@ -50,6 +51,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax import distributed, flops, sharding, train
+from sora_jax.models import layers
 
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5p:8x8x4 or v6e:16x16; "
                                 "default: the config's compile_check.topology")
@@ -75,10 +77,12 @@ HBM_BYTES: tuple[tuple[str, float], ...] = (
 FLOP_TOLERANCE = 0.10
 JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flops_per_chip",
              "flops_per_step", "estimated_step_s", "estimated_mfu")
-# Matmuls a splash-attention call executes, in units of one [L, L] x [L, d] product over all heads:
-# forward QK^T and PV; non-fused backward: dkv kernel (QK^T, dO V^T, P^T dO, dS^T Q) and dq kernel
-# (QK^T, dO V^T, dS K). Under remat the forward runs twice.
-KERNEL_FWD_MATMULS, KERNEL_BWD_MATMULS = 2, 7
+# Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
+# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K) or the GPU
+# kernels' separate dkv (QK^T, dO V^T, P^T dO, dS^T Q) and dq (QK^T, dO V^T, dS K). The forward runs
+# again in the backward pass unless the remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
+KERNEL_FWD_MATMULS = 2
+KERNEL_BWD_MATMULS = {"splash": 5, "gpu": 7}
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -199,6 +203,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
   if d.attention not in ("splash", "gpu"):
     return KernelFlops(0.0, 0.0)
   remat = 1.0 if d.remat in ("full", "dots") else 0.0  # flops.py: these policies recompute attention
+  rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE else 1.0  # what the kernels really recompute
   calls = []  # (layers, lq, lk, width, heads)
   pad = lambda n: -(-n // 128) * 128  # splash pads both lengths to multiples of 128 lanes
   calls.append((d.depth, seq_len, seq_len, d.width, d.num_heads))
@@ -210,7 +215,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
         flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
     unit_pad = 2.0 * batch * pad(lq) * pad(lk) * w
-    executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + remat) + KERNEL_BWD_MATMULS)
+    executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + KERNEL_BWD_MATMULS[d.attention])
   return KernelFlops(counted, executed)
 
 

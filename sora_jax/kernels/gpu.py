@@ -5,7 +5,8 @@ id array for queries and keys (no cross-attention), and lets padding attend to p
 separate query and key ids and, per query block, the window of key blocks from `blocksparse.block_map`
 (and per key block the window of query blocks for dk/dv): the loop trip count is read from memory, so a
 packed row costs what its segments cost. Forward, dq and dk/dv are three kernels (FlashAttention-2);
-nothing of size Lq * Lk is stored. `interpret=True` runs them on any backend, for tests.
+nothing of size Lq * Lk is stored. `interpret=True` runs them on any backend, for tests. The forward's
+output and logsumexp are named `kernels.RESIDUAL_NAME` (see splash.py) for remat policies to save.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sora_jax.kernels import blocksparse
+from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 _NEG = -1e30
 # Contract the last dim of both operands (a @ b.T) and the first of both (a.T @ b).
@@ -146,6 +148,7 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret):
       [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, lq), jnp.float32)],
       interpret, "segment_attention_fwd",
   )(q, k, v, q_ids, kv_ids, kv_first, kv_width)
+  out, lse = checkpoint_name(out, RESIDUAL_NAME), checkpoint_name(lse, RESIDUAL_NAME)
   return out, (q, k, v, q_ids, kv_ids, out, lse, kv_first, kv_width, q_first, q_width)
 
 

@@ -7,6 +7,12 @@ bytes) becomes splash's MaskInfo directly: active blocks are marked "full" (2), 
 exist at all, and the masking inside a block comes from splash's own segment-id test.
 For skipped grid steps `data_next` repeats the nearest active block, so the pipeline issues no new copy.
 
+Backward: splash's fused kernel (one pass over the key blocks computes dk, dv and per-key-block partial
+dq: 5 block matmuls instead of the 7 of separate dkv and dq kernels, at the cost of a transient
+[key blocks, heads, Lq, head_dim] partial-dq buffer). The kernel output and its logsumexp are named
+`kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the backward pass
+a second run of the forward kernel.
+
 Contract differences smoothed over here: splash does not scale logits (q is scaled first), lets padding
 queries attend to padding keys (padding query ids become -1, and their outputs are zeroed), and divides by
 zero for a query block with no active key block (such a block gets one key block, fully masked).
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
-from sora_jax.kernels import blocksparse
+from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 # Splash tiles segment ids as [block, 128 lanes]: both block sizes must be multiples of 128.
 _LANES = 128
@@ -73,7 +79,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   sizes = splash_kernel.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-      block_q_dq=block_q, block_kv_dq=block_kv)
+      use_fused_bwd_kernel=True)
   to_hld = lambda x, mult: blocksparse.pad_seq(x, mult).transpose(0, 2, 1, 3)
   q_hld = to_hld(q * q.shape[-1] ** -0.5, block_q)
   k_hld, v_hld = to_hld(k, block_kv), to_hld(v, block_kv)
@@ -82,9 +88,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     q_, k_, v_, q_ids_, kv_ids_, active_ = args
     fwd = _mask_info(active_, transpose=False)
     kernel = splash_kernel.SplashAttentionKernel(
-        fwd, fwd, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
+        fwd, None, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
         save_residuals=False, mask_value=splash_kernel.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
-        residual_checkpoint_name=None, mask_function=None, interpret=interpret)
+        residual_checkpoint_name=RESIDUAL_NAME, mask_function=None, interpret=interpret)
     # Padding queries get id -1: splash would otherwise let them attend to padding keys (id 0).
     ids = splash_kernel.SegmentIds(q=jnp.where(q_ids_ > 0, q_ids_, -1), kv=kv_ids_)
     return kernel(q_, k_, v_, segment_ids=ids)

@@ -8,6 +8,7 @@ both the fast path on TPU and, per FACTS.md, on this CPU; norms and softmax run 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -15,18 +16,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax import sharding
+from sora_jax.kernels import RESIDUAL_NAME
 from sora_jax.models.attention import segment_attention
 
 Names = tuple[str | None, ...]
 
 # Remat policies by config name: "none" keeps every activation, "full" recomputes the whole block in
-# the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls).
+# the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls),
+# "dots_saveable" every matmul output. "dots" and "dots_saveable" also save the attention kernels' output
+# and logsumexp (`kernels.RESIDUAL_NAME`; one [L, heads, head_dim] plus [heads, L] f32 per attention), so
+# the Pallas forward kernel is not run again in the backward pass; "full" keeps the least memory.
+_save_kernel_residuals = functools.partial(
+    jax.checkpoint_policies.save_from_both_policies,
+    jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME))
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots": _save_kernel_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "dots_saveable": _save_kernel_residuals(jax.checkpoint_policies.dots_saveable),
 }
+# Policies under which each attention kernel's forward runs once per step (compile_check's FLOP count).
+KERNEL_FORWARD_ONCE = ("none", "dots", "dots_saveable")
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
