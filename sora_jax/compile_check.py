@@ -202,7 +202,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
   d = cfg.dit
   if d.attention not in ("splash", "gpu"):
     return KernelFlops(0.0, 0.0)
-  remat = 1.0 if d.remat in ("full", "dots") else 0.0  # flops.py: these policies recompute attention
+  remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
   rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE else 1.0  # what the kernels really recompute
   calls = []  # (layers, lq, lk, width, heads)
   pad = lambda n: -(-n // 128) * 128  # splash pads both lengths to multiples of 128 lanes
@@ -303,7 +303,7 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, full_unroll: bool = 
 
 
 # ------------------------------------------------------------------------------------------- planner
-REMAT_ORDER = ("none", "dots_saveable", "dots", "full")  # least recomputation first
+REMAT_ORDER = ("none", "dots_saveable", "dots", "full_save_attention", "full")  # least recomputation first
 
 
 def plan(cfg, topology: str, *, num_slices: int = 1, max_compiles: int = 6) -> tuple[ml_collections.ConfigDict, list]:

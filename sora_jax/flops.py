@@ -102,10 +102,10 @@ class _Counter:
     self.total += flops
 
 
-def _remat_recompute(remat: str) -> tuple[float, float]:
+def remat_recompute(remat: str) -> tuple[float, float]:
   """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy."""
   return {"none": (0.0, 0.0), "full": (1.0, 1.0), "dots": (0.0, 1.0),
-          "dots_saveable": (0.0, 0.0)}.get(remat, (0.0, 0.0))
+          "dots_saveable": (0.0, 0.0), "full_save_attention": (1.0, 1.0)}.get(remat, (0.0, 0.0))
 
 
 def _attention(c: _Counter, b, lq, lk, width, heads, rw, ra):
@@ -117,7 +117,7 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
   c = _Counter()
   wt = cfg_dit.text_width
   mt = int(wt * cfg_dit.mlp_ratio)
-  rw, ra = _remat_recompute(cfg_dit.remat)
+  rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(4 * 2 * b * lt * wt * wt, recompute=rw)            # q, k, v, o
   _attention(c, b, lt, lt, wt, cfg_dit.text_heads, rw, ra)
   c.matmul(2 * 2 * b * lt * wt * mt, recompute=rw)            # MLP up, down
@@ -130,7 +130,7 @@ def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int) -> tuple[float, fl
   w = cfg_dit.width
   m = int(w * cfg_dit.mlp_ratio)
   k = lt + s  # cross-attention keys: the captions plus one null-text token per segment
-  rw, ra = _remat_recompute(cfg_dit.remat)
+  rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(2 * b * s * w * 6 * w + 2 * w * 6 * w, recompute=rw)  # adaLN per segment, and at t = 0
   c.matmul(4 * 2 * b * l * w * w, recompute=rw)                  # self-attention q, k, v, o
   _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)

@@ -235,7 +235,7 @@ def test_remat_policies_save_kernel_residuals(implementation, monkeypatch):
   monkeypatch.setattr(gpu, "gpu_attention", functools.partial(gpu.gpu_attention, interpret=True))
   x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 256, 128)), jnp.float32)
   ids = jnp.asarray(_ids([90, 1, 120], 256)[None])
-  want_fwd = {"none": 1, "dots": 1, "dots_saveable": 1, "full": 2}
+  want_fwd = {"none": 1, "dots": 1, "dots_saveable": 1, "full_save_attention": 1, "full": 2}
   for remat, n in want_fwd.items():
     grad, params = _layer_grad(implementation, remat, x, ids)
     names = _pallas_calls(jax.make_jaxpr(grad)(params, x).jaxpr)
@@ -244,7 +244,7 @@ def test_remat_policies_save_kernel_residuals(implementation, monkeypatch):
     return  # the gradients of the GPU kernels are checked in interpret mode above; tracing is enough here
   grad, params = _layer_grad("reference", "none", x, ids)
   want = jax.jit(grad)(params, x)
-  for remat in ("dots", "full"):
+  for remat in ("dots", "full_save_attention", "full"):
     grad, params = _layer_grad(implementation, remat, x, ids)
     got = jax.jit(grad)(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

@@ -25,7 +25,9 @@ Names = tuple[str | None, ...]
 # the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls),
 # "dots_saveable" every matmul output. "dots" and "dots_saveable" also save the attention kernels' output
 # and logsumexp (`kernels.RESIDUAL_NAME`; one [L, heads, head_dim] plus [heads, L] f32 per attention), so
-# the Pallas forward kernel is not run again in the backward pass; "full" keeps the least memory.
+# the Pallas forward kernel is not run again in the backward pass; "full" keeps the least memory;
+# "full_save_attention" recomputes everything but the attention kernels (their residuals are saved): at
+# long rows, where attention is most of the work, nearly "full"'s memory for far less recomputation.
 _save_kernel_residuals = functools.partial(
     jax.checkpoint_policies.save_from_both_policies,
     jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME))
@@ -34,9 +36,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _save_kernel_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "dots_saveable": _save_kernel_residuals(jax.checkpoint_policies.dots_saveable),
+    "full_save_attention": jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME),
 }
 # Policies under which each attention kernel's forward runs once per step (compile_check's FLOP count).
-KERNEL_FORWARD_ONCE = ("none", "dots", "dots_saveable")
+KERNEL_FORWARD_ONCE = ("none", "dots", "dots_saveable", "full_save_attention")
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
