@@ -27,6 +27,8 @@ from pathlib import Path
 from absl import app, flags
 import numpy as np
 
+from sora_jax import distributed  # defines --coordinator/--num_processes/--process_id
+
 _VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "video data set directory (tfds data_dir)")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the latent data set goes")
@@ -110,6 +112,7 @@ def main(argv):
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   from sora_jax.train_vae import load  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.WARNING)
+  distributed.initialize()  # on a multi-host launch, each process then encodes its share of shards
   for name, flag in (("--vae", _VAE), ("--data_dir", _DATA_DIR), ("--out_dir", _OUT_DIR)):
     if not flag.value:
       _fail(f"{name} is required")

@@ -104,7 +104,7 @@ def get_config(arg=None):
   c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
-  c.total_steps = 400
+  c.total_steps = 800
   c.max_train_seconds = 720.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
@@ -138,10 +138,11 @@ def get_config(arg=None):
   c.vae.decoder_base_dim = 0     # 0 = base_dim
   c.vae.dtype = "float32"        # 3D convs are no faster in bf16 on CPU
   c.vae.logvar_init = -6.0       # posterior starts narrow: the decoder is not trained on noise
+  c.vae.norm = "none"            # Wan's per-position RMS norm learns ~2x slower at this width
 
   # --- VAE training (sora_jax/train_vae.py): ~8 min of 2-core CPU; docs/benchmarks.md "Issue 3".
   c.vae_train = ml_collections.ConfigDict()
-  c.vae_train.total_steps = 500
+  c.vae_train.total_steps = 1500
   c.vae_train.max_train_seconds = 540.0  # stop early (checkpointed) if a slow machine would overrun
   c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
   c.vae_train.image_pixels = 4096
@@ -149,8 +150,9 @@ def get_config(arg=None):
                                          # later latents train with real (not frame-0) context
   c.vae_train.video_crop = 32
   c.vae_train.video_pixels = 17408
-  c.vae_train.l1_weight = 1.0
-  c.vae_train.l2_weight = 1.0
+  c.vae_train.crop_tries = 4             # keep the busiest of this many random windows (vae_batches.py)
+  c.vae_train.l1_weight = 0.0            # L1's gradient is the sign of the training noise near the
+  c.vae_train.l2_weight = 1.0            # optimum: MSE alone learns faster (docs/benchmarks.md)
   c.vae_train.kl_weight = 1e-4           # per latent element, against per-pixel reconstruction
   c.vae_train.gan_weight = 0.0           # 3D patch discriminator (hinge); 0 = off
   c.vae_train.gan_start = 2000

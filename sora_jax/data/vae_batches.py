@@ -41,16 +41,28 @@ class Crop:
     return (self.batch, self.frames, self.height, self.width, 3)
 
 
-def _crop_2d(frames: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-  """A random `height x width` window; frames smaller than it are edge-padded first."""
+def _crop_2d(frames: np.ndarray, height: int, width: int, rng: np.random.Generator,
+             tries: int = 1) -> np.ndarray:
+  """A random `height x width` window; frames smaller than it are edge-padded first.
+
+  With `tries > 1`, that many windows are drawn and the busiest one (largest pixel variance over all
+  its frames) is kept: most random windows of a Shapes frame are flat background, which teaches the
+  VAE nothing after its first steps, while the objects and their motion are what it must learn.
+  """
   h, w = frames.shape[1:3]
   if h < height or w < width:
     frames = np.pad(frames, ((0, 0), (0, max(0, height - h)), (0, max(0, width - w)), (0, 0)),
                     mode="edge")
     h, w = frames.shape[1:3]
-  y = int(rng.integers(0, h - height + 1))
-  x = int(rng.integers(0, w - width + 1))
-  return frames[:, y:y + height, x:x + width]
+  best, best_var = None, -1.0
+  for _ in range(max(1, tries)):
+    y = int(rng.integers(0, h - height + 1))
+    x = int(rng.integers(0, w - width + 1))
+    window = frames[:, y:y + height, x:x + width]
+    var = float(np.var(window[:, ::2, ::2], dtype=np.float32)) if tries > 1 else 0.0
+    if var > best_var:
+      best, best_var = window, var
+  return best
 
 
 class VAEBatches:
@@ -61,10 +73,11 @@ class VAEBatches:
   """
 
   def __init__(self, source: Sequence[dict], *, image: Crop, video: Crop, seed: int = 0,
-               max_draws: int = 1000):
+               crop_tries: int = 1, max_draws: int = 1000):
     if len(source) == 0:
       raise ValueError("the VAE's training source is empty")
     self.source, self.image, self.video, self.seed = source, image, video, seed
+    self.crop_tries = crop_tries
     self.max_draws = max_draws
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -80,13 +93,14 @@ class VAEBatches:
       if t >= self.video.frames and n_vid < self.video.batch:
         start = int(rng.integers(0, t - self.video.frames + 1))
         videos[n_vid] = _crop_2d(clip[start:start + self.video.frames], self.video.height,
-                                 self.video.width, rng)
+                                 self.video.width, rng, self.crop_tries)
         n_vid += 1
         if n_img == self.image.batch:
           continue
       if n_img < self.image.batch:
         frame = clip[int(rng.integers(t))][None]
-        images[n_img] = _crop_2d(frame, self.image.height, self.image.width, rng)
+        images[n_img] = _crop_2d(frame, self.image.height, self.image.width, rng,
+                                 self.crop_tries)
         n_img += 1
     else:
       raise ValueError(f"no {self.video.frames}-frame clips found in {self.max_draws} draws from a "

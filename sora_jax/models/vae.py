@@ -47,6 +47,7 @@ class VAESettings:
   dtype: str = "float32"         # compute dtype; parameters stay float32
   decoder_base_dim: int = 0      # 0 = base_dim
   logvar_init: float = -6.0      # initial posterior log-variance (quant_conv's bias)
+  norm: str = "rms"              # "rms" (Wan: x / ||x|| * sqrt(C) * gamma) or "none" (x * gamma)
 
   @property
   def temporal_factor(self) -> int:
@@ -78,6 +79,8 @@ def settings(cfg: Any) -> VAESettings:
                      f"len(dim_mult) - 1 = {len(s.dim_mult) - 1} entries")
   if s.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"vae.dtype={s.dtype!r}; accepted: 'float32', 'bfloat16'")
+  if s.norm not in ("rms", "none"):
+    raise ValueError(f"vae.norm={s.norm!r}; accepted: 'rms', 'none'")
   if s.patch_size < 1:
     raise ValueError(f"vae.patch_size={s.patch_size}; must be >= 1")
   return s
@@ -162,14 +165,22 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names, *, zero: bool = False)
 
 
 class RMSNorm(nnx.Module):
-  """Normalises each position over channels only (Wan's RMS_norm): per frame, so chunking is exact."""
+  """Normalises each position over channels only (Wan's RMS_norm): per frame, so chunking is exact.
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+  `norm="none"` keeps the gamma (the same parameters, so weights convert either way) but skips the
+  normalisation. A per-position norm throws away each pixel's feature magnitude: at a small width and
+  a short budget the VAE then has to re-encode brightness in directions, and learns about twice as
+  slowly (docs/benchmarks.md, Issue 3). Zero-initialised residual branches keep a norm-free stack stable.
+  """
+
+  def __init__(self, dim: int, norm: str = "rms", *, rngs: nnx.Rngs):
     del rngs
     self.gamma = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.dim = dim
+    self.dim, self.normalize = dim, norm == "rms"
 
   def __call__(self, x):
+    if not self.normalize:
+      return x * self.gamma[...].astype(x.dtype)
     xf = x.astype(jnp.float32)
     # x / ||x|| * sqrt(C), as torch's F.normalize(eps=1e-12): a zero vector stays zero.
     norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
@@ -221,10 +232,10 @@ class Conv2d(nnx.Module):
 class ResidualBlock(nnx.Module):
   """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) shortcut; starts as the identity."""
 
-  def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
-    self.norm1 = RMSNorm(in_dim, rngs=rngs)
+  def __init__(self, in_dim: int, out_dim: int, norm: str = "rms", *, rngs: nnx.Rngs):
+    self.norm1 = RMSNorm(in_dim, norm, rngs=rngs)
     self.conv1 = CausalConv3d(in_dim, out_dim, 3, rngs=rngs)
-    self.norm2 = RMSNorm(out_dim, rngs=rngs)
+    self.norm2 = RMSNorm(out_dim, norm, rngs=rngs)
     # Zero-initialised so each block starts as its shortcut: deep stacks train fast from step 0.
     self.conv2 = CausalConv3d(out_dim, out_dim, 3, zero_init=True, rngs=rngs)
     self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1, rngs=rngs) if in_dim != out_dim else None
@@ -239,8 +250,8 @@ class ResidualBlock(nnx.Module):
 class AttentionBlock(nnx.Module):
   """Single-head self-attention over the positions of each frame (never across time: stays causal)."""
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.norm = RMSNorm(dim, rngs=rngs)
+  def __init__(self, dim: int, norm: str = "rms", *, rngs: nnx.Rngs):
+    self.norm = RMSNorm(dim, norm, rngs=rngs)
     self.to_qkv = Conv2d(dim, 3 * dim, 1, rngs=rngs)
     self.proj = Conv2d(dim, dim, 1, rngs=rngs)
     self.proj.kernel[...] = jnp.zeros_like(self.proj.kernel[...])
@@ -256,9 +267,10 @@ class AttentionBlock(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResidualBlock(dim, dim, rngs=rngs), ResidualBlock(dim, dim, rngs=rngs)])
-    self.attentions = nnx.List([AttentionBlock(dim, rngs=rngs)])
+  def __init__(self, dim: int, norm: str = "rms", *, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResidualBlock(dim, dim, norm, rngs=rngs),
+                             ResidualBlock(dim, dim, norm, rngs=rngs)])
+    self.attentions = nnx.List([AttentionBlock(dim, norm, rngs=rngs)])
 
   def __call__(self, x, stream: _Stream):
     x = self.resnets[0](x, stream)
@@ -281,14 +293,23 @@ class Resample(nnx.Module):
     if mode not in self.MODES:
       raise ValueError(f"resample mode {mode!r}; accepted: {list(self.MODES)}")
     self.mode = mode
+    # The temporal convs start as plain resampling in time: frame 0 bypasses them, so with a random
+    # init every later frame would sit behind two random projections that frame 0 does not have, and
+    # the VAE learns later frames far more slowly (docs/benchmarks.md, Issue 3).
+    eye = jnp.eye(dim, dtype=jnp.float32)
     if mode.startswith("down"):
       self.resample = Conv2d(dim, dim, 3, rngs=rngs)
       if mode == "downsample3d":
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), rngs=rngs)
+        # Latent frame j+1 = mean of frames 2j+1 and 2j+2 (the two new frames it covers).
+        self.time_conv.kernel[...] = jnp.stack([0 * eye, 0.5 * eye, 0.5 * eye])[:, None, None]
     else:
       self.resample = Conv2d(dim, out_dim or dim // 2, 3, rngs=rngs)
       if mode == "upsample3d":
         self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), rngs=rngs)
+        # Both output frames copy the current latent frame (nearest-neighbour in time).
+        both = jnp.concatenate([eye, eye], axis=1)
+        self.time_conv.kernel[...] = jnp.stack([0 * both, 0 * both, both])[:, None, None]
 
   def _time_down(self, x, stream: _Stream):
     conv = self.time_conv
@@ -346,14 +367,14 @@ class Encoder(nnx.Module):
     blocks = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
       for _ in range(s.num_res_blocks):
-        blocks.append(ResidualBlock(in_dim, out_dim, rngs=rngs))
+        blocks.append(ResidualBlock(in_dim, out_dim, s.norm, rngs=rngs))
         in_dim = out_dim
       if i != len(s.dim_mult) - 1:
         mode = "downsample3d" if s.temporal_downsample[i] else "downsample2d"
         blocks.append(Resample(out_dim, mode, rngs=rngs))
     self.down_blocks = nnx.List(blocks)
-    self.mid_block = MidBlock(dims[-1], rngs=rngs)
-    self.norm_out = RMSNorm(dims[-1], rngs=rngs)
+    self.mid_block = MidBlock(dims[-1], s.norm, rngs=rngs)
+    self.norm_out = RMSNorm(dims[-1], s.norm, rngs=rngs)
     self.conv_out = CausalConv3d(dims[-1], 2 * s.z_dim, 3, rngs=rngs)
 
   def __call__(self, x, stream: _Stream):
@@ -365,9 +386,9 @@ class Encoder(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, mode: str | None, *,
-               rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResidualBlock(in_dim if j == 0 else out_dim, out_dim, rngs=rngs)
+  def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, mode: str | None,
+               norm: str = "rms", *, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResidualBlock(in_dim if j == 0 else out_dim, out_dim, norm, rngs=rngs)
                              for j in range(num_res_blocks + 1)])
     self.upsamplers = nnx.List([Resample(out_dim, mode, rngs=rngs)] if mode else [])
 
@@ -385,7 +406,7 @@ class Decoder(nnx.Module):
     dims = [base * m for m in (s.dim_mult[-1], *s.dim_mult[::-1])]
     temporal_up = tuple(s.temporal_downsample[::-1])
     self.conv_in = CausalConv3d(s.z_dim, dims[0], 3, rngs=rngs)
-    self.mid_block = MidBlock(dims[0], rngs=rngs)
+    self.mid_block = MidBlock(dims[0], s.norm, rngs=rngs)
     blocks = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
       if i > 0:
@@ -393,9 +414,9 @@ class Decoder(nnx.Module):
       mode = None
       if i != len(s.dim_mult) - 1:
         mode = "upsample3d" if temporal_up[i] else "upsample2d"
-      blocks.append(UpBlock(in_dim, out_dim, s.num_res_blocks, mode, rngs=rngs))
+      blocks.append(UpBlock(in_dim, out_dim, s.num_res_blocks, mode, s.norm, rngs=rngs))
     self.up_blocks = nnx.List(blocks)
-    self.norm_out = RMSNorm(dims[-1], rngs=rngs)
+    self.norm_out = RMSNorm(dims[-1], s.norm, rngs=rngs)
     self.conv_out = CausalConv3d(dims[-1], s.in_channels * s.patch_size ** 2, 3, rngs=rngs)
 
   def __call__(self, z, stream: _Stream):
