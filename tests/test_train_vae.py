@@ -40,6 +40,21 @@ def _fake_source():
   return [{"video": c} for c in clips]
 
 
+def test_busiest_crop_finds_the_object():
+  # A flat frame with one small bright square: with crop_tries=1 most 8x8 windows miss it; the busiest
+  # of 32 windows usually holds some of it (1 - 0.948^32 = 82%), and is still a window of the frame.
+  from sora_jax.data.vae_batches import _crop_2d
+  frame = np.zeros((1, 64, 64, 3), np.uint8)
+  frame[0, 40:46, 10:16] = 255
+  hits = {}
+  for tries in (1, 32):
+    rng = np.random.default_rng(0)
+    crops = [_crop_2d(frame, 8, 8, rng, tries) for _ in range(200)]
+    hits[tries] = np.mean([c.max() > 0 for c in crops])
+  assert hits[1] < 0.1 and hits[32] > 0.65, hits
+  assert all(c.shape == (1, 8, 8, 3) for c in crops)
+
+
 def test_batches_fill_pixel_budgets_with_grid_crops():
   image = Crop.for_budget(1, 16, 16, 1000)
   video = Crop.for_budget(5, 16, 24, 5000)
