@@ -20,10 +20,11 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   compiler's time are extrapolated to the real depths (identical layers: cost is affine in depth).
   `--unroll` compiles the full-depth unrolled step instead (slow; a check of the extrapolation).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
-  for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls, its
-  fused backward 5 (the GPU kernels' 7), the forward again under a remat policy that does not save the
-  kernel's residuals), for rows holding one segment each (the densest packing, where splash skips no
-  block), and their time is those FLOPs at `--kernel_efficiency` of peak.
+  for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls; backward
+  5 in splash's fused kernel, or 7 in separate dkv and dq kernels, per call as `splash.fused_backward`
+  decides from the call's shapes, always 7 for the GPU kernels; the forward again under a remat policy
+  that does not save the kernel's residuals), for rows holding one segment each (the densest packing,
+  where splash skips no block), and their time is those FLOPs at `--kernel_efficiency` of peak.
 - The compiler's FLOPs (XLA-counted part, times chips) must agree with flops.py's count of the same
   work (flops.py's total minus the kernels' share) within 10%; the run fails otherwise.
 - MFU = flops.py's model FLOPs (no remat, dense attention = one segment per row) / (step time x chips x
@@ -51,6 +52,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax import distributed, flops, sharding, train
+from sora_jax.kernels import splash
 from sora_jax.models import layers
 
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5p:8x8x4 or v6e:16x16; "
@@ -78,11 +80,12 @@ FLOP_TOLERANCE = 0.10
 JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flops_per_chip",
              "flops_per_step", "estimated_step_s", "estimated_mfu")
 # Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
-# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K) or the GPU
-# kernels' separate dkv (QK^T, dO V^T, P^T dO, dS^T Q) and dq (QK^T, dO V^T, dS K). The forward runs
-# again in the backward pass unless the remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
+# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K) where
+# `splash.fused_backward` picks it, else separate dkv (QK^T, dO V^T, P^T dO, dS^T Q) and dq (QK^T, dO V^T,
+# dS K) kernels, as the GPU kernels always run. The forward runs again in the backward pass unless the
+# remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
 KERNEL_FWD_MATMULS = 2
-KERNEL_BWD_MATMULS = {"splash": 5, "gpu": 7}
+KERNEL_BWD_MATMULS = {"fused": 5, "separate": 7}
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -197,6 +200,18 @@ class KernelFlops:
   executed: float           # matmul FLOPs the kernels actually execute
 
 
+def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
+  """Backward matmuls of one attention-kernel call: 5 where splash runs its fused kernel for these
+  shapes (`splash.fused_backward`, with heads per device: the `tensor` mesh axis shards them), else 7."""
+  if cfg.dit.attention != "splash":
+    return KERNEL_BWD_MATMULS["separate"]
+  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
+  local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+  fused = splash.fused_backward(lq, lk, local_heads, width // heads,
+                                itemsize=jax.numpy.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
+  return KERNEL_BWD_MATMULS["fused" if fused else "separate"]
+
+
 def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
   """Attention FLOPs of every splash call in the step (DiT self and cross, text self), dense per row."""
   d = cfg.dit
@@ -215,7 +230,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
         flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
     unit_pad = 2.0 * batch * pad(lq) * pad(lk) * w
-    executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + KERNEL_BWD_MATMULS[d.attention])
+    executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + kernel_bwd_matmuls(cfg, lq, lk, w, h))
   return KernelFlops(counted, executed)
 
 

@@ -156,8 +156,18 @@ def test_gpu_kernels_interpret_cross_attention_match_reference():
   _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
 
 
-def test_splash_interpret_matches_reference():
+def _splash_backward(monkeypatch, backward: str):
+  """Forces splash_attention's backward: "fused" (these tiny rows' default) or "separate" dkv and dq
+  kernels (a zero partial-dq budget, as for long rows)."""
   from sora_jax.kernels import splash
+  if backward == "separate":
+    monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 0)
+  return splash
+
+
+@pytest.mark.parametrize("backward", ["fused", "separate"])
+def test_splash_interpret_matches_reference(backward, monkeypatch):
+  splash = _splash_backward(monkeypatch, backward)
   q, k, v, w = _inputs(2, 256, 256, 1, 128)
   ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([256], 256)])
   fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
@@ -165,8 +175,9 @@ def test_splash_interpret_matches_reference():
 
 
 @pytest.mark.slow
-def test_splash_interpret_cross_attention_matches_reference():
-  from sora_jax.kernels import splash
+@pytest.mark.parametrize("backward", ["fused", "separate"])
+def test_splash_interpret_cross_attention_matches_reference(backward, monkeypatch):
+  splash = _splash_backward(monkeypatch, backward)
   q, k, v, w = _inputs(2, 256, 100, 2, 128)
   q_ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([1, 200], 256)])
   kv_ids = np.stack([_ids([10, 1, 3, 20], 100), _ids([7, 50], 100)])
@@ -202,13 +213,28 @@ def _phases(names):
   return sorted(next(p for p in ("fwd", "dkv", "dq") if f"_{p}" in n) for n in names)
 
 
-def test_splash_backward_is_one_fused_kernel():
-  from sora_jax.kernels import splash
+@pytest.mark.parametrize("backward,kernels", [("fused", ["dkv", "fwd"]), ("separate", ["dkv", "dq", "fwd"])])
+def test_splash_backward_is_one_fused_kernel_or_dkv_and_dq(backward, kernels, monkeypatch):
+  splash = _splash_backward(monkeypatch, backward)
   q, k, v, w = _inputs(1, 256, 256, 1, 128)
   ids = jnp.asarray(_ids([100, 156], 256)[None])
   fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
   grad = jax.grad(lambda q, k, v: (fn(q, k, v, ids, ids) * w).sum(), (0, 1, 2))
-  assert _phases(_pallas_calls(jax.make_jaxpr(grad)(q, k, v).jaxpr)) == ["dkv", "fwd"]  # no dq kernel
+  assert _phases(_pallas_calls(jax.make_jaxpr(grad)(q, k, v).jaxpr)) == kernels
+
+
+def test_splash_fused_backward_only_while_partial_dq_is_small():
+  from sora_jax.kernels import splash
+  # [key blocks, heads, Lq padded, head_dim] in q's dtype: 2 x 1 x 256 x 128 f32 for the tests' rows.
+  assert splash.partial_dq_bytes(256, 200, 1, 128, block_q=128, block_kv=128, itemsize=4) == 2 * 256 * 128 * 4
+  assert splash.partial_dq_bytes(300, 1000, 2, 64) == 2 * 2 * 384 * 64 * 2  # kv blocks of 512, Lq to 384
+  # sora_b (16k rows, 9 heads of 128) keeps the fused kernel for all its calls; sora_xl's 64k rows
+  # (32 heads of 128: 64 GiB of partial dq) and v6e's 32k rows (16 GiB) take the dq kernel for
+  # self-attention, and keep it fused for cross-attention to 512 text tokens + 128 segments.
+  assert splash.fused_backward(16384, 16384, 9, 128) and splash.fused_backward(16384, 576, 9, 128)
+  assert splash.fused_backward(16384, 16384, 9, 128, itemsize=4)
+  assert not splash.fused_backward(65536, 65536, 32, 128) and splash.fused_backward(65536, 640, 32, 128)
+  assert not splash.fused_backward(32768, 32768, 32, 128) and splash.fused_backward(512, 512, 8, 128)
 
 
 def _layer_grad(implementation: str, remat: str, x, ids):

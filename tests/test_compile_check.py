@@ -45,7 +45,8 @@ def test_memory_of_the_real_step_is_the_sharded_state_plus_batch():
       num_params=round(rep["params_b"] * 1e9)).model
 
 
-def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention():
+def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatch):
+  from sora_jax.kernels import splash
   cfg = tiny_config(attention="splash", remat="none")
   kw = dict(batch=4, seq_len=256, text_len=32, num_segments=4)
   k = compile_check.kernel_flops(cfg, **kw)
@@ -62,7 +63,29 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention():
   assert dots.executed == k.executed and dots.in_flops_py_total == remat.in_flops_py_total
   gpu = compile_check.kernel_flops(tiny_config(attention="gpu", remat="none"), **kw)
   assert gpu.executed / k.executed == pytest.approx(9 / 7)  # separate dq and dkv kernels: 7 backward
+  # Splash takes separate dkv and dq kernels too where its partial-dq buffer would be large.
+  monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 0)
+  separate = compile_check.kernel_flops(cfg, **kw)
+  assert separate.executed == gpu.executed and separate.in_flops_py_total == k.in_flops_py_total
   assert compile_check.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
+
+
+def test_kernel_backward_matmuls_follow_splash_fused_backward():
+  # Per call, as splash_attention decides: sora_b fused everywhere; sora_xl's 64k-token self-attention
+  # through separate dkv and dq kernels (7), its cross-attention and text self-attention fused (5).
+  from experiments import sora_b, sora_xl
+  b, xl = sora_b.get_config(), sora_xl.get_config()
+  assert [compile_check.kernel_bwd_matmuls(b, lq, lk, 1152, 9) for lq, lk in
+          [(16384, 16384), (16384, 576)]] == [5, 5]
+  assert compile_check.kernel_bwd_matmuls(b, 512, 512, 1024, 8) == 5
+  assert [compile_check.kernel_bwd_matmuls(xl, lq, lk, 4096, 32) for lq, lk in
+          [(65536, 65536), (65536, 640)]] == [7, 5]
+  xl.mesh.tensor = 8  # 4 heads per device: 8 GiB of partial dq, still over the budget
+  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 7
+  xl.mesh.tensor = 32  # 1 head per device: 2 GiB
+  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
+  xl.mesh.tensor, xl.dit.attention = 1, "gpu"
+  assert compile_check.kernel_bwd_matmuls(xl, 65536, 640, 4096, 32) == 7
 
 
 def test_out_of_memory_errors_are_read():

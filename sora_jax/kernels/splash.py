@@ -7,11 +7,12 @@ bytes) becomes splash's MaskInfo directly: active blocks are marked "full" (2), 
 exist at all, and the masking inside a block comes from splash's own segment-id test.
 For skipped grid steps `data_next` repeats the nearest active block, so the pipeline issues no new copy.
 
-Backward: splash's fused kernel (one pass over the key blocks computes dk, dv and per-key-block partial
-dq: 5 block matmuls instead of the 7 of separate dkv and dq kernels, at the cost of a transient
-[key blocks, heads, Lq, head_dim] partial-dq buffer). The kernel output and its logsumexp are named
-`kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the backward pass
-a second run of the forward kernel.
+Backward: splash's fused kernel when its partial-dq buffer is small (`fused_backward`), else separate
+dkv and dq kernels. The fused kernel computes dk, dv and a partial dq per key block in one pass over the
+key blocks: 5 block matmuls instead of 7, at the cost of a transient [key blocks, heads, Lq, head_dim]
+buffer (in q's dtype) summed afterwards, which grows with Lq * Lk. The kernel output and its logsumexp
+are named `kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the
+backward pass a second run of the forward kernel.
 
 Contract differences smoothed over here: splash does not scale logits (q is scaled first), lets padding
 queries attend to padding keys (padding query ids become -1, and their outputs are zeroed), and divides by
@@ -28,6 +29,38 @@ from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 # Splash tiles segment ids as [block, 128 lanes]: both block sizes must be multiples of 128.
 _LANES = 128
+# Largest partial-dq buffer (bytes, per row and call) for which the fused backward kernel is used. Rows
+# run one at a time (lax.map) and layers one at a time (scan), so one such buffer is live per chip. 4 GiB
+# is an eighth of the smallest HBM the pod configs target (v6e / v4: 32 GB) and 4% of v5p's 95 GB, above
+# every call of sora_b (16k rows: self-attention 32 key blocks x 9 heads x 16k x 128 in bf16 = 1.1 GiB,
+# 2.25 GiB even in f32), which keeps the 2 saved matmuls, and far below sora_xl's self-attention (64k
+# rows: 128 key blocks x 32 heads x 64k x 128 x 2 bytes = 64 GiB; 16 GiB at v6e's 32k rows), which takes
+# the separate dq kernel (7 matmuls, no buffer beyond dq itself); its cross-attention (2 key blocks,
+# 1 GiB) stays fused. The buffer is nk times q, so the split is also "fused while nk x q <= 4 GiB".
+FUSED_BWD_MAX_BYTES = 4 << 30
+
+
+def block_sizes(lq: int, lk: int, block_q: int = 512, block_kv: int = 512) -> tuple[int, int]:
+  """The block sizes splash_attention uses: the requested ones, shrunk to the 128-padded lengths."""
+  if block_q % _LANES or block_kv % _LANES:
+    raise ValueError(f"splash block sizes must be multiples of {_LANES}, got {block_q}, {block_kv}")
+  return min(block_q, -(-lq // _LANES) * _LANES), min(block_kv, -(-lk // _LANES) * _LANES)
+
+
+def partial_dq_bytes(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
+                     block_kv: int = 512, itemsize: int = 2) -> int:
+  """Bytes of the fused backward kernel's partial-dq buffer for one row: [nk, heads, Lq_padded, head_dim]
+  in q's dtype (`itemsize` bytes; the kernel allocates it like q)."""
+  bq, bkv = block_sizes(lq, lk, block_q, block_kv)
+  return -(-lk // bkv) * heads * (-(-lq // bq) * bq) * head_dim * itemsize
+
+
+def fused_backward(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
+                   block_kv: int = 512, itemsize: int = 2) -> bool:
+  """Whether splash_attention (same arguments, heads per device) runs splash's fused backward kernel:
+  when its partial-dq buffer is at most FUSED_BWD_MAX_BYTES. compile_check counts matmuls by it."""
+  return partial_dq_bytes(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
+                          itemsize=itemsize) <= FUSED_BWD_MAX_BYTES
 
 
 def _mask_info(active_nm, *, transpose: bool):
@@ -64,11 +97,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   Block sizes shrink to the padded sequence lengths; both must be multiples of 128. `interpret=True`
   runs the Pallas kernels on any backend (slowly), for tests.
   """
-  if block_q % _LANES or block_kv % _LANES:
-    raise ValueError(f"splash block sizes must be multiples of {_LANES}, got {block_q}, {block_kv}")
-  lq, lk = q.shape[1], k.shape[1]
-  block_q = min(block_q, -(-lq // _LANES) * _LANES)
-  block_kv = min(block_kv, -(-lk // _LANES) * _LANES)
+  lq, lk, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+  fused = fused_backward(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
+                         itemsize=q.dtype.itemsize)
+  block_q, block_kv = block_sizes(lq, lk, block_q, block_kv)
   q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), block_q)
   kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_kv)
   batch, nq, nk = q.shape[0], q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
@@ -79,7 +111,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   sizes = splash_kernel.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-      use_fused_bwd_kernel=True)
+      **(dict(use_fused_bwd_kernel=True) if fused else dict(block_q_dq=block_q, block_kv_dq=block_kv)))
   to_hld = lambda x, mult: blocksparse.pad_seq(x, mult).transpose(0, 2, 1, 3)
   q_hld = to_hld(q * q.shape[-1] ** -0.5, block_q)
   k_hld, v_hld = to_hld(k, block_kv), to_hld(v, block_kv)
@@ -88,7 +120,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     q_, k_, v_, q_ids_, kv_ids_, active_ = args
     fwd = _mask_info(active_, transpose=False)
     kernel = splash_kernel.SplashAttentionKernel(
-        fwd, None, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
+        fwd, None if fused else fwd, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
         save_residuals=False, mask_value=splash_kernel.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
         residual_checkpoint_name=RESIDUAL_NAME, mask_function=None, interpret=interpret)
     # Padding queries get id -1: splash would otherwise let them attend to padding keys (id 0).
