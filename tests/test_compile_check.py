@@ -45,6 +45,17 @@ def test_memory_of_the_real_step_is_the_sharded_state_plus_batch():
       num_params=round(rep["params_b"] * 1e9)).model
 
 
+def test_unusable_compiler_time_falls_back_to_the_roofline(monkeypatch):
+  # libtpu's cost model reports negative seconds for v6e steps; the estimate then comes from the
+  # roofline of the compiler's own FLOPs and bytes, and says so.
+  cost = compile_check.Cost(flops=4.59e12, bytes=2765e9 * 3.0, seconds=-15.9)  # 0.01 s of FLOPs, 3 s of bytes
+  monkeypatch.setattr(compile_check, "step_cost", lambda *a, **k: (cost, {"method": "stub"}))
+  rep = compile_check.check(tiny_config(), TOPOLOGY)
+  assert rep["xla_time_source"].startswith("roofline") and "-15.900" in rep["xla_time_source"]
+  assert rep["xla_seconds"] == pytest.approx(3.0)
+  assert rep["estimated_step_s"] == pytest.approx(3.0 + rep["kernel_seconds"]) and rep["estimated_mfu"] > 0
+
+
 def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatch):
   from sora_jax.kernels import splash
   cfg = tiny_config(attention="splash", remat="none")
