@@ -62,6 +62,11 @@ def get_config(arg=None):
   c.dit.text_heads = 8
   c.dit.attention = "splash"      # TPU Pallas; "gpu" on GPU clusters (scripts/slurm_gpu.sh sets it)
   c.dit.remat = pod["remat"]
+  c.dit.dtype = "bfloat16"        # bf16 matmul inputs, f32 accumulation (the demo computes in f32 on CPU)
+
+  # The 16-channel 4x8x8 VAE whose latents the data holds: Wan 2.1's layout (experiments/wan21_vae.py).
+  c.vae.update(dict(base_dim=96, decoder_base_dim=0, dim_mult=(1, 2, 4, 4), num_res_blocks=2, z_dim=16,
+                    temporal_downsample=(False, True, True), patch_size=1, norm="rms"))
 
   c.diffusion.shift_ref_tokens = 4096
 

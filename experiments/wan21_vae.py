@@ -45,5 +45,6 @@ def get_config(arg=None):
   c.vae.patch_size = 1
   c.vae.in_channels = 3
   c.vae.dtype = "float32"
+  c.vae.norm = "rms"              # Wan's per-position RMS norm (the demo VAE trains without one)
   c.data.latents_dir = "runs/wan21/data/latents"
   return c

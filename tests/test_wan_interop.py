@@ -134,7 +134,7 @@ def test_conversion_records_architecture_stats_and_source(tiny):
   assert stats["shift"] == TINY["latents_mean"] and stats["scale"] == TINY["latents_std"]
   record = json.loads((out / "conversion.json").read_text())
   src = tiny["src"] / wan_vae.FILE_NAME
-  assert record["sha256"] == wan_vae._sha256(src)  # pylint: disable=protected-access
+  assert record["sha256"] == bundle_lib.sha256(src)
   n_torch = sum(p.numel() for p in tiny["torch"].parameters())
   n_jax = sum(np.asarray(v).size for v in jax.tree.leaves(nnx.state(tiny["jax"], nnx.Param)))
   assert record["parameters"] == n_torch == n_jax
