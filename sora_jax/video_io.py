@@ -32,9 +32,28 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
   times, stacked = zip(*frames)
   if len({f.shape for f in stacked}) > 1:
     raise VideoReadError(f"{path}: frame size changes mid-stream {sorted({f.shape for f in stacked})}")
+  video = np.stack(stacked)
   if Path(path).suffix.lower() == ".gif" and len(times) > 1 and times[-1] > 0:
-    fps = (len(times) - 1) / times[-1]  # GIF delays vary; the stream's nominal rate is a guess
-  return np.stack(stacked), fps
+    # GIF delays vary and the stream's nominal rate is a guess. Encoders (Pillow among them) merge
+    # identical consecutive frames into one with the summed delay: expand each frame back to whole
+    # multiples of the typical delay, so a written T-frame clip reads back as T frames.
+    gaps = np.diff(np.r_[np.asarray(times, np.float64), _gif_end(path, times[-1])])
+    base = float(np.median(gaps[gaps > 0])) if np.any(gaps > 0) else 0.0
+    if base > 0:
+      counts = np.maximum(1, np.round(gaps / base)).astype(int)
+      video = np.repeat(video, counts, axis=0)
+      fps = float(counts[:-1].sum()) / times[-1]
+  return video, fps
+
+
+def _gif_end(path, last_start: float) -> float:
+  """When a GIF's last frame ends (its stream duration); `last_start` if the file does not say."""
+  import av
+  with av.open(str(path)) as container:
+    stream = container.streams.video[0]
+    if stream.duration and stream.time_base:
+      return max(last_start, float(stream.duration * stream.time_base))
+  return last_start
 
 
 def iter_frames(path: str | os.PathLike) -> tuple[float, Iterator[tuple[float, np.ndarray]]]:

@@ -46,6 +46,19 @@ def test_lossy_formats_keep_length_rate_and_content(clip, tmp_path, suffix, min_
   np.testing.assert_allclose(np.diff(times), 1 / 8, atol=0.011)  # GIF delays are centiseconds
 
 
+def test_gif_with_repeated_frames_reads_back_every_frame(tmp_path):
+  # GIF encoders merge identical consecutive frames into one longer frame (a still object, or a VAE
+  # that copies a latent frame into two); reading expands it back, so T frames in are T frames out.
+  frames = np.zeros((9, 16, 24, 3), np.uint8)
+  frames[::2] = 200
+  frames[4] = frames[5] = frames[3]
+  frames[8] = frames[7]
+  video_io.write_video(tmp_path / "r.gif", frames, fps=8)
+  got, fps = video_io.read_video(tmp_path / "r.gif")
+  assert got.shape == frames.shape and fps == pytest.approx(8.0, rel=0.05)
+  np.testing.assert_array_equal(got.mean(axis=(1, 2, 3)) > 100, frames.mean(axis=(1, 2, 3)) > 100)
+
+
 def test_unreadable_files_raise_one_line_errors(clip, tmp_path):
   video_io.write_video(tmp_path / "good.mp4", clip, 8)
   video_io.write_video(tmp_path / "good.gif", clip, 8)
