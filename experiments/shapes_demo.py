@@ -1,4 +1,4 @@
-"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 30 minutes on 2 CPU cores.
+"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 35 minutes on 2 CPU cores.
 
     make demo
 runs it end to end (python -m sora_jax.demo --config experiments/shapes_demo.py --workdir runs/demo).
@@ -140,10 +140,10 @@ def get_config(arg=None):
   c.vae.logvar_init = -6.0       # posterior starts narrow: the decoder is not trained on noise
   c.vae.norm = "none"            # Wan's per-position RMS norm learns ~2x slower at this width
 
-  # --- VAE training (sora_jax/train_vae.py): ~8 min of 2-core CPU; docs/benchmarks.md "Issue 3".
+  # --- VAE training (sora_jax/train_vae.py): ~9-14 min of 2-core CPU (2500 steps: 30.4 dB); docs/benchmarks.md "Issue 3".
   c.vae_train = ml_collections.ConfigDict()
-  c.vae_train.total_steps = 1500
-  c.vae_train.max_train_seconds = 540.0  # stop early (checkpointed) if a slow machine would overrun
+  c.vae_train.total_steps = 2500
+  c.vae_train.max_train_seconds = 900.0  # stop early (checkpointed) if a slow machine would overrun
   c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
   c.vae_train.image_pixels = 4096
   c.vae_train.video_frames = 17          # video crops video_frames x video_crop^2: 5 latent frames, so
