@@ -114,12 +114,16 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   return list(desc.devices)
 
 
-def hbm_bytes(device) -> float:
+def _by_kind(table, device, what: str) -> float:
   kind = getattr(device, "device_kind", "")
-  for name, size in HBM_BYTES:
+  for name, value in table:
     if name in kind:
-      return size
-  raise ValueError(f"no HBM size for device kind {kind!r}; known: {[k for k, _ in HBM_BYTES]}")
+      return value
+  raise ValueError(f"no {what} for device kind {kind!r}; known: {[k for k, _ in table]}")
+
+
+def hbm_bytes(device) -> float:
+  return _by_kind(HBM_BYTES, device, "HBM size")
 
 
 def abstract_batch(cfg) -> dict:
@@ -302,9 +306,8 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, full_unroll: bool = 
     kernel_s = kern.executed / chips / (peak * kernel_efficiency)
     xla_s, xla_time_source = cost.seconds, "compiler"
     if not xla_s > 0:  # the cost model gave no usable time: a roofline of its FLOPs and bytes instead
-      bandwidth = dict(HBM_BANDWIDTH).get(next((k for k, _ in HBM_BANDWIDTH
-                                                 if k in devices[0].device_kind), ""), 0.0)
-      xla_s = max(cost.flops / peak, cost.bytes / bandwidth if bandwidth else 0.0)
+      bandwidth = _by_kind(HBM_BANDWIDTH, devices[0], "HBM bandwidth")
+      xla_s = max(cost.flops / peak, cost.bytes / bandwidth)
       xla_time_source = f"roofline (the compiler estimated {cost.seconds:.3f} s)"
       log.warning("compiler time estimate %.3f s is unusable; using the roofline %.3f s", cost.seconds,
                   xla_s)

@@ -286,7 +286,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   image = Crop.for_budget(1, t.image_crop, t.image_crop, int(t.image_pixels))
   video = Crop.for_budget(int(t.video_frames), t.video_crop, t.video_crop, int(t.video_pixels))
   batches = VAEBatches(sources.video_source(data_dir, "train"), image=image, video=video,
-                       seed=int(cfg.seed), crop_tries=int(t.get("crop_tries", 1)))
+                       seed=int(cfg.seed), crop_tries=int(t.crop_tries))
 
   total = int(t.total_steps)
   tx = optim.make_optimizer(t.optim, total)

@@ -22,13 +22,6 @@ from sora_jax.models import vae as vae_lib
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per form")
 
 
-def _native(x, kernel, t_stride: int = 1):
-  kh, kw = kernel.shape[1:3]
-  return jax.lax.conv_general_dilated(x, kernel, (t_stride, 1, 1),
-                                      ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
-                                      dimension_numbers=vae_lib.CONV_DIMS)
-
-
 def time_step(cfg, conv, steps: int) -> tuple[float, float]:
   """(compile + first step seconds, mean step seconds) of the VAE's loss gradient with `conv`."""
   original = vae_lib.conv3d
@@ -59,7 +52,8 @@ def main(argv):
   cfg = config_lib.get_config()
   print(f"backend {jax.default_backend()}, {jax.device_count()} devices")
   results = {}
-  for name, conv in (("native 3D conv", _native), ("2D conv per tap", vae_lib._conv3d_as_2d)):  # pylint: disable=protected-access
+  forms = (("native 3D conv", vae_lib._conv3d_native), ("2D conv per tap", vae_lib._conv3d_as_2d))  # pylint: disable=protected-access
+  for name, conv in forms:
     first, step = time_step(cfg, conv, _STEPS.value)
     results[name] = step
     print(f"{name:>16}: compile + first step {first:.1f} s, step {step * 1e3:.0f} ms")

@@ -93,12 +93,16 @@ def conv3d(x, kernel, t_stride: int = 1):
   temporal tap (docs/benchmarks.md, "3D convs on XLA:CPU"), so on CPU it is computed that way; TPU
   and GPU get the native 3D conv. Both forms are the same sum, checked by tests/test_vae.py.
   """
-  kt, kh, kw = kernel.shape[:3]
   if jax.default_backend() != "cpu":
-    return jax.lax.conv_general_dilated(
-        x, kernel, (t_stride, 1, 1), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=CONV_DIMS)
+    return _conv3d_native(x, kernel, t_stride)
   return _conv3d_as_2d(x, kernel, t_stride)
+
+
+def _conv3d_native(x, kernel, t_stride: int = 1):
+  kh, kw = kernel.shape[1:3]
+  return jax.lax.conv_general_dilated(
+      x, kernel, (t_stride, 1, 1), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=CONV_DIMS)
 
 
 def _conv3d_as_2d(x, kernel, t_stride: int = 1):
