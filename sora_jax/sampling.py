@@ -28,7 +28,9 @@ How it works:
   modes diffusion.loss_fn trains with random masks): clean latents of the given latent frames and a
   per-token mask. Given tokens hold their clean latents at every step, as in training, so they come out
   exactly. `image_prompt` (first frame), `extend_prompt` (forward: first frames; backward: last frames),
-  `connect_prompt` (first and last latent frame) build such Requests. SDEdit (`edit_prompt`:
+  `connect_prompt` (first and last latent frame) build such Requests. Given frames at the end were
+  encoded in the given video's own causal context, so they are decoded in it too (`Request.tail_latents`)
+  and replace the output's last frames; given frames at the start decode the same either way. SDEdit (`edit_prompt`:
   `init_latents`, `strength`) instead starts the segment's ODE at t = strength from the noised input.
 - Latents are decoded by the VAE's chunked decoder (frame 0, then one latent frame at a time).
 """
@@ -105,6 +107,11 @@ class Request:
   cond_frames: np.ndarray | None = None   # bool [t]: which latent frames are given
   init_latents: np.ndarray | None = None  # SDEdit: start from these latents noised to t = strength
   strength: float = 1.0
+  # Given frames at the end (backward extension, connect): their latents were encoded after the given
+  # video's own first frame, so decoding them after generated frames changes them. The last
+  # `tail_frames` output frames are instead those of decoding `tail_latents` (the given clip's latents).
+  tail_latents: np.ndarray | None = None
+  tail_frames: int = 0
 
   @classmethod
   def of(cls, r: Request | Sequence) -> Request:
@@ -599,8 +606,11 @@ def extend_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: i
   else:
     _check_frames("the video", video, 1 + g.temporal)
     k = min(k, (video.shape[0] - 1) // g.temporal)
-    z[t - k:] = pipe.encode(video[:1 + k * g.temporal])[1:]
+    tail = pipe.encode(video[:1 + k * g.temporal])
+    z[t - k:] = tail[1:]
     given[t - k:] = True
+    return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given,
+                   tail_latents=tail, tail_frames=k * g.temporal)
   return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
 
 
@@ -620,10 +630,12 @@ def connect_prompt(pipe: Pipeline, caption: str, video_a: np.ndarray, video_b: n
   _check_frames("the second video", b, 1 + g.temporal)
   z = np.zeros((t, h, w, c), np.float32)
   z[:1] = pipe.encode(resize_frames(np.asarray(video_a)[-1:], height, width))
-  z[-1:] = pipe.encode(b[:1 + g.temporal])[1:]
+  tail = pipe.encode(b[:1 + g.temporal])
+  z[-1:] = tail[1:]
   given = np.zeros(t, bool)
   given[0] = given[-1] = True
-  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given,
+                 tail_latents=tail, tail_frames=g.temporal)
 
 
 def edit_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int, height: int,
@@ -683,10 +695,15 @@ def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, s
   the result for a request does not depend on the others it is packed with.
   """
   pipe = as_pipeline(models)
-  latents = sample_latents(pipe, requests, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+  reqs = [Request.of(r) for r in requests]
+  latents = sample_latents(pipe, reqs, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
                            row_len=row_len, rows_per_call=rows_per_call, index_offset=index_offset,
                            progress=progress)
-  return [pipe.decode(z) for z in latents]
+  videos = [pipe.decode(z) for z in latents]
+  for r, v in zip(reqs, videos):
+    if r.tail_latents is not None and r.tail_frames:
+      v[-r.tail_frames:] = pipe.decode(r.tail_latents)[-r.tail_frames:]
+  return videos
 
 
 def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int = 2) -> dict[str, np.ndarray]:

@@ -128,11 +128,18 @@ def test_extend_backward_and_connect_and_edit_write_requested_sizes(cli, pipe, t
   cli("--prompt=x", f"--extend={tmp_path / 'a.npy'}", "--direction=backward", "--num_frames=13",
       "--height=24", "--width=16", f"--out={tmp_path / 'back.mp4'}")
   assert video_io.read_video(tmp_path / "back.mp4")[0].shape == (13, 24, 16, 3)
+  # Given frames at the end come out as the VAE decodes them in their own clip (not after the
+  # generated frames): backward, the input's first frames 1..8 (2 of the output's 4 latent frames).
+  cli("--prompt=x", f"--extend={tmp_path / 'a.npy'}", "--direction=backward", "--num_frames=13",
+      f"--out={tmp_path / 'back.npy'}")
+  a, b, ft = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), pipe.geometry.temporal
+  np.testing.assert_array_equal(np.load(tmp_path / "back.npy")[-2 * ft:], _recon(pipe, a[:1 + 2 * ft])[1:])
   cli("--prompt=x", f"--connect={tmp_path / 'a.npy'},{tmp_path / 'b.npy'}", "--num_frames=13",
       f"--out={tmp_path / 'conn.npy'}")
   conn = np.load(tmp_path / "conn.npy")
   assert conn.shape == (13, 16, 16, 3)
-  np.testing.assert_array_equal(conn[0], _recon(pipe, np.load(tmp_path / "a.npy")[-1:])[0])
+  np.testing.assert_array_equal(conn[0], _recon(pipe, a[-1:])[0])
+  np.testing.assert_array_equal(conn[-ft:], _recon(pipe, b[:1 + ft])[1:])
   cli("--prompt=x", f"--edit={tmp_path / 'b.npy'}", "--strength=0.5", f"--out={tmp_path / 'e.gif'}")
   assert video_io.read_video(tmp_path / "e.gif")[0].shape == (9, 16, 16, 3)  # the input's size
 
