@@ -318,6 +318,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
   os.makedirs(workdir, exist_ok=True)
+  if distributed.is_main():  # what export and the sampler rebuild the model from (bundle.py)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.get("keep_checkpoints", 3)),
                             save_interval_steps=max(int(cfg.checkpoint_every_steps), 1))

@@ -65,6 +65,9 @@ def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
   mgr.close()
   logged = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert max(logged) == 2
+  # The resolved config is saved beside the checkpoints, for export.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["dit"]["width"] == cfg.dit.width and saved["total_steps"] == 6
 
 
 def test_resume_precedence(tmp_path):
