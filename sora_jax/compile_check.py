@@ -415,8 +415,7 @@ def main(argv):
         f"{rep['kernel_tflops_executed']:.1f} T executed; flops.py total {rep['hand_total_tflops_per_step']:.1f} T "
         f"(kernels' share {rep['kernel_tflops_counted']:.1f} T), model {rep['flops_per_step'] / 1e12:.1f} T; "
         f"compiler / flops.py outside kernels = {rep['xla_over_flops_py']:.3f}")
-  xla_src = "compiler" if rep["xla_time_source"] == "compiler" else rep["xla_time_source"]
-  print(f"step time: {xla_src} {rep['xla_seconds']:.3f}s + kernels {rep['kernel_seconds']:.3f}s at "
+  print(f"step time: {rep['xla_time_source']} {rep['xla_seconds']:.3f}s + kernels {rep['kernel_seconds']:.3f}s at "
         f"{rep['kernel_efficiency']:.0%} of peak = {rep['estimated_step_s']:.3f}s -> MFU "
         f"{rep['estimated_mfu']:.1%} ({rep['cost_method']['method']})")
   print(json.dumps({k: rep[k] for k in JSON_KEYS}))

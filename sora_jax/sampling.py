@@ -30,8 +30,9 @@ How it works:
   exactly. `image_prompt` (first frame), `extend_prompt` (forward: first frames; backward: last frames),
   `connect_prompt` (first and last latent frame) build such Requests. Given frames at the end were
   encoded in the given video's own causal context, so they are decoded in it too (`Request.tail_latents`)
-  and replace the output's last frames; given frames at the start decode the same either way. SDEdit (`edit_prompt`:
-  `init_latents`, `strength`) instead starts the segment's ODE at t = strength from the noised input.
+  and replace the output's last frames; given frames at the start decode the same either way. SDEdit
+  (`edit_prompt`: `init_latents`, `strength`) instead starts the segment's ODE at t = strength from the
+  noised input.
 - Latents are decoded by the VAE's chunked decoder (frame 0, then one latent frame at a time).
 """
 from __future__ import annotations
@@ -108,10 +109,9 @@ class Request:
   init_latents: np.ndarray | None = None  # SDEdit: start from these latents noised to t = strength
   strength: float = 1.0
   # Given frames at the end (backward extension, connect): their latents were encoded after the given
-  # video's own first frame, so decoding them after generated frames changes them. The last
-  # `tail_frames` output frames are instead those of decoding `tail_latents` (the given clip's latents).
+  # video's own frame 0, so decoding them after generated frames changes them. `tail_latents` are the
+  # latents of that clip, frame 0 included; its decoded frames after frame 0 become the output's last.
   tail_latents: np.ndarray | None = None
-  tail_frames: int = 0
 
   @classmethod
   def of(cls, r: Request | Sequence) -> Request:
@@ -597,6 +597,7 @@ def extend_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: i
   video = resize_frames(video, height, width)
   z = np.zeros((t, h, w, c), np.float32)
   given = np.zeros(t, bool)
+  tail = None
   k = max(1, t // 2)
   if direction == "forward":
     k = min(k, 1 + (video.shape[0] - 1) // g.temporal)
@@ -609,9 +610,7 @@ def extend_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: i
     tail = pipe.encode(video[:1 + k * g.temporal])
     z[t - k:] = tail[1:]
     given[t - k:] = True
-    return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given,
-                   tail_latents=tail, tail_frames=k * g.temporal)
-  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given)
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given, tail_latents=tail)
 
 
 def connect_prompt(pipe: Pipeline, caption: str, video_a: np.ndarray, video_b: np.ndarray,
@@ -634,8 +633,7 @@ def connect_prompt(pipe: Pipeline, caption: str, video_a: np.ndarray, video_b: n
   z[-1:] = tail[1:]
   given = np.zeros(t, bool)
   given[0] = given[-1] = True
-  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given,
-                 tail_latents=tail, tail_frames=g.temporal)
+  return Request(caption, num_frames, height, width, cond_latents=z, cond_frames=given, tail_latents=tail)
 
 
 def edit_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int, height: int,
@@ -701,8 +699,9 @@ def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, s
                            progress=progress)
   videos = [pipe.decode(z) for z in latents]
   for r, v in zip(reqs, videos):
-    if r.tail_latents is not None and r.tail_frames:
-      v[-r.tail_frames:] = pipe.decode(r.tail_latents)[-r.tail_frames:]
+    if r.tail_latents is not None:
+      tail = pipe.decode(r.tail_latents)[1:]
+      v[-len(tail):] = tail
   return videos
 
 

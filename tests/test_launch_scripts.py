@@ -39,7 +39,7 @@ def _run(script, *args, tmp_path):
 def test_missing_arguments_print_the_usage_and_exit_2(script, tmp_path):
   proc, calls = _run(script, tmp_path=tmp_path)
   assert proc.returncode == 2 and calls == []
-  assert f"scripts/{script}" in proc.stdout or script in proc.stdout
+  assert script in proc.stdout  # the usage lines of the script's header
 
 
 def test_tpu_vm_copies_installs_and_launches_on_every_worker(tmp_path):
