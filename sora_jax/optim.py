@@ -9,7 +9,6 @@ The config section (`cfg.optim` in experiments/*.py) holds:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -36,9 +35,17 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+DECAYED = ("kernel", "embed")
+
+
 def _decay_mask(params):
-  # Weight decay on matrices and kernels only: decaying norm scales and biases towards zero hurts.
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  # Weight decay on weight matrices (dense/conv kernels, the caption embedding) only: decaying norm
+  # scales, biases and the null-text vector towards zero hurts. Decided by the leaf's name, not its rank:
+  # scanned layers stack a `layers` axis on every leaf, which makes a [depth, width] norm scale 2-D.
+  def decayed(path, _):
+    last = path[-1] if path else None
+    return getattr(last, "key", getattr(last, "name", None)) in DECAYED
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

@@ -109,13 +109,19 @@ def test_schedule_warmup_then_cosine_floor():
 
 def test_optimizer_clips_and_decays_matrices_only():
   tx = optim.make_optimizer(_optim_cfg(warmup_steps=0, schedule="constant", grad_clip=1.0), 10)
-  params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+  # As the DiT's scanned blocks hold them: every leaf stacked on a leading `layers` axis, so a norm
+  # scale or a bias is 2-D too (and a kernel 3-D).
+  params = {"blocks": {"q": {"kernel": jnp.ones((3, 2, 2)), "bias": jnp.ones((3, 2))},
+                       "norm": {"scale": jnp.ones((3, 2))}},
+            "embed": jnp.ones((4, 2)), "null_text": jnp.ones(2)}
   opt_state = tx.init(params)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, opt_state, params)
-  # Zero gradient: only weight decay moves anything, and only the matrix.
-  np.testing.assert_allclose(updates["w"], -1e-2 * 0.1 * np.ones((2, 2)), rtol=1e-6)
-  np.testing.assert_array_equal(updates["b"], np.zeros(2))
+  # Zero gradient: only weight decay moves anything, and only the weight matrices.
+  np.testing.assert_allclose(updates["blocks"]["q"]["kernel"], -1e-2 * 0.1 * np.ones((3, 2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["embed"], -1e-2 * 0.1 * np.ones((4, 2)), rtol=1e-6)
+  for unchanged in (updates["blocks"]["q"]["bias"], updates["blocks"]["norm"]["scale"], updates["null_text"]):
+    np.testing.assert_array_equal(unchanged, np.zeros_like(unchanged))
   # A huge gradient is clipped to global norm 1 before Adam; Adam's first step is lr * sign anyway,
   # so check the clip through the clip transform alone.
   clipped, _ = optax.clip_by_global_norm(1.0).update({"g": jnp.full(4, 100.0)}, None)
