@@ -82,6 +82,7 @@ def get_config(arg=None):
   c.dit.text_width = 128         # caption encoder, trained jointly
   c.dit.text_depth = 2
   c.dit.text_heads = 4
+  c.dit.flow_skip = False
   c.dit.attention = "auto"       # segment_attention implementation (models/attention.py)
   c.dit.remat = "none"           # "none" | "full" | "dots" | "dots_saveable"
   c.dit.dtype = "float32"        # compute: on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16
