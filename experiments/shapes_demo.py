@@ -36,14 +36,16 @@ def get_config(arg=None):
   c.data.text_len = 384          # packed text row length Lt (256 binds rows of images: 4.4% padding)
   c.data.max_text_tokens = 32    # per caption, after tokenization
   c.data.max_segments = 48       # per packed row
-  c.data.batch_size = 4          # packed rows per global batch
+  c.data.batch_size = 2          # packed rows per global batch: 2 rows give twice the updates of 4 on the
+                                 # same tokens, and a better denoiser in the demo's minutes (benchmarks.md)
   c.data.long_clips = "crop"     # "crop" in time, or "drop" (counted and reported)
   c.data.num_workers = 0
   c.data.shuffle_seed = 0
   # Packed stream (sora_jax/data/pipeline.py; its docstring explains size fitting).
   c.data.source = "latents"      # "latents" (VAE latents) or "shapes" (pooled raw frames, no VAE)
   c.data.patch = (1, 2, 2)       # spacetime patch (pt, ph, pw) in latents; D = pt*ph*pw*c
-  c.data.token_budget = 0        # max tokens per sample before downscale/crop; 0 = seq_len
+  c.data.token_budget = 576      # max tokens per sample before downscale/crop; 0 = seq_len. The widest
+                                 # segment sets blocksparse's step time: 576 = the largest short clip
   c.data.min_patch_side = 2      # spatial downscale stops at this many patches on a side
   c.data.sample_latents = True   # z = mean + std * eps (per record and epoch); False = the mean
   c.data.stand_in_factors = (4, 8, 8)  # "shapes" source: causal average pool (ft, fh, fw)
@@ -82,7 +84,7 @@ def get_config(arg=None):
   c.dit.text_width = 128         # caption encoder, trained jointly
   c.dit.text_depth = 2
   c.dit.text_heads = 4
-  c.dit.flow_skip = False
+  c.dit.flow_skip = False        # EDM-style skip for the flow velocity (models/dit.py); no gain measured here
   c.dit.attention = "auto"       # segment_attention implementation (models/attention.py)
   c.dit.remat = "none"           # "none" | "full" | "dots" | "dots_saveable"
   c.dit.dtype = "float32"        # compute: on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16
@@ -98,6 +100,7 @@ def get_config(arg=None):
   c.diffusion.time_shift = True      # t' = a t / (1 + (a-1) t), a = shift_scale * sqrt(n / shift_ref_tokens)
   c.diffusion.shift_scale = 1.0
   c.diffusion.shift_ref_tokens = 64   # about the demo mixture's mean tokens per sample (68.6): a ~ 1 there
+  c.diffusion.object_weight = 0.0     # extra loss weight on tokens far from their clip's mean token
   c.diffusion.text_drop = 0.1        # per-segment caption dropout for classifier-free guidance
   c.diffusion.cond_first_frame = 0.1   # image-to-video prompt (first latent frame given)
   c.diffusion.cond_first_frames = 0.05  # video continuation (first k latent frames given)
@@ -105,7 +108,7 @@ def get_config(arg=None):
   c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
-  c.total_steps = 800
+  c.total_steps = 1500           # the 720 s cap stops first (~600-700 steps): the cosine stays high
   c.max_train_seconds = 720.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
@@ -115,7 +118,7 @@ def get_config(arg=None):
   c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
   c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3              # 5e-3 diverges in quality (docs/benchmarks.md, Issue 7, fourth session)
   c.optim.warmup_steps = 40
   c.optim.schedule = "cosine"    # "cosine" or "constant" after the linear warmup
   c.optim.end_lr_fraction = 0.1  # cosine floor, as a fraction of lr

@@ -137,6 +137,16 @@ def segment_mean_loss(err_bl: jax.Array, weight_bl: jax.Array, segment_ids_bl: j
   return loss, seg_loss, has
 
 
+def object_tokens(x0_bld: jax.Array, segment_ids_bl: jax.Array, num_segments: int,
+                  threshold: float = 1.0) -> jax.Array:
+  """[B, L] float32: 1 where a token is further than `threshold` (rms over D, normalised latent units)
+  from its segment's mean token, the parts of a clip that are not its flat background."""
+  oh = _one_hot_segments(segment_ids_bl, num_segments)
+  mean_bsd = jnp.einsum("bls,bld->bsd", oh, x0_bld) / jnp.maximum(oh.sum(1), 1.0)[..., None]
+  dev = jnp.sqrt(jnp.mean(jnp.square(x0_bld - jnp.einsum("bls,bsd->bld", oh, mean_bsd)), axis=-1))
+  return ((dev > threshold) & (segment_ids_bl > 0)).astype(jnp.float32)
+
+
 def sample_cond_mask(rng: jax.Array, positions_bl3: jax.Array, segment_ids_bl: jax.Array, num_segments: int,
                      cfg) -> jax.Array:
   """Random image/video-prompt masks [B, L] float32 (1 = given), one mode per segment.
@@ -195,6 +205,8 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
                cond=x0 * cond_mask[..., None], cond_mask=cond_mask, text_drop=text_drop)
   err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
   weight = batch["loss_mask"].astype(jnp.float32) * (1.0 - cond_mask) * (seg > 0)
+  if d.get("object_weight", 0.0):
+    weight = weight * (1.0 + d.object_weight * object_tokens(x0, seg, s))
   loss, seg_loss, has = segment_mean_loss(err, weight, seg, s)
 
   is_image = segment_num_frames(pos, seg, s) == 1
