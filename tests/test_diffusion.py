@@ -59,6 +59,26 @@ def test_duplicating_a_segments_tokens_does_not_change_its_weight():
   assert float(loss4) == pytest.approx(float(loss))
 
 
+def test_object_tokens_are_those_far_from_their_segments_mean():
+  # Segment 1: a flat background of 0.5 with one token 3 units off; segment 2: flat at -2 (an offset from
+  # zero is not an object); padding holds large values but is never marked.
+  x0 = np.zeros((1, 12, 4), np.float32)
+  x0[0, :6], x0[0, 2] = 0.5, 3.5
+  x0[0, 6:10] = -2.0
+  x0[0, 10:] = 9.0
+  seg = np.array([[1] * 6 + [2] * 4 + [0] * 2], np.int32)
+  obj = diffusion.object_tokens(jnp.asarray(x0), jnp.asarray(seg), S)
+  assert np.asarray(obj)[0].tolist() == [0, 0, 1, 0, 0, 0] + [0] * 6
+  # object_weight scales those tokens' errors inside their segment's mean: with a model that is wrong
+  # only on the object token, its segment's loss grows by the weight.
+  b = batch_of([(1, 2, 3), (1, 2, 2)], L=12, D=4)
+  b["tokens"] = x0
+  wrong_on_object = lambda x, *a, **k: jnp.where(jnp.asarray(obj)[..., None] > 0, 100.0, 0.0) + 0 * x
+  base, _ = diffusion.loss_fn(wrong_on_object, b, jax.random.PRNGKey(0), cfg(text_drop=0.0))
+  heavy, _ = diffusion.loss_fn(wrong_on_object, b, jax.random.PRNGKey(0), cfg(text_drop=0.0, object_weight=4.0))
+  assert float(heavy) > 2.0 * float(base)
+
+
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_conditioning_tokens_are_excluded_from_the_loss(objective):
   c = cfg(cond_first_frame=1.0, objective=objective)
