@@ -1,4 +1,4 @@
-"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 35 minutes on 2 CPU cores.
+"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 40 minutes on 2 CPU cores.
 
     make demo
 runs it end to end (python -m sora_jax.demo --config experiments/shapes_demo.py --workdir runs/demo).
@@ -70,7 +70,7 @@ def get_config(arg=None):
   c.sample.max_tile_pixels = 0   # VAE chunked decoding: tile frames above this many pixels; 0 = never
 
   # --- DiT (sora_jax/models/dit.py, models/text.py): 5.5M params (1.3M of them adaLN, applied per
-  # segment so nearly free in FLOPs); sized for ~12 min of 2-core CPU.
+  # segment so nearly free in FLOPs); ~1300 steps, about 20-25 min of 2-core CPU.
   c.dit = ml_collections.ConfigDict()
   c.dit.in_dim = 0               # token dim D = pt*ph*pw*latent channels; 0 = the data's (train.py fills it)
   c.dit.vocab_size = c.data.get_ref("vocab_size")  # sentencepiece ids of the caption encoder
@@ -84,7 +84,6 @@ def get_config(arg=None):
   c.dit.text_width = 128         # caption encoder, trained jointly
   c.dit.text_depth = 2
   c.dit.text_heads = 4
-  c.dit.flow_skip = False        # EDM-style skip for the flow velocity (models/dit.py); no gain measured here
   c.dit.attention = "auto"       # segment_attention implementation (models/attention.py)
   c.dit.remat = "none"           # "none" | "full" | "dots" | "dots_saveable"
   c.dit.dtype = "float32"        # compute: on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16
@@ -108,8 +107,8 @@ def get_config(arg=None):
   c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
-  c.total_steps = 1500           # the 720 s cap stops first (~600-700 steps): the cosine stays high
-  c.max_train_seconds = 720.0    # wall-clock cap (checkpointed stop); 0 = none. Keeps `make demo` ~30 min
+  c.total_steps = 1300           # 640 steps: colour 75%, 1280: 91% (docs/benchmarks.md, Issue 7)
+  c.max_train_seconds = 1800.0   # wall-clock cap (checkpointed stop) for slow or loaded machines; 0 = none
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3

@@ -29,15 +29,10 @@ Design choices:
   explicitly: `nnx.get_partition_spec(nnx.state(model))` -> `sharding.logical_to_spec` -> device_put/jit
   out_shardings.
 
-- `flow_skip` (rectified flow only): EDM's preconditioning written for the velocity of unit-variance
-  latents. The network sees x_t / sd(t), sd = sqrt((1-t)^2 + t^2), and its output is a residual on the
-  best linear velocity from x_t alone: v = (2t - 1) / sd^2 * x_t + F / sd. With the zero-initialised
-  output layer the model starts as the per-token linear denoiser, so no training goes into learning it.
-
 Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), vocab_size (sentencepiece
 vocabulary), width, depth, num_heads, mlp_ratio, time_freq_dim, rope_theta, qk_norm, text_width,
 text_depth, text_heads, attention (segment_attention implementation), remat ("none" | "full" | "dots" |
-"dots_saveable"), dtype (compute), param_dtype, flow_skip (optional, default off).
+"dots_saveable"), dtype (compute), param_dtype.
 """
 from __future__ import annotations
 
@@ -125,7 +120,6 @@ class DiT(nnx.Module):
       self.out = layers.Dense(w, cfg.in_dim, ("embed", None), zero_init=True, **kw, rngs=rngs)
     self.time_freq_dim, self.rope_theta, self.remat, self.dtype = (
         cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype)
-    self.flow_skip = bool(cfg.get("flow_skip", False))
 
   def _time(self, t):
     h = self.t_embed1(timestep_embedding(t, self.time_freq_dim))
@@ -146,13 +140,6 @@ class DiT(nnx.Module):
     # Inputs: given tokens are the clean conditioning latents, plus the zero-initialised cond path.
     if cond is not None:
       x = jnp.where(given[..., None], cond, x)
-    if self.flow_skip:
-      # Given tokens are clean (t = 0); padding reads segment 1's t and is zeroed at the end.
-      t_tok = jnp.where(given, 0.0, jnp.take_along_axis(t.astype(jnp.float32), jnp.clip(seg - 1, 0, s - 1),
-                                                        axis=1))[..., None]
-      sd = jnp.sqrt(jnp.square(1.0 - t_tok) + jnp.square(t_tok))  # std of x_t for unit-variance latents
-      x_skip = x.astype(jnp.float32)
-      x = (x_skip / sd).astype(x.dtype)
     h = self.x_embed(x)
     if cond is not None:
       gm = given[..., None].astype(x.dtype)
@@ -187,7 +174,4 @@ class DiT(nnx.Module):
     fmod = jnp.take_along_axis(fmod_bs, jnp.clip(seg - 1, 0, s - 1)[:, :, None, None], axis=1)
     fmod = jnp.where(given[:, :, None, None], self.final_ada(jax.nn.silu(c0_w))[None, None], fmod)
     out = self.out(_modulate(self.final_norm(h), fmod[:, :, 0], fmod[:, :, 1])).astype(jnp.float32)
-    if self.flow_skip:
-      # v = (the best linear velocity from x_t alone) + (the network's unit-variance residual) * its std.
-      out = (2.0 * t_tok - 1.0) / jnp.square(sd) * x_skip + out / sd
     return jnp.where((seg > 0)[..., None], out, 0.0)
