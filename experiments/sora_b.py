@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.data.max_segments = 64        # 256 px images are 256 tokens: up to 64 per row
   c.data.batch_size = pod["batch_size"]
   c.data.min_patch_side = 8
+  c.data.token_budget = 0         # a sample may fill a row (the demo caps its own at 576)
   c.data.num_workers = 4
   c.data.packing_bins = 128
   c.data.read_threads = 8
@@ -71,6 +72,7 @@ def get_config(arg=None):
   c.diffusion.shift_ref_tokens = 4096
 
   c.total_steps = 200_000
+  c.max_train_seconds = 0.0       # no wall-clock cap (the demo's would stop a pod job after 30 min)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.sample_every_steps = 0

@@ -285,7 +285,7 @@ def test_inspect_cli_prints_stats_and_dumps_batches(shapes_dir, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "sora_jax.data.inspect", "--config", "experiments/shapes_demo.py",
        "--config.data.source=shapes", f"--config.data.shapes_dir={shapes_dir}",
-       f"--config.data.tokenizer={tmp_path / 'tok.model'}", "--config.data.seq_len=256",
+       f"--config.data.tokenizer={tmp_path / 'tok.model'}", "--config.data.seq_len=256", "--config.data.token_budget=0",
        "--config.data.batch_size=2", "--split=validation", "--num_batches=5", f"--dump={dump}"],
       cwd=repo, capture_output=True, text=True, timeout=120, check=True)
   stats = json.loads(out.stdout.strip().splitlines()[-1])
