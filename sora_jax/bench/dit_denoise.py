@@ -6,8 +6,9 @@
 One packed batch of held-out latents (the validation split) is noised at t = 0.1 ... 0.9 with one draw of
 noise, and the bundle's EMA DiT predicts x0 = x_t - t v (caption given, and caption dropped). The squared
 error per token (mean over D, normalised latent units) is split into
-- object tokens: tokens whose latent differs from their clip's median token by more than 1 (rms over D),
-  which is where Shapes' objects are (about a tenth of the tokens);
+- object tokens: `diffusion.object_tokens`, the tokens more than 1 (rms over D) from their clip's mean
+  token, which is where Shapes' objects are (351 of the 4072 tokens of the default batch; the tokens that
+  `diffusion.object_weight` weighs);
 - background tokens: the rest;
 and set beside a model that knows nothing but the latents' unit variance: the per-token shrinkage
 x0 = x_t (1 - t) / ((1 - t)^2 + t^2). A DiT that has learnt the background but not the objects beats
@@ -24,6 +25,7 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
+from sora_jax import diffusion
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "inference bundle to measure")
 _LATENTS = flags.DEFINE_string("latents_dir", None, "encoded latents (default: the bundle config's)")
@@ -34,18 +36,6 @@ _ROWS = flags.DEFINE_integer("rows", 4, "packed rows in the batch (data.batch_si
 _BUDGET = flags.DEFINE_integer("token_budget", 576, "data.token_budget of the batch: compare bundles on "
                                "the same batch whatever they trained with")
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
-OBJECT_DEVIATION = 1.0
-
-
-def object_tokens(tokens_bld: np.ndarray, segment_ids_bl: np.ndarray) -> np.ndarray:
-  """bool [B, L]: tokens further than OBJECT_DEVIATION (rms over D) from their segment's median token."""
-  out = np.zeros(segment_ids_bl.shape, bool)
-  for r in range(tokens_bld.shape[0]):
-    for k in np.unique(segment_ids_bl[r][segment_ids_bl[r] > 0]):
-      m = segment_ids_bl[r] == k
-      dev = tokens_bld[r][m] - np.median(tokens_bld[r][m], axis=0)
-      out[r, m] = np.sqrt(np.mean(dev ** 2, axis=-1)) > OBJECT_DEVIATION
-  return out
 
 
 def measure(dit, batch: dict, seed: int = 0) -> list[dict]:
@@ -53,7 +43,7 @@ def measure(dit, batch: dict, seed: int = 0) -> list[dict]:
   x0 = np.asarray(batch["tokens"], np.float32)
   seg = np.asarray(batch["segment_ids"])
   valid = seg > 0
-  obj = object_tokens(x0, seg)
+  obj = np.asarray(diffusion.object_tokens(jnp.asarray(x0), jnp.asarray(seg), batch["seg_valid"].shape[1])) > 0
   bg = valid & ~obj
   b, s = x0.shape[0], batch["seg_valid"].shape[1]
   eps = np.random.default_rng(seed).standard_normal(x0.shape).astype(np.float32)
