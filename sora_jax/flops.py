@@ -101,6 +101,12 @@ class _Counter:
   def elementwise(self, flops: float):
     self.total += flops
 
+  def data_movement(self, fwd: float, *, recompute: float = 0.0):
+    """A matmul that only moves data, written as a matmul for the MXU: the one-hot lookup of per-segment
+    rows (models/dit.py `per_token`) and RoPE's pair swap (layers.apply_rope). Forward and one gradient
+    (the table's, or the input's); executed work, not model FLOPs."""
+    self.total += (2.0 + recompute) * fwd
+
 
 def remat_recompute(remat: str) -> tuple[float, float]:
   """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy."""
@@ -119,6 +125,7 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
   mt = int(wt * cfg_dit.mlp_ratio)
   rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(4 * 2 * b * lt * wt * wt, recompute=rw)            # q, k, v, o
+  c.data_movement(2 * 2 * b * lt * wt * (wt // cfg_dit.text_heads), recompute=rw)  # RoPE on q, k
   _attention(c, b, lt, lt, wt, cfg_dit.text_heads, rw, ra)
   c.matmul(2 * 2 * b * lt * wt * mt, recompute=rw)            # MLP up, down
   c.elementwise(b * lt * wt * (BLOCK_ELEMWISE_FWD * (1 + rw) + BLOCK_ELEMWISE_BWD))
@@ -132,6 +139,8 @@ def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int) -> tuple[float, fl
   k = lt + s  # cross-attention keys: the captions plus one null-text token per segment
   rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(2 * b * s * w * 6 * w + 2 * w * 6 * w, recompute=rw)  # adaLN per segment, and at t = 0
+  c.data_movement(2 * b * l * (s + 1) * 6 * w, recompute=rw)    # ... gathered per token
+  c.data_movement(2 * 2 * b * l * w * (w // cfg_dit.num_heads), recompute=rw)  # RoPE on q, k
   c.matmul(4 * 2 * b * l * w * w, recompute=rw)                  # self-attention q, k, v, o
   _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)
   c.matmul(2 * 2 * b * l * w * w + 2 * 2 * b * k * w * w, recompute=rw)  # cross q, o; k, v
@@ -155,6 +164,7 @@ def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_se
   c.matmul(2 * b * lt * d.text_width * w)                      # text projection
   c.matmul(2 * b * s * w * 2 * w + 2 * w * 2 * w)             # final adaLN
   c.matmul(2 * b * l * w * din)                                # output projection
+  c.data_movement(2 * b * l * (s + 1) * 2 * w)                 # final adaLN rows gathered per token
   c.elementwise(OPTIMIZER_PER_PARAM * num_params)
   text_m, text_t = text_layer_flops(d, b, lt)
   dit_m, dit_t = dit_layer_flops(d, b, l, lt, s)

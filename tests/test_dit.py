@@ -9,7 +9,7 @@ from flax import nnx
 
 from sora_jax import sharding
 from sora_jax.models import layers
-from sora_jax.models.dit import DiT
+from sora_jax.models.dit import DiT, per_token
 
 D, V, S = 8, 32, 4
 
@@ -126,6 +126,34 @@ def test_rope_depends_only_on_relative_position():
     pk = [4, 0, 5]
     pk[axis] += 1
     assert abs(score((1, 2, 3), tuple(pk)) - base) > 1e-3
+
+
+def test_rope_rotates_consecutive_pairs():
+  """apply_rope's lane-roll form keeps the checkpoint convention: channels (2i, 2i+1) rotate by angle i."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 3, 12)).astype(np.float32)
+  ang = rng.uniform(-3, 3, size=(2, 5, 6)).astype(np.float32)
+  c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+  want = np.empty_like(x)
+  want[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+  want[..., 1::2] = x[..., 1::2] * c + x[..., 0::2] * s
+  np.testing.assert_allclose(np.asarray(layers.apply_rope(jnp.asarray(x), jnp.asarray(ang))), want, atol=1e-6)
+
+
+def test_per_token_equals_gather_by_segment():
+  """The one-hot lookup of per-segment rows is exact: segment k's row, row 0 for padding, `given_row` for
+  given tokens, for f32 and bf16 tables."""
+  rng = np.random.default_rng(4)
+  seg = np.array([[1, 1, 2, 2, 2, 3, 0, 0], [2, 2, 2, 1, 1, 1, 1, 0]])
+  given = rng.random(seg.shape) < 0.3
+  for dtype in (jnp.float32, jnp.bfloat16):
+    table = jnp.asarray(rng.normal(size=(2, 3, 6, 5)), dtype)
+    row = jnp.asarray(rng.normal(size=(6, 5)), dtype)
+    want = np.take_along_axis(np.asarray(table, np.float32), np.clip(seg - 1, 0, 2)[:, :, None, None], axis=1)
+    want = np.where(given[:, :, None, None], np.asarray(row, np.float32)[None, None], want)
+    got = per_token(table, jnp.asarray(seg), jnp.asarray(given), row)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
 def test_text_drop_replaces_caption_by_null_text():

@@ -61,6 +61,23 @@ def _modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
+def per_token(table_bs, seg_bl, given_bl, given_row):
+  """Per-segment rows [B, S, ...] -> per-token [B, L, ...]: token i takes row seg[i] - 1 (padding, id 0,
+  takes row 0), and `given_row` [...] where `given` is set.
+
+  A one-hot matmul rather than a gather: on TPU a gather over [B, L, 6, W] and its backward (a scatter-add)
+  and the `where` for given tokens each stream the whole tensor through HBM, about 5 GB per layer at
+  sora-B's 32k tokens per chip (docs/pods.md); the matmul and its transpose run on the MXU. Exact: one
+  non-zero term per output (HIGHEST precision keeps f32 tables exact on TPU).
+  """
+  b, s = table_bs.shape[:2]
+  full = jnp.concatenate([table_bs, jnp.broadcast_to(given_row.astype(table_bs.dtype),
+                                                     (b, 1) + table_bs.shape[2:])], axis=1)
+  idx = jnp.where(given_bl, s, jnp.clip(seg_bl - 1, 0, s - 1))
+  onehot = (idx[..., None] == jnp.arange(s + 1, dtype=idx.dtype)).astype(table_bs.dtype)
+  return jnp.einsum("bls,bs...->bl...", onehot, full, precision=jax.lax.Precision.HIGHEST)
+
+
 class DiTBlock(nnx.Module):
   """adaLN-Zero block: modulated self-attention (3-D RoPE, QK-norm), cross-attention to the segment's
   caption, modulated MLP; the adaLN projection is zero-initialised so each block starts as identity."""
@@ -79,10 +96,7 @@ class DiTBlock(nnx.Module):
   def __call__(self, x, ctx):
     seg, angles, c_bsw, c0_w, given, kv, kv_seg = ctx
     # Modulation per segment ([B, S, 6, W], cheap), then gathered per token by segment id.
-    mod_bs = self.ada(jax.nn.silu(c_bsw))
-    idx = jnp.clip(seg - 1, 0, mod_bs.shape[1] - 1)
-    mod = jnp.take_along_axis(mod_bs, idx[:, :, None, None], axis=1)
-    mod = jnp.where(given[:, :, None, None], self.ada(jax.nn.silu(c0_w))[None, None], mod)
+    mod = per_token(self.ada(jax.nn.silu(c_bsw)), seg, given, self.ada(jax.nn.silu(c0_w)))
     shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
 
     h = _modulate(self.norm1(x), shift1, scale1)
@@ -170,8 +184,6 @@ class DiT(nnx.Module):
     ctx = (seg, angles, c_bsw, c0_w, given, kv, kv_seg)
     h = layers.scan_layers(self.blocks, h, lambda blk, h: blk(h, ctx), self.remat)
 
-    fmod_bs = self.final_ada(jax.nn.silu(c_bsw))
-    fmod = jnp.take_along_axis(fmod_bs, jnp.clip(seg - 1, 0, s - 1)[:, :, None, None], axis=1)
-    fmod = jnp.where(given[:, :, None, None], self.final_ada(jax.nn.silu(c0_w))[None, None], fmod)
+    fmod = per_token(self.final_ada(jax.nn.silu(c_bsw)), seg, given, self.final_ada(jax.nn.silu(c0_w)))
     out = self.out(_modulate(self.final_norm(h), fmod[:, :, 0], fmod[:, :, 1])).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)

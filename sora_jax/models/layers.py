@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sora_jax import sharding
@@ -122,12 +123,23 @@ def rope_angles(positions_bln: jax.Array, dims: Sequence[int], theta: float) -> 
 
 
 def apply_rope(x_blhd: jax.Array, angles_blk: jax.Array) -> jax.Array:
-  """Rotates consecutive channel pairs of x [B, L, H, D] by angles [B, L, D/2] (in float32)."""
-  x = x_blhd.astype(jnp.float32).reshape(*x_blhd.shape[:-1], -1, 2)
-  cos, sin = jnp.cos(angles_blk)[:, :, None], jnp.sin(angles_blk)[:, :, None]
-  x1, x2 = x[..., 0], x[..., 1]
-  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-  return out.reshape(x_blhd.shape).astype(x_blhd.dtype)
+  """Rotates consecutive channel pairs (2i, 2i+1) of x [B, L, H, D] by angles [B, L, D/2] (in float32).
+
+  out = x cos + (x R) sin with R the fixed [D, D] pair-swap (x R)[2i] = -x[2i+1], (x R)[2i+1] = x[2i]: a
+  tiny matmul on the MXU instead of a reshape to [..., D/2, 2], whose trailing axis of 2 is padded to a
+  full tile on TPU and forces layout copies of q and k in every layer, forward and backward
+  (docs/pods.md). Exact (one +-1 term per output; HIGHEST keeps f32 inputs exact on TPU), so the
+  arithmetic is the pairwise form's: out[2i] = x[2i] cos - x[2i+1] sin, out[2i+1] = x[2i+1] cos + x[2i] sin.
+  """
+  d = x_blhd.shape[-1]
+  i = np.arange(0, d, 2)
+  swap = np.zeros((d, d), np.float32)
+  swap[i + 1, i], swap[i, i + 1] = -1.0, 1.0
+  partner = jnp.einsum("blhd,de->blhe", x_blhd, jnp.asarray(swap, x_blhd.dtype),
+                       precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  cos = jnp.repeat(jnp.cos(angles_blk), 2, axis=-1)[:, :, None]
+  sin = jnp.repeat(jnp.sin(angles_blk), 2, axis=-1)[:, :, None]
+  return (x_blhd.astype(jnp.float32) * cos + partner * sin).astype(x_blhd.dtype)
 
 
 def positions_in_segment(segment_ids_bl: jax.Array) -> jax.Array:
