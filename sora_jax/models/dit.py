@@ -96,8 +96,11 @@ class DiTBlock(nnx.Module):
   def __call__(self, x, ctx):
     seg, angles, c_bsw, c0_w, given, kv, kv_seg = ctx
     # Modulation per segment ([B, S, 6, W], cheap), then gathered per token by segment id.
-    mod = per_token(self.ada(jax.nn.silu(c_bsw)), seg, given, self.ada(jax.nn.silu(c0_w)))
-    shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
+    # One lookup per modulation, not one of [B, L, 6, W]: each [B, L, W] result fuses into its consumer
+    # and the backward needs no [B, L, 6, W] gradient buffer.
+    mod_bs, mod0 = self.ada(jax.nn.silu(c_bsw)), self.ada(jax.nn.silu(c0_w))
+    shift1, scale1, gate1, shift2, scale2, gate2 = (per_token(mod_bs[:, :, i], seg, given, mod0[i])
+                                                    for i in range(6))
 
     h = _modulate(self.norm1(x), shift1, scale1)
     x = x + gate1 * self.attn(h, seg, h, seg, q_angles=angles, kv_angles=angles)
@@ -184,6 +187,7 @@ class DiT(nnx.Module):
     ctx = (seg, angles, c_bsw, c0_w, given, kv, kv_seg)
     h = layers.scan_layers(self.blocks, h, lambda blk, h: blk(h, ctx), self.remat)
 
-    fmod = per_token(self.final_ada(jax.nn.silu(c_bsw)), seg, given, self.final_ada(jax.nn.silu(c0_w)))
-    out = self.out(_modulate(self.final_norm(h), fmod[:, :, 0], fmod[:, :, 1])).astype(jnp.float32)
+    fmod_bs, fmod0 = self.final_ada(jax.nn.silu(c_bsw)), self.final_ada(jax.nn.silu(c0_w))
+    shift, scale = (per_token(fmod_bs[:, :, i], seg, given, fmod0[i]) for i in range(2))
+    out = self.out(_modulate(self.final_norm(h), shift, scale)).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)
