@@ -26,12 +26,20 @@ SLICES = {
                         mesh=dict(data=2, fsdp=-1, tensor=1)),
 }
 
+# Row lengths of the training stages (`experiments/sora_xl.py:seq_len=16384`): 16k for the low-resolution
+# stage where most steps are taken (e.g. 256 px, ~8 s per row), 64k for the high-resolution one.
+STAGE_SEQ_LENS = (16384, 32768, 65536)
+
 
 def get_config(arg=None):
-  arg = parse_arg(arg, topology="v5p:8x8x4", runlocal=False)
+  arg = parse_arg(arg, topology="v5p:8x8x4", seq_len=0, runlocal=False)
   if arg.topology not in SLICES:
     raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
-  pod = SLICES[arg.topology]
+  pod = dict(SLICES[arg.topology])
+  if arg.seq_len:  # another training stage's row length, at the preset's tokens per step
+    if arg.seq_len not in STAGE_SEQ_LENS or pod["seq_len"] * pod["batch_size"] % arg.seq_len:
+      raise ValueError(f"seq_len={arg.seq_len} is not a stage row length; accepted: {STAGE_SEQ_LENS}")
+    pod.update(batch_size=pod["seq_len"] * pod["batch_size"] // arg.seq_len, seq_len=arg.seq_len)
   c = sora_b.get_config("runlocal" if arg.runlocal else None)
   if arg.runlocal:
     return c
