@@ -40,7 +40,7 @@ def get_config(arg=None):
     raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
   pod = dict(SLICES[arg.topology])
   if arg.seq_len:  # another training stage's row length, at the preset's tokens per step
-    if arg.seq_len not in STAGE_SEQ_LENS or pod["seq_len"] * pod["batch_size"] % arg.seq_len:
+    if arg.seq_len not in STAGE_SEQ_LENS:
       raise ValueError(f"seq_len={arg.seq_len} is not a stage row length; accepted: {STAGE_SEQ_LENS}")
     pod.update(batch_size=pod["seq_len"] * pod["batch_size"] // arg.seq_len, seq_len=arg.seq_len)
   c = sora_b.get_config("runlocal" if arg.runlocal else None)

@@ -177,6 +177,17 @@ def _with_depths(cfg, depth: int, text_depth: int):
   return c
 
 
+def shallow_costs(cfg, mesh) -> dict[int, Cost]:
+  """{1: cost, 2: cost} of the step with every scan unrolled at depths (1, 1) and (2, 2) (DiT, text
+  encoder), compiled in that order; their difference is one layer of each."""
+  costs = {}
+  for dd in (1, 2):
+    with flops.unrolled_scans():
+      costs[dd] = Cost.of(compile_train_step(_with_depths(cfg, dd, dd), mesh)[0])
+    log.info("unrolled at depth %d: %s", dd, costs[dd])
+  return costs
+
+
 def step_cost(cfg, mesh, hand: flops.StepFlops, *, full_unroll: bool = False) -> tuple[Cost, dict]:
   """Cost of the whole step with every layer counted, per chip, and how it was obtained.
 
@@ -190,11 +201,7 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, full_unroll: bool = False) ->
   if full_unroll:
     with flops.unrolled_scans():
       return Cost.of(compile_train_step(cfg, mesh)[0]), {"method": "fully unrolled"}
-  costs = {}
-  for dd in (1, 2):
-    with flops.unrolled_scans():
-      costs[dd] = Cost.of(compile_train_step(_with_depths(cfg, dd, dd), mesh)[0])
-    log.info("unrolled at depth %d: %s", dd, costs[dd])
+  costs = shallow_costs(cfg, mesh)
   pair = costs[2] - costs[1]
   share = hand.per_layer["dit"] / (hand.per_layer["dit"] + hand.per_layer["text"])
   per_dit, per_text = pair * share, pair * (1 - share)

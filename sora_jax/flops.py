@@ -103,7 +103,7 @@ class _Counter:
 
   def data_movement(self, fwd: float, *, recompute: float = 0.0):
     """A matmul that only moves data, written as a matmul for the MXU: the one-hot lookup of per-segment
-    rows (models/dit.py `per_token`) and RoPE's pair swap (layers.apply_rope). Forward and one gradient
+    rows (models/dit.py `per_token_rows`) and RoPE's pair swap (layers.apply_rope). Forward and one gradient
     (the table's, or the input's); executed work, not model FLOPs."""
     self.total += (2.0 + recompute) * fwd
 

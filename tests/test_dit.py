@@ -9,7 +9,7 @@ from flax import nnx
 
 from sora_jax import sharding
 from sora_jax.models import layers
-from sora_jax.models.dit import DiT, per_token
+from sora_jax.models.dit import DiT, per_token_rows, row_one_hot
 
 D, V, S = 8, 32, 4
 
@@ -129,7 +129,7 @@ def test_rope_depends_only_on_relative_position():
 
 
 def test_rope_rotates_consecutive_pairs():
-  """apply_rope's lane-roll form keeps the checkpoint convention: channels (2i, 2i+1) rotate by angle i."""
+  """apply_rope's pair-swap matmul keeps the checkpoint convention: channels (2i, 2i+1) rotate by angle i."""
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 5, 3, 12)).astype(np.float32)
   ang = rng.uniform(-3, 3, size=(2, 5, 6)).astype(np.float32)
@@ -140,7 +140,7 @@ def test_rope_rotates_consecutive_pairs():
   np.testing.assert_allclose(np.asarray(layers.apply_rope(jnp.asarray(x), jnp.asarray(ang))), want, atol=1e-6)
 
 
-def test_per_token_equals_gather_by_segment():
+def test_per_token_rows_equal_gather_by_segment():
   """The one-hot lookup of per-segment rows is exact: segment k's row, row 0 for padding, `given_row` for
   given tokens, for f32 and bf16 tables."""
   rng = np.random.default_rng(4)
@@ -151,7 +151,7 @@ def test_per_token_equals_gather_by_segment():
     row = jnp.asarray(rng.normal(size=(6, 5)), dtype)
     want = np.take_along_axis(np.asarray(table, np.float32), np.clip(seg - 1, 0, 2)[:, :, None, None], axis=1)
     want = np.where(given[:, :, None, None], np.asarray(row, np.float32)[None, None], want)
-    got = per_token(table, jnp.asarray(seg), jnp.asarray(given), row)
+    got = per_token_rows(table, row, row_one_hot(jnp.asarray(seg), jnp.asarray(given), 3, dtype))
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 

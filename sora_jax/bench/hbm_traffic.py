@@ -13,8 +13,9 @@ reads the depth-1 program's optimised HLO (dumped by XLA) and lists its instruct
 JAX operation they came from. `--topology cpu` (the default) compiles for this machine (no libtpu needed; a smoke
 check of the method, XLA:CPU fuses differently).
 
-Byte counts are read from the HLO text: an approximation of the cost model's own "bytes accessed" (within
-~15% on sora_b), good for ranking, not for absolute figures.
+Byte counts are read from the HLO text: an approximation of the cost model's own "bytes accessed" (28.81
+against 24.66 GB, 17% over, for sora_b's depth-1 step on v5p:4x4x4; docs/benchmarks.md), good for
+ranking, not for absolute figures.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from sora_jax import config as config_lib
 from sora_jax import flops, sharding
 
 _TOP = flags.DEFINE_integer("top", 25, "instructions and op groups to list")
-_DEPTHS = flags.DEFINE_bool("layer_cost", True, "also compile at depth 2 for one layer's cost")
 
 _BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
 _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
@@ -110,20 +110,16 @@ def main(argv):
   if topo == "cpu":
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
-  costs = {}
-  for depth in ((1, 2) if _DEPTHS.value else (1,)):
-    with flops.unrolled_scans():
-      costs[depth] = cc.Cost.of(cc.compile_train_step(cc._with_depths(cfg, depth, depth), mesh)[0])  # pylint: disable=protected-access
-  if 2 in costs:
-    layer = costs[2] - costs[1]
-    peak = flops.published_peak(devices[0]) or flops.measure_cpu_peak(cfg.dit.dtype)
-    try:
-      bandwidth = cc._by_kind(cc.HBM_BANDWIDTH, devices[0], "HBM bandwidth")  # pylint: disable=protected-access
-    except ValueError:  # a CPU
-      bandwidth = float("nan")
-    print(f"one DiT + one text layer, per chip: {layer.flops / 1e12:.3f} TFLOP ({layer.flops / peak * 1e3:.2f} ms "
-          f"at peak), {layer.bytes / 1e9:.2f} GB ({layer.bytes / bandwidth * 1e3:.2f} ms at HBM bandwidth), "
-          f"compiler {layer.seconds * 1e3:.2f} ms")
+  costs = cc.shallow_costs(cfg, mesh)
+  layer = costs[2] - costs[1]
+  peak = flops.published_peak(devices[0]) or flops.measure_cpu_peak(cfg.dit.dtype)
+  try:
+    bandwidth = cc._by_kind(cc.HBM_BANDWIDTH, devices[0], "HBM bandwidth")  # pylint: disable=protected-access
+  except ValueError:  # a CPU
+    bandwidth = float("nan")
+  print(f"one DiT + one text layer, per chip: {layer.flops / 1e12:.3f} TFLOP ({layer.flops / peak * 1e3:.2f} ms "
+        f"at peak), {layer.bytes / 1e9:.2f} GB ({layer.bytes / bandwidth * 1e3:.2f} ms at HBM bandwidth), "
+        f"compiler {layer.seconds * 1e3:.2f} ms")
   files = sorted(glob.glob(os.path.join(dump, "*train_step*after_optimizations.txt")), key=os.path.getmtime)
   if not files:
     print(f"error: XLA wrote no optimised HLO under {dump} (XLA_FLAGS set too late?)", file=sys.stderr)

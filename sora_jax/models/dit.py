@@ -61,21 +61,27 @@ def _modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
-def per_token(table_bs, seg_bl, given_bl, given_row):
-  """Per-segment rows [B, S, ...] -> per-token [B, L, ...]: token i takes row seg[i] - 1 (padding, id 0,
-  takes row 0), and `given_row` [...] where `given` is set.
+def row_one_hot(seg_bl, given_bl, num_segments: int, dtype) -> jax.Array:
+  """[B, L, S + 1] one-hot of the per-segment row each token reads in `per_token_rows`: row seg - 1
+  (padding, id 0, reads row 0), or row S (the t = 0 row) where `given` is set. Built once per forward."""
+  idx = jnp.where(given_bl, num_segments, jnp.clip(seg_bl - 1, 0, num_segments - 1))
+  return (idx[..., None] == jnp.arange(num_segments + 1, dtype=idx.dtype)).astype(dtype)
 
-  A one-hot matmul rather than a gather: on TPU a gather over [B, L, 6, W] and its backward (a scatter-add)
-  and the `where` for given tokens each stream the whole tensor through HBM, about 5 GB per layer at
-  sora-B's 32k tokens per chip (docs/pods.md); the matmul and its transpose run on the MXU. Exact: one
-  non-zero term per output (HIGHEST precision keeps f32 tables exact on TPU).
+
+def per_token_rows(table_bs, given_row, onehot_bls):
+  """Per-segment rows [B, S, ...] (plus `given_row` [...] as row S) -> per-token [B, L, ...] by `row_one_hot`.
+
+  diffusion.per_token does the same for [B, S] scalars with a gather; here a one-hot matmul instead: on
+  TPU a gather over [B, L, 6, W] and its backward (a scatter-add) and the `where` for given tokens each
+  stream the whole tensor through HBM, about 5 GB per layer at sora-B's 32k tokens per chip (docs/pods.md);
+  the matmul and its transpose run on the MXU. Exact: one non-zero term per output (HIGHEST precision
+  keeps f32 tables exact on TPU).
   """
-  b, s = table_bs.shape[:2]
+  b = table_bs.shape[0]
   full = jnp.concatenate([table_bs, jnp.broadcast_to(given_row.astype(table_bs.dtype),
                                                      (b, 1) + table_bs.shape[2:])], axis=1)
-  idx = jnp.where(given_bl, s, jnp.clip(seg_bl - 1, 0, s - 1))
-  onehot = (idx[..., None] == jnp.arange(s + 1, dtype=idx.dtype)).astype(table_bs.dtype)
-  return jnp.einsum("bls,bs...->bl...", onehot, full, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bls,bs...->bl...", onehot_bls.astype(table_bs.dtype), full,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 class DiTBlock(nnx.Module):
@@ -94,12 +100,12 @@ class DiTBlock(nnx.Module):
     self.ada = layers.Dense(w, (6, w), ("embed", None, None), zero_init=True, **kw)
 
   def __call__(self, x, ctx):
-    seg, angles, c_bsw, c0_w, given, kv, kv_seg = ctx
-    # Modulation per segment ([B, S, 6, W], cheap), then gathered per token by segment id.
-    # One lookup per modulation, not one of [B, L, 6, W]: each [B, L, W] result fuses into its consumer
-    # and the backward needs no [B, L, 6, W] gradient buffer.
+    seg, angles, c_bsw, c0_w, rows, kv, kv_seg = ctx
+    # Modulation per segment ([B, S, 6, W], cheap), then looked up per token: one lookup per modulation,
+    # not one of [B, L, 6, W], so each [B, L, W] result fuses into its consumer and the backward needs no
+    # [B, L, 6, W] gradient buffer.
     mod_bs, mod0 = self.ada(jax.nn.silu(c_bsw)), self.ada(jax.nn.silu(c0_w))
-    shift1, scale1, gate1, shift2, scale2, gate2 = (per_token(mod_bs[:, :, i], seg, given, mod0[i])
+    shift1, scale1, gate1, shift2, scale2, gate2 = (per_token_rows(mod_bs[:, :, i], mod0[i], rows)
                                                     for i in range(6))
 
     h = _modulate(self.norm1(x), shift1, scale1)
@@ -184,10 +190,11 @@ class DiT(nnx.Module):
     kv_seg = jnp.take_along_axis(kv_seg, perm, axis=1)
 
     angles = layers.rope_angles(positions, self.rope_dims, self.rope_theta)
-    ctx = (seg, angles, c_bsw, c0_w, given, kv, kv_seg)
+    rows = row_one_hot(seg, given, s, self.dtype)
+    ctx = (seg, angles, c_bsw, c0_w, rows, kv, kv_seg)
     h = layers.scan_layers(self.blocks, h, lambda blk, h: blk(h, ctx), self.remat)
 
     fmod_bs, fmod0 = self.final_ada(jax.nn.silu(c_bsw)), self.final_ada(jax.nn.silu(c0_w))
-    shift, scale = (per_token(fmod_bs[:, :, i], seg, given, fmod0[i]) for i in range(2))
+    shift, scale = (per_token_rows(fmod_bs[:, :, i], fmod0[i], rows) for i in range(2))
     out = self.out(_modulate(self.final_norm(h), shift, scale)).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)
