@@ -117,9 +117,26 @@ def verify(path: str | os.PathLike) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- writing
-def _save_tree(directory: Path, tree: Mapping) -> None:
+def _this_process_only():
+  """Orbax options under which a bundle read or write involves only the calling process.
+
+  A bundle holds host numpy arrays, never sharded ones, so no other process has a part in it. Orbax's
+  default (every process of a jax.distributed job takes part, in lockstep) would make a multi-host job
+  hang whenever one process writes (export, on process 0) or reads (reconstruct, on process 0) alone.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ckptr = ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f"bundle_p{me}")
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+
+
+def _save_tree(directory: Path, tree: Mapping) -> None:
+  ckptr = _checkpointer()
   ckptr.save(directory.absolute(), jax.tree.map(np.asarray, dict(tree)))
   ckptr.wait_until_finished()
   ckptr.close()
@@ -207,18 +224,20 @@ def _restore_tree(directory: Path, subtree: str | None = None) -> dict:
   laid out on one device whatever mesh it was saved from."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = directory.absolute()
-  meta = ocp.StandardCheckpointer().metadata(directory)
+  meta = _checkpointer().metadata(directory)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if subtree is not None:
     if subtree not in tree:
       raise BundleError(f"checkpoint {directory} has no {subtree!r}; it holds {sorted(tree)}")
     tree = {subtree: tree[subtree]}
-  dev = jax.devices("cpu")[0]
+  dev = jax.local_devices(backend="cpu")[0]  # jax.devices() lists other hosts' devices too
   abstract = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(dev)),
       dict(tree))
-  ckptr = ocp.PyTreeCheckpointer()
+  options = _this_process_only()
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                           multiprocessing_options=options)
   restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
       partial_restore=subtree is not None))
@@ -361,9 +380,8 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int]:
 def restore_ema(run_dir: Path) -> tuple[dict, int, str]:
   """(EMA parameters of a run's newest checkpoint, its step, which key they came from); a run without
   an EMA gives its raw parameters ("params")."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir, step = latest_checkpoint(run_dir)
-  meta = ocp.StandardCheckpointer().metadata(state_dir.absolute())
+  meta = _checkpointer().metadata(state_dir.absolute())
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
   key = "ema" if "ema" in tree else "params"
   if key not in tree:

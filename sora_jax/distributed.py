@@ -17,12 +17,20 @@ otherwise one process, and nothing is done. `--distributed=off` forces one proce
 auto-detecting `jax.distributed.initialize()`.
 
 CPU processes (tests, this machine) exchange collectives over gloo (FACTS.md).
+
+Jobs that are not a jitted step over a global mesh (sampling, evaluation) split their work items between
+the processes with `map_shared`: each process runs its share on its own devices, and every process gets
+all results, in item order. Process 0 writes the outputs.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
+import pickle
+import sys
+from typing import Any, Callable, Sequence
 
 from absl import flags
 from etils import epath
@@ -93,14 +101,119 @@ def initialize() -> int:
 
 
 def quiet_other_processes() -> None:
-  """Processes other than 0 keep warnings and errors only (every process would print the same)."""
+  """Processes other than 0 keep warnings and errors only (every process would print the same): their
+  INFO logs are dropped and their stdout (progress and result lines) goes to /dev/null; stderr stays."""
   if jax.process_index() != 0:
     logging.disable(logging.INFO)  # absl logs through Python logging too
+    sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
 
 
 def is_main() -> bool:
   """True on the process that logs, writes metrics and prints results."""
   return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------- work split by items
+_barriers = itertools.count()
+
+
+def barrier(timeout_s: float = 3 * 3600) -> None:
+  """Returns when every process has reached its matching call (call them in the same order everywhere).
+
+  A barrier of the coordination service, not a device collective: processes may arrive hours apart
+  (one sampling a minute-long video while another waits), where the first CPU (gloo) collective between
+  two processes fails after 30 s. No-op on one process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  # The client jax.distributed.initialize() made; orbax waits on the same barriers.
+  jax_distributed.global_state.client.wait_at_barrier(f"sora_jax_barrier_{next(_barriers)}",
+                                                      int(timeout_s * 1000))
+
+
+def allgather_objects(obj: Any) -> list:
+  """[the object of process 0, of process 1, ...] on every process (pickled between our own processes).
+
+  `barrier` first, so the processes enter the device collective together however late one arrives.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  blob = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  barrier()
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  got = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(got[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+class RemoteError(RuntimeError):
+  """A work item failed on another process (with an exception of no builtin type that `_raise` keeps)."""
+
+
+# Raised again on the other processes as these builtin types (the entry points catch them by type).
+_KEPT = (FileNotFoundError, ValueError, TypeError, KeyError)
+
+
+def _error(e: Exception) -> tuple:
+  kept = next((k for k in _KEPT if isinstance(e, k)), None)
+  return ("error", type(e).__name__, str(e), kept.__name__ if kept else "")
+
+
+def _raise(r: tuple) -> None:
+  _, name, msg, kept = r
+  raise {k.__name__: k for k in _KEPT}.get(kept, RemoteError)(msg if kept else f"{name}: {msg}")
+
+
+def map_shared(fn: Callable[[Any], Any], items: Sequence) -> list:
+  """[fn(item) for item in items], with the items split between the processes (round r: process p runs
+  item r * P + p); every process returns the whole list. Results travel once per round, so the
+  processes hold one round's results in flight, not all of them.
+
+  An item that raises anywhere raises on every process after its round (the raising process re-raises
+  its own exception; the others a builtin of the same kind with its message, else RemoteError), so no
+  process is left waiting in a collective.
+  """
+  pc, pi = jax.process_count(), jax.process_index()
+  if pc == 1:
+    return [fn(x) for x in items]
+  out = []
+  for start in range(0, len(items), pc):
+    mine, own_error, result = start + pi, None, None
+    if mine < len(items):
+      try:
+        result = ("ok", fn(items[mine]))
+      except Exception as e:  # pylint: disable=broad-except
+        own_error, result = e, _error(e)
+    gathered = allgather_objects(result)[:len(items) - start]
+    if own_error is not None:
+      raise own_error
+    for r in gathered:
+      if r[0] == "error":
+        _raise(r)
+    out.extend(r[1] for r in gathered)
+  return out
+
+
+def write_on_main(fn: Callable[[], Any]) -> Any:
+  """Runs `fn` (writing outputs) on process 0 only; every process returns after it has finished, with
+  its result (pickled to the others). An exception in `fn` is raised on every process (see map_shared)."""
+  if jax.process_count() == 1:
+    return fn()
+  own_error, result = None, None
+  if is_main():
+    try:
+      result = ("ok", fn())
+    except Exception as e:  # pylint: disable=broad-except
+      own_error, result = e, _error(e)
+  r = allgather_objects(result)[0]
+  if own_error is not None:
+    raise own_error
+  if r[0] == "error":
+    _raise(r)
+  return r[1]
 
 
 # ------------------------------------------------------------------------- changing the process count

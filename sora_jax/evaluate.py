@@ -20,6 +20,11 @@
 
 Settings come from the flags, else the bundle config's `eval` section, else the defaults below. The
 command ends by printing the headline metrics and the report's path.
+
+Multi-host (launched as `train` is, docs/pods.md): the VAE clips, the generation chunks and the detector's
+clips are split between the processes (distributed.map_shared), each working on its own devices, and
+process 0 writes metrics.json, the PNGs and the report. A prompt's noise depends only on (seed, its
+index), so the scores are the same on any number of processes.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import numpy as np
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 from sora_jax import detector
+from sora_jax import distributed
 from sora_jax import report
 from sora_jax.data import shapes
 
@@ -126,14 +132,18 @@ def fit_to_vae(frames: np.ndarray, temporal: int, spatial: int, max_frames: int 
 def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0) -> dict:
   """PSNR/SSIM of the VAE's reconstructions of (name, uint8 video) clips; keeps a few for the report."""
   g = pipe.geometry
-  per_clip, examples = [], []
-  for name, frames in clips:
+
+  def one(item):
+    k, (name, frames) = item
     x = fit_to_vae(np.asarray(frames, np.uint8), g.temporal, g.spatial)
     y = pipe.decode(pipe.encode(x))
-    per_clip.append({"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
-                     "psnr": psnr(x, y), "ssim": ssim(x, y)})
-    if len(examples) < 8:
-      examples.append((name, x, y))
+    record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
+              "psnr": psnr(x, y), "ssim": ssim(x, y)}
+    return record, ((name, x, y) if k < 8 else None)
+
+  done = distributed.map_shared(one, list(enumerate(clips)))
+  per_clip = [record for record, _ in done]
+  examples = [ex for _, ex in done if ex is not None]
   return {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
           "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
           "clips": per_clip, "examples": examples}
@@ -208,8 +218,8 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
     run.append(i)
   parts += [run] if run else []
   parts.sort()
-  processed = 0
-  for part in parts:
+
+  def one(part):
     c0 = part[0]
     reqs = [(shapes.caption(specs[i]), specs[i].num_frames, specs[i].height, specs[i].width) for i in part]
     try:
@@ -223,18 +233,24 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
         except ValueError as e1:
           print(f"[eval] prompt {i} skipped: {e1}", flush=True)
           videos.append(None)
+    print(f"[eval] generated prompts {part[0]}-{part[-1]} of {len(specs)} ({time.time() - start:.0f}s)",
+          flush=True)
+    return [None if v is None else np.asarray(v, np.uint8) for v in videos]
+
+  # Parts are split between the processes (one each per round); every process gets every video.
+  for part, videos in zip(parts, distributed.map_shared(one, parts)):
     for i, v in zip(part, videos):
-      out[i] = None if v is None else np.asarray(v, np.uint8)
-    processed += len(part)
-    print(f"[eval] generated {processed}/{len(specs)} videos ({time.time() - start:.0f}s)", flush=True)
+      out[i] = v
   return out
 
 
 def generation_scores(specs: Sequence[shapes.ClipSpec], videos: Sequence[np.ndarray | None]) -> dict:
   """Detector scores of generated videos (by group), of the ground-truth renders, and chance levels."""
   kept = [(s, v) for s, v in zip(specs, videos) if v is not None]
-  scores = [detector.score_clip(v, s.labels()) for s, v in kept]
-  truth = [detector.score_clip(shapes.render_clip(s), s.labels()) for s, _ in kept]
+  both = distributed.map_shared(lambda sv: (detector.score_clip(sv[1], sv[0].labels()),
+                                            detector.score_clip(shapes.render_clip(sv[0]), sv[0].labels())),
+                                kept)
+  scores, truth = [b[0] for b in both], [b[1] for b in both]
   per_clip = []
   for (s, v), sc in zip(kept, scores):
     per_clip.append({"caption": shapes.caption(s), "num_frames": s.num_frames, "size": [s.height, s.width],
@@ -358,7 +374,8 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
   `compare`: another loaded bundle of the same run (a bfloat16 export, say); its videos of the first
   `compare_prompts` prompts are compared with this bundle's (same seed), see `compare_videos`.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  if distributed.is_main():
+    os.makedirs(out_dir, exist_ok=True)
   s = settings(bundle.config, **overrides)
   result: dict[str, Any] = {"bundle": bundle.path, "settings": s,
                             "bundle_source": bundle.manifest.get("source", {}),
@@ -376,7 +393,8 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
       t0 = time.time()
       v = vae_scores(pipe, clips, seed=s["seed"])
       rows = [(name, [x, y]) for name, x, y in v.pop("examples")]
-      png = report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows)
+      png = distributed.write_on_main(
+          lambda: report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows))
       vae_examples[key] = (label, os.path.basename(png))
       result[key] = {"label": label, **v}
       print(f"[eval] VAE on {label}: PSNR {v['psnr']['mean']:.2f} dB, SSIM {v['ssim']['mean']:.4f} "
@@ -402,7 +420,8 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
              [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
     if rows:
-      gen_extra = {"grid": os.path.basename(report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))}
+      grid = distributed.write_on_main(lambda: report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))
+      gen_extra = {"grid": os.path.basename(grid)}
     if compare is not None and kept:
       n = min(compare_prompts, len(specs))
       other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
@@ -410,11 +429,13 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
       result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
                               **compare_videos(videos[:n], other, specs[:n])}
   workdir = workdir or result["bundle_source"].get("workdir")
-  curves = _curves(workdir, out_dir)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_jsonable)
-  result["report"] = write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples,
-                                  curves=curves)
+
+  def write():
+    curves = _curves(workdir, out_dir)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2, default=_jsonable)
+    return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves)
+  result["report"] = distributed.write_on_main(write)
   return result
 
 
@@ -458,6 +479,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
   if not FLAGS.bundle or not FLAGS.out_dir:
     config_lib._fail("--bundle and --out_dir are required")  # pylint: disable=protected-access
+  distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     loaded = bundle_lib.load(FLAGS.bundle)
   except (bundle_lib.BundleError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ newest checkpoint of each trainer gives its EMA weights. The config is, in order
 experiments/shapes_demo.py with its data paths pointed under W (the demo's own config; a different one
 fails loudly when the weights' shapes disagree with it). The bundle is written next to --out and
 renamed into place; the command prints a summary. Every failure ends with one line naming what is wrong.
+Launched multi-host (as `train` is), process 0 exports and the others wait for it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from absl import logging
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
+from sora_jax import distributed
 
 FLAGS = flags.FLAGS
 
@@ -70,10 +72,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
   if not FLAGS.workdir or not FLAGS.out:
     config_lib._fail("--workdir and --out are required")  # pylint: disable=protected-access
+  distributed.initialize()  # on a multi-host launch: process 0 writes, the others wait for it
   cfg = config_lib.get_config() if flags.FLAGS["config"].present else None
   start = time.time()
   try:
-    manifest = export(FLAGS.workdir, FLAGS.out, dtype=FLAGS.dtype, cfg=cfg)
+    manifest = distributed.write_on_main(lambda: export(FLAGS.workdir, FLAGS.out, dtype=FLAGS.dtype, cfg=cfg))
   except (bundle_lib.BundleError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -10,7 +10,8 @@ frames [T, H, W, 3]). Inputs off the VAE's grid (T not 1 + ft*k, H or W not a mu
 spatial factor) are padded (the last frame repeated, the edges replicated) and the output is cropped
 back to the input's size. The causal encoder cannot see padded future frames from earlier ones, so
 time padding changes no real frame's latent. Encoding and decoding run chunked (memory flat in
-length) and tiled above --max_tile_pixels. Prints the round trip's PSNR.
+length) and tiled above --max_tile_pixels. Prints the round trip's PSNR. Launched multi-host (as
+`train` is), process 0 does the work (one video) and the others wait for it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from absl import app, flags
 import numpy as np
 
 from sora_jax import config as config_lib
+from sora_jax import distributed
 
 _VAE = config_lib.flag(flags.DEFINE_string, "vae", None, "VAE workdir or inference bundle")
 _INPUT = config_lib.flag(flags.DEFINE_string, "input", None, "video (mp4, gif, ...), image (png, jpg) or .npy frames")
@@ -59,7 +61,6 @@ def _fail(msg: str) -> None:
 def main(argv):
   del argv
   from sora_jax import video_io  # pylint: disable=g-import-not-at-top
-  from sora_jax.train_vae import load, psnr  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.WARNING)
   for name, flag in (("--vae", _VAE), ("--input", _INPUT), ("--out", _OUT)):
     if not flag.value:
@@ -68,14 +69,18 @@ def main(argv):
   if suffix not in video_io.WRITE_SUFFIXES:
     _fail(f"--out {_OUT.value}: suffix {suffix or '(none)'!r} is not one of "
           f"{list(video_io.WRITE_SUFFIXES)}")
+  distributed.initialize()  # on a multi-host launch: process 0 does the work, the others wait for it
   try:
-    frames, fps = video_io.read_video(_INPUT.value)
-  except video_io.VideoReadError as e:
-    _fail(str(e))
-  try:
-    vae, _, step = load(_VAE.value)
-  except (FileNotFoundError, ValueError) as e:
+    distributed.write_on_main(_run)
+  except (ValueError, FileNotFoundError) as e:  # VideoReadError included
     _fail(str(e).splitlines()[0])
+
+
+def _run():
+  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
+  from sora_jax.train_vae import load, psnr  # pylint: disable=g-import-not-at-top
+  frames, fps = video_io.read_video(_INPUT.value)  # VideoReadError is a ValueError
+  vae, _, step = load(_VAE.value)
   t0 = time.time()
   out = reconstruct(vae, frames, max_tile_pixels=_MAX_TILE.value)
   video_io.write_video(_OUT.value, out, fps=_FPS.value or fps)

@@ -19,6 +19,11 @@ starting with # are skipped. Defaults (frames, size, steps, guidance, sampler) c
 config `sample` section. Models come from an exported bundle (--bundle) or a training work directory
 (--workdir, laid out as runs/demo: vae/, dit/, data/; its config is --config, else the one saved in it,
 else experiments/shapes_demo.py's).
+
+Multi-host (launched as `train` is, docs/pods.md): every process loads the models, the prompts are split
+into one contiguous block per process, each samples its block on its own devices, and process 0 writes
+every output. A prompt's noise depends only on (--seed, its index), so the videos are the same on any
+number of processes.
 """
 from __future__ import annotations
 
@@ -26,11 +31,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from absl import flags
 import numpy as np
 
 from sora_jax import config as config_lib
+from sora_jax import distributed
 from sora_jax import sampling
 from sora_jax import video_io
 
@@ -166,9 +173,21 @@ def output_paths(out: str, count: int, index: int, frames: int, also) -> list[Pa
   return paths
 
 
+def generate_shared(pipe: sampling.Pipeline, reqs: Sequence[sampling.Request], **kwargs) -> list[np.ndarray]:
+  """sampling.generate over every request, each process sampling one contiguous block of them (with its
+  index offset, so request i's noise is fold_in(seed, i) as on one process); all videos on every process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  per = -(-len(reqs) // jax.process_count())
+  blocks = [(i, reqs[i:i + per]) for i in range(0, len(reqs), per)]
+  done = distributed.map_shared(
+      lambda b: sampling.generate(pipe, b[1], index_offset=b[0], **kwargs), blocks)
+  return [v for block in done for v in block]
+
+
 def main(argv):
   if len(argv) > 1:
     config_lib._fail(f"unexpected arguments {argv[1:]}")
+  distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     if not _PROMPT.value and not _PROMPTS_FILE.value:
       raise ValueError("give --prompt or --prompts_file")
@@ -184,14 +203,17 @@ def main(argv):
     fps = float(pipe.sample_setting("fps", _FPS.value or None, 8.0))
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
       output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
-    videos = sampling.generate(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
-                               sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=True)
+    videos = generate_shared(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
+                             sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main())
   except (ValueError, TypeError, FileNotFoundError) as e:  # BundleError and VideoReadError included
     config_lib._fail(str(e).splitlines()[0])
-  for i, (r, v) in enumerate(zip(reqs, videos)):
-    for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
-      video_io.write_video(path, v, fps=fps)
-      print(f"wrote {path} ({v.shape[0]} frames, {v.shape[1]}x{v.shape[2]}): {r.caption}", flush=True)
+
+  def write():
+    for i, (r, v) in enumerate(zip(reqs, videos)):
+      for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
+        video_io.write_video(path, v, fps=fps)
+        print(f"wrote {path} ({v.shape[0]} frames, {v.shape[1]}x{v.shape[2]}): {r.caption}", flush=True)
+  distributed.write_on_main(write)
   print(f"loaded in {loaded - start:.1f}s, generated {len(reqs)} video(s) in {time.time() - loaded:.1f}s",
         flush=True)
 
