@@ -43,7 +43,9 @@ BAD = {  # name -> the reason the report must give
     "notes.txt": "not a video or image",
     "gone.mp4": "missing",
     "strip.png": "aspect ratio",
-    "cut_faststart.mp4": "truncated (decoded",
+    # With frame threads the decoder ends quietly at the cut and the declared frame count catches it;
+    # on one core (taskset) it reports the broken packet itself. Rejected either way.
+    "cut_faststart.mp4": ("truncated (decoded", "decode error after"),
 }
 
 
@@ -99,7 +101,8 @@ def test_bad_files_are_reported_and_the_run_succeeds(ingested):
   report = json.loads((out / ingest.REPORT).read_text())
   reasons = {s["file"]: s["reason"] for s in report["skipped"]}
   for name, why in BAD.items():
-    assert why in reasons.get(name, ""), (name, reasons.get(name))
+    assert any(w in reasons.get(name, "") for w in ((why,) if isinstance(why, str) else why)), (
+        name, reasons.get(name))
   assert any("bad captions line" in r for r in reasons.values())
   assert sorted(f["file"] for f in report["ingested"]) == sorted(GOOD)
   assert report["num_skipped"] == len(BAD) + 1

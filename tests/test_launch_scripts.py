@@ -89,7 +89,8 @@ from sora_jax import distributed
 n = distributed.initialize()
 from jax.experimental import multihost_utils
 total = multihost_utils.process_allgather(jnp.array([jax.process_index() + 1]))
-print("RESULT", n, jax.process_index(), int(np.sum(total)), flush=True)
+# stderr: processes other than 0 print nothing to stdout (distributed.quiet_other_processes)
+print("RESULT", n, jax.process_index(), int(np.sum(total)), file=sys.stderr, flush=True)
 """
 
 

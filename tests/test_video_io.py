@@ -100,7 +100,9 @@ def test_cut_off_faststart_mp4_is_detected(tmp_path):
   assert video_io.read_video(tmp_path / "fs.mp4")[0].shape[0] == 34
   data = (tmp_path / "fs.mp4").read_bytes()
   (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])  # decodes some frames without an error
-  with pytest.raises(video_io.VideoReadError, match="truncated \\(decoded \\d+ of 34 frames\\)"):
+  # ... with frame threads; on one core (taskset) the decoder reports the cut packet instead.
+  with pytest.raises(video_io.VideoReadError,
+                     match="truncated \\(decoded \\d+ of 34 frames\\)|decode error after \\d+ frames"):
     video_io.read_video(tmp_path / "cut.mp4")
 
 
