@@ -19,6 +19,12 @@ side-by-side reconstruction videos), then the loop.
   validation compiles once; scores count only the clip's own pixels.
 - `vae_train.max_train_seconds` stops early (with a checkpoint) when a slow machine would overrun
   the demo's budget; the number of steps actually run is logged.
+- Devices and hosts: data parallel over the config's `mesh` (sharding.mesh_from_config). The state is
+  replicated; each step's image and video batches are split over the mesh's data x fsdp devices, so
+  their sizes must be multiples of it. Every process builds the whole global batch of a step (it is a
+  function of (seed, step)) and places its own devices' rows, so a run gives the same batches on any
+  number of hosts and resumes on another one. Only process 0 prints, writes metrics and
+  reconstructions; orbax writes each checkpoint from all processes.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import optax
 from sora_jax import checkpoint, metrics, optim
 from sora_jax import config as config_lib
 from sora_jax import distributed
+from sora_jax import sharding
 from sora_jax.models import vae as vae_lib
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where checkpoints, metrics and reconstructions go")
@@ -242,7 +249,7 @@ def validate(reconstruct, params, clips: list[dict], cfg, *, batch: int = 4) -> 
     part = clips[i:i + batch]
     x = np.stack([_pad_to(c["video"], int(t.val_frames), int(t.val_size)) for c in part])
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(part), axis=0)])  # one compiled shape
-    y = np.asarray(reconstruct(params, x))
+    y = host(reconstruct(params, x))
     for c, r in zip(part, y):
       f, h, w = c["video"].shape[:3]
       recons.append(r[:f, :h, :w])
@@ -263,6 +270,24 @@ def write_side_by_side(out_dir: Path, step: int, clips: list[dict], recons: list
     video_io.write_video(out_dir / f"step{step:06d}_{i:02d}{suffix}", both, fps=8.0)
 
 
+# ------------------------------------------------------------------------------------- placement
+def host(x) -> np.ndarray:
+  """A replicated (or single-device) array as numpy on every process: its first local copy."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def place(tree, shardings):
+  """Host values (the same on every process) as global arrays with `shardings` (one for all leaves, or
+  a tree of them): each process fills only its own devices' parts."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, sh):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
 # ------------------------------------------------------------------------------------------ main
 def _data_dir(cfg, workdir: str) -> str:
   return cfg.data.shapes_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data",
@@ -275,8 +300,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from sora_jax.data.vae_batches import Crop, VAEBatches  # pylint: disable=g-import-not-at-top
   t = cfg.vae_train
   s = vae_lib.settings(cfg.vae)
-  os.makedirs(workdir, exist_ok=True)
-  Path(workdir, "config.json").write_text(config_lib.to_json(cfg))
+  if distributed.is_main():
+    os.makedirs(workdir, exist_ok=True)
+    Path(workdir, "config.json").write_text(config_lib.to_json(cfg))
   data_dir = _data_dir(cfg, workdir)
   for name, (frames, size) in {"image": (1, t.image_crop), "video": (t.video_frames, t.video_crop)
                                }.items():
@@ -294,6 +320,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   disc_tx = optim.make_optimizer(t.optim, total) if t.gan_weight > 0 else None
   state, graphdef, disc_graphdef = init_state(cfg, tx, disc_tx)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  n_dp = sharding.batch_size_multiple(mesh)
+  for name, crop in (("image", image), ("video", video)):
+    if crop.batch % n_dp:
+      raise ValueError(f"vae_train.{name}_pixels={getattr(t, name + '_pixels')} makes {crop.batch} {name} "
+                       f"crops per step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give "
+                       f"a multiple of {n_dp} crops of {crop.frames}x{crop.height}x{crop.width} pixels")
+  replicated = sharding.replicated(mesh)
+  state = place(jax.device_get(state), replicated)
+  batch_shardings = {"images": sharding.batch_sharding(mesh, 5), "videos": sharding.batch_sharding(mesh, 5)}
 
   ckpt = checkpoint.Manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                             save_interval_steps=int(t.checkpoint_every_steps))
@@ -302,13 +338,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(start, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
     log.info("resumed from step %d", start)
-  start = int(state["step"])
+  start = int(host(state["step"]))
   writer = metrics.MetricWriter(workdir)
 
   step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-  example = batches.batch(0)
+  example = place(batches.batch(0), batch_shardings)
   t0 = time.time()
-  compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, example).compile()
+  compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
   compile_s = time.time() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -327,9 +363,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   recon_dir = Path(workdir, "reconstructions")
 
   def run_validation(step):
-    scores, recons = validate(reconstruct, state["ema"], clips, cfg)
+    scores, recons = validate(lambda p, x: reconstruct(p, place(x, replicated)), state["ema"], clips, cfg)
     writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
-    write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
+    if distributed.is_main():
+      write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
     print(f"[vae] step {step}: validation (EMA, noise-free renders, {len(clips)} clips) "
           + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
     return scores
@@ -339,14 +376,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
   last_step, step = start, start
   it = batches.iterate(start)
+  block_every_step = jax.device_count() > 2  # FACTS.md: fake-device collectives must block each step
   try:
     for step in range(start, total):
-      batch = next(it)
+      batch = place(next(it), batch_shardings)
       state, m = compiled(state, batch)
+      if block_every_step:
+        jax.block_until_ready(m)
       done = step + 1
       out_of_time = budget > 0 and time.time() - t_start > budget
       if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
-        m = jax.device_get(m)
+        m = jax.tree.map(host, m)
         now = time.time()
         dt = (now - last_t) / max(done - last_step, 1)
         cpu = time.process_time()
@@ -369,14 +409,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   finally:
     it.close()
-  done = int(state["step"])
+  done = int(host(state["step"]))
   ckpt.save(done, state, force=True)
   scores = run_validation(done)
   ckpt.wait()
   ckpt.close()
   summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
              "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
-  Path(workdir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
+  if distributed.is_main():
+    Path(workdir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
   writer.flush()
   writer.close()
   return summary

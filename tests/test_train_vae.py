@@ -25,8 +25,9 @@ def _tiny_config(data_dir):
   cfg.data.shapes_dir = str(data_dir)
   cfg.vae.update(dict(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, z_dim=4,
                       temporal_downsample=(True,)))
-  cfg.vae_train.update(dict(total_steps=4, image_crop=16, image_pixels=512, video_frames=5,
-                            video_crop=16, video_pixels=1280, log_every_steps=2,
+  # 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
+  cfg.vae_train.update(dict(total_steps=4, image_crop=16, image_pixels=8 * 256, video_frames=5,
+                            video_crop=16, video_pixels=8 * 1280, log_every_steps=2,
                             checkpoint_every_steps=2, num_val=2, val_frames=5, val_size=16,
                             recon_videos=1, max_train_seconds=0.0))
   cfg.vae_train.optim.warmup_steps = 1
@@ -156,3 +157,43 @@ def test_discriminator_trains_only_after_gan_start(data_dir):
   after1 = jax.tree.leaves(state["disc_params"])
   assert any(not np.array_equal(a, b) for a, b in zip(after0, after1))
   assert np.isfinite(float(m1["gan/d_loss"])) and np.isfinite(float(m1["gan/g_loss"]))
+
+
+_WORKER = r"""
+import os, sys
+repo, data_dir, devices, workdir = sys.argv[1:5]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path[:0] = [repo, os.path.join(repo, "tests")]
+from absl import flags
+from sora_jax import distributed
+flags.FLAGS(sys.argv[:1] + sys.argv[5:])
+distributed.initialize()
+import test_train_vae
+from sora_jax import train_vae
+train_vae.train(test_train_vae._tiny_config(data_dir), workdir)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_vae_as_one(data_dir, tmp_path):
+  """Data parallel across hosts: 2 processes x 2 devices and 1 process x 4 devices draw the same global
+  batches, split them differently, and end at the same weights; process 0 alone writes files."""
+  import subprocess
+  import sys
+  from sora_jax import bundle
+  from test_multihost_inference import REPO, _env, run_two
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  runs = run_two([sys.executable, str(script), str(REPO), str(data_dir), "2", str(tmp_path / "two")])
+  assert "[vae] step 4/4" in runs[0][1] and "[vae]" not in runs[1][1]
+  r = subprocess.run([sys.executable, str(script), str(REPO), str(data_dir), "4", str(tmp_path / "one")],
+                     env=_env(), capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  a, step_a, _ = bundle.restore_ema(tmp_path / "two")
+  b, step_b, _ = bundle.restore_ema(tmp_path / "one")
+  assert step_a == step_b == 4
+  for (ka, va), (kb, vb) in zip(bundle._flatten(a), bundle._flatten(b)):  # pylint: disable=protected-access
+    assert ka == kb
+    np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=ka)
+  assert list((tmp_path / "two" / "reconstructions").glob("step000004_00.*"))
