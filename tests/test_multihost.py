@@ -69,7 +69,7 @@ def test_reshard_data_position_continues_every_shard(tmp_path):
 def tiny_config(stats_dir: str, workdir_total_steps: int = 4) -> ml_collections.ConfigDict:
   from experiments import shapes_demo
   c = shapes_demo.get_config()
-  c.data.update(dict(source="latents", latents_dir=str(stats_dir), seq_len=64, text_len=48,
+  c.data.update(dict(source="latents", latents_dir=str(stats_dir), seq_len=64, token_budget=0, text_len=48,
                      max_text_tokens=8, max_segments=8, batch_size=8, min_patch_side=1,
                      sample_latents=False, packing_bins=4, num_workers=0, read_threads=1))
   c.data.vocab_size = 300  # byte-level test tokenizer: ids 1..256
