@@ -200,20 +200,7 @@ def map_shared(fn: Callable[[Any], Any], items: Sequence) -> list:
 def write_on_main(fn: Callable[[], Any]) -> Any:
   """Runs `fn` (writing outputs) on process 0 only; every process returns after it has finished, with
   its result (pickled to the others). An exception in `fn` is raised on every process (see map_shared)."""
-  if jax.process_count() == 1:
-    return fn()
-  own_error, result = None, None
-  if is_main():
-    try:
-      result = ("ok", fn())
-    except Exception as e:  # pylint: disable=broad-except
-      own_error, result = e, _error(e)
-  r = allgather_objects(result)[0]
-  if own_error is not None:
-    raise own_error
-  if r[0] == "error":
-    _raise(r)
-  return r[1]
+  return map_shared(lambda _: fn(), [None])[0]  # one item: process 0's, in round 0
 
 
 # ------------------------------------------------------------------------- changing the process count

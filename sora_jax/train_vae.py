@@ -249,7 +249,7 @@ def validate(reconstruct, params, clips: list[dict], cfg, *, batch: int = 4) -> 
     part = clips[i:i + batch]
     x = np.stack([_pad_to(c["video"], int(t.val_frames), int(t.val_size)) for c in part])
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(part), axis=0)])  # one compiled shape
-    y = host(reconstruct(params, x))
+    y = np.asarray(reconstruct(params, x))
     for c, r in zip(part, y):
       f, h, w = c["video"].shape[:3]
       recons.append(r[:f, :h, :w])
@@ -268,24 +268,6 @@ def write_side_by_side(out_dir: Path, step: int, clips: list[dict], recons: list
     both = np.concatenate([c["video"], np.zeros_like(c["video"][:, :, :2]), r], axis=2)
     suffix = ".png" if both.shape[0] == 1 else ".mp4"
     video_io.write_video(out_dir / f"step{step:06d}_{i:02d}{suffix}", both, fps=8.0)
-
-
-# ------------------------------------------------------------------------------------- placement
-def host(x) -> np.ndarray:
-  """A replicated (or single-device) array as numpy on every process: its first local copy."""
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def place(tree, shardings):
-  """Host values (the same on every process) as global arrays with `shardings` (one for all leaves, or
-  a tree of them): each process fills only its own devices' parts."""
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, tree)
-
-  def one(x, sh):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-  return jax.tree.map(one, tree, shardings)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -327,9 +309,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"vae_train.{name}_pixels={getattr(t, name + '_pixels')} makes {crop.batch} {name} "
                        f"crops per step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give "
                        f"a multiple of {n_dp} crops of {crop.frames}x{crop.height}x{crop.width} pixels")
-  replicated = sharding.replicated(mesh)
-  state = place(jax.device_get(state), replicated)
-  batch_shardings = {"images": sharding.batch_sharding(mesh, 5), "videos": sharding.batch_sharding(mesh, 5)}
+  # Host values that are the same on every process: device_put gives each process its devices' parts.
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh, 5)
+  state = jax.device_put(state, replicated)
 
   ckpt = checkpoint.Manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                             save_interval_steps=int(t.checkpoint_every_steps))
@@ -338,11 +320,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state = ckpt.restore(start, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
     log.info("resumed from step %d", start)
-  start = int(host(state["step"]))
+  start = int(state["step"])
   writer = metrics.MetricWriter(workdir)
 
   step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-  example = place(batches.batch(0), batch_shardings)
+  example = jax.device_put(batches.batch(0), batch_sharding)
   t0 = time.time()
   compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
   compile_s = time.time() - t0
@@ -363,7 +345,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   recon_dir = Path(workdir, "reconstructions")
 
   def run_validation(step):
-    scores, recons = validate(lambda p, x: reconstruct(p, place(x, replicated)), state["ema"], clips, cfg)
+    scores, recons = validate(lambda p, x: reconstruct(p, jax.device_put(x, replicated)), state["ema"],
+                              clips, cfg)
     writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
     if distributed.is_main():
       write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
@@ -379,14 +362,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   block_every_step = jax.device_count() > 2  # FACTS.md: fake-device collectives must block each step
   try:
     for step in range(start, total):
-      batch = place(next(it), batch_shardings)
+      batch = jax.device_put(next(it), batch_sharding)
       state, m = compiled(state, batch)
       if block_every_step:
         jax.block_until_ready(m)
       done = step + 1
       out_of_time = budget > 0 and time.time() - t_start > budget
       if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
-        m = jax.tree.map(host, m)
+        m = jax.device_get(m)
         now = time.time()
         dt = (now - last_t) / max(done - last_step, 1)
         cpu = time.process_time()
@@ -409,7 +392,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   finally:
     it.close()
-  done = int(host(state["step"]))
+  done = int(state["step"])
   ckpt.save(done, state, force=True)
   scores = run_validation(done)
   ckpt.wait()
