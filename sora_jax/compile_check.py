@@ -21,10 +21,11 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   `--unroll` compiles the full-depth unrolled step instead (slow; a check of the extrapolation).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
   for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls; backward
-  5 in splash's fused kernel, or 7 in separate dkv and dq kernels, per call as `splash.fused_backward`
-  decides from the call's shapes, always 7 for the GPU kernels; the forward again under a remat policy
-  that does not save the kernel's residuals), for rows holding one segment each (the densest packing,
-  where splash skips no block), and their time is those FLOPs at `--kernel_efficiency` of peak.
+  5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq kernels, per call
+  as `splash.fused_backward` decides from the call's shapes, always 7 for the GPU kernels; the forward
+  again under a remat policy that does not save the kernel's residuals), for rows holding one segment
+  each (the densest packing, where splash skips no block), and their time is those FLOPs at
+  `--kernel_efficiency` of peak.
 - The compiler's FLOPs (XLA-counted part, times chips) must agree with flops.py's count of the same
   work (flops.py's total minus the kernels' share) within 10%; the run fails otherwise.
 - MFU = flops.py's model FLOPs (no remat, dense attention = one segment per row) / (step time x chips x
@@ -88,10 +89,10 @@ FLOP_TOLERANCE = 0.10
 JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flops_per_chip",
              "flops_per_step", "estimated_step_s", "estimated_mfu")
 # Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
-# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K) where
-# `splash.fused_backward` picks it, else separate dkv (QK^T, dO V^T, P^T dO, dS^T Q) and dq (QK^T, dO V^T,
-# dS K) kernels, as the GPU kernels always run. The forward runs again in the backward pass unless the
-# remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
+# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K; whole or
+# over query chunks) where `splash.fused_backward` picks it, else separate dkv (QK^T, dO V^T, P^T dO,
+# dS^T Q) and dq (QK^T, dO V^T, dS K) kernels, as the GPU kernels always run. The forward runs again in
+# the backward pass unless the remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
 KERNEL_FWD_MATMULS = 2
 KERNEL_BWD_MATMULS = {"fused": 5, "separate": 7}
 

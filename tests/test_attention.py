@@ -156,22 +156,40 @@ def test_gpu_kernels_interpret_cross_attention_match_reference():
   _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
 
 
-def _splash_backward(monkeypatch, backward: str):
-  """Forces splash_attention's backward: "fused" (these tiny rows' default) or "separate" dkv and dq
-  kernels (a zero partial-dq budget, as for long rows)."""
+def _splash_backward(monkeypatch, backward: str, lk: int = 256):
+  """Forces splash_attention's backward: "fused" (these tiny rows' default), "chunked" (the fused kernel
+  over query chunks of one block of 128, as for long rows) or "separate" dkv and dq kernels (a zero
+  partial-dq budget: not even one query block fits)."""
   from sora_jax.kernels import splash
   if backward == "separate":
     monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 0)
+  if backward == "chunked":  # one f32 query block of 128 against the row's key blocks of 128
+    monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", -(-lk // 128) * 128 * 128 * 4)
   return splash
 
 
-@pytest.mark.parametrize("backward", ["fused", "separate"])
+@pytest.mark.parametrize("backward", ["fused", "chunked", "separate"])
 def test_splash_interpret_matches_reference(backward, monkeypatch):
   splash = _splash_backward(monkeypatch, backward)
   q, k, v, w = _inputs(2, 256, 256, 1, 128)
   ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([256], 256)])
   fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
+  if backward == "chunked":
+    assert splash.query_chunks(256, 256, 1, 128, block_q=128, block_kv=128, itemsize=4) == 2
   _assert_matches_reference(fn, q, k, v, w, ids, ids)
+
+
+@pytest.mark.slow
+def test_splash_interpret_query_chunks_pad_the_last_chunk(monkeypatch):
+  # 300 queries = 3 blocks of 128; chunks of at most 2 blocks: 2 chunks of 2, the last block padding.
+  from sora_jax.kernels import splash
+  monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 2 * 2 * 2 * 128 * 128 * 4)  # 2 of 2 heads x 2 kv blocks
+  assert splash.query_chunks(300, 200, 2, 128, block_q=128, block_kv=128, itemsize=4) == 2
+  q, k, v, w = _inputs(2, 300, 200, 2, 128)
+  q_ids = np.stack([_ids([100, 1, 1, 190], 300), _ids([1, 260], 300)])
+  kv_ids = np.stack([_ids([10, 1, 3, 180], 200), _ids([7, 150], 200)])
+  fn = functools.partial(splash.splash_attention, block_q=128, block_kv=128, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
 
 
 @pytest.mark.slow
@@ -213,7 +231,8 @@ def _phases(names):
   return sorted(next(p for p in ("fwd", "dkv", "dq") if f"_{p}" in n) for n in names)
 
 
-@pytest.mark.parametrize("backward,kernels", [("fused", ["dkv", "fwd"]), ("separate", ["dkv", "dq", "fwd"])])
+@pytest.mark.parametrize("backward,kernels", [("fused", ["dkv", "fwd"]), ("chunked", ["dkv", "fwd"]),
+                                              ("separate", ["dkv", "dq", "fwd"])])
 def test_splash_backward_is_one_fused_kernel_or_dkv_and_dq(backward, kernels, monkeypatch):
   splash = _splash_backward(monkeypatch, backward)
   q, k, v, w = _inputs(1, 256, 256, 1, 128)
@@ -223,18 +242,33 @@ def test_splash_backward_is_one_fused_kernel_or_dkv_and_dq(backward, kernels, mo
   assert _phases(_pallas_calls(jax.make_jaxpr(grad)(q, k, v).jaxpr)) == kernels
 
 
-def test_splash_fused_backward_only_while_partial_dq_is_small():
+def test_splash_fused_backward_in_query_chunks_while_partial_dq_is_large():
   from sora_jax.kernels import splash
   # [key blocks, heads, Lq padded, head_dim] in q's dtype: 2 x 1 x 256 x 128 f32 for the tests' rows.
   assert splash.partial_dq_bytes(256, 200, 1, 128, block_q=128, block_kv=128, itemsize=4) == 2 * 256 * 128 * 4
   assert splash.partial_dq_bytes(300, 1000, 2, 64) == 2 * 2 * 384 * 64 * 2  # kv blocks of 512, Lq to 384
-  # sora_b (16k rows, 9 heads of 128) keeps the fused kernel for all its calls; sora_xl's 64k rows
-  # (32 heads of 128: 64 GiB of partial dq) and v6e's 32k rows (16 GiB) take the dq kernel for
-  # self-attention, and keep it fused for cross-attention to 512 text tokens + 128 segments.
-  assert splash.fused_backward(16384, 16384, 9, 128) and splash.fused_backward(16384, 576, 9, 128)
-  assert splash.fused_backward(16384, 16384, 9, 128, itemsize=4)
-  assert not splash.fused_backward(65536, 65536, 32, 128) and splash.fused_backward(65536, 640, 32, 128)
-  assert not splash.fused_backward(32768, 32768, 32, 128) and splash.fused_backward(512, 512, 8, 128)
+  # sora_b (16k rows, 9 heads of 128) runs every call whole (1.1 GiB of partial dq, 2.25 GiB in f32);
+  # sora_xl's 64k rows (32 heads of 128: 64 GiB) run self-attention in 16 query chunks of 4 GiB, v6e's
+  # 32k rows (16 GiB) in 4; cross-attention to 512 text tokens + 128 segments runs whole.
+  assert splash.query_chunks(16384, 16384, 9, 128) == splash.query_chunks(16384, 576, 9, 128) == 1
+  assert splash.query_chunks(16384, 16384, 9, 128, itemsize=4) == 1
+  assert splash.query_chunks(65536, 65536, 32, 128) == 16 and splash.query_chunks(65536, 640, 32, 128) == 1
+  assert splash.query_chunks(32768, 32768, 32, 128) == 4 and splash.query_chunks(512, 512, 8, 128) == 1
+  assert splash.query_chunks(100, 512, 8, 128) == 1  # one short block
+  # Chunks hold equal block counts: 5 blocks at 2 per chunk make 3 chunks (the last padded).
+  one_block = splash.partial_dq_bytes(512, 65536, 32, 128)
+  assert one_block == 128 * 32 * 512 * 128 * 2
+  assert splash.query_chunks(5 * 512, 65536, 32, 128) == 1
+  splash_max = splash.FUSED_BWD_MAX_BYTES
+  try:
+    splash.FUSED_BWD_MAX_BYTES = 2 * one_block
+    assert splash.query_chunks(5 * 512, 65536, 32, 128) == 3
+    splash.FUSED_BWD_MAX_BYTES = one_block - 1  # not even one query block: separate dkv and dq kernels
+    assert splash.query_chunks(5 * 512, 65536, 32, 128) == 0
+    assert not splash.fused_backward(5 * 512, 65536, 32, 128)
+  finally:
+    splash.FUSED_BWD_MAX_BYTES = splash_max
+  assert splash.fused_backward(65536, 65536, 32, 128)
 
 
 def _layer_grad(implementation: str, remat: str, x, ids):
@@ -251,13 +285,19 @@ def _layer_grad(implementation: str, remat: str, x, ids):
   return jax.grad(loss, (0, 1)), params
 
 
-@pytest.mark.parametrize("implementation", ["splash", "gpu"])
+@pytest.mark.parametrize("implementation", ["splash", "splash_chunked", "gpu"])
 def test_remat_policies_save_kernel_residuals(implementation, monkeypatch):
   # Under "dots" / "dots_saveable" the backward pass reuses the kernel's saved output and logsumexp:
   # the gradient holds the forward kernel once; "full" reruns it (so the count can see a rerun).
+  # "splash_chunked": blocks of 128 and a partial-dq budget of one block, so the row runs in 2 query chunks.
   from sora_jax.kernels import gpu, splash
+  blocks = {}
+  if implementation == "splash_chunked":
+    implementation, blocks = "splash", dict(block_q=128, block_kv=128)
+    monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 2 * 128 * 128 * 4)
+    assert splash.query_chunks(256, 256, 1, 128, itemsize=4, **blocks) == 2
   monkeypatch.setattr(splash, "splash_attention",
-                      functools.partial(splash.splash_attention, interpret=True))
+                      functools.partial(splash.splash_attention, interpret=True, **blocks))
   monkeypatch.setattr(gpu, "gpu_attention", functools.partial(gpu.gpu_attention, interpret=True))
   x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 256, 128)), jnp.float32)
   ids = jnp.asarray(_ids([90, 1, 120], 256)[None])

@@ -81,19 +81,23 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
   assert compile_check.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
 
 
-def test_kernel_backward_matmuls_follow_splash_fused_backward():
-  # Per call, as splash_attention decides: sora_b fused everywhere; sora_xl's 64k-token self-attention
-  # through separate dkv and dq kernels (7), its cross-attention and text self-attention fused (5).
+def test_kernel_backward_matmuls_follow_splash_fused_backward(monkeypatch):
+  # Per call, as splash_attention decides: the fused kernel (5), whole or in query chunks, everywhere in
+  # sora_b and sora_xl (64k-token self-attention in 16 chunks); separate dkv and dq kernels (7) only
+  # where one query block's partial dq exceeds the budget, and always on GPU.
   from experiments import sora_b, sora_xl
+  from sora_jax.kernels import splash
   b, xl = sora_b.get_config(), sora_xl.get_config()
   assert [compile_check.kernel_bwd_matmuls(b, lq, lk, 1152, 9) for lq, lk in
           [(16384, 16384), (16384, 576)]] == [5, 5]
   assert compile_check.kernel_bwd_matmuls(b, 512, 512, 1024, 8) == 5
   assert [compile_check.kernel_bwd_matmuls(xl, lq, lk, 4096, 32) for lq, lk in
-          [(65536, 65536), (65536, 640)]] == [7, 5]
-  xl.mesh.tensor = 8  # 4 heads per device: 8 GiB of partial dq, still over the budget
+          [(65536, 65536), (65536, 640)]] == [5, 5]
+  monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 1 << 30)  # one block's 64k-key partial dq: 0.5 GiB
+  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
+  monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 256 << 20)
   assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 7
-  xl.mesh.tensor = 32  # 1 head per device: 2 GiB
+  xl.mesh.tensor = 4  # 8 heads per device: one block's partial dq is 128 MiB again
   assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
   xl.mesh.tensor, xl.dit.attention = 1, "gpu"
   assert compile_check.kernel_bwd_matmuls(xl, 65536, 640, 4096, 32) == 7

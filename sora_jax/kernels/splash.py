@@ -7,11 +7,15 @@ bytes) becomes splash's MaskInfo directly: active blocks are marked "full" (2), 
 exist at all, and the masking inside a block comes from splash's own segment-id test.
 For skipped grid steps `data_next` repeats the nearest active block, so the pipeline issues no new copy.
 
-Backward: splash's fused kernel when its partial-dq buffer is small (`fused_backward`), else separate
-dkv and dq kernels. The fused kernel computes dk, dv and a partial dq per key block in one pass over the
-key blocks: 5 block matmuls instead of 7, at the cost of a transient [key blocks, heads, Lq, head_dim]
-buffer (in q's dtype) summed afterwards, which grows with Lq * Lk. The kernel output and its logsumexp
-are named `kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the
+Backward: splash's fused kernel, which computes dk, dv and a partial dq per key block in one pass over
+the key blocks: 5 block matmuls instead of the 7 of separate dkv and dq kernels, at the cost of a
+transient [key blocks, heads, Lq, head_dim] buffer (in q's dtype) summed afterwards, which grows with
+Lq * Lk (64 GiB per row for sora_xl's 64k-token rows). Attention is separable over queries, so long rows
+run as `query_chunks` calls over query chunks (a lax.map inside the row), each attending to all keys:
+the buffer shrinks by the chunk count, the forward executes the same blocks, and dk, dv are the sum of
+the chunks' contributions, accumulated in f32. Only where even one query block's buffer is too large
+does the backward fall back to separate dkv and dq kernels. The kernel output and its logsumexp are
+named `kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the
 backward pass a second run of the forward kernel.
 
 Contract differences smoothed over here: splash does not scale logits (q is scaled first), lets padding
@@ -29,14 +33,12 @@ from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 # Splash tiles segment ids as [block, 128 lanes]: both block sizes must be multiples of 128.
 _LANES = 128
-# Largest partial-dq buffer (bytes, per row and call) for which the fused backward kernel is used. Rows
-# run one at a time (lax.map) and layers one at a time (scan), so one such buffer is live per chip. 4 GiB
-# is an eighth of the smallest HBM the pod configs target (v6e / v4: 32 GB) and 4% of v5p's 95 GB, above
-# every call of sora_b (16k rows: self-attention 32 key blocks x 9 heads x 16k x 128 in bf16 = 1.1 GiB,
-# 2.25 GiB even in f32), which keeps the 2 saved matmuls, and far below sora_xl's self-attention (64k
-# rows: 128 key blocks x 32 heads x 64k x 128 x 2 bytes = 64 GiB; 16 GiB at v6e's 32k rows), which takes
-# the separate dq kernel (7 matmuls, no buffer beyond dq itself); its cross-attention (2 key blocks,
-# 1 GiB) stays fused. The buffer is nk times q, so the split is also "fused while nk x q <= 4 GiB".
+# Largest partial-dq buffer (bytes, per row, call and query chunk) of the fused backward kernel. Rows and
+# query chunks run one at a time (lax.map) and layers one at a time (scan), so one such buffer is live
+# per chip. 4 GiB is an eighth of the smallest HBM the pod configs target (v6e / v4: 32 GB) and 4% of
+# v5p's 95 GB. sora_b's calls fit whole (16k rows: self-attention 32 key blocks x 9 heads x 16k x 128 in
+# bf16 = 1.1 GiB); sora_xl's self-attention (64k rows: 128 key blocks x 32 heads x 64k x 128 x 2 bytes =
+# 64 GiB; 16 GiB at v6e's 32k rows) runs in 16 (4) query chunks of 4 GiB.
 FUSED_BWD_MAX_BYTES = 4 << 30
 
 
@@ -55,12 +57,25 @@ def partial_dq_bytes(lq: int, lk: int, heads: int, head_dim: int, *, block_q: in
   return -(-lk // bkv) * heads * (-(-lq // bq) * bq) * head_dim * itemsize
 
 
+def query_chunks(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
+                 block_kv: int = 512, itemsize: int = 2) -> int:
+  """How many query chunks splash_attention (same arguments, heads per device) splits a row into so that
+  the fused backward's partial-dq buffer of each is at most FUSED_BWD_MAX_BYTES: 1 for calls that fit
+  whole, 0 where not even one query block fits (then the backward runs separate dkv and dq kernels).
+  Chunks hold equal numbers of query blocks; the query blocks are padded to a multiple of the count."""
+  bq, _ = block_sizes(lq, lk, block_q, block_kv)
+  nq = -(-lq // bq)
+  per_block = partial_dq_bytes(bq, lk, heads, head_dim, block_q=bq, block_kv=block_kv, itemsize=itemsize)
+  blocks_per_chunk = min(nq, FUSED_BWD_MAX_BYTES // per_block)
+  return -(-nq // blocks_per_chunk) if blocks_per_chunk else 0
+
+
 def fused_backward(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
                    block_kv: int = 512, itemsize: int = 2) -> bool:
-  """Whether splash_attention (same arguments, heads per device) runs splash's fused backward kernel:
-  when its partial-dq buffer is at most FUSED_BWD_MAX_BYTES. compile_check counts matmuls by it."""
-  return partial_dq_bytes(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
-                          itemsize=itemsize) <= FUSED_BWD_MAX_BYTES
+  """Whether splash_attention (same arguments, heads per device) runs splash's fused backward kernel,
+  whole or in query chunks (`query_chunks`). compile_check counts matmuls by it."""
+  return query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
+                      itemsize=itemsize) > 0
 
 
 def _mask_info(active_nm, *, transpose: bool):
@@ -98,10 +113,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   runs the Pallas kernels on any backend (slowly), for tests.
   """
   lq, lk, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-  fused = fused_backward(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
-                         itemsize=q.dtype.itemsize)
+  chunks = query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
+                        itemsize=q.dtype.itemsize)
+  fused = chunks > 0
+  chunks = max(chunks, 1)
   block_q, block_kv = block_sizes(lq, lk, block_q, block_kv)
-  q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), block_q)
+  chunk_len = -(-lq // (block_q * chunks)) * block_q  # query blocks shared out equally, the last padded
+  q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), chunk_len)
   kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_kv)
   batch, nq, nk = q.shape[0], q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
   active = blocksparse.block_map(q_ids.reshape(batch, nq, block_q), kv_ids.reshape(batch, nk, block_kv))
@@ -113,11 +131,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
       **(dict(use_fused_bwd_kernel=True) if fused else dict(block_q_dq=block_q, block_kv_dq=block_kv)))
   to_hld = lambda x, mult: blocksparse.pad_seq(x, mult).transpose(0, 2, 1, 3)
-  q_hld = to_hld(q * q.shape[-1] ** -0.5, block_q)
+  q_hld = to_hld(q * q.shape[-1] ** -0.5, chunk_len)
   k_hld, v_hld = to_hld(k, block_kv), to_hld(v, block_kv)
 
-  def one_row(args):
-    q_, k_, v_, q_ids_, kv_ids_, active_ = args
+  def one_call(q_, k_, v_, q_ids_, kv_ids_, active_):
     fwd = _mask_info(active_, transpose=False)
     kernel = splash_kernel.SplashAttentionKernel(
         fwd, None if fused else fwd, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
@@ -126,6 +143,21 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     # Padding queries get id -1: splash would otherwise let them attend to padding keys (id 0).
     ids = splash_kernel.SegmentIds(q=jnp.where(q_ids_ > 0, q_ids_, -1), kv=kv_ids_)
     return kernel(q_, k_, v_, segment_ids=ids)
+
+  def one_row(args):
+    q_, k_, v_, q_ids_, kv_ids_, active_ = args
+    if chunks == 1:
+      return one_call(q_, k_, v_, q_ids_, kv_ids_, active_)
+    # Every chunk attends to all of k and v; their gradients sum over the chunks in the map's backward,
+    # in f32 (the map accumulates a closed-over array's cotangent in that array's dtype).
+    k32, v32 = k_.astype(jnp.float32), v_.astype(jnp.float32)
+    def one_chunk(c):
+      q_c, ids_c, active_c = c
+      return one_call(q_c, k32.astype(k_.dtype), v32.astype(v_.dtype), ids_c, kv_ids_, active_c)
+    q_c = q_.reshape(heads, chunks, chunk_len, head_dim).transpose(1, 0, 2, 3)
+    out = jax.lax.map(one_chunk, (q_c, q_ids_.reshape(chunks, chunk_len),
+                                  active_.reshape(chunks, nq // chunks, nk)))
+    return out.transpose(1, 0, 2, 3).reshape(heads, chunks * chunk_len, head_dim)
 
   out = jax.lax.map(one_row, (q_hld, k_hld, v_hld, q_ids, kv_ids, active))
   out = out.transpose(0, 2, 1, 3)[:, :lq]
