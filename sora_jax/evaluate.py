@@ -129,8 +129,14 @@ def fit_to_vae(frames: np.ndarray, temporal: int, spatial: int, max_frames: int 
   return frames[:t, y0:y0 + h, x0:x0 + w]
 
 
-def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0) -> dict:
-  """PSNR/SSIM of the VAE's reconstructions of (name, uint8 video) clips; keeps a few for the report."""
+def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
+               specs: Sequence[shapes.ClipSpec] | None = None) -> dict:
+  """PSNR/SSIM of the VAE's reconstructions of (name, uint8 video) clips; keeps a few for the report.
+
+  With `specs` (the Shapes specs the clips were rendered from) the detector also scores each
+  reconstruction against its spec: `detector`, the rates by group, is the ceiling that a DiT generating
+  in this VAE's latent space can reach (what the VAE's round trip alone loses).
+  """
   g = pipe.geometry
 
   def one(item):
@@ -139,14 +145,23 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0) 
     y = pipe.decode(pipe.encode(x))
     record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
               "psnr": psnr(x, y), "ssim": ssim(x, y)}
-    return record, ((name, x, y) if k < 8 else None)
+    read = None
+    if specs is not None:
+      if x.shape != np.shape(frames):
+        raise ValueError(f"Shapes clip {name!r} of shape {np.shape(frames)} is off the VAE's grid "
+                         f"({g.temporal} frames, {g.spatial} px): its reconstruction cannot be scored")
+      read = detector.score_clip(y, specs[k].labels())
+    return record, ((name, x, y) if k < 8 else None), read
 
   done = distributed.map_shared(one, list(enumerate(clips)))
-  per_clip = [record for record, _ in done]
-  examples = [ex for _, ex in done if ex is not None]
-  return {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
-          "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
-          "clips": per_clip, "examples": examples}
+  per_clip = [record for record, _, _ in done]
+  examples = [ex for _, ex, _ in done if ex is not None]
+  out = {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
+         "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
+         "clips": per_clip, "examples": examples}
+  if specs is not None:
+    out["detector"] = grouped(specs, [read for _, _, read in done])
+  return out
 
 
 def ingested_clips(data_dir: str, split: str, count: int) -> list[tuple[str, np.ndarray]]:
@@ -327,6 +342,10 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
                      f"{chance}. {gen['skipped']} prompts skipped (size off the model's grid).</p>"))
     sections.append(("Detector on the ground-truth renders of the same prompts (ceiling)",
                      report.metric_table(gen["ground_truth"], detector.METRICS)))
+  vae_read = (result.get("vae_shapes") or {}).get("detector")
+  if vae_read:
+    sections.append(("Detector on the VAE's reconstructions of the first prompts' renders (the ceiling "
+                     "through this VAE)", report.metric_table(vae_read, detector.METRICS)))
   if gen_extra:
     sections.append(("Samples: first, middle and last frames (generated | ground truth)",
                      report.img(gen_extra["grid"], "samples")))
@@ -385,13 +404,14 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     pipe = sampling.as_pipeline(bundle)
     specs = test_prompts(s["vae_clips"], seed=s["seed"], mixture=s["mixture"])
-    sets = [("vae_shapes", "held-out Shapes clips", [(shapes.caption(x), shapes.render_clip(x)) for x in specs])]
+    sets = [("vae_shapes", "held-out Shapes clips", [(shapes.caption(x), shapes.render_clip(x)) for x in specs],
+             specs)]
     if s["data_dir"]:
       sets.append(("vae_ingested", f"{s['data_dir']}:{s['data_split']}",
-                   ingested_clips(s["data_dir"], s["data_split"], s["vae_clips"])))
-    for key, label, clips in sets:
+                   ingested_clips(s["data_dir"], s["data_split"], s["vae_clips"]), None))
+    for key, label, clips, clip_specs in sets:
       t0 = time.time()
-      v = vae_scores(pipe, clips, seed=s["seed"])
+      v = vae_scores(pipe, clips, seed=s["seed"], specs=clip_specs)
       rows = [(name, [x, y]) for name, x, y in v.pop("examples")]
       png = distributed.write_on_main(
           lambda: report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows))
@@ -465,6 +485,11 @@ def headline(result: dict) -> str:
     if v:
       lines.append(f"[eval] VAE ({v['label']}): PSNR {v['psnr']['mean']:.2f} dB "
                    f"[{v['psnr']['ci95'][0]:.2f}, {v['psnr']['ci95'][1]:.2f}], SSIM {v['ssim']['mean']:.4f}")
+      g = (v.get("detector") or {}).get("all")
+      if g:
+        parts = [f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}" for m in ("colour", "motion", "persistence",
+                                                                         "consistency") if g[m]["n"]]
+        lines.append("[eval] detector on the VAE's reconstructions: " + "; ".join(parts))
   c = result.get("comparison")
   if c:
     lines.append(f"[eval] vs {c['bundle']} ({c['dtype']}): mean |pixel difference| {c['mean_abs_diff']:.3f} "

@@ -71,6 +71,7 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
         assert 0.0 < r["ci95"][0] < 1.0 and r["ci95"][1] == pytest.approx(1.0)
   assert groups["held-out compositions"]["colour"]["n"] >= 5
   assert result["vae_shapes"]["psnr"]["n"] == 1 and np.isfinite(result["vae_shapes"]["ssim"]["mean"])
+  assert result["vae_shapes"]["detector"]["all"]["colour"]["n"] == 1 and "detector" not in result["vae_ingested"]
   # The report opens offline: every image it shows is a local file next to it, nothing is fetched.
   page = open(os.path.join(out, "report.html")).read()
   srcs = re.findall(r"src='([^']+)'", page)
@@ -151,3 +152,31 @@ def test_report_pictures(tmp_path):
   assert os.path.getsize(grid) > 0
   assert report.curve_png(str(tmp_path / "c.png"), "t", {"loss": [(1, 2.0), (2, 1.0), (3, float("nan"))]})
   assert report.curve_png(str(tmp_path / "d.png"), "t", {"loss": []}) is None
+
+
+class _FakePipe:
+  """A VAE pipeline stand-in: the identity, or one that loses everything (mid-gray frames)."""
+  geometry = type("G", (), {"temporal": 4, "spatial": 8})()
+
+  def __init__(self, lossless: bool):
+    self.lossless = lossless
+
+  def encode(self, x):
+    return x
+
+  def decode(self, z):
+    return z if self.lossless else np.full_like(z, 128)
+
+
+def test_detector_on_vae_reconstructions_is_the_ceiling_through_the_vae():
+  specs = [s for s in evaluate.test_prompts(12, seed=0, mixture="demo")]
+  clips = [(shapes.caption(s), shapes.render_clip(s)) for s in specs]
+  perfect = evaluate.vae_scores(_FakePipe(True), clips, specs=specs)["detector"]["all"]
+  assert perfect["colour"]["n"] == 12 and perfect["colour"]["rate"] == 1.0
+  assert perfect["motion"]["n"] > 0 and perfect["motion"]["rate"] == 1.0
+  lost = evaluate.vae_scores(_FakePipe(False), clips, specs=specs)["detector"]["all"]
+  assert lost["colour"]["rate"] == 0.0 and lost["persistence"]["rate"] == 0.0
+  assert "detector" not in evaluate.vae_scores(_FakePipe(True), clips[:2])
+  # A clip the VAE would crop no longer matches its spec's motion: refused, not scored.
+  with pytest.raises(ValueError, match="off the VAE's grid"):
+    evaluate.vae_scores(_FakePipe(True), [(n, c[:, :, :-4]) for n, c in clips[:1]], specs=specs[:1])
