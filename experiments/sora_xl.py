@@ -18,10 +18,12 @@ from experiments import sora_b
 from sora_jax.config import parse_arg
 
 SLICES = {
-    # full_save_attention: the attention kernels' outputs are kept, so their forward runs once (9 kernel
-    # matmuls per call, not 11): 38.5% estimated MFU against 32.7% with `full`, 67.2 of 95 GB per chip.
+    # full_save_attention: the attention kernels' outputs are kept, so their forward runs once, and the
+    # fused backward runs over 16 query chunks (7 kernel matmuls per call): 46.6% estimated MFU, 75.3 of
+    # 95 GB per chip (docs/benchmarks.md, Issue 8, seventh session).
     "v5p:8x8x4": dict(batch_size=256, seq_len=65536, remat="full_save_attention",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
+    # `full`: full_save_attention needs 31.4 GB of temporaries of 31.2 (44.7% MFU with `full`).
     "v6e:16x16": dict(batch_size=256, seq_len=32768, remat="full",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
     # Two v5p-512 slices over DCN (scripts/xpk.sh): data parallel across slices, FSDP within.

@@ -255,9 +255,10 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
 
 
 def _oom_bytes(e: Exception) -> float | None:
-  """Bytes the compiler wanted, from its out-of-HBM error ("Used 105.2G of 95.7G hbm"); None if `e`
-  is another error."""
-  m = re.search(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm", str(e))
+  """Bytes the compiler wanted, from its out-of-HBM error ("Used 105.2G of 95.7G hbm", or "memory
+  required for HLO temporaries (34.43G) exceeds": temporaries only); None if `e` is another error."""
+  m = (re.search(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm", str(e)) or
+       re.search(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds", str(e)))
   if m is None:
     return float("inf") if "RESOURCE_EXHAUSTED" in str(e) else None
   return float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024

@@ -108,6 +108,9 @@ def test_out_of_memory_errors_are_read():
                    "space hbm. Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G.")
   assert compile_check._oom_bytes(e) == pytest.approx(120.5 * 2**30)
   assert compile_check._oom_bytes(ValueError("shapes do not match")) is None
+  e = RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+                   "memory required for HLO temporaries (34.43G) exceeds available HBM (31.24G).")
+  assert compile_check._oom_bytes(e) == pytest.approx(34.43 * 2**30)
 
 
 @pytest.mark.slow
