@@ -23,7 +23,7 @@ SLICES = {
     # 95 GB per chip (docs/benchmarks.md, Issue 8, seventh session).
     "v5p:8x8x4": dict(batch_size=256, seq_len=65536, remat="full_save_attention",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
-    # `full`: full_save_attention needs 31.4 GB of temporaries of 31.2 (44.7% MFU with `full`).
+    # `full`: with full_save_attention the step needs 34.4 GB of temporaries of 31.2 (44.7% MFU with `full`).
     "v6e:16x16": dict(batch_size=256, seq_len=32768, remat="full",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
     # Two v5p-512 slices over DCN (scripts/xpk.sh): data parallel across slices, FSDP within.
