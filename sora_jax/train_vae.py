@@ -21,9 +21,9 @@ side-by-side reconstruction videos), then the loop.
   the demo's budget; the number of steps actually run is logged.
 - Devices and hosts: data parallel over the config's `mesh` (sharding.mesh_from_config). The state is
   replicated; each step's image and video batches are split over the mesh's data x fsdp devices, so
-  their sizes must be multiples of it. Every process builds the whole global batch of a step (it is a
-  function of (seed, step)) and places its own devices' rows, so a run gives the same batches on any
-  number of hosts and resumes on another one. Only process 0 prints, writes metrics and
+  their sizes must be multiples of it. Each process builds only the rows its devices hold (row i of a
+  step's batch is a function of (seed, step, i); data/vae_batches.py), so a run gives the same batches
+  on any number of hosts and resumes on another one. Only process 0 prints, writes metrics and
   reconstructions; orbax writes each checkpoint from all processes.
 """
 from __future__ import annotations
@@ -276,6 +276,16 @@ def _data_dir(cfg, workdir: str) -> str:
                                              "shapes")
 
 
+def local_rows(batch_sharding, shape) -> tuple[int, int]:
+  """The rows [start, stop) of a batch-sharded global array that this process's devices hold."""
+  spans = {(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop)
+           for i in batch_sharding.addressable_devices_indices_map(shape).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f"this process's rows of a {shape[0]}-row batch are not contiguous: {sorted(spans)}")
+  return start, stop
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the final validation scores."""
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -324,7 +334,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics.MetricWriter(workdir)
 
   step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-  example = jax.device_put(batches.batch(0), batch_sharding)
+  spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
+  shapes = {"images": image.shape, "videos": video.shape}
+  to_global = lambda local: {k: jax.make_array_from_process_local_data(batch_sharding, x, shapes[k])
+                             for k, x in local.items()}
+  example = to_global(batches.batch(0, spans))
   t0 = time.time()
   compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
   compile_s = time.time() - t0
@@ -358,11 +372,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = last_t = time.time()
   last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
   last_step, step = start, start
-  it = batches.iterate(start)
+  it = batches.iterate(start, spans=spans)
   block_every_step = jax.device_count() > 2  # FACTS.md: fake-device collectives must block each step
   try:
     for step in range(start, total):
-      batch = jax.device_put(next(it), batch_sharding)
+      batch = to_global(next(it))
       state, m = compiled(state, batch)
       if block_every_step:
         jax.block_until_ready(m)

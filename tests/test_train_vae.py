@@ -76,6 +76,24 @@ def test_batches_fill_pixel_budgets_with_grid_crops():
   it = batches.iterate(7)
   np.testing.assert_array_equal(next(it)["images"], b["images"])
   it.close()
+  # Each host builds only its rows: any span of rows equals those rows of the whole batch.
+  part = batches.batch(7, {"images": (1, 3), "videos": (1, 2)})
+  np.testing.assert_array_equal(part["images"], b["images"][1:3])
+  np.testing.assert_array_equal(part["videos"], b["videos"][1:2])
+  it = batches.iterate(7, spans={"images": (2, 3), "videos": (0, 1)})
+  np.testing.assert_array_equal(next(it)["images"], b["images"][2:3])
+  it.close()
+  with pytest.raises(ValueError, match=r"rows \[2, 4\) of a batch of 3 images"):
+    batches.rows(7, "images", 2, 4)
+
+
+def test_each_process_builds_the_rows_its_devices_hold():
+  import jax
+  from sora_jax import sharding
+  # One process holds every row; the 2-process case is test_two_processes_train_the_same_vae_as_one.
+  n = jax.device_count()
+  mesh = jax.make_mesh((n, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  assert train_vae.local_rows(sharding.batch_sharding(mesh, 5), (2 * n, 1, 8, 8, 3)) == (0, 2 * n)
 
 
 def test_crop_larger_than_budget_is_a_one_line_error():

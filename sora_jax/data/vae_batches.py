@@ -7,8 +7,10 @@ train step compiles once. Images come from image records and from single frames 
 of a causal video model's input is also an image). Videos are cropped in time (`T = 1 + ft*k` frames
 starting anywhere) and in space.
 
-Batches are a pure function of (seed, step): resuming at step s reproduces the uninterrupted stream
-with no iterator state to checkpoint. A background thread reads a few steps ahead.
+Batches are a pure function of (seed, step), and each row of (seed, step, kind, row): resuming at step s
+reproduces the uninterrupted stream with no iterator state to checkpoint, and on several hosts each
+builds only its own devices' rows (`spans`) of the batch one host would build. A background thread
+reads a few steps ahead.
 """
 from __future__ import annotations
 
@@ -80,35 +82,45 @@ class VAEBatches:
     self.crop_tries = crop_tries
     self.max_draws = max_draws
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, int(step), 0xAE])
-    images = np.empty(self.image.shape, np.uint8)
-    videos = np.empty(self.video.shape, np.uint8)
-    n_img = n_vid = 0
-    for _ in range(self.max_draws):
-      if n_img == self.image.batch and n_vid == self.video.batch:
-        break
-      clip = np.asarray(self.source[int(rng.integers(len(self.source)))]["video"])
-      t = clip.shape[0]
-      if t >= self.video.frames and n_vid < self.video.batch:
-        start = int(rng.integers(0, t - self.video.frames + 1))
-        videos[n_vid] = _crop_2d(clip[start:start + self.video.frames], self.video.height,
-                                 self.video.width, rng, self.crop_tries)
-        n_vid += 1
-        if n_img == self.image.batch:
-          continue
-      if n_img < self.image.batch:
-        frame = clip[int(rng.integers(t))][None]
-        images[n_img] = _crop_2d(frame, self.image.height, self.image.width, rng,
-                                 self.crop_tries)
-        n_img += 1
-    else:
-      raise ValueError(f"no {self.video.frames}-frame clips found in {self.max_draws} draws from a "
-                       f"source of {len(self.source)} records; lower vae_train.video_frames")
-    return {"images": images, "videos": videos}
+  def _pick(self, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(self.source[int(rng.integers(len(self.source)))]["video"])
 
-  def iterate(self, start_step: int, *, prefetch: int = 3) -> Iterator[dict[str, np.ndarray]]:
-    """Batches for steps start_step, start_step + 1, ..., read `prefetch` steps ahead in a thread."""
+  def _image_row(self, rng: np.random.Generator) -> np.ndarray:
+    clip = self._pick(rng)
+    return _crop_2d(clip[int(rng.integers(clip.shape[0]))][None], self.image.height, self.image.width,
+                    rng, self.crop_tries)
+
+  def _video_row(self, rng: np.random.Generator) -> np.ndarray:
+    for _ in range(self.max_draws):
+      clip = self._pick(rng)
+      if clip.shape[0] >= self.video.frames:
+        start = int(rng.integers(0, clip.shape[0] - self.video.frames + 1))
+        return _crop_2d(clip[start:start + self.video.frames], self.video.height, self.video.width, rng,
+                        self.crop_tries)
+    raise ValueError(f"no {self.video.frames}-frame clips found in {self.max_draws} draws from a "
+                     f"source of {len(self.source)} records; lower vae_train.video_frames")
+
+  def rows(self, step: int, kind: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the step's `kind` batch ("images" or "videos"); row i is a function of
+    (seed, step, kind, i) alone."""
+    crop, make = {"images": (self.image, self._image_row), "videos": (self.video, self._video_row)}[kind]
+    if not 0 <= start <= stop <= crop.batch:
+      raise ValueError(f"rows [{start}, {stop}) of a batch of {crop.batch} {kind}")
+    out = np.empty((stop - start,) + crop.shape[1:], np.uint8)
+    for j in range(stop - start):
+      out[j] = make(np.random.default_rng([self.seed, int(step), 0xAE, kind == "videos", start + j]))
+    return out
+
+  def batch(self, step: int, spans: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """The step's {"images": [Bi, 1, h, w, 3], "videos": [Bv, T, h', w', 3]} uint8 batches, or with
+    `spans` ({kind: (start, stop)}) only those rows of each."""
+    spans = spans or {"images": (0, self.image.batch), "videos": (0, self.video.batch)}
+    return {kind: self.rows(step, kind, *spans[kind]) for kind in ("images", "videos")}
+
+  def iterate(self, start_step: int, *, spans: dict[str, tuple[int, int]] | None = None,
+              prefetch: int = 3) -> Iterator[dict[str, np.ndarray]]:
+    """Batches (their `spans` rows) for steps start_step, start_step + 1, ..., read `prefetch` steps ahead
+    in a thread."""
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
@@ -116,7 +128,7 @@ class VAEBatches:
       step = start_step
       try:
         while not stop.is_set():
-          q.put(self.batch(step))
+          q.put(self.batch(step, spans))
           step += 1
       except BaseException as e:  # surfaced in the consumer, not lost in the thread
         q.put(e)
