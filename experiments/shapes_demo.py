@@ -107,7 +107,8 @@ def get_config(arg=None):
   c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
-  c.total_steps = 1300           # 640 steps: colour 75%, 1280: 91%, 6000: 95% (docs/benchmarks.md, Issue 7)
+  c.total_steps = 1300           # colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%):
+                                 # docs/benchmarks.md, Issue 7
   c.max_train_seconds = 1800.0   # wall-clock cap (checkpointed stop) for slow or loaded machines; 0 = none
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
