@@ -142,10 +142,13 @@ def test_bfloat16_export_halves_weights_and_rounds_them(run, tmp_path):
   assert manifest["dtype"] == "bfloat16"
   _, dit16, vae16, _ = bundle_lib.load_parts(out)
   assert all(np.asarray(x).dtype == np.dtype("bfloat16") for x in jax.tree.leaves(dit16))
-  size = lambda m: sum(f["bytes"] for k, f in m["files"].items() if k.startswith("weights/"))
+  # Half the bytes per value, measured on the DiT's files (0.52-0.56 of float32 in 3 pairs of exports).
+  # Not on the whole bundle: the tiny VAE's arrays, mostly at their constant initial values, are
+  # outweighed by orbax's metadata and per-file overhead, whose layout varies between runs (the whole
+  # bundle's ratio ranged 0.74-0.92 and failed a 0.9 bound once in CI).
+  size = lambda m: sum(f["bytes"] for k, f in m["files"].items() if k.startswith("weights/dit/"))
   f32 = json.load(open(os.path.join(run["bundle"], "manifest.json")))
-  # Half the bytes per value; on this tiny model orbax's per-array metadata is a large share.
-  assert size(manifest) < 0.9 * size(f32)
+  assert size(manifest) < 0.75 * size(f32)
   b = bundle_lib.load(out)
   got = _flat(nnx.to_pure_dict(nnx.state(b.dit, nnx.Param)))
   for k, v in _flat(run["dit_ema"]).items():
