@@ -23,7 +23,7 @@ SLICES = {
     # 95 GB per chip (docs/benchmarks.md, Issue 8, seventh session).
     "v5p:8x8x4": dict(batch_size=256, seq_len=65536, remat="full_save_attention",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
-    # `full`: with full_save_attention the step needs 34.4 GB of temporaries of 31.2 (44.7% MFU with `full`).
+    # `full`: full_save_attention asks the compiler for 34.43G of temporaries of 31.24G (`full`: 44.7% MFU).
     "v6e:16x16": dict(batch_size=256, seq_len=32768, remat="full",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
     # Two v5p-512 slices over DCN (scripts/xpk.sh): data parallel across slices, FSDP within.

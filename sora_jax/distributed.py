@@ -117,6 +117,12 @@ def is_main() -> bool:
 _barriers = itertools.count()
 
 
+def block_each_step() -> bool:
+  """Whether a training loop should wait for each step before dispatching the next: on CPU, where fake
+  devices and gloo deadlock on collectives dispatched ahead (FACTS.md hazards) and the wait costs nothing."""
+  return jax.default_backend() == "cpu"
+
+
 def barrier(timeout_s: float = 3 * 3600) -> None:
   """Returns when every process has reached its matching call (call them in the same order everywhere).
 

@@ -467,6 +467,12 @@ def _jsonable(x):
   raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+def _rates(g: dict) -> str:
+  """'colour 98.4% [91.7, 99.7] (n=64); motion ...' for one group's {metric: Rate.to_dict()}."""
+  return "; ".join(f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}"
+                   for m in ("colour", "motion", "persistence", "consistency") if g[m]["n"])
+
+
 def headline(result: dict) -> str:
   """The lines `python -m sora_jax.evaluate` ends with."""
   lines = []
@@ -475,9 +481,7 @@ def headline(result: dict) -> str:
     for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)"):
       g = gen["groups"].get(group)
       if g:
-        parts = [f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}" for m in ("colour", "motion", "persistence",
-                                                                         "consistency") if g[m]["n"]]
-        lines.append(f"[eval] {group}: " + "; ".join(parts))
+        lines.append(f"[eval] {group}: " + _rates(g))
   elif result.get("generation_skipped"):
     lines.append(f"[eval] generation: {result['generation_skipped']}")
   for key in ("vae_shapes", "vae_ingested"):
@@ -487,9 +491,7 @@ def headline(result: dict) -> str:
                    f"[{v['psnr']['ci95'][0]:.2f}, {v['psnr']['ci95'][1]:.2f}], SSIM {v['ssim']['mean']:.4f}")
       g = (v.get("detector") or {}).get("all")
       if g:
-        parts = [f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}" for m in ("colour", "motion", "persistence",
-                                                                         "consistency") if g[m]["n"]]
-        lines.append("[eval] detector on the VAE's reconstructions: " + "; ".join(parts))
+        lines.append("[eval] detector on the VAE's reconstructions: " + _rates(g))
   c = result.get("comparison")
   if c:
     lines.append(f"[eval] vs {c['bundle']} ({c['dtype']}): mean |pixel difference| {c['mean_abs_diff']:.3f} "

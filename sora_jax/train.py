@@ -398,8 +398,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
           step_flops: flops.StepFlops, peak: float, preempt) -> State:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   total = int(cfg.total_steps)
-  # Several fake CPU devices deadlock on unblocked collectives (FACTS.md); on CPU the sync costs nothing.
-  block_every_step = jax.default_backend() == "cpu"
+  block_every_step = distributed.block_each_step()
   log_every = max(int(cfg.log_every_steps), 1)
   sample_every = int(cfg.get("sample_every_steps", 0))
   bar = tqdm(total=total, initial=first, disable=jax.process_index() != 0, dynamic_ncols=True)

@@ -289,6 +289,7 @@ def local_rows(batch_sharding, shape) -> tuple[int, int]:
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the final validation scores."""
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from sora_jax.data.vae_batches import Crop, VAEBatches  # pylint: disable=g-import-not-at-top
   t = cfg.vae_train
   s = vae_lib.settings(cfg.vae)
@@ -335,10 +336,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
   spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
-  shapes = {"images": image.shape, "videos": video.shape}
-  to_global = lambda local: {k: jax.make_array_from_process_local_data(batch_sharding, x, shapes[k])
-                             for k, x in local.items()}
-  example = to_global(batches.batch(0, spans))
+  example = pipeline.to_global(batches.batch(0, spans), mesh)
   t0 = time.time()
   compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
   compile_s = time.time() - t0
@@ -373,10 +371,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
   last_step, step = start, start
   it = batches.iterate(start, spans=spans)
-  block_every_step = jax.device_count() > 2  # FACTS.md: fake-device collectives must block each step
+  block_every_step = distributed.block_each_step()
   try:
     for step in range(start, total):
-      batch = to_global(next(it))
+      batch = pipeline.to_global(next(it), mesh)
       state, m = compiled(state, batch)
       if block_every_step:
         jax.block_until_ready(m)
