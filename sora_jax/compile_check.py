@@ -238,14 +238,14 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
   if d.attention not in ("splash", "gpu"):
     return KernelFlops(0.0, 0.0)
   remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
-  rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE else 1.0  # what the kernels really recompute
-  calls = []  # (layers, lq, lk, width, heads)
+  calls = []  # (kind, layers, lq, lk, width, heads)
   pad = lambda n: -(-n // 128) * 128  # splash pads both lengths to multiples of 128 lanes
-  calls.append((d.depth, seq_len, seq_len, d.width, d.num_heads))
-  calls.append((d.depth, seq_len, text_len + num_segments, d.width, d.num_heads))
-  calls.append((d.text_depth, text_len, text_len, d.text_width, d.text_heads))
+  calls.append(("self", d.depth, seq_len, seq_len, d.width, d.num_heads))
+  calls.append(("cross", d.depth, seq_len, text_len + num_segments, d.width, d.num_heads))
+  calls.append(("self", d.text_depth, text_len, text_len, d.text_width, d.text_heads))
   counted = executed = 0.0
-  for n, lq, lk, w, h in calls:
+  for kind, n, lq, lk, w, h in calls:
+    rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE[kind] else 1.0  # what the kernels recompute
     unit = 2.0 * batch * lq * lk * w  # one of QK^T or PV, all heads
     counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
         flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
@@ -346,7 +346,8 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, full_unroll: bool = 
 
 
 # ------------------------------------------------------------------------------------------- planner
-REMAT_ORDER = ("none", "dots_saveable", "dots", "full_save_attention", "full")  # least recomputation first
+REMAT_ORDER = ("none", "dots_saveable", "dots", "full_save_attention", "full_save_self_attention",
+               "full")  # least recomputation first
 
 
 def plan(cfg, topology: str, *, num_slices: int = 1, max_compiles: int = 6) -> tuple[ml_collections.ConfigDict, list]:

@@ -111,7 +111,8 @@ class _Counter:
 def remat_recompute(remat: str) -> tuple[float, float]:
   """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy."""
   return {"none": (0.0, 0.0), "full": (1.0, 1.0), "dots": (0.0, 1.0),
-          "dots_saveable": (0.0, 0.0), "full_save_attention": (1.0, 1.0)}.get(remat, (0.0, 0.0))
+          "dots_saveable": (0.0, 0.0), "full_save_attention": (1.0, 1.0),
+          "full_save_self_attention": (1.0, 1.0)}.get(remat, (0.0, 0.0))
 
 
 def _attention(c: _Counter, b, lq, lk, width, heads, rw, ra):

@@ -317,6 +317,52 @@ def test_remat_policies_save_kernel_residuals(implementation, monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()), err_msg=remat)
 
 
+class _SelfCross(nnx.Module):
+  """The DiT block's two attentions: self over the row, cross (named apart for remat) to a short context."""
+
+  def __init__(self, implementation, rngs):
+    kw = dict(implementation=implementation, dtype=jnp.float32, rngs=rngs)
+    self.attn = layers.Attention(128, 1, **kw)
+    self.cross = layers.Attention(128, 1, cross=True, **kw)
+
+  def __call__(self, h, ids, ctx, ctx_ids):
+    h = h + self.attn(h, ids, h, ids)
+    return h + self.cross(h, ids, ctx, ctx_ids)
+
+
+def test_remat_saves_self_attention_and_reruns_cross_attention(monkeypatch):
+  # "full_save_self_attention" keeps the self-attention kernel's residuals and runs the cross-attention
+  # kernel again: 3 forward kernels in the gradient, against 2 when both are saved and 4 under "full";
+  # the gradients equal the reference's under each.
+  from sora_jax.kernels import splash
+  monkeypatch.setattr(splash, "splash_attention",
+                      functools.partial(splash.splash_attention, interpret=True, block_q=128, block_kv=128))
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(1, 256, 128)), jnp.float32)
+  ctx = jnp.asarray(rng.normal(size=(1, 128, 128)), jnp.float32)
+  ids = jnp.asarray(_ids([90, 1, 120], 256)[None])
+  ctx_ids = jnp.asarray(_ids([40, 30, 50], 128)[None])
+
+  def layer_grad(implementation, remat):
+    with nnx.use_eager_sharding(False):
+      blocks = layers.stack_layers(lambda r: _SelfCross(implementation, r), 1, nnx.Rngs(0))
+    graph, params = nnx.split(blocks)
+    def loss(params, x):
+      h = layers.scan_layers(nnx.merge(graph, params), x, lambda blk, h: blk(h, ids, ctx, ctx_ids), remat)
+      return (h * jnp.cos(h)).sum()
+    return jax.grad(loss, (0, 1)), params
+
+  want_fwd = {"full_save_attention": 2, "full_save_self_attention": 3, "full": 4}
+  grad, params = layer_grad("reference", "none")
+  want = jax.jit(grad)(params, x)
+  for remat, n in want_fwd.items():
+    grad, params = layer_grad("splash", remat)
+    assert _phases(_pallas_calls(jax.make_jaxpr(grad)(params, x).jaxpr)).count("fwd") == n, remat
+    got = jax.jit(grad)(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()), err_msg=remat)
+
+
 def test_blocksparse_sharded_batch_matches_and_gathers_nothing():
   # Under data parallelism each device must gather only its own rows' blocks (no all-gather of k, v).
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -72,6 +72,11 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
   assert remat.executed / k.executed == pytest.approx(9 / 7)
   dots = compile_check.kernel_flops(tiny_config(attention="splash", remat="dots"), **kw)
   assert dots.executed == k.executed and dots.in_flops_py_total == remat.in_flops_py_total
+  # "full_save_self_attention" reruns only the cross-attention kernels' forward: 2 of its matmuls per layer.
+  own = compile_check.kernel_flops(tiny_config(attention="splash", remat="full_save_self_attention"), **kw)
+  cross_fwd = d.depth * 2 * 2 * 4 * 256 * 128 * d.width  # keys: 32 text tokens + 4 segments, padded to 128
+  assert own.executed == pytest.approx(k.executed + cross_fwd)
+  assert own.in_flops_py_total == remat.in_flops_py_total
   gpu = compile_check.kernel_flops(tiny_config(attention="gpu", remat="none"), **kw)
   assert gpu.executed / k.executed == pytest.approx(9 / 7)  # separate dq and dkv kernels: 7 backward
   # Splash takes separate dkv and dq kernels too where its partial-dq buffer would be large.

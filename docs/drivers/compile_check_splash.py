@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sora_jax import compile_check, flops
 from sora_jax import config as config_lib
-from sora_jax.kernels import RESIDUAL_NAME, splash
+from sora_jax.kernels import CROSS_RESIDUAL_NAME, RESIDUAL_NAME, splash
 from sora_jax.models import layers
 
 splash.FUSED_BWD_MAX_BYTES = int(os.environ.get("BUDGET_MIB", "4096")) << 20
@@ -27,9 +27,9 @@ if os.environ.get("BF16_SUM") == "1":  # splash.py's only float32 is the cast of
 if os.environ.get("OFFLOAD") == "1":
   layers.REMAT_POLICIES["full_offload_attention"] = (
       jax.checkpoint_policies.save_and_offload_only_these_names(
-          names_which_can_be_saved=[], names_which_can_be_offloaded=[RESIDUAL_NAME],
+          names_which_can_be_saved=[], names_which_can_be_offloaded=[RESIDUAL_NAME, CROSS_RESIDUAL_NAME],
           offload_src="device", offload_dst="pinned_host"))
-  layers.KERNEL_FORWARD_ONCE += ("full_offload_attention",)
+  layers.KERNEL_FORWARD_ONCE = {k: v + ("full_offload_attention",) for k, v in layers.KERNEL_FORWARD_ONCE.items()}
   _recompute = flops.remat_recompute
   flops.remat_recompute = lambda r: _recompute("full_save_attention" if r == "full_offload_attention" else r)
 

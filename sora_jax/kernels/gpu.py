@@ -128,12 +128,12 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
                         interpret=interpret, name=name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, q_ids, kv_ids, block_q, block_k, interpret):
-  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, q_ids, kv_ids, block_q, block_k, interpret, residual_name):
+  return _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret, residual_name)[0]
 
 
-def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret):
+def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret, residual_name):
   batch, lq, heads, dim = q.shape
   lk = k.shape[1]
   kv_first, kv_width, q_first, q_width = _plan(q_ids, kv_ids, block_q, block_k)
@@ -148,11 +148,12 @@ def _forward(q, k, v, q_ids, kv_ids, block_q, block_k, interpret):
       [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, lq), jnp.float32)],
       interpret, "segment_attention_fwd",
   )(q, k, v, q_ids, kv_ids, kv_first, kv_width)
-  out, lse = checkpoint_name(out, RESIDUAL_NAME), checkpoint_name(lse, RESIDUAL_NAME)
+  out, lse = checkpoint_name(out, residual_name), checkpoint_name(lse, residual_name)
   return out, (q, k, v, q_ids, kv_ids, out, lse, kv_first, kv_width, q_first, q_width)
 
 
-def _backward(block_q, block_k, interpret, res, dout):
+def _backward(block_q, block_k, interpret, residual_name, res, dout):
+  del residual_name
   q, k, v, q_ids, kv_ids, out, lse, kv_first, kv_width, q_first, q_width = res
   batch, lq, heads, dim = q.shape
   lk = k.shape[1]
@@ -187,11 +188,11 @@ _attention.defvjp(_forward, _backward)
 
 def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                   kv_segment_ids: jax.Array, *, block_q: int = 64, block_k: int = 64,
-                  interpret: bool = False) -> jax.Array:
+                  interpret: bool = False, residual_name: str = RESIDUAL_NAME) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` with the Pallas GPU kernels.
 
   Block sizes must be powers of two (>= 16, Triton's smallest dot); sequences are padded to them and the
-  head dim to a power of two.
+  head dim to a power of two. The forward's output and logsumexp are named `residual_name` for remat.
   """
   for name, block in (("block_q", block_q), ("block_k", block_k)):
     if block < 16 or block & (block - 1):
@@ -205,5 +206,5 @@ def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.A
   q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), block_q)
   kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_k)
   out = _attention(pad(q * rescale, block_q), pad(k, block_k), pad(v, block_k), q_ids, kv_ids,
-                   block_q, block_k, interpret)
+                   block_q, block_k, interpret, residual_name)
   return out[:, :lq, :, :dim]

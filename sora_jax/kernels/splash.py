@@ -15,8 +15,8 @@ run as `query_chunks` calls over query chunks (a lax.map inside the row), each a
 the buffer shrinks by the chunk count, the forward executes the same blocks, and dk, dv are the sum of
 the chunks' contributions, accumulated in f32. Only where even one query block's buffer is too large
 does the backward fall back to separate dkv and dq kernels. The kernel output and its logsumexp are
-named `kernels.RESIDUAL_NAME`, so a remat policy that saves that name (models/layers.py) spares the
-backward pass a second run of the forward kernel.
+named `kernels.RESIDUAL_NAME` (`CROSS_RESIDUAL_NAME` for cross-attention), so a remat policy that saves
+that name (models/layers.py) spares the backward pass a second run of the forward kernel.
 
 Contract differences smoothed over here: splash does not scale logits (q is scaled first), lets padding
 queries attend to padding keys (padding query ids become -1, and their outputs are zeroed), and divides by
@@ -106,11 +106,12 @@ def _mask_info(active_nm, *, transpose: bool):
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                      kv_segment_ids: jax.Array, *, block_q: int = 512, block_kv: int = 512,
-                     interpret: bool = False) -> jax.Array:
+                     interpret: bool = False, residual_name: str = RESIDUAL_NAME) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` with splash attention.
 
   Block sizes shrink to the padded sequence lengths; both must be multiples of 128. `interpret=True`
-  runs the Pallas kernels on any backend (slowly), for tests.
+  runs the Pallas kernels on any backend (slowly), for tests. The forward kernel's residuals are named
+  `residual_name` for remat policies (models/layers.py).
   """
   lq, lk, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
   chunks = query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
@@ -139,7 +140,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     kernel = splash_kernel.SplashAttentionKernel(
         fwd, None if fused else fwd, _mask_info(active_, transpose=True), block_sizes=sizes, is_mqa=False,
         save_residuals=False, mask_value=splash_kernel.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
-        residual_checkpoint_name=RESIDUAL_NAME, mask_function=None, interpret=interpret)
+        residual_checkpoint_name=residual_name, mask_function=None, interpret=interpret)
     # Padding queries get id -1: splash would otherwise let them attend to padding keys (id 0).
     ids = splash_kernel.SegmentIds(q=jnp.where(q_ids_ > 0, q_ids_, -1), kv=kv_ids_)
     return kernel(q_, k_, v_, segment_ids=ids)

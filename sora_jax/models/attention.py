@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sora_jax import sharding
+from sora_jax.kernels import RESIDUAL_NAME
 
 # Pallas kernels are custom calls XLA cannot partition: they run per device block (sharding.per_shard),
 # batch over the data axes and heads over `tensor`, like the activations around them. The sequence is
@@ -33,8 +34,9 @@ _KERNEL_NAMES = (("act_batch", None, "act_heads", None),) * 3 + (("act_batch", N
 _CONTEXT_NAMES = (("act_batch", "act_seq", "act_heads", None),) * 3 + (("act_batch", "act_seq"),) * 2
 
 
-def _reference(q, k, v, q_segment_ids, kv_segment_ids):
-  """Dense-mask attention: O(Lq * Lk) memory; the ground truth the kernels are tested against."""
+def _reference(q, k, v, q_segment_ids, kv_segment_ids, residual_name=None):
+  """Dense-mask attention: O(Lq * Lk) memory; the ground truth the kernels are tested against. Plain XLA
+  (as is blocksparse): no kernel residuals to name, so `residual_name` is unused."""
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] > 0)
@@ -45,42 +47,41 @@ def _reference(q, k, v, q_segment_ids, kv_segment_ids):
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-def _blocksparse(q, k, v, q_segment_ids, kv_segment_ids):
+def _blocksparse(q, k, v, q_segment_ids, kv_segment_ids, residual_name=None):
   from sora_jax.kernels import blocksparse
   return blocksparse.blocksparse_attention(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _splash(q, k, v, q_segment_ids, kv_segment_ids):
-  from sora_jax.kernels import splash
-  return sharding.per_shard(splash.splash_attention, q, k, v, q_segment_ids, kv_segment_ids,
-                            names=_KERNEL_NAMES)
+def _splash(q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
+  return sharding.per_shard(_local_kernel("splash", residual_name), q, k, v, q_segment_ids,
+                            kv_segment_ids, names=_KERNEL_NAMES)
 
 
-def _gpu(q, k, v, q_segment_ids, kv_segment_ids):
-  from sora_jax.kernels import gpu
-  return sharding.per_shard(gpu.gpu_attention, q, k, v, q_segment_ids, kv_segment_ids,
-                            names=_KERNEL_NAMES)
+def _gpu(q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
+  return sharding.per_shard(_local_kernel("gpu", residual_name), q, k, v, q_segment_ids,
+                            kv_segment_ids, names=_KERNEL_NAMES)
 
 
-def _local_kernel(name: str):
-  """The single-device function of a local implementation, for use inside shard_map."""
+def _local_kernel(name: str, residual_name: str = RESIDUAL_NAME):
+  """The single-device function of a local implementation, for use inside shard_map; a Pallas kernel
+  names its forward residuals `residual_name`."""
   if name == "splash":
     from sora_jax.kernels import splash
-    return splash.splash_attention
+    return functools.partial(splash.splash_attention, residual_name=residual_name)
   if name == "gpu":
     from sora_jax.kernels import gpu
-    return gpu.gpu_attention
+    return functools.partial(gpu.gpu_attention, residual_name=residual_name)
   return {"reference": _reference, "blocksparse": _blocksparse}[name]
 
 
-def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids):
+def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
   """Ring or all-to-all attention over the `context` axis of the current mesh (see the docstring)."""
   from sora_jax.kernels import ring, ulysses
   mesh = sharding.current_mesh()
   local = resolve("auto")
   n = mesh.shape.get("context", 1) if mesh is not None else 1
   if n == 1:
-    return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids)
+    return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids, residual_name)
   args = (q, k, v, q_segment_ids, kv_segment_ids)
   specs = [sharding.spec_for_shape(nm, x.shape, mesh) for nm, x in zip(_CONTEXT_NAMES, args)]
   if specs[0][1] != "context":
@@ -90,14 +91,14 @@ def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids):
     # Keys not sharded like the queries (cross-attention to a short caption row): every device attends
     # its query shard to all keys.
     specs = specs[:1] + [P(s[0], None, *s[2:]) for s in specs[1:3]] + [specs[3], P(specs[4][0], None)]
-    body = _local_kernel(local)
+    body = _local_kernel(local, residual_name)
   elif kind == "ring" or (q.shape[2] // (mesh.shape["tensor"] if specs[0][2] else 1)) % n:
     # Ulysses needs each device's heads divisible by n; other attentions (a text encoder with fewer
     # heads) take the ring.
     body = functools.partial(ring.ring_attention_shard, axis_name="context", axis_size=n)
   else:
     body = functools.partial(ulysses.ulysses_attention_shard, axis_name="context", axis_size=n,
-                             local_fn=_local_kernel(local))
+                             local_fn=_local_kernel(local, residual_name))
   return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0],
                        check_vma=False)(*args)
 
@@ -118,9 +119,12 @@ def resolve(implementation: str) -> str:
   return implementation
 
 
-def segment_attention(q, k, v, q_segment_ids, kv_segment_ids, *, implementation: str = "reference"):
+def segment_attention(q, k, v, q_segment_ids, kv_segment_ids, *, implementation: str = "reference",
+                      residual_name: str = RESIDUAL_NAME):
   """Attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` restricted to equal segment ids.
 
-  Segment id 0 is padding: its queries return zeros and its keys are never attended to.
+  Segment id 0 is padding: its queries return zeros and its keys are never attended to. The Pallas
+  kernels name their forward residuals `residual_name` (kernels.RESIDUAL_NAME or CROSS_RESIDUAL_NAME)
+  for remat policies to save.
   """
-  return _IMPLEMENTATIONS[resolve(implementation)](q, k, v, q_segment_ids, kv_segment_ids)
+  return _IMPLEMENTATIONS[resolve(implementation)](q, k, v, q_segment_ids, kv_segment_ids, residual_name)

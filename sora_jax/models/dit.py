@@ -31,8 +31,9 @@ Design choices:
 
 Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), vocab_size (sentencepiece
 vocabulary), width, depth, num_heads, mlp_ratio, time_freq_dim, rope_theta, qk_norm, text_width,
-text_depth, text_heads, attention (segment_attention implementation), remat ("none" | "full" | "dots" |
-"dots_saveable"), dtype (compute), param_dtype.
+text_depth, text_heads, attention (segment_attention implementation), remat (a name in layers.REMAT_POLICIES:
+"none" | "full" | "dots" | "dots_saveable" | "full_save_attention" | "full_save_self_attention"), dtype
+(compute), param_dtype.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class DiTBlock(nnx.Module):
     self.norm1 = layers.RMSNorm(w, use_scale=False, **kw)
     self.attn = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention, **kw)
     self.norm_x = layers.RMSNorm(w, **kw)
-    self.cross = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention, **kw)
+    self.cross = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention,
+                                  cross=True, **kw)
     self.norm2 = layers.RMSNorm(w, use_scale=False, **kw)
     self.mlp = layers.MLP(w, int(w * cfg.mlp_ratio), **kw)
     self.ada = layers.Dense(w, (6, w), ("embed", None, None), zero_init=True, **kw)

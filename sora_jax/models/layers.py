@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import sharding
-from sora_jax.kernels import RESIDUAL_NAME
+from sora_jax.kernels import CROSS_RESIDUAL_NAME, RESIDUAL_NAME
 from sora_jax.models.attention import segment_attention
 
 Names = tuple[str | None, ...]
@@ -25,22 +25,28 @@ Names = tuple[str | None, ...]
 # Remat policies by config name: "none" keeps every activation, "full" recomputes the whole block in
 # the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls),
 # "dots_saveable" every matmul output. "dots" and "dots_saveable" also save the attention kernels' output
-# and logsumexp (`kernels.RESIDUAL_NAME`; one [L, heads, head_dim] plus [heads, L] f32 per attention), so
-# the Pallas forward kernel is not run again in the backward pass; "full" keeps the least memory;
-# "full_save_attention" recomputes everything but the attention kernels (their residuals are saved): at
-# long rows, where attention is most of the work, nearly "full"'s memory for far less recomputation.
-_save_kernel_residuals = functools.partial(
-    jax.checkpoint_policies.save_from_both_policies,
-    jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME))
+# and logsumexp (`kernels.RESIDUAL_NAME` and `CROSS_RESIDUAL_NAME`; one [L, heads, head_dim] plus
+# [heads, L] f32 per attention), so the Pallas forward kernel is not run again in the backward pass;
+# "full" keeps the least memory; "full_save_attention" recomputes everything but the attention kernels
+# (their residuals are saved): at long rows, where attention is most of the work, nearly "full"'s memory
+# for far less recomputation. "full_save_self_attention" saves only the self-attention kernels' residuals
+# and runs the cross-attention kernels again: half the saved bytes (a cross-attention output is as large
+# as a self-attention one), for a second forward of kernels whose keys are only the short caption.
+_kernel_residuals = jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME, CROSS_RESIDUAL_NAME)
+_save_kernel_residuals = functools.partial(jax.checkpoint_policies.save_from_both_policies, _kernel_residuals)
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _save_kernel_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "dots_saveable": _save_kernel_residuals(jax.checkpoint_policies.dots_saveable),
-    "full_save_attention": jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME),
+    "full_save_attention": _kernel_residuals,
+    "full_save_self_attention": jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME),
 }
-# Policies under which each attention kernel's forward runs once per step (compile_check's FLOP count).
-KERNEL_FORWARD_ONCE = ("none", "dots", "dots_saveable", "full_save_attention")
+# Policies under which the self- and the cross-attention kernels' forward runs once per step (the rest
+# run it again in the backward pass; compile_check's FLOP count).
+KERNEL_FORWARD_ONCE = {"self": ("none", "dots", "dots_saveable", "full_save_attention",
+                                "full_save_self_attention"),
+                       "cross": ("none", "dots", "dots_saveable", "full_save_attention")}
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
@@ -162,8 +168,8 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None, qk_norm: bool = True,
-               implementation: str = "reference", dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               implementation: str = "reference", cross: bool = False, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % heads:
       raise ValueError(f"width {dim} is not divisible by num_heads={heads}")
     head_dim = dim // heads
@@ -176,6 +182,7 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
     self.implementation = implementation
+    self.residual_name = CROSS_RESIDUAL_NAME if cross else RESIDUAL_NAME  # for remat policies
 
   def __call__(self, x_bld, q_segment_ids, kv_bmd, kv_segment_ids, *, q_angles=None, kv_angles=None):
     names = ("act_batch", "act_seq", "act_heads", None)
@@ -186,7 +193,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if q_angles is not None:
       q, k = apply_rope(q, q_angles), apply_rope(k, kv_angles)
-    out = segment_attention(q, k, v, q_segment_ids, kv_segment_ids, implementation=self.implementation)
+    out = segment_attention(q, k, v, q_segment_ids, kv_segment_ids, implementation=self.implementation,
+                            residual_name=self.residual_name)
     return self.o(sharding.constrain(out, names))
 
 
