@@ -350,40 +350,48 @@ REMAT_ORDER = ("none", "dots_saveable", "dots", "full_save_attention", "full_sav
                "full")  # least recomputation first
 
 
-def plan(cfg, topology: str, *, num_slices: int = 1, max_compiles: int = 6) -> tuple[ml_collections.ConfigDict, list]:
+def plan(cfg, topology: str, *, num_slices: int = 1,
+         max_compiles: int = 10) -> tuple[ml_collections.ConfigDict, list]:
   """Chooses (remat, fsdp, tensor) for cfg on `topology`: the least recomputation, then the least tensor
-  parallelism, whose compiled step fits in HBM. Compiles candidates in that order (memory only) and
-  stops at the first that fits; returns the chosen config and the candidates tried."""
+  parallelism, whose compiled step fits in HBM; returns the chosen config and the candidates tried.
+
+  At a fixed tensor size memory falls along REMAT_ORDER, so each tensor size (1, 2, 4, 8) is a bisection
+  over the policies that would beat the best found so far (for more tensor parallelism only less
+  recomputation is worth its communication): about 3 memory-only compiles for the first size, fewer
+  after, and at most `max_compiles` in all (then the best found so far is kept).
+  """
   devices = topology_devices(topology, num_slices)
   chips = len(devices)
   hbm = hbm_bytes(devices[0])
-  tried = []
-  candidates = []
+  tried, best = [], None  # best: (index in REMAT_ORDER, config)
   for tensor in (1, 2, 4, 8):
     if chips % tensor or cfg.dit.num_heads % tensor:
       continue
-    for remat in REMAT_ORDER:
-      candidates.append((remat, tensor))
-  # Preference: remat first (compute), then tensor parallelism (communication on every matmul).
-  candidates.sort(key=lambda c: (REMAT_ORDER.index(c[0]), c[1]))
-  for remat, tensor in candidates[:max_compiles]:
     c = cfg.copy_and_resolve_references()
-    c.dit.remat = remat
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, tensor
     mesh = sharding.mesh_from_config(c.mesh, devices)
     if int(c.data.batch_size) % sharding.batch_size_multiple(mesh):
       continue
-    try:
-      total = memory(compile_train_step(c, mesh)[0])["total"]
-    except Exception as e:  # XLA refuses programs larger than HBM
-      total = _oom_bytes(e)
-      if total is None:
-        raise
-    tried.append({"remat": remat, "fsdp": chips // tensor, "tensor": tensor, "memory_gb": total / 1e9})
-    log.info("plan: remat=%s tensor=%d -> %.1f GB of %.1f", remat, tensor, total / 1e9, hbm / 1e9)
-    if total <= hbm:
-      return c, tried
-  raise ValueError(f"nothing tried fits {topology}: {tried}; lower data.batch_size or data.seq_len")
+    lo, hi = 0, best[0] if best else len(REMAT_ORDER)  # the first policy in [lo, hi) that fits
+    while lo < hi and len(tried) < max_compiles:
+      mid = (lo + hi) // 2
+      c = c.copy_and_resolve_references()
+      c.dit.remat = REMAT_ORDER[mid]
+      try:
+        total = memory(compile_train_step(c, mesh)[0])["total"]
+      except Exception as e:  # XLA refuses programs larger than HBM
+        total = _oom_bytes(e)
+        if total is None:
+          raise
+      tried.append({"remat": c.dit.remat, "fsdp": chips // tensor, "tensor": tensor, "memory_gb": total / 1e9})
+      log.info("plan: remat=%s tensor=%d -> %.1f GB of %.1f", c.dit.remat, tensor, total / 1e9, hbm / 1e9)
+      if total <= hbm:
+        hi, best = mid, (mid, c)
+      else:
+        lo = mid + 1
+  if best is None:
+    raise ValueError(f"nothing tried fits {topology}: {tried}; lower data.batch_size or data.seq_len")
+  return best[1], tried
 
 
 def main(argv):

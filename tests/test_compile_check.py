@@ -118,6 +118,39 @@ def test_out_of_memory_errors_are_read():
   assert compile_check._oom_bytes(e) == pytest.approx(34.43 * 2**30)
 
 
+def test_planner_bisects_remat_policies_then_tries_tensor_parallelism(monkeypatch):
+  # Memory per (remat, tensor) in GB, falling along REMAT_ORDER; 95 GB chips. Without tensor parallelism
+  # full_save_attention is the first that fits; with tensor=2 dots_saveable fits, less recomputation,
+  # so it wins; tensor=4 is only tried for policies before that one (none), which does not fit.
+  gb = {1: dict(none=None, dots_saveable=150, dots=120, full_save_attention=90, full_save_self_attention=80,
+                full=60),
+        2: dict(none=130, dots_saveable=94, dots=80), 4: dict(none=96)}
+
+  def fake_compile(c, mesh):
+    assert mesh.shape["tensor"] == c.mesh.tensor and mesh.shape["fsdp"] == 4 // c.mesh.tensor
+    total = gb[c.mesh.tensor][c.dit.remat]
+    if total is None:  # the compiler's own refusal, read back by _oom_bytes
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 300.0G of 95.7G hbm.")
+    return total * 1e9, None
+  monkeypatch.setattr(compile_check, "compile_train_step", fake_compile)
+  monkeypatch.setattr(compile_check, "memory", lambda total: {"total": total})
+  cfg = tiny_config(num_heads=4)
+  chosen, tried = compile_check.plan(cfg, TOPOLOGY)
+  assert (chosen.dit.remat, chosen.mesh.tensor, chosen.mesh.fsdp) == ("dots_saveable", 2, -1)
+  assert [(t["remat"], t["tensor"]) for t in tried] == [
+      ("full_save_attention", 1), ("dots_saveable", 1), ("dots", 1), ("dots_saveable", 2), ("none", 2),
+      ("none", 4)]
+  assert tried[4]["memory_gb"] == 130 and tried[0]["fsdp"] == 4 and tried[3]["fsdp"] == 2
+  assert cfg.dit.remat == "full" and cfg.mesh.tensor == 1  # the caller's config is left alone
+  # A budget of compiles keeps the best found so far.
+  chosen, tried = compile_check.plan(cfg, TOPOLOGY, max_compiles=1)
+  assert (chosen.dit.remat, chosen.mesh.tensor, len(tried)) == ("full_save_attention", 1, 1)
+  for t in gb:  # nothing fits
+    gb[t].update({r: 100 for r in compile_check.REMAT_ORDER if r != "none"})
+  with pytest.raises(ValueError, match="nothing tried fits"):
+    compile_check.plan(cfg, TOPOLOGY)
+
+
 @pytest.mark.slow
 def test_extrapolated_cost_matches_the_fully_unrolled_step_and_flops_py():
   cfg = tiny_config(depth=4, text_depth=4)
