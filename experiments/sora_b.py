@@ -21,7 +21,10 @@ from sora_jax.config import parse_arg
 # the chips so that every chip holds whole rows (FSDP shards the batch like the parameters).
 SLICES = {
     "v5p:4x4x4": dict(batch_size=128, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
-    "v6e:8x8": dict(batch_size=64, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+    # `--plan`'s choice (3 compiles): 29.55 of 32 GB, 32.5% estimated MFU. Its XLA part is priced by the
+    # roofline (libtpu's v6e estimate is unusable), where bytes, not FLOPs, bound it, so recomputing
+    # more does not help: full_save_attention 30.8% at 6.26 GB (docs/benchmarks.md, Issue 8, eighth session).
+    "v6e:8x8": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
     "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
 }
 
