@@ -1,5 +1,6 @@
 # The two set-up commands (see README.md): `make demo` and `make test`.
-# Each creates .venv if missing and installs the project into it first.
+# Each creates .venv if missing and installs the project into it first, with libtpu (the `tpu`
+# extra) so that the ahead-of-time TPU compilation tests run on this CPU too.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export XLA_FLAGS ?=
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[dev,tpu]'
 	touch $(STAMP)
 
 venv: $(STAMP)
