@@ -18,7 +18,6 @@ continues where it stopped. Layout of the work directory:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -38,14 +37,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
-  issue: int           # the issue that builds this stage, named when it is not there yet
   target: str          # a module (sora_jax.x) or a script path (data_pipelines/x.py)
   args: tuple[str, ...]
-
-  def available(self) -> bool:
-    if self.target.endswith(".py"):
-      return os.path.exists(os.path.join(_ROOT, self.target))
-    return importlib.util.find_spec(self.target) is not None
 
   def command(self) -> list[str]:
     if self.target.endswith(".py"):
@@ -61,22 +54,22 @@ def stages(cfg_arg: str, cfg, w: str) -> list[Stage]:
   conf = ("--config", cfg_arg, *paths)
   out: list[Stage] = []
   for split, key in (("train", "num_train"), ("validation", "num_validation"), ("test", "num_test")):
-    out.append(Stage(f"data-{split}", 2, "data_pipelines/build_shapes.py", (
+    out.append(Stage(f"data-{split}", "data_pipelines/build_shapes.py", (
         f"--out_dir={data}/shapes", f"--split={split}", f"--num_examples={cfg.data[key]}",
         f"--mixture={cfg.data.mixture}", f"--seed={cfg.seed}")))
   out += [
-      Stage("tokenizer", 2, "data_pipelines/train_tokenizer.py", (
+      Stage("tokenizer", "data_pipelines/train_tokenizer.py", (
           f"--data_dir={data}/shapes", f"--out={data}/tokenizer.model",
           f"--vocab_size={cfg.data.vocab_size}")),
-      Stage("vae", 3, "sora_jax.train_vae", (*conf, f"--workdir={w}/vae")),
-      Stage("latents", 3, "data_pipelines/encode_latents.py", (
+      Stage("vae", "sora_jax.train_vae", (*conf, f"--workdir={w}/vae")),
+      Stage("latents", "data_pipelines/encode_latents.py", (
           f"--vae={w}/vae", f"--data_dir={data}/shapes", f"--out_dir={data}/latents")),
-      Stage("dit", 5, "sora_jax.train", (*conf, f"--workdir={w}/dit")),
-      Stage("export", 7, "sora_jax.export", (f"--workdir={w}", f"--out={w}/bundle")),
-      Stage("samples", 6, "sora_jax.sample", (
+      Stage("dit", "sora_jax.train", (*conf, f"--workdir={w}/dit")),
+      Stage("export", "sora_jax.export", (f"--workdir={w}", f"--out={w}/bundle")),
+      Stage("samples", "sora_jax.sample", (
           f"--bundle={w}/bundle", f"--prompts_file={_ROOT}/experiments/demo_prompts.txt",
           f"--out={w}/samples/sample.mp4", "--also=gif")),
-      Stage("evaluate", 7, "sora_jax.evaluate", (f"--bundle={w}/bundle", f"--out_dir={w}/eval")),
+      Stage("evaluate", "sora_jax.evaluate", (f"--bundle={w}/bundle", f"--out_dir={w}/eval")),
   ]
   return out
 
@@ -95,10 +88,6 @@ def main(argv):
   for stage in todo:
     if _ONLY.value and stage.name not in _ONLY.value:
       continue
-    if not stage.available():
-      print(f"[demo] {stage.name}: not built yet ({stage.target} arrives with issue {stage.issue}); "
-            "skipping it and every stage after it that needs it", flush=True)
-      break
     cmd = stage.command()
     print(f"[demo] {stage.name} ({time.time() - start:.0f}s): {shlex.join(cmd)}", flush=True)
     rc = subprocess.call(cmd, cwd=os.getcwd())
