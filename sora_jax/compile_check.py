@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -220,14 +221,18 @@ class KernelFlops:
   executed: float           # matmul FLOPs the kernels actually execute
 
 
+def _local_heads(cfg, heads: int) -> int:
+  """Heads per device: the `tensor` mesh axis shards them."""
+  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
+  return heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+
+
 def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
   """Backward matmuls of one attention-kernel call: 5 where splash runs its fused kernel for these
   shapes (`splash.fused_backward`, with heads per device: the `tensor` mesh axis shards them), else 7."""
   if cfg.dit.attention != "splash":
     return KERNEL_BWD_MATMULS["separate"]
-  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
-  local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
-  fused = splash.fused_backward(lq, lk, local_heads, width // heads,
+  fused = splash.fused_backward(lq, lk, _local_heads(cfg, heads), width // heads,
                                 itemsize=jax.numpy.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
   return KERNEL_BWD_MATMULS["fused" if fused else "separate"]
 
@@ -239,7 +244,12 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     return KernelFlops(0.0, 0.0)
   remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
   calls = []  # (kind, layers, lq, lk, width, heads)
-  pad = lambda n: -(-n // 128) * 128  # splash pads both lengths to multiples of 128 lanes
+  def padded(lq, lk, width, heads):  # the lengths the kernel computes with, padding included
+    if d.attention == "gpu":  # gpu_attention's default 64-row blocks
+      return -(-lq // 64) * 64, -(-lk // 64) * 64
+    h = _local_heads(cfg, heads)
+    return splash.padded_lengths(lq, lk, h, width // heads,
+                                 itemsize=jax.numpy.dtype(d.get("dtype", "bfloat16")).itemsize)
   calls.append(("self", d.depth, seq_len, seq_len, d.width, d.num_heads))
   calls.append(("cross", d.depth, seq_len, text_len + num_segments, d.width, d.num_heads))
   calls.append(("self", d.text_depth, text_len, text_len, d.text_width, d.text_heads))
@@ -249,7 +259,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     unit = 2.0 * batch * lq * lk * w  # one of QK^T or PV, all heads
     counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
         flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
-    unit_pad = 2.0 * batch * pad(lq) * pad(lk) * w
+    unit_pad = 2.0 * batch * math.prod(padded(lq, lk, w, h)) * w
     executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + kernel_bwd_matmuls(cfg, lq, lk, w, h))
   return KernelFlops(counted, executed)
 

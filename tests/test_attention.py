@@ -203,6 +203,20 @@ def test_splash_interpret_cross_attention_matches_reference(backward, monkeypatc
   _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
 
 
+def test_splash_short_keys_run_as_one_block_not_two_padded():
+  # 300 keys: two blocks of 256 would compute 512 keys, one block of 384 (their 128-padded length) does;
+  # cross-attention's 512 caption + 64 null tokens are one block of 640 keys, not 1024.
+  from sora_jax.kernels import splash
+  assert splash.block_sizes(256, 300, 128, 256) == (128, 384)
+  assert splash.padded_lengths(16384, 576, 9, 128) == (16384, 640)
+  assert splash.block_sizes(256, 256, 128, 128) == (128, 128)  # no padding saved: the requested blocks
+  q, k, v, w = _inputs(2, 256, 300, 1, 128)
+  q_ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([1, 200], 256)])
+  kv_ids = np.stack([_ids([10, 1, 3, 250], 300), _ids([7, 150], 300)])
+  fn = functools.partial(splash.splash_attention, block_q=128, block_kv=256, interpret=True)
+  _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
+
+
 def _pallas_calls(jaxpr) -> list[str]:
   """Names of the live pallas_calls in `jaxpr` and its sub-jaxprs (scan, remat, ... bodies).
 

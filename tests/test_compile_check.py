@@ -77,13 +77,30 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
   cross_fwd = d.depth * 2 * 2 * 4 * 256 * 128 * d.width  # keys: 32 text tokens + 4 segments, padded to 128
   assert own.executed == pytest.approx(k.executed + cross_fwd)
   assert own.in_flops_py_total == remat.in_flops_py_total
+  # The GPU kernels: separate dq and dkv kernels (7 backward matmuls), lengths padded to 64-row blocks.
   gpu = compile_check.kernel_flops(tiny_config(attention="gpu", remat="none"), **kw)
-  assert gpu.executed / k.executed == pytest.approx(9 / 7)  # separate dq and dkv kernels: 7 backward
+  per = lambda n, lq, lk, w: n * 2 * 4 * lq * lk * w * (2 + 7)
+  assert gpu.executed == pytest.approx(per(d.depth, 256, 256, d.width) + per(d.depth, 256, 64, d.width) +
+                                       per(d.text_depth, 64, 64, d.text_width))
   # Splash takes separate dkv and dq kernels too where its partial-dq buffer would be large.
   monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 0)
   separate = compile_check.kernel_flops(cfg, **kw)
-  assert separate.executed == gpu.executed and separate.in_flops_py_total == k.in_flops_py_total
+  assert separate.executed / k.executed == pytest.approx(9 / 7)
+  assert separate.in_flops_py_total == k.in_flops_py_total
   assert compile_check.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
+
+
+def test_kernel_flops_count_the_keys_the_kernel_pads_to():
+  # sora_b's cross-attention: 512 caption + 64 null keys, computed as one splash block of 640 keys
+  # (splash.padded_lengths; two blocks of 512 would compute 1024).
+  from experiments import sora_b
+  cfg = sora_b.get_config()
+  cfg.dit.update(dict(depth=1, text_depth=1))
+  kw = dict(batch=2, seq_len=16384, text_len=512, num_segments=64)
+  d = cfg.dit
+  per = lambda lq, lk, w: 2 * 2 * lq * lk * w * (2 + 5)  # 2 forward and 5 fused-backward matmuls ("dots")
+  want = per(16384, 16384, d.width) + per(16384, 640, d.width) + per(512, 512, d.text_width)
+  assert compile_check.kernel_flops(cfg, **kw).executed == pytest.approx(want)
 
 
 def test_kernel_backward_matmuls_follow_splash_fused_backward(monkeypatch):

@@ -43,10 +43,15 @@ FUSED_BWD_MAX_BYTES = 4 << 30
 
 
 def block_sizes(lq: int, lk: int, block_q: int = 512, block_kv: int = 512) -> tuple[int, int]:
-  """The block sizes splash_attention uses: the requested ones, shrunk to the 128-padded lengths."""
+  """The block sizes splash_attention uses: the requested ones, shrunk to the 128-padded lengths. Keys
+  that fit in two requested blocks but would be padded further by them run as one block of their
+  128-padded length (cross-attention's 512 caption tokens plus 64 null tokens: one block of 640 keys,
+  not two of 512 that compute 1024)."""
   if block_q % _LANES or block_kv % _LANES:
     raise ValueError(f"splash block sizes must be multiples of {_LANES}, got {block_q}, {block_kv}")
-  return min(block_q, -(-lq // _LANES) * _LANES), min(block_kv, -(-lk // _LANES) * _LANES)
+  lq128, lk128 = -(-lq // _LANES) * _LANES, -(-lk // _LANES) * _LANES
+  one_block = block_kv < lk128 <= 2 * block_kv and lk128 % block_kv
+  return min(block_q, lq128), (lk128 if one_block else min(block_kv, lk128))
 
 
 def partial_dq_bytes(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
@@ -68,6 +73,16 @@ def query_chunks(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 
   per_block = partial_dq_bytes(bq, lk, heads, head_dim, block_q=bq, block_kv=block_kv, itemsize=itemsize)
   blocks_per_chunk = min(nq, FUSED_BWD_MAX_BYTES // per_block)
   return -(-nq // blocks_per_chunk) if blocks_per_chunk else 0
+
+
+def padded_lengths(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
+                   block_kv: int = 512, itemsize: int = 2) -> tuple[int, int]:
+  """(query, key) lengths splash_attention (same arguments, heads per device) computes with: the query
+  blocks padded to equal chunks, the keys to whole key blocks. compile_check counts kernel FLOPs by them."""
+  chunks = max(query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
+                            itemsize=itemsize), 1)
+  bq, bkv = block_sizes(lq, lk, block_q, block_kv)
+  return -(-lq // (bq * chunks)) * bq * chunks, -(-lk // bkv) * bkv
 
 
 def fused_backward(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
