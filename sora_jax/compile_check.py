@@ -22,7 +22,7 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
   for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls; backward
   5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq kernels, per call
-  as `splash.fused_backward` decides from the call's shapes, always 7 for the GPU kernels; the forward
+  as `splash.layout` decides from the call's shapes, always 7 for the GPU kernels; the forward
   again under a remat policy that does not save the kernel's residuals), for rows holding one segment
   each (the densest packing, where splash skips no block), and their time is those FLOPs at
   `--kernel_efficiency` of peak.
@@ -91,7 +91,7 @@ JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flo
              "flops_per_step", "estimated_step_s", "estimated_mfu")
 # Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
 # forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K; whole or
-# over query chunks) where `splash.fused_backward` picks it, else separate dkv (QK^T, dO V^T, P^T dO,
+# over query chunks) where `splash.layout` picks it, else separate dkv (QK^T, dO V^T, P^T dO,
 # dS^T Q) and dq (QK^T, dO V^T, dS K) kernels, as the GPU kernels always run. The forward runs again in
 # the backward pass unless the remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
 KERNEL_FWD_MATMULS = 2
@@ -221,20 +221,29 @@ class KernelFlops:
   executed: float           # matmul FLOPs the kernels actually execute
 
 
-def _local_heads(cfg, heads: int) -> int:
-  """Heads per device: the `tensor` mesh axis shards them."""
+def _splash_layout(cfg, lq: int, lk: int, width: int, heads: int) -> splash.Layout:
+  """`splash.layout` of one attention call, with heads per device (the `tensor` mesh axis shards them)."""
   tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
-  return heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+  local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+  return splash.layout(lq, lk, local_heads, width // heads,
+                       itemsize=jax.numpy.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
 
 
 def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
   """Backward matmuls of one attention-kernel call: 5 where splash runs its fused kernel for these
-  shapes (`splash.fused_backward`, with heads per device: the `tensor` mesh axis shards them), else 7."""
+  shapes (`splash.layout`), else 7."""
   if cfg.dit.attention != "splash":
     return KERNEL_BWD_MATMULS["separate"]
-  fused = splash.fused_backward(lq, lk, _local_heads(cfg, heads), width // heads,
-                                itemsize=jax.numpy.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
-  return KERNEL_BWD_MATMULS["fused" if fused else "separate"]
+  return KERNEL_BWD_MATMULS["fused" if _splash_layout(cfg, lq, lk, width, heads).fused else "separate"]
+
+
+def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int, int]:
+  """(queries, keys) an attention kernel computes with, padding included."""
+  if cfg.dit.attention == "gpu":
+    from sora_jax.kernels import gpu  # pylint: disable=g-import-not-at-top  (imports Triton)
+    return -(-lq // gpu.BLOCK) * gpu.BLOCK, -(-lk // gpu.BLOCK) * gpu.BLOCK
+  lay = _splash_layout(cfg, lq, lk, width, heads)
+  return lay.chunk_len * lay.chunks, lay.lk_padded
 
 
 def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
@@ -244,12 +253,6 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     return KernelFlops(0.0, 0.0)
   remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
   calls = []  # (kind, layers, lq, lk, width, heads)
-  def padded(lq, lk, width, heads):  # the lengths the kernel computes with, padding included
-    if d.attention == "gpu":  # gpu_attention's default 64-row blocks
-      return -(-lq // 64) * 64, -(-lk // 64) * 64
-    h = _local_heads(cfg, heads)
-    return splash.padded_lengths(lq, lk, h, width // heads,
-                                 itemsize=jax.numpy.dtype(d.get("dtype", "bfloat16")).itemsize)
   calls.append(("self", d.depth, seq_len, seq_len, d.width, d.num_heads))
   calls.append(("cross", d.depth, seq_len, text_len + num_segments, d.width, d.num_heads))
   calls.append(("self", d.text_depth, text_len, text_len, d.text_width, d.text_heads))
@@ -259,7 +262,7 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
     unit = 2.0 * batch * lq * lk * w  # one of QK^T or PV, all heads
     counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
         flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
-    unit_pad = 2.0 * batch * math.prod(padded(lq, lk, w, h)) * w
+    unit_pad = 2.0 * batch * math.prod(_padded_lengths(cfg, lq, lk, w, h)) * w
     executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + kernel_bwd_matmuls(cfg, lq, lk, w, h))
   return KernelFlops(counted, executed)
 

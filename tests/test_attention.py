@@ -208,7 +208,7 @@ def test_splash_short_keys_run_as_one_block_not_two_padded():
   # cross-attention's 512 caption + 64 null tokens are one block of 640 keys, not 1024.
   from sora_jax.kernels import splash
   assert splash.block_sizes(256, 300, 128, 256) == (128, 384)
-  assert splash.padded_lengths(16384, 576, 9, 128) == (16384, 640)
+  assert splash.layout(16384, 576, 9, 128).lk_padded == 640
   assert splash.block_sizes(256, 256, 128, 128) == (128, 128)  # no padding saved: the requested blocks
   q, k, v, w = _inputs(2, 256, 300, 1, 128)
   q_ids = np.stack([_ids([100, 1, 1, 90], 256), _ids([1, 200], 256)])
@@ -279,10 +279,10 @@ def test_splash_fused_backward_in_query_chunks_while_partial_dq_is_large():
     assert splash.query_chunks(5 * 512, 65536, 32, 128) == 3
     splash.FUSED_BWD_MAX_BYTES = one_block - 1  # not even one query block: separate dkv and dq kernels
     assert splash.query_chunks(5 * 512, 65536, 32, 128) == 0
-    assert not splash.fused_backward(5 * 512, 65536, 32, 128)
+    assert not splash.layout(5 * 512, 65536, 32, 128).fused
   finally:
     splash.FUSED_BWD_MAX_BYTES = splash_max
-  assert splash.fused_backward(65536, 65536, 32, 128)
+  assert splash.layout(65536, 65536, 32, 128).fused
 
 
 def _layer_grad(implementation: str, remat: str, x, ids):

@@ -92,7 +92,7 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
 
 def test_kernel_flops_count_the_keys_the_kernel_pads_to():
   # sora_b's cross-attention: 512 caption + 64 null keys, computed as one splash block of 640 keys
-  # (splash.padded_lengths; two blocks of 512 would compute 1024).
+  # (splash.layout; two blocks of 512 would compute 1024).
   from experiments import sora_b
   cfg = sora_b.get_config()
   cfg.dit.update(dict(depth=1, text_depth=1))

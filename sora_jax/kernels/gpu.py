@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 _NEG = -1e30
+BLOCK = 64  # gpu_attention's default query and key block (rows); compile_check pads its FLOP count to it
 # Contract the last dim of both operands (a @ b.T) and the first of both (a.T @ b).
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
@@ -187,7 +188,7 @@ _attention.defvjp(_forward, _backward)
 
 
 def gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                  kv_segment_ids: jax.Array, *, block_q: int = 64, block_k: int = 64,
+                  kv_segment_ids: jax.Array, *, block_q: int = BLOCK, block_k: int = BLOCK,
                   interpret: bool = False, residual_name: str = RESIDUAL_NAME) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` with the Pallas GPU kernels.
 

@@ -24,6 +24,8 @@ zero for a query block with no active key block (such a block gets one key block
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
@@ -75,22 +77,24 @@ def query_chunks(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 
   return -(-nq // blocks_per_chunk) if blocks_per_chunk else 0
 
 
-def padded_lengths(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
-                   block_kv: int = 512, itemsize: int = 2) -> tuple[int, int]:
-  """(query, key) lengths splash_attention (same arguments, heads per device) computes with: the query
-  blocks padded to equal chunks, the keys to whole key blocks. compile_check counts kernel FLOPs by them."""
-  chunks = max(query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
-                            itemsize=itemsize), 1)
+class Layout(NamedTuple):
+  """How splash_attention runs one call: block sizes, query chunks and the padded lengths."""
+  block_q: int
+  block_kv: int
+  chunks: int      # query chunks (lax.map over them); 1 for a whole row
+  fused: bool      # splash's fused backward kernel, else separate dkv and dq kernels
+  chunk_len: int   # queries per chunk: equal numbers of query blocks, the last ones padding
+  lk_padded: int   # keys padded to whole key blocks
+
+
+def layout(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512, block_kv: int = 512,
+           itemsize: int = 2) -> Layout:
+  """The Layout of splash_attention (same arguments, heads per device); compile_check counts the kernels'
+  FLOPs at its padded lengths, chunk_len * chunks queries by lk_padded keys."""
+  chunks = query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv, itemsize=itemsize)
   bq, bkv = block_sizes(lq, lk, block_q, block_kv)
-  return -(-lq // (bq * chunks)) * bq * chunks, -(-lk // bkv) * bkv
-
-
-def fused_backward(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512,
-                   block_kv: int = 512, itemsize: int = 2) -> bool:
-  """Whether splash_attention (same arguments, heads per device) runs splash's fused backward kernel,
-  whole or in query chunks (`query_chunks`). compile_check counts matmuls by it."""
-  return query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
-                      itemsize=itemsize) > 0
+  n = max(chunks, 1)
+  return Layout(bq, bkv, n, chunks > 0, -(-lq // (bq * n)) * bq, -(-lk // bkv) * bkv)
 
 
 def _mask_info(active_nm, *, transpose: bool):
@@ -129,12 +133,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   `residual_name` for remat policies (models/layers.py).
   """
   lq, lk, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-  chunks = query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv,
-                        itemsize=q.dtype.itemsize)
-  fused = chunks > 0
-  chunks = max(chunks, 1)
-  block_q, block_kv = block_sizes(lq, lk, block_q, block_kv)
-  chunk_len = -(-lq // (block_q * chunks)) * block_q  # query blocks shared out equally, the last padded
+  block_q, block_kv, chunks, fused, chunk_len, _ = layout(lq, lk, heads, head_dim, block_q=block_q,
+                                                          block_kv=block_kv, itemsize=q.dtype.itemsize)
   q_ids = blocksparse.pad_seq(q_segment_ids.astype(jnp.int32), chunk_len)
   kv_ids = blocksparse.pad_seq(kv_segment_ids.astype(jnp.int32), block_kv)
   batch, nq, nk = q.shape[0], q_ids.shape[1] // block_q, kv_ids.shape[1] // block_kv
