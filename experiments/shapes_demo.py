@@ -77,11 +77,12 @@ def get_config(arg=None):
   c.dit.width = 192
   c.dit.depth = 6
   c.dit.num_heads = 6            # head_dim 32: RoPE splits it (t, h, w) = (12, 10, 10)
-  c.dit.mlp_ratio = 4.0
+  c.dit.ffn_dim = 768
   c.dit.time_freq_dim = 256
   c.dit.rope_theta = 10000.0
   c.dit.qk_norm = True
-  c.dit.text_width = 128         # caption encoder, trained jointly
+  c.dit.text_encoder = "caption"  # jointly trained (models/text.py)
+  c.dit.text_width = 128
   c.dit.text_depth = 2
   c.dit.text_heads = 4
   c.dit.attention = "auto"       # segment_attention implementation (models/attention.py)

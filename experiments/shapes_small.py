@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.dit.width = 256
   c.dit.depth = 8
   c.dit.num_heads = 8
+  c.dit.ffn_dim = 1024
   c.total_steps = 3000
   c.max_train_seconds = 3 * 3600.0
   c.checkpoint_every_steps = 250

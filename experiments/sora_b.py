@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.dit.width = 1152
   c.dit.depth = 28
   c.dit.num_heads = 9             # head_dim 128
-  c.dit.mlp_ratio = 4.0
+  c.dit.ffn_dim = 4608
   c.dit.text_width = 1024
   c.dit.text_depth = 8
   c.dit.text_heads = 8
@@ -90,6 +90,6 @@ def get_config(arg=None):
 
   if arg.runlocal:  # the same shapes but tiny, for a smoke run on one CPU host
     c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 8, 128
-    c.dit.depth, c.dit.width, c.dit.num_heads, c.dit.text_depth = 2, 256, 2, 1
+    c.dit.depth, c.dit.width, c.dit.num_heads, c.dit.text_depth, c.dit.ffn_dim = 2, 256, 2, 1, 1024
     c.dit.attention, c.mesh = "auto", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   return c

@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.dit.width = 4096
   c.dit.depth = 30
   c.dit.num_heads = 32
+  c.dit.ffn_dim = 16384
   c.dit.text_width = 1024
   c.dit.text_depth = 12
   c.dit.text_heads = 8

@@ -8,8 +8,10 @@ checking every file against the bundle's manifest. Layout of a bundle directory 
     B/config.json                the resolved config (all sections; dit.in_dim filled in)
     B/tokenizer.model            the sentencepiece caption tokenizer
     B/latent_stats.json          {"shift": [c], "scale": [c], ...}: models see (z - shift) / scale
-    B/weights/dit/               orbax PyTree: the DiT's EMA parameters without its caption encoder
-    B/weights/text_encoder/      orbax PyTree: the caption encoder's EMA parameters (the DiT's `text`)
+    B/weights/dit/               orbax PyTree: the DiT's EMA parameters without its text encoder
+    B/weights/text_encoder/      orbax PyTree: the text encoder's parameters: the jointly trained caption
+                                 encoder's EMA (the DiT's `text`), or a frozen UMT5's
+                                 (config.dit.text_encoder = "umt5", config.text its settings)
     B/weights/vae/               orbax PyTree: the VAE's EMA parameters (absent when the DiT was trained
                                  on pooled pixels, config.data.source == "shapes")
 
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 
 FORMAT = "sora-jax-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the Wan 2.1-aligned DiT (docs/architecture.md); text encoder beside or inside it
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "bfloat16")
 _PACKAGES = ("sora-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy", "sentencepiece",
@@ -53,13 +55,15 @@ class BundleError(ValueError):
 class Bundle:
   """A loaded bundle: what `sampling.as_pipeline` takes (config, dit, vae, tokenizer, latent stats)."""
   config: ml_collections.ConfigDict
-  dit: Any                              # models.dit.DiT with the EMA weights
+  dit: Any                              # models.dit.DiT with the EMA weights (and its caption encoder)
   vae: Any | None                       # models.vae.VAE with the EMA weights, or None (pooled pixels)
   tokenizer: Any                        # data.tokenizer.Tokenizer
   latent_shift: np.ndarray
   latent_scale: np.ndarray
   manifest: dict
   path: str
+  text_encoder: Any | None = None       # a frozen text encoder (models.umt5.UMT5Encoder), or None when the
+                                        # caption encoder is part of the DiT
 
 
 # ---------------------------------------------------------------------------------------- the manifest
@@ -154,10 +158,11 @@ def _cast(tree: Mapping, dtype: str) -> dict:
 
 
 def split_text_encoder(dit_params: Mapping) -> tuple[dict, dict]:
-  """(the DiT's parameters without its caption encoder, the caption encoder's: its `text` subtree)."""
+  """(the DiT's parameters without its text encoder, the text encoder's: the `text` subtree, which for a
+  frozen encoder such as UMT5 is carried beside the DiT's own parameters under the same key)."""
   params = dict(dit_params)
   if "text" not in params:
-    raise BundleError(f"DiT parameters have no `text` subtree (caption encoder); top-level keys: "
+    raise BundleError(f"DiT parameters have no `text` subtree (text encoder); top-level keys: "
                       f"{sorted(params)}")
   text = params.pop("text")
   return params, text
@@ -296,6 +301,12 @@ def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Ma
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
+  text_encoder = None
+  if cfg.dit.text_encoder != "caption":  # a frozen encoder beside the DiT, not inside it
+    from sora_jax.models.umt5 import UMT5Encoder  # pylint: disable=g-import-not-at-top
+    dit_params, text_params = split_text_encoder(dit_params)
+    text_encoder = build_model(lambda: UMT5Encoder(cfg.text, rngs=nnx.Rngs(0)), text_params,
+                               what=f"{path}: text encoder")
   dit = build_model(lambda: DiT(cfg.dit, rngs=nnx.Rngs(0)), dit_params, what=f"{path}: DiT")
   vae = None
   if vae_params is not None:
@@ -303,7 +314,7 @@ def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Ma
     vae = build_model(lambda: VAE(cfg.vae, rngs=nnx.Rngs(0)), vae_params, what=f"{path}: VAE")
   return Bundle(cfg, dit, vae, Tokenizer(tokenizer_model),
                 np.asarray(latent_stats["shift"], np.float32), np.asarray(latent_stats["scale"], np.float32),
-                manifest, str(path))
+                manifest, str(path), text_encoder)
 
 
 def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,

@@ -175,7 +175,9 @@ class Cost:
 
 def _with_depths(cfg, depth: int, text_depth: int):
   c = cfg.copy_and_resolve_references()
-  c.dit.depth, c.dit.text_depth = depth, text_depth
+  c.dit.depth = depth
+  if flops.caption_encoder(c.dit)[0]:
+    c.dit.text_depth = text_depth
   return c
 
 
@@ -199,13 +201,13 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, full_unroll: bool = False) ->
   one text layer, split between the two by flops.py's per-layer FLOPs (the text layer is ~1% of the
   DiT layer at pod scale; with equal depths the split does not matter), then outside + depth x layer.
   """
-  depth, text_depth = int(cfg.dit.depth), int(cfg.dit.text_depth)
+  depth, text_depth = int(cfg.dit.depth), flops.caption_encoder(cfg.dit)[0]
   if full_unroll:
     with flops.unrolled_scans():
       return Cost.of(compile_train_step(cfg, mesh)[0]), {"method": "fully unrolled"}
   costs = shallow_costs(cfg, mesh)
   pair = costs[2] - costs[1]
-  share = hand.per_layer["dit"] / (hand.per_layer["dit"] + hand.per_layer["text"])
+  share = hand.per_layer["dit"] / (hand.per_layer["dit"] + hand.per_layer["text"])  # 1 without text layers
   per_dit, per_text = pair * share, pair * (1 - share)
   outside = costs[1] - pair
   total = outside + per_dit * depth + per_text * text_depth
@@ -254,8 +256,9 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
   remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
   calls = []  # (kind, layers, lq, lk, width, heads)
   calls.append(("self", d.depth, seq_len, seq_len, d.width, d.num_heads))
-  calls.append(("cross", d.depth, seq_len, text_len + num_segments, d.width, d.num_heads))
-  calls.append(("self", d.text_depth, text_len, text_len, d.text_width, d.text_heads))
+  calls.append(("cross", d.depth, seq_len, text_len, d.width, d.num_heads))
+  text_depth, text_width, text_heads = flops.caption_encoder(d)
+  calls.append(("self", text_depth, text_len, text_len, text_width, text_heads))
   counted = executed = 0.0
   for kind, n, lq, lk, w, h in calls:
     rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE[kind] else 1.0  # what the kernels recompute

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models.text import MLP_RATIO as TEXT_MLP_RATIO
+
 # Dense bf16 FLOP/s per chip (vendor data sheets), matched as substrings of `device.device_kind`,
 # most specific first.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -120,14 +122,24 @@ def _attention(c: _Counter, b, lq, lk, width, heads, rw, ra):
   c.elementwise(b * heads * lq * lk * (SOFTMAX_FWD * (1 + ra) + SOFTMAX_BWD))
 
 
+def caption_encoder(cfg_dit) -> tuple[int, int, int]:
+  """(depth, width, heads) of the caption encoder trained inside the DiT; depth 0 for a frozen encoder
+  whose features come precomputed (UMT5: not part of the train step)."""
+  if cfg_dit.text_encoder == "caption":
+    return int(cfg_dit.text_depth), int(cfg_dit.text_width), int(cfg_dit.text_heads)
+  return 0, int(cfg_dit.text_dim), 1
+
+
 def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
   c = _Counter()
-  wt = cfg_dit.text_width
-  mt = int(wt * cfg_dit.mlp_ratio)
+  depth, wt, heads = caption_encoder(cfg_dit)
+  if not depth:
+    return 0.0, 0.0
+  mt = TEXT_MLP_RATIO * wt
   rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(4 * 2 * b * lt * wt * wt, recompute=rw)            # q, k, v, o
-  c.data_movement(2 * 2 * b * lt * wt * (wt // cfg_dit.text_heads), recompute=rw)  # RoPE on q, k
-  _attention(c, b, lt, lt, wt, cfg_dit.text_heads, rw, ra)
+  c.data_movement(2 * 2 * b * lt * wt * (wt // heads), recompute=rw)  # RoPE on q, k
+  _attention(c, b, lt, lt, wt, heads, rw, ra)
   c.matmul(2 * 2 * b * lt * wt * mt, recompute=rw)            # MLP up, down
   c.elementwise(b * lt * wt * (BLOCK_ELEMWISE_FWD * (1 + rw) + BLOCK_ELEMWISE_BWD))
   return c.model, c.total
@@ -136,11 +148,10 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
 def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int) -> tuple[float, float]:
   c = _Counter()
   w = cfg_dit.width
-  m = int(w * cfg_dit.mlp_ratio)
-  k = lt + s  # cross-attention keys: the captions plus one null-text token per segment
+  m = cfg_dit.ffn_dim
+  k = lt  # cross-attention keys: the captions
   rw, ra = remat_recompute(cfg_dit.remat)
-  c.matmul(2 * b * s * w * 6 * w + 2 * w * 6 * w, recompute=rw)  # adaLN per segment, and at t = 0
-  c.data_movement(2 * b * l * (s + 1) * 6 * w, recompute=rw)    # ... gathered per token
+  c.data_movement(2 * b * l * (s + 1) * 6 * w, recompute=rw)    # the six modulations looked up per token
   c.data_movement(2 * 2 * b * l * w * (w // cfg_dit.num_heads), recompute=rw)  # RoPE on q, k
   c.matmul(4 * 2 * b * l * w * w, recompute=rw)                  # self-attention q, k, v, o
   _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)
@@ -157,24 +168,25 @@ def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_se
   d = cfg.dit
   b, l, lt, s = batch, seq_len, text_len, num_segments
   w, din = d.width, d.in_dim
+  text_depth, text_width, _ = caption_encoder(d)
   c = _Counter()
   c.matmul(2 * b * l * din * w, input_grad=False)              # patch embedding
   c.matmul(2 * b * l * (din + 1) * w, input_grad=False)        # conditioning path (always on in training)
   c.matmul(2 * (b * s + 1) * d.time_freq_dim * w, input_grad=False)  # time MLP, per segment and t = 0
   c.matmul(2 * (b * s + 1) * w * w)
-  c.matmul(2 * b * lt * d.text_width * w)                      # text projection
-  c.matmul(2 * b * s * w * 2 * w + 2 * w * 2 * w)             # final adaLN
+  c.matmul(2 * (b * s + 1) * w * 6 * w)                        # the shared time projection (modulations)
+  c.matmul(2 * b * lt * text_width * w, input_grad=text_depth > 0)  # text projection, two layers
+  c.matmul(2 * b * lt * w * w)
   c.matmul(2 * b * l * w * din)                                # output projection
-  c.data_movement(2 * b * l * (s + 1) * 2 * w)                 # final adaLN rows gathered per token
+  c.data_movement(2 * b * l * (s + 1) * 2 * w)                 # final modulation rows looked up per token
   c.elementwise(OPTIMIZER_PER_PARAM * num_params)
   text_m, text_t = text_layer_flops(d, b, lt)
   dit_m, dit_t = dit_layer_flops(d, b, l, lt, s)
-  model = c.model + d.text_depth * text_m + d.depth * dit_m
-  total = c.total + d.text_depth * text_t + d.depth * dit_t
-  k = lt + s
-  dense_pairs = {"self": b * l * l, "cross": b * l * k, "text": b * lt * lt}
+  model = c.model + text_depth * text_m + d.depth * dit_m
+  total = c.total + text_depth * text_t + d.depth * dit_t
+  dense_pairs = {"self": b * l * l, "cross": b * l * lt, "text": b * lt * lt}
   return StepFlops(model=model, total=total, per_layer={"text": text_t, "dit": dit_t},
-                   depths={"text": d.text_depth, "dit": d.depth},
+                   depths={"text": text_depth, "dit": d.depth},
                    model_attention=attention_model_flops(cfg, dense_pairs))
 
 
@@ -183,13 +195,14 @@ def attention_model_flops(cfg, pairs: dict) -> float:
   {"self": video self-attention, "cross": video to text, "text": caption self-attention}."""
   d = cfg.dit
   per_pair = 3 * 2 * 2  # q k^T and p v, 2 flops per multiply-add, forward + 2x backward
+  text_depth, text_width, _ = caption_encoder(d)
   return per_pair * (d.depth * d.width * (pairs["self"] + pairs["cross"])
-                     + d.text_depth * d.text_width * pairs["text"])
+                     + text_depth * text_width * pairs["text"])
 
 
 def useful_attention_pairs(batch: dict) -> dict:
   """The (query, key) pairs a packed batch really needs: per segment, n^2 video pairs, n * (m + 1)
-  video-to-caption pairs (the caption's m tokens and the null-text token) and m^2 caption pairs.
+  video-to-caption pairs and m^2 caption pairs.
 
   Dense attention computes every pair of the row; MFU counts only these (so it does not reward
   computing masked pairs, and block-sparse kernels are not penalised for skipping them).
@@ -199,7 +212,7 @@ def useful_attention_pairs(batch: dict) -> dict:
   s = int(max(seg.max(initial=0), tseg.max(initial=0))) + 1
   n = np.stack([np.bincount(r, minlength=s)[1:s] for r in seg]).astype(np.float64)
   m = np.stack([np.bincount(r, minlength=s)[1:s] for r in tseg]).astype(np.float64)
-  return {"self": float((n * n).sum()), "cross": float((n * (m + 1)).sum()), "text": float((m * m).sum())}
+  return {"self": float((n * n).sum()), "cross": float((n * m).sum()), "text": float((m * m).sum())}
 
 
 def compare_with_compiled(step: StepFlops, compiled_flops: float, num_devices: int, *,

@@ -22,8 +22,8 @@ How it works:
   one-by-one output up to float rounding (tests/test_sampling.py).
 - Samplers: Euler and Heun on the rectified-flow ODE with the training's resolution-dependent time shift
   (`diffusion.time_shift`); DDIM (deterministic) and DDPM (ancestral) for the DDPM objective.
-- Classifier-free guidance: the unconditional branch is the same rows with `text_drop = 1` (the model's
-  learned null text), stacked on the batch axis; out = uncond + guidance * (cond - uncond).
+- Classifier-free guidance: the unconditional branch is the same rows with `text_drop = 1` (its
+  caption features zeroed), stacked on the batch axis; out = uncond + guidance * (cond - uncond).
 - Image and video prompts all go through one mechanism, the DiT's `cond` / `cond_mask` inputs (the
   modes diffusion.loss_fn trains with random masks): clean latents of the given latent frames and a
   per-token mask. Given tokens hold their clean latents at every step, as in training, so they come out
@@ -237,10 +237,12 @@ def _token_mask(cond_frames: np.ndarray, grid, patch) -> np.ndarray:
   return np.repeat(per_patch[:, 0], nh * nw).astype(np.float32)
 
 
-def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Sequence[Sequence[int]], *,
+def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequence[np.ndarray], *,
                   seed: int, steps: int, row_len: int, shift_fn: Callable | None = None,
-                  index_offset: int = 0) -> Packed:
-  """Packs requests (with their tokenized captions) into rows, with noise and per-segment schedules.
+                  index_offset: int = 0, negative_texts: Sequence[np.ndarray] | None = None) -> Packed:
+  """Packs requests (with their captions as the DiT reads them: ids [n], or features [n, text_dim] of a
+  frozen encoder) into rows, with noise and per-segment schedules. `negative_texts` (one per request)
+  become the unconditional half's captions (`neg_text_tokens`), in the same row layout.
 
   Request i draws its noise from `request_key(seed, index_offset + i)`.
   """
@@ -249,20 +251,28 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Seq
   rows = 1 + max(p.row for p in placements)
   segs = max(p.segment for p in placements)
   d = patching.token_dim(geometry.channels, geometry.patch)
+  captions = {"text": [np.asarray(x) for x in texts]}
+  if negative_texts is not None:
+    captions["neg_text"] = [np.asarray(x) for x in negative_texts]
   # Text rows are rounded up to 16 tokens so that captions of different lengths share a compiled step.
-  text_len = _round_up(max(sum(len(text_ids[i]) for i, p in enumerate(placements) if p.row == r)
-                           for r in range(rows)), 16)
+  text_len = _round_up(max(sum(len(c[i]) for i, p in enumerate(placements) if p.row == r)
+                           for c in captions.values() for r in range(rows)), 16)
   b = dict(positions=np.zeros((rows, row_len, 3), np.int32),
            segment_ids=np.zeros((rows, row_len), np.int32),
-           text_tokens=np.zeros((rows, text_len), np.int32),
-           text_segment_ids=np.zeros((rows, text_len), np.int32),
            cond=np.zeros((rows, row_len, d), np.float32),
            cond_mask=np.zeros((rows, row_len), np.float32))
   noise = np.zeros((rows, row_len, d), np.float32)
   init = np.zeros((rows, row_len, d), np.float32)
   # Unused segment slots keep t = 0 at every step, so the loop leaves them alone.
   schedule = np.zeros((steps + 1, rows, segs), np.float64)
-  text_fill = [0] * rows
+  for name, cs in captions.items():
+    b[f"{name}_tokens"] = np.zeros((rows, text_len) + cs[0].shape[1:], cs[0].dtype)
+    b[f"{name}_segment_ids"] = np.zeros((rows, text_len), np.int32)
+    fill = [0] * rows
+    for c, p in zip(cs, placements):
+      b[f"{name}_tokens"][p.row, fill[p.row]:fill[p.row] + len(c)] = c
+      b[f"{name}_segment_ids"][p.row, fill[p.row]:fill[p.row] + len(c)] = p.segment
+      fill[p.row] += len(c)
   for i, (r, p) in enumerate(zip(requests, placements)):
     shape = geometry.latent_shape(r.num_frames, r.height, r.width)
     sl = (p.row, slice(p.start, p.start + p.num_tokens))
@@ -270,11 +280,6 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, text_ids: Seq
     noise[sl] = eps
     b["positions"][sl] = pos
     b["segment_ids"][sl] = p.segment
-    ids = np.asarray(text_ids[i], np.int32)
-    t0 = text_fill[p.row]
-    b["text_tokens"][p.row, t0:t0 + len(ids)] = ids
-    b["text_segment_ids"][p.row, t0:t0 + len(ids)] = p.segment
-    text_fill[p.row] += len(ids)
     for name in ("cond_latents", "init_latents"):
       z = getattr(r, name)
       if z is not None and tuple(z.shape) != shape:
@@ -362,19 +367,24 @@ def _call(static, state, *args, **kw):
 def guided(static, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: bool):
   """The model's prediction with classifier-free guidance: uncond + g * (cond - uncond).
 
-  The unconditional half is the same rows with text_drop = 1 (the learned null text), stacked on the
-  batch axis so both halves cost one model call.
+  The unconditional half is the same rows with the negative captions (`neg_text_tokens`) when the batch
+  has them, else with text_drop = 1 (captions zeroed), stacked on the batch axis so both halves cost one
+  model call.
   """
   cond = dict(cond=batch["cond"], cond_mask=batch["cond_mask"]) if has_cond else {}
-  args = (batch["positions"], batch["segment_ids"], t_bs.astype(jnp.float32), batch["text_tokens"],
-          batch["text_segment_ids"])
+  args = (batch["positions"], batch["segment_ids"], t_bs.astype(jnp.float32))
+  text = (batch["text_tokens"], batch["text_segment_ids"])
+  no_drop = jnp.zeros(t_bs.shape, jnp.float32)
   if not use_cfg:
-    return _call(static, state, x, *args, **cond,
-                 text_drop=jnp.zeros(t_bs.shape, jnp.float32)).astype(jnp.float32)
+    return _call(static, state, x, *args, *text, **cond, text_drop=no_drop).astype(jnp.float32)
   two = lambda a: jnp.concatenate([a, a], axis=0)
-  drop = jnp.concatenate([jnp.zeros(t_bs.shape, jnp.float32), jnp.ones(t_bs.shape, jnp.float32)], axis=0)
-  out = _call(static, state, two(x), *map(two, args), **{k: two(v) for k, v in cond.items()},
-              text_drop=drop).astype(jnp.float32)
+  if "neg_text_tokens" in batch:
+    neg, drop = (batch["neg_text_tokens"], batch["neg_text_segment_ids"]), no_drop
+  else:
+    neg, drop = text, jnp.ones(t_bs.shape, jnp.float32)
+  text = tuple(jnp.concatenate([a, n], axis=0) for a, n in zip(text, neg))
+  out = _call(static, state, two(x), *map(two, args), *text, **{k: two(v) for k, v in cond.items()},
+              text_drop=jnp.concatenate([no_drop, drop], axis=0)).astype(jnp.float32)
   c, u = jnp.split(out, 2, axis=0)
   return u + guidance * (c - u)
 
@@ -471,6 +481,7 @@ class Pipeline:
   tokenize: Any                  # data.tokenizer.Tokenizer, or any caption -> ids function
   shift: np.ndarray              # latent normalisation: z_norm = (z - shift) / scale
   scale: np.ndarray
+  text_encoder: Any | None = None  # a frozen encoder (models.umt5.UMT5Encoder) when the DiT reads features
 
   @property
   def geometry(self) -> Geometry:
@@ -496,6 +507,17 @@ class Pipeline:
     if hasattr(self.tokenize, "encode"):
       return np.asarray(self.tokenize.encode(caption, max_len), np.int32)
     return np.asarray(self.tokenize(caption), np.int32)[:max_len]
+
+  def text(self, caption: str) -> np.ndarray:
+    """The caption as the DiT reads it: ids for the jointly trained caption encoder; for a frozen encoder
+    its features [text.max_len, text_dim], the caption's tokens followed by zeros (Wan's pipeline pads
+    every caption's UMT5 features to max_sequence_length with zeros, and the DiT attends to them)."""
+    if self.text_encoder is None:
+      return self.text_ids(caption)
+    from sora_jax.data.tokenizer import clean_wan_prompt  # pylint: disable=g-import-not-at-top
+    max_len = int(self.cfg.text.max_len)
+    ids = np.asarray(self.tokenize.encode(clean_wan_prompt(caption), max_len), np.int32)
+    return _encode_text(self.text_encoder, ids, max_len)
 
   def sample_setting(self, name: str, value, default):
     """An explicit argument, else the config's `sample` section, else the built-in default."""
@@ -538,7 +560,27 @@ def as_pipeline(models) -> Pipeline:
   if missing:
     raise TypeError(f"{type(models).__name__} is not a Pipeline or a loaded bundle (missing {missing})")
   return Pipeline(models.config, models.dit, models.vae, models.tokenizer,
-                  np.asarray(models.latent_shift, np.float32), np.asarray(models.latent_scale, np.float32))
+                  np.asarray(models.latent_shift, np.float32), np.asarray(models.latent_scale, np.float32),
+                  getattr(models, "text_encoder", None))
+
+
+def _encode_text(encoder, ids: np.ndarray, max_len: int) -> np.ndarray:
+  """A frozen encoder's features of one caption, zero past its tokens: float32 [max_len, width]."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  n = len(ids)
+  row = np.zeros((1, max_len), np.int32)
+  row[0, :n] = ids
+  seg = (np.arange(max_len) < n).astype(np.int32)[None]
+  graphdef, state = nnx.split(encoder)
+  feats = np.asarray(_run_encoder(graphdef, state, jnp.asarray(row), jnp.asarray(seg)), np.float32)[0]
+  feats[n:] = 0.0
+  return feats
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_encoder(graphdef, state, ids, seg):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.merge(graphdef, state)(ids, seg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,7 +697,7 @@ def edit_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int
 def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int = 0,
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    row_len: int | None = None, rows_per_call: int = 8, index_offset: int = 0,
-                   progress: bool = False) -> list[np.ndarray]:
+                   progress: bool = False, negative_prompt: str | None = None) -> list[np.ndarray]:
   """Normalised latents [t, h, w, c] per request; see `generate`."""
   pipe = as_pipeline(models)
   reqs = [Request.of(r) for r in requests]
@@ -670,8 +712,15 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
   # one-by-one calls stay cheap and still share compiled shapes.
   total = sum(pipe.geometry.num_tokens(r.num_frames, r.height, r.width) for r in reqs)
   row_len = min(row_len, _round_up(total, 64))
-  packed = pack_requests(reqs, pipe.geometry, [pipe.text_ids(r.caption) for r in reqs], seed=seed,
-                         steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset)
+  if negative_prompt is None and pipe.text_encoder is not None:
+    negative_prompt = ""  # as Wan's pipeline: a frozen encoder's unconditional text is the empty prompt's
+  negatives = None
+  if negative_prompt is not None and guidance != 1.0:
+    neg = pipe.text(negative_prompt)
+    negatives = [neg] * len(reqs)
+  packed = pack_requests(reqs, pipe.geometry, [pipe.text(r.caption) for r in reqs], seed=seed,
+                         steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset,
+                         negative_texts=negatives)
   out: list[np.ndarray | None] = [None] * len(reqs)
   for r0 in range(0, packed.num_rows, rows_per_call):
     part = packed.rows(r0, r0 + rows_per_call)
@@ -684,19 +733,22 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
 
 def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, sampler: str | None = None, row_len: int | None = None,
-             rows_per_call: int = 8, index_offset: int = 0, progress: bool = False) -> list[np.ndarray]:
+             rows_per_call: int = 8, index_offset: int = 0, progress: bool = False,
+             negative_prompt: str | None = None) -> list[np.ndarray]:
   """Videos for `requests`: a list of uint8 [num_frames, height, width, 3], in request order.
 
   models: a loaded bundle (sora_jax.bundle) or a Pipeline. requests: (caption, num_frames, height, width)
   tuples or Requests (which may carry image/video conditioning). steps, guidance, sampler, row_len default
   to the config's `sample` section. Request i's noise comes from fold_in(PRNGKey(seed), index_offset + i):
-  the result for a request does not depend on the others it is packed with.
+  the result for a request does not depend on the others it is packed with. `negative_prompt`: the
+  unconditional half's caption under guidance (default: the hidden caption of training's text dropout;
+  "" for a frozen text encoder, as Wan's pipeline).
   """
   pipe = as_pipeline(models)
   reqs = [Request.of(r) for r in requests]
   latents = sample_latents(pipe, reqs, seed=seed, steps=steps, guidance=guidance, sampler=sampler,
                            row_len=row_len, rows_per_call=rows_per_call, index_offset=index_offset,
-                           progress=progress)
+                           progress=progress, negative_prompt=negative_prompt)
   videos = [pipe.decode(z) for z in latents]
   for r, v in zip(reqs, videos):
     if r.tail_latents is not None:

@@ -22,7 +22,7 @@ def tiny_config(**dit):
   c = sora_b.get_config("topology=v5p:2x2x1")
   c.data.update(dict(seq_len=256, text_len=32, max_segments=4, batch_size=4))
   c.data.vocab_size = 64
-  c.dit.update(dict(width=128, depth=2, num_heads=1, text_width=32, text_depth=2, text_heads=1,
+  c.dit.update(dict(width=128, depth=2, num_heads=1, ffn_dim=512, text_width=32, text_depth=2, text_heads=1,
                     attention="reference", remat="full"))
   c.dit.update(dit)
   return c
@@ -91,15 +91,15 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
 
 
 def test_kernel_flops_count_the_keys_the_kernel_pads_to():
-  # sora_b's cross-attention: 512 caption + 64 null keys, computed as one splash block of 640 keys
-  # (splash.layout; two blocks of 512 would compute 1024).
+  # Cross-attention to 576 caption keys, computed as one splash block of 640 keys (splash.layout; two
+  # blocks of 512 would compute 1024); the caption's own 576 queries run as two blocks of 512.
   from experiments import sora_b
   cfg = sora_b.get_config()
   cfg.dit.update(dict(depth=1, text_depth=1))
-  kw = dict(batch=2, seq_len=16384, text_len=512, num_segments=64)
+  kw = dict(batch=2, seq_len=16384, text_len=576, num_segments=64)
   d = cfg.dit
   per = lambda lq, lk, w: 2 * 2 * lq * lk * w * (2 + 5)  # 2 forward and 5 fused-backward matmuls ("dots")
-  want = per(16384, 16384, d.width) + per(16384, 640, d.width) + per(512, 512, d.text_width)
+  want = per(16384, 16384, d.width) + per(16384, 640, d.width) + per(1024, 640, d.text_width)
   assert compile_check.kernel_flops(cfg, **kw).executed == pytest.approx(want)
 
 

@@ -16,7 +16,7 @@ D, V, S = 8, 32, 4
 
 def tiny_cfg(**kw):
   c = ml_collections.ConfigDict(dict(
-      in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, mlp_ratio=2.0, time_freq_dim=32,
+      in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
       rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=2, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32"))
   c.update(kw)
@@ -156,7 +156,7 @@ def test_per_token_rows_equal_gather_by_segment():
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
-def test_text_drop_replaces_caption_by_null_text():
+def test_text_drop_hides_the_caption_whatever_its_length():
   model = random_model(tiny_cfg())
   rng = np.random.default_rng(3)
   a = make_segment(rng, (2, 2, 2), 6, 0.5)

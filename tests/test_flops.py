@@ -114,7 +114,7 @@ def test_useful_attention_pairs():
   seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   tseg = np.array([[1, 2, 2, 0], [1, 1, 1, 0]])
   pairs = flops.useful_attention_pairs({"segment_ids": seg, "text_segment_ids": tseg})
-  assert pairs == {"self": 9 + 4 + 36, "cross": 3 * 2 + 2 * 3 + 6 * 4, "text": 1 + 4 + 9}
+  assert pairs == {"self": 9 + 4 + 36, "cross": 3 * 1 + 2 * 2 + 6 * 3, "text": 1 + 4 + 9}
   cfg = _demo_config()
   dense = {"self": 2 * 6 * 6, "cross": 2 * 6 * 5, "text": 2 * 4 * 4}
   assert flops.attention_model_flops(cfg, pairs) < flops.attention_model_flops(cfg, dense)

@@ -73,7 +73,7 @@ def tiny_config(stats_dir: str, workdir_total_steps: int = 4) -> ml_collections.
                      max_text_tokens=8, max_segments=8, batch_size=8, min_patch_side=1,
                      sample_latents=False, packing_bins=4, num_workers=0, read_threads=1))
   c.data.vocab_size = 300  # byte-level test tokenizer: ids 1..256
-  c.dit.update(dict(in_dim=16, width=32, depth=2, num_heads=2, text_width=16, text_depth=1,
+  c.dit.update(dict(in_dim=16, width=32, depth=2, num_heads=2, ffn_dim=64, text_width=16, text_depth=1,
                     text_heads=2, attention="reference"))
   c.total_steps = workdir_total_steps
   c.checkpoint_every_steps = 2

@@ -18,7 +18,7 @@ def tiny_config(**overrides):
   cfg = module.get_config().copy_and_resolve_references()
   cfg.data.seq_len, cfg.data.text_len, cfg.data.max_segments, cfg.data.batch_size = 64, 16, 4, 4
   d = cfg.dit
-  d.in_dim, d.width, d.depth, d.num_heads, d.time_freq_dim = 8, 32, 2, 2, 16
+  d.in_dim, d.width, d.depth, d.num_heads, d.time_freq_dim, d.ffn_dim = 8, 32, 2, 2, 16, 64
   d.text_width, d.text_depth, d.text_heads, d.vocab_size = 16, 1, 2, 32
   d.dtype = "float32"
   cfg.total_steps, cfg.log_every_steps, cfg.checkpoint_every_steps = 6, 2, 2

@@ -1,39 +1,49 @@
 """The Diffusion Transformer: denoises packed spacetime-patch tokens, one diffusion time per segment.
 
     model = DiT(cfg.dit, rngs=nnx.Rngs(0))
-    v_bld = model(x_bld, positions_bl3, segment_ids_bl, t_bs, text_tokens_bm, text_segment_ids_bm,
+    v_bld = model(x_bld, positions_bl3, segment_ids_bl, t_bs, text, text_segment_ids_bm,
                   cond=cond_bld, cond_mask=cond_mask_bl, text_drop=text_drop_bs)
 
-Every packed row holds many videos/images (segments 1..S, 0 = padding). Nothing crosses a segment
-boundary: self-attention is restricted by `segment_ids`, positions are per-sample 3-D RoPE, the
-adaLN-Zero modulation is computed per segment from that segment's time `t[:, k-1]` and gathered per
-token, and text enters by cross-attention to the caption of the token's own segment. So each segment's
-output is the same as when it is run alone (tests/test_dit.py checks it).
+The block is Wan 2.1's (diffusers `WanTransformer3DModel`; sora_jax/convert/wan.py loads its weights and
+tests/test_wan_dit_interop.py checks the outputs): layer norms without affine parameters under the
+modulations, self-attention with QK RMS-norm across heads and 3-D RoPE (head_dim split t/h/w as
+`layers.rope_split`), cross-attention to the text behind an affine layer norm, a GELU(tanh) MLP; the
+modulation is one time projection shared by all blocks plus a learned [6, W] table per block, and the
+output layer's [2, W] table is added to the time embedding itself. So the demo DiT, the pod presets and
+Wan 2.1 are sizes and settings of one model (docs/architecture.md lists what differs and why).
 
-Design choices:
+What packing adds (each segment's output is the same as when it is run alone; tests/test_dit.py):
+- Every packed row holds many videos/images (segments 1..S, 0 = padding). Self-attention is restricted by
+  `segment_ids`, positions are per-sample 3-D RoPE, the modulation is computed per segment from that
+  segment's time `t[:, k-1]` and looked up per token, and text enters by cross-attention to the caption
+  of the token's own segment.
 - Text by segment-restricted cross-attention, not MMDiT joint attention: the packed text row stays
-  separate from the video row (no interleaving of captions into segments, so packing and the
-  block-sparse self-attention kernels see only video tokens), video self-attention cost does not grow
-  with caption length, and the caption is encoded once per row rather than carried through every block.
-- Classifier-free guidance: every segment always sees one extra key, a learned null-text embedding
-  (the kv row is the captions followed by S null tokens with segment ids 1..S). `text_drop[:, k-1] = 1`
-  masks that segment's caption out, leaving only the null token, so the unconditional prediction does not
-  depend on the dropped caption's length, and a segment with an empty caption is still well defined.
+  separate from the video row, so packing and the block-sparse self-attention kernels see only video
+  tokens and video self-attention cost does not grow with caption length.
+- `text` is caption ids [B, Lt] for the jointly trained caption encoder (`dit.text_encoder = "caption"`,
+  models/text.py, the demo), or precomputed features [B, Lt, text_dim] from a frozen encoder
+  (`"umt5"`, models/umt5.py; Wan pads each caption's features to 512 with zeros, and the DiT attends to
+  the padding as Wan does: the data and the sampler lay those rows out).
+- Classifier-free guidance: `text_drop[:, k-1] = 1` zeroes segment k's text features. Its keys are then
+  all the projection of a zero vector, so the unconditional prediction depends neither on the dropped
+  caption nor on its length (for Wan, zero features are what its padding already is).
 - Conditioning (image/video prompts): tokens with `cond_mask = 1` are given. Their input is replaced by
   the clean `cond` latents, they are modulated with the t = 0 embedding instead of their segment's t
   (they are noise-free), and `[cond * mask, mask]` enters through a zero-initialised, bias-free input
   projection (so an untrained path is exactly "no conditioning", and `cond=None` equals an all-zero mask).
   Their outputs are meaningless; diffusion.loss_fn excludes them and samplers keep them fixed.
+- Initialisation from scratch is adaLN-Zero: the time projection, the per-block tables and the output
+  layer start at zero, so every block starts as the identity (Wan draws its tables at random).
 - Single-device construction: parameters carry logical axis names but are created with
   `nnx.use_eager_sharding(False)`, so the constructor works with or without a mesh. Training shards them
   explicitly: `nnx.get_partition_spec(nnx.state(model))` -> `sharding.logical_to_spec` -> device_put/jit
   out_shardings.
 
-Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), vocab_size (sentencepiece
-vocabulary), width, depth, num_heads, mlp_ratio, time_freq_dim, rope_theta, qk_norm, text_width,
-text_depth, text_heads, attention (segment_attention implementation), remat (a name in layers.REMAT_POLICIES:
-"none" | "full" | "dots" | "dots_saveable" | "full_save_attention" | "full_save_self_attention"), dtype
-(compute), param_dtype.
+Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), width, depth, num_heads, ffn_dim,
+time_freq_dim, rope_theta, qk_norm, text_encoder ("caption": also vocab_size, text_width, text_depth,
+text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention implementation), remat
+(a name in layers.REMAT_POLICIES: "none" | "full" | "dots" | "dots_saveable" | "full_save_attention" |
+"full_save_self_attention"), dtype (compute), param_dtype.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ from sora_jax.models import layers
 from sora_jax.models.text import TextEncoder
 
 ACT = ("act_batch", "act_seq", "act_embed")
+TEXT_ENCODERS = ("caption", "umt5")
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -86,34 +97,39 @@ def per_token_rows(table_bs, given_row, onehot_bls):
 
 
 class DiTBlock(nnx.Module):
-  """adaLN-Zero block: modulated self-attention (3-D RoPE, QK-norm), cross-attention to the segment's
-  caption, modulated MLP; the adaLN projection is zero-initialised so each block starts as identity."""
+  """Wan 2.1's block: modulated self-attention (3-D RoPE, QK-norm across heads), cross-attention to the
+  segment's caption (affine layer norm, no gate), modulated GELU(tanh) MLP.
+
+  The modulation is the shared per-segment time projection `mod_bs` (computed once in the DiT) plus this
+  block's learned table `mod` [6, W]: shift, scale, gate for attention, then for the MLP.
+  """
 
   def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     w = cfg.width
-    self.norm1 = layers.RMSNorm(w, use_scale=False, **kw)
+    self.norm1 = layers.LayerNorm(w, affine=False, **kw)
     self.attn = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention, **kw)
-    self.norm_x = layers.RMSNorm(w, **kw)
+    self.norm_cross = layers.LayerNorm(w, **kw)
     self.cross = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention,
                                   cross=True, **kw)
-    self.norm2 = layers.RMSNorm(w, use_scale=False, **kw)
-    self.mlp = layers.MLP(w, int(w * cfg.mlp_ratio), **kw)
-    self.ada = layers.Dense(w, (6, w), ("embed", None, None), zero_init=True, **kw)
+    self.norm2 = layers.LayerNorm(w, affine=False, **kw)
+    self.mlp = layers.MLP(w, cfg.ffn_dim, **kw)
+    # Zero, with the zero-initialised time projection: every block starts as the identity (adaLN-Zero).
+    self.mod = layers.param(rngs, nnx.initializers.zeros, (6, w), (None, "embed"), param_dtype)
 
   def __call__(self, x, ctx):
-    seg, angles, c_bsw, c0_w, rows, kv, kv_seg = ctx
-    # Modulation per segment ([B, S, 6, W], cheap), then looked up per token: one lookup per modulation,
-    # not one of [B, L, 6, W], so each [B, L, W] result fuses into its consumer and the backward needs no
-    # [B, L, 6, W] gradient buffer.
-    mod_bs, mod0 = self.ada(jax.nn.silu(c_bsw)), self.ada(jax.nn.silu(c0_w))
-    shift1, scale1, gate1, shift2, scale2, gate2 = (per_token_rows(mod_bs[:, :, i], mod0[i], rows)
-                                                    for i in range(6))
+    seg, angles, mod_bs, mod0, rows, kv, kv_seg = ctx
+    table = self.mod[...]
+    # Per-segment rows ([B, S, 6, W], cheap) looked up per token one modulation at a time: each [B, L, W]
+    # result fuses into its consumer and the backward needs no [B, L, 6, W] gradient buffer.
+    shift1, scale1, gate1, shift2, scale2, gate2 = (
+        per_token_rows(mod_bs[:, :, i] + table[i], mod0[i] + table[i], rows) for i in range(6))
 
-    h = _modulate(self.norm1(x), shift1, scale1)
-    x = x + gate1 * self.attn(h, seg, h, seg, q_angles=angles, kv_angles=angles)
-    x = x + self.cross(self.norm_x(x), seg, kv, kv_seg)
-    x = x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+    h = _modulate(self.norm1(x), shift1, scale1).astype(x.dtype)
+    x = x + (gate1 * self.attn(h, seg, h, seg, q_angles=angles, kv_angles=angles)).astype(x.dtype)
+    x = x + self.cross(self.norm_cross(x), seg, kv, kv_seg)
+    h = _modulate(self.norm2(x), shift2, scale2).astype(x.dtype)
+    x = x + (gate2 * self.mlp(h)).astype(x.dtype)
     return sharding.constrain(x, ACT)
 
 
@@ -126,35 +142,44 @@ class DiT(nnx.Module):
       raise ValueError(f"dit.in_dim={cfg.in_dim}: set it to the data's token dim pt*ph*pw*latent channels")
     if cfg.width % cfg.num_heads:
       raise ValueError(f"dit.width={cfg.width} is not divisible by dit.num_heads={cfg.num_heads}")
+    if cfg.text_encoder not in TEXT_ENCODERS:
+      raise ValueError(f"dit.text_encoder={cfg.text_encoder!r} is unknown; accepted: {TEXT_ENCODERS}")
     head_dim = cfg.width // cfg.num_heads
     self.rope_dims = layers.rope_split(head_dim, 3)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    # The time path runs in float32 whatever the compute dtype: it is per segment (cheap), and the
+    # modulation it feeds scales every activation.
+    f32 = dict(dtype=jnp.float32, param_dtype=param_dtype)
     w = cfg.width
     with nnx.use_eager_sharding(False):
       self.x_embed = layers.Dense(cfg.in_dim, w, (None, "embed"), **kw, rngs=rngs)
       self.cond_embed = layers.Dense(cfg.in_dim + 1, w, (None, "embed"), use_bias=False, zero_init=True,
                                      **kw, rngs=rngs)
-      self.t_embed1 = layers.Dense(cfg.time_freq_dim, w, (None, "embed"), **kw, rngs=rngs)
-      self.t_embed2 = layers.Dense(w, w, ("embed", None), **kw, rngs=rngs)
-      self.text = TextEncoder(cfg, rngs=rngs)
-      self.text_proj = layers.Dense(cfg.text_width, w, (None, "embed"), **kw, rngs=rngs)
-      self.null_text = layers.param(rngs, nnx.initializers.normal(0.02), (w,), ("embed",), param_dtype)
+      self.time_in = layers.Dense(cfg.time_freq_dim, w, (None, "embed"), **f32, rngs=rngs)
+      self.time_out = layers.Dense(w, w, ("embed", None), **f32, rngs=rngs)
+      self.time_mod = layers.Dense(w, (6, w), ("embed", None, None), zero_init=True, **f32, rngs=rngs)
+      if cfg.text_encoder == "caption":
+        self.text, text_dim = TextEncoder(cfg, rngs=rngs), cfg.text_width
+      else:
+        self.text, text_dim = None, cfg.text_dim
+      self.text_in = layers.Dense(text_dim, w, (None, "embed"), **kw, rngs=rngs)
+      self.text_out = layers.Dense(w, w, ("embed", None), **kw, rngs=rngs)
       self.blocks = layers.stack_layers(lambda r: DiTBlock(cfg, **kw, rngs=r), cfg.depth, rngs)
-      self.final_norm = layers.RMSNorm(w, use_scale=False, **kw, rngs=rngs)
-      self.final_ada = layers.Dense(w, (2, w), ("embed", None, None), zero_init=True, **kw, rngs=rngs)
+      self.final_norm = layers.LayerNorm(w, affine=False, **kw, rngs=rngs)
+      self.final_mod = layers.param(rngs, nnx.initializers.zeros, (2, w), (None, "embed"), param_dtype)
       self.out = layers.Dense(w, cfg.in_dim, ("embed", None), zero_init=True, **kw, rngs=rngs)
     self.time_freq_dim, self.rope_theta, self.remat, self.dtype = (
         cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype)
 
   def _time(self, t):
-    h = self.t_embed1(timestep_embedding(t, self.time_freq_dim))
-    return self.t_embed2(jax.nn.silu(h))
+    """The time embedding c [..., W] (float32) of t in [0, 1]."""
+    return self.time_out(jax.nn.silu(self.time_in(timestep_embedding(t, self.time_freq_dim))))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, t: jax.Array,
-               text_tokens: jax.Array, text_segment_ids: jax.Array, *, cond: jax.Array | None = None,
+               text: jax.Array, text_segment_ids: jax.Array, *, cond: jax.Array | None = None,
                cond_mask: jax.Array | None = None, text_drop: jax.Array | None = None) -> jax.Array:
-    """x [B,L,D], positions int [B,L,3], segment_ids int [B,L], t [B,S], text [B,Lt] -> [B,L,D] float32."""
-    b, _, _ = x.shape
+    """x [B,L,D], positions int [B,L,3], segment_ids int [B,L], t [B,S], text [B,Lt] (ids) or [B,Lt,text_dim]
+    (features) -> [B,L,D] float32."""
     s = t.shape[1]
     seg = segment_ids.astype(jnp.int32)
     if (cond is None) != (cond_mask is None):
@@ -171,32 +196,26 @@ class DiT(nnx.Module):
       h = h + self.cond_embed(jnp.concatenate([cond * gm, gm], axis=-1))
     h = sharding.constrain(h, ACT)
 
-    # Time: one embedding per segment; the t = 0 one for given tokens.
+    # Time: one embedding per segment (and the t = 0 one for given tokens), projected once to the six
+    # modulations every block adds its own table to.
     c_bsw = self._time(t)
     c0_w = self._time(jnp.zeros((), jnp.float32))
+    mod_bs, mod0 = self.time_mod(jax.nn.silu(c_bsw)), self.time_mod(jax.nn.silu(c0_w))
 
-    # Text: captions followed by one learned null token per segment (ids 1..S); text_drop hides captions.
+    # Text: caption features (zero where text_drop hides a caption), then the two-layer projection.
     tseg = text_segment_ids.astype(jnp.int32)
+    feats = self.text(text, tseg) if self.text is not None else text.astype(self.dtype)
     if text_drop is not None:
       drop_tok = jnp.take_along_axis(text_drop, jnp.clip(tseg - 1, 0, s - 1), axis=1) > 0
-      tseg = jnp.where(drop_tok, 0, tseg)
-    text_bmw = self.text_proj(self.text(text_tokens, text_segment_ids))
-    null = jnp.broadcast_to(self.null_text[...].astype(self.dtype), (b, s, text_bmw.shape[-1]))
-    kv = jnp.concatenate([text_bmw, null], axis=1)
-    kv_seg = jnp.concatenate([tseg, jnp.broadcast_to(jnp.arange(1, s + 1, dtype=jnp.int32), (b, s))], axis=1)
-    # Sort keys by segment (each null token next to its caption, hidden/padding keys last): attention is
-    # invariant to key order, and the block-sparse kernels cost what the segments cost only when ids are
-    # contiguous and increasing.
-    perm = jnp.argsort(jnp.where(kv_seg > 0, kv_seg, s + 1), axis=1, stable=True)
-    kv = jnp.take_along_axis(kv, perm[..., None], axis=1)
-    kv_seg = jnp.take_along_axis(kv_seg, perm, axis=1)
+      feats = jnp.where(drop_tok[..., None], jnp.zeros((), feats.dtype), feats)
+    kv = self.text_out(jax.nn.gelu(self.text_in(feats), approximate=True))
 
     angles = layers.rope_angles(positions, self.rope_dims, self.rope_theta)
-    rows = row_one_hot(seg, given, s, self.dtype)
-    ctx = (seg, angles, c_bsw, c0_w, rows, kv, kv_seg)
+    rows = row_one_hot(seg, given, s, jnp.float32)
+    ctx = (seg, angles, mod_bs, mod0, rows, kv, tseg)
     h = layers.scan_layers(self.blocks, h, lambda blk, h: blk(h, ctx), self.remat)
 
-    fmod_bs, fmod0 = self.final_ada(jax.nn.silu(c_bsw)), self.final_ada(jax.nn.silu(c0_w))
-    shift, scale = (per_token_rows(fmod_bs[:, :, i], fmod0[i], rows) for i in range(2))
-    out = self.out(_modulate(self.final_norm(h), shift, scale)).astype(jnp.float32)
+    table = self.final_mod[...]
+    shift, scale = (per_token_rows(c_bsw + table[i], c0_w + table[i], rows) for i in range(2))
+    out = self.out(_modulate(self.final_norm(h), shift, scale).astype(h.dtype)).astype(jnp.float32)
     return jnp.where((seg > 0)[..., None], out, 0.0)

@@ -92,18 +92,41 @@ class DenseIn(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMS norm over the last axis in float32; `use_scale=False` where adaLN supplies the scale."""
+  """RMS norm over the trailing `shape` axes in float32, with a learned scale of that shape (`use_scale=False`
+  where adaLN supplies the scale). A tuple shape normalises several axes together: the DiT's QK-norm runs
+  over (heads, head_dim), across all heads at once, as Wan 2.1 does."""
 
-  def __init__(self, dim: int, names: Names = ("embed",), *, use_scale: bool = True, eps: float = 1e-6,
-               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.scale = param(rngs, nnx.initializers.ones, (dim,), names, param_dtype) if use_scale else None
+  def __init__(self, shape: int | Sequence[int], names: Names = ("embed",), *, use_scale: bool = True,
+               eps: float = 1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    self.scale = param(rngs, nnx.initializers.ones, shape, names, param_dtype) if use_scale else None
+    self.axes = tuple(range(-len(shape), 0))
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=self.axes, keepdims=True) + self.eps)
     if self.scale is not None:
       y = y * self.scale[...]
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Layer norm over the last axis in float32; `affine=False` where adaLN supplies scale and shift."""
+
+  def __init__(self, dim: int, *, affine: bool = True, eps: float = 1e-6, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype) if affine else None
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype) if affine else None
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...] + self.bias[...]
     return y.astype(self.dtype)
 
 
@@ -164,7 +187,8 @@ class Attention(nnx.Module):
   """Multi-head attention restricted to equal segment ids, with RMS QK-norm and optional RoPE.
 
   Self-attention when called with kv = x; cross-attention when kv comes from another sequence
-  (kv_dim may differ from the query width).
+  (kv_dim may differ from the query width). q, k, v and the output projection have biases; the QK-norm
+  (RMS over all heads together) comes before RoPE.
   """
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None, qk_norm: bool = True,
@@ -179,8 +203,9 @@ class Attention(nnx.Module):
     self.k = Dense(kv_dim, (heads, head_dim), ("embed", "heads", "head_dim"), **kw)
     self.v = Dense(kv_dim, (heads, head_dim), ("embed", "heads", "head_dim"), **kw)
     self.o = DenseIn(heads, head_dim, dim, **kw)
-    self.q_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
-    self.k_norm = RMSNorm(head_dim, ("head_dim",), **kw) if qk_norm else None
+    # QK-norm across heads (one RMS over heads x head_dim, Wan 2.1's "rms_norm_across_heads").
+    self.q_norm = RMSNorm((heads, head_dim), ("heads", "head_dim"), **kw) if qk_norm else None
+    self.k_norm = RMSNorm((heads, head_dim), ("heads", "head_dim"), **kw) if qk_norm else None
     self.implementation = implementation
     self.residual_name = CROSS_RESIDUAL_NAME if cross else RESIDUAL_NAME  # for remat policies
 
@@ -199,7 +224,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Two-layer GELU MLP."""
+  """Two-layer MLP with GELU (tanh approximation)."""
 
   def __init__(self, dim: int, hidden: int, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -13,17 +13,18 @@ from flax import nnx
 from sora_jax import sharding
 from sora_jax.models import layers
 
+MLP_RATIO = 4  # the caption encoder's MLP width, in multiples of text_width
+
 
 class TextBlock(nnx.Module):
   """Pre-norm transformer block: segment-restricted self-attention with 1-D RoPE, then an MLP."""
 
-  def __init__(self, dim: int, heads: int, mlp_ratio: float, *, implementation: str, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, *, implementation: str, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = layers.RMSNorm(dim, **kw)
     self.attn = layers.Attention(dim, heads, implementation=implementation, **kw)
     self.norm2 = layers.RMSNorm(dim, **kw)
-    self.mlp = layers.MLP(dim, int(dim * mlp_ratio), **kw)
+    self.mlp = layers.MLP(dim, MLP_RATIO * dim, **kw)
 
   def __call__(self, x, segment_ids, angles):
     h = self.norm1(x)
@@ -35,7 +36,7 @@ class TextBlock(nnx.Module):
 class TextEncoder(nnx.Module):
   """text_tokens [B, Lt] int32, text_segment_ids [B, Lt] -> features [B, Lt, text_width] (compute dtype).
 
-  Config keys read from cfg.dit: vocab_size, text_width, text_depth, text_heads, mlp_ratio, rope_theta,
+  Config keys read from cfg.dit: vocab_size, text_width, text_depth, text_heads, rope_theta,
   attention, remat, dtype, param_dtype.
   """
 
@@ -45,7 +46,7 @@ class TextEncoder(nnx.Module):
       self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.text_width),
                                 ("vocab", "embed"), param_dtype)
       self.blocks = layers.stack_layers(
-          lambda r: TextBlock(cfg.text_width, cfg.text_heads, cfg.mlp_ratio, implementation=cfg.attention,
+          lambda r: TextBlock(cfg.text_width, cfg.text_heads, implementation=cfg.attention,
                               dtype=dtype, param_dtype=param_dtype, rngs=r),
           cfg.text_depth, rngs)
       self.norm = layers.RMSNorm(cfg.text_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
