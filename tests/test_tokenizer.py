@@ -77,14 +77,18 @@ def test_command_line_trains_on_a_built_data_set(tmp_path):
 # A published T5 / UMT5 spiece.model's id policy (Wan 2.1's tokenizer): pad 0, eos 1, unk 2, no bos.
 T5_IDS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
 T5_SENTENCES = [
-    "a red fox jumps over the lazy dog", "two cats sleep on a warm windowsill", "the camera pans slowly to the left",
-    "a woman walks along the beach at sunset", "waves crash against the rocky shore", "a car drives through the rain",
-    "children play football in a sunny park", "an old man reads a newspaper", "the city skyline glows at night",
-    "a drone flies over snowy mountains", "close-up of a flower opening in time-lapse", "a chef chops onions quickly",
-    "Ein Hund läuft über die grüne Wiese", "Le chat noir dort près de la fenêtre", "Une tasse de café fumant",
-    "一只猫在桌子上跳舞", "夕阳下的海边", "El perro corre en la playa", "Köln, Zürich und Straße",
-    "a robot dances in a neon-lit street", "slow motion of water drops falling", "a bird sings on a branch",
-    "the train leaves the station at dawn", "a kite flies high above the field", "rain falls on the quiet lake",
+    "a red fox jumps over the lazy dog", "two cats sleep on a warm windowsill",
+    "the camera pans slowly to the left", "a woman walks along the beach at sunset",
+    "waves crash against the rocky shore", "a car drives through the rain",
+    "children play football in a sunny park", "an old man reads a newspaper",
+    "the city skyline glows at night", "a drone flies over snowy mountains",
+    "close-up of a flower opening in time-lapse", "a chef chops onions quickly",
+    "Ein Hund läuft über die grüne Wiese", "Le chat noir dort près de la fenêtre",
+    "Une tasse de café fumant", "一只猫在桌子上跳舞", "夕阳下的海边", "El perro corre en la playa",
+    "Köln, Zürich und Straße", "a robot dances in a neon-lit street",
+    "slow motion of water drops falling", "a bird sings on a branch",
+    "the train leaves the station at dawn", "a kite flies high above the field",
+    "rain falls on the quiet lake",
 ]
 
 

@@ -70,7 +70,8 @@ def text_config(hf_config: Mapping[str, Any], *, max_len: int = WAN_MAX_LEN, dty
   return {k: cfg[k] for k in CONFIG_KEYS}
 
 
-def relative_position_buckets(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
+def relative_position_buckets(relative_position: np.ndarray, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
   """T5's bidirectional bucket of each `key position - query position` (int array of any shape).
 
   Half the buckets hold keys after the query, half before; in each half, distances below a quarter
