@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "array-record==0.8.6",
     "tensorflow-datasets==4.9.10",
     "sentencepiece==0.2.3",
+    "safetensors==0.8.0",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "av==18.1.0",
@@ -24,7 +25,7 @@ EXTRAS = {
     "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17"],
     "tpu": ["libtpu==0.0.52"],
     "gpu": ["jax-cuda12-plugin[with-cuda]==0.10.2"],
-    "interop": ["torch==2.13.0", "diffusers==0.42.1", "safetensors==0.8.0"],
+    "interop": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.25.0"],
 }
 
 setup(

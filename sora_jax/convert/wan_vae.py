@@ -5,7 +5,7 @@
 `--input` is the safetensors file (or the directory holding `diffusion_pytorch_model.safetensors`);
 diffusers' `config.json` beside it is read when present (`--diffusers_config` names another). The
 architecture is read off the tensor shapes, so the file alone is enough, and checked against that config.
-No torch is needed: the safetensors format is parsed here.
+No torch is needed: convert/safetensors_io.py reads the file.
 
 The output directory is laid out as the VAE trainer leaves its work directory, so `reconstruct --vae
 DIR`, `encode_latents.py --vae DIR` and the bundle export (with DIR as the run's `vae/`) load it like
@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from absl import app, flags, logging
-import ml_dtypes
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
+from sora_jax.convert import safetensors_io
+from sora_jax.convert.safetensors_io import ConversionError
 from sora_jax.models import vae as vae_lib
 
 FILE_NAME = "diffusion_pytorch_model.safetensors"
@@ -51,48 +52,10 @@ WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-
-
-class ConversionError(ValueError):
-  """Input that is not a convertible AutoencoderKLWan checkpoint."""
-
-
 # ------------------------------------------------------------------------------------ safetensors
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors file as float32 numpy (read through a memory map).
-
-  The format: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape,
-  data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw row-major bytes.
-  """
-  path = Path(path)
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    if size < 8 or n <= 0 or 8 + n > size:
-      raise ConversionError(f"{path} is not a safetensors file (header length {n} in {size} bytes)")
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConversionError(f"{path} is not a safetensors file (header is not JSON: {e})") from None
-  if not isinstance(header, dict):
-    raise ConversionError(f"{path} is not a safetensors file (header is not a JSON object)")
-  data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise ConversionError(f"{path}: tensor {name} has dtype {info['dtype']}; accepted: "
-                            f"{sorted(_ST_DTYPES)}")
-    begin, end = info["data_offsets"]
-    try:
-      arr = np.frombuffer(data[begin:end], dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    except ValueError:
-      raise ConversionError(f"{path}: tensor {name}'s bytes [{begin}, {end}) do not hold "
-                            f"{info['dtype']} {info['shape']} (truncated file?)") from None
-    out[name] = arr.astype(np.float32)
-  return out
+  """Every tensor of a safetensors checkpoint (file, sharded index, or directory) as float32 numpy."""
+  return {k: v.astype(np.float32) for k, v in safetensors_io.read(path).items()}
 
 
 # ------------------------------------------------------------------------------ the architecture
