@@ -17,7 +17,7 @@ pytestmark = pytest.mark.interop
 _WHY = "needs the interop extra (torch, diffusers, safetensors): pip install -e '.[interop]' or make test-interop"
 torch = pytest.importorskip("torch", reason=_WHY)
 diffusers = pytest.importorskip("diffusers", reason=_WHY)
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=_WHY)
+
 
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
@@ -25,7 +25,7 @@ from flax import nnx  # pylint: disable=wrong-import-position
 
 from sora_jax import bundle as bundle_lib  # pylint: disable=wrong-import-position
 from sora_jax import patching  # pylint: disable=wrong-import-position
-from sora_jax.convert import wan  # pylint: disable=wrong-import-position
+from sora_jax.convert import safetensors_io, wan  # pylint: disable=wrong-import-position
 from sora_jax.models.dit import DiT  # pylint: disable=wrong-import-position
 
 TOL = 1e-4
@@ -57,7 +57,7 @@ def models(tmp_path_factory):
   ref = random_wan(0)
   ref.save_pretrained(root)
   cfg_json = json.loads((root / "config.json").read_text())
-  tensors = safetensors_numpy.load_file(str(root / "diffusion_pytorch_model.safetensors"))
+  tensors = safetensors_io.read(root)
   dit_cfg, patch = wan.dit_config(cfg_json, dtype="float32")
   dit_cfg["attention"] = "reference"
   params = wan.dit_params(tensors, dit_cfg, patch)

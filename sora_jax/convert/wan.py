@@ -1,6 +1,20 @@
-"""Converts Wan 2.1's text-to-video DiT, as diffusers' `WanTransformer3DModel` stores it, into sora_jax's DiT.
+"""Converts Wan 2.1's text-to-video pipeline, as diffusers stores it, into a sora_jax inference bundle.
 
-sora_jax's DiT block is Wan 2.1's (models/dit.py), so the conversion is a renaming and a re-layout of
+    python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-1.3B-Diffusers --out runs/wan21_1.3b/bundle
+    python -m sora_jax.sample --bundle runs/wan21_1.3b/bundle --prompt "..." --num_frames 81 \
+        --height 480 --width 832 --out cat.mp4
+
+The pipeline folder is what `WanPipeline.save_pretrained` writes: transformer/ (WanTransformer3DModel),
+text_encoder/ (transformers UMT5EncoderModel), tokenizer/ (its sentencepiece `spiece.model`, which the
+published folders ship), vae/ (AutoencoderKLWan), scheduler/ (FlowMatchEulerDiscreteScheduler or
+UniPCMultistepScheduler with flow sigmas, the published default). Weights may be one safetensors file or
+shards with an index. The bundle holds the DiT, the UMT5 encoder (beside the DiT: `dit.text_encoder =
+"umt5"`), the VAE with Wan's latent statistics, the tokenizer, and a config whose `sample` and
+`diffusion` sections reproduce the scheduler (sampler, time grid, constant shift) and Wan's defaults
+(50 steps, guidance 5, 81 frames of 480x832 at 16 fps). tests/test_wan_pipeline_interop.py checks the
+whole pipeline against diffusers' WanPipeline from the same noise.
+
+The DiT: sora_jax's DiT block is Wan 2.1's (models/dit.py), so the conversion is a renaming and a re-layout of
 tensors, with no approximation:
 
     diffusers                                        sora_jax DiT
@@ -26,16 +40,19 @@ refused with one line.
 """
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
 from typing import Any, Mapping
 
+from absl import app, flags, logging
 import numpy as np
+
+from sora_jax.convert.safetensors_io import ConversionError
 
 T2V_REFUSED = {  # diffusers config keys that only image-to-video / later variants set
     "image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None}
-
-
-class ConversionError(ValueError):
-  """Input that is not a convertible Wan 2.1 text-to-video checkpoint."""
 
 
 def dit_config(diffusers_cfg: Mapping[str, Any], *, dtype: str = "bfloat16") -> tuple[dict, tuple[int, int, int]]:
@@ -147,3 +164,136 @@ def _stack(trees: list) -> Any:
   if isinstance(trees[0], dict):
     return {k: _stack([tr[k] for tr in trees]) for k in trees[0]}
   return np.stack(trees)
+
+
+# ------------------------------------------------------------------------------------- the pipeline
+# Wan 2.1's published defaults (diffusers' WanPipeline docs and the model cards): 81 frames at 480x832,
+# 16 fps, guidance 5, 50 steps.
+SAMPLE_DEFAULTS = dict(steps=50, guidance=5.0, num_frames=81, height=480, width=832, fps=16.0)
+
+
+def scheduler_settings(sched: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(the config's `sample` keys, its `diffusion` keys) reproducing a diffusers scheduler_config.json."""
+  name = sched.get("_class_name")
+  if name == "FlowMatchEulerDiscreteScheduler":
+    if sched.get("use_dynamic_shifting"):
+      raise ConversionError("scheduler use_dynamic_shifting=true is not supported (Wan 2.1 uses a constant "
+                            "shift)")
+    sample, shift = dict(sampler="euler", time_grid="flow_match"), float(sched.get("shift", 1.0))
+  elif name == "UniPCMultistepScheduler":
+    if sched.get("prediction_type") != "flow_prediction" or not sched.get("use_flow_sigmas"):
+      raise ConversionError(f"UniPC scheduler prediction_type={sched.get('prediction_type')!r}, "
+                            f"use_flow_sigmas={sched.get('use_flow_sigmas')!r}; accepted: "
+                            "'flow_prediction' with flow sigmas (Wan 2.1)")
+    unipc = dict(order=int(sched.get("solver_order", 2)), variant=str(sched.get("solver_type", "bh2")),
+                 lower_order_final=bool(sched.get("lower_order_final", True)),
+                 disable_corrector=[int(k) for k in sched.get("disable_corrector", [])])
+    if not sched.get("predict_x0", True):
+      raise ConversionError("UniPC scheduler predict_x0=false is not supported (Wan 2.1: true)")
+    sample, shift = dict(sampler="unipc", time_grid="unipc", unipc=unipc), float(sched.get("flow_shift", 1.0))
+  else:
+    raise ConversionError(f"scheduler {name!r} is not supported; accepted: FlowMatchEulerDiscreteScheduler, "
+                          "UniPCMultistepScheduler (flow sigmas)")
+  diffusion = dict(objective="flow", time_shift=True, shift_rule="constant", shift_scale=shift,
+                   shift_ref_tokens=1)
+  return sample, diffusion
+
+
+def _json(path: Path, what: str) -> dict:
+  if not path.is_file():
+    raise ConversionError(f"{path}: no such file ({what})")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def pipeline_config(root: Path, *, dtype: str) -> dict:
+  """The bundle's config (all sections) for a diffusers Wan pipeline folder, without reading weights."""
+  from sora_jax.convert import umt5  # pylint: disable=g-import-not-at-top
+  dit, patch = dit_config(_json(root / "transformer" / "config.json", "the transformer's config"), dtype=dtype)
+  text = umt5.read_config(root / "text_encoder", dtype=dtype)
+  if text["d_model"] != dit["text_dim"]:
+    raise ConversionError(f"the text encoder's d_model {text['d_model']} is not the transformer's text_dim "
+                          f"{dit['text_dim']}")
+  sample, diffusion = scheduler_settings(_json(root / "scheduler" / "scheduler_config.json",
+                                               "the scheduler's config"))
+  sample.update(SAMPLE_DEFAULTS, row_len=0, max_tile_pixels=0)
+  seq_len = (1 + (sample["num_frames"] - 1) // 4) * (sample["height"] // 16) * (sample["width"] // 16)
+  return dict(seed=0, dit=dit, text=text, diffusion=diffusion, sample=sample,
+              data=dict(source="latents", patch=list(patch), seq_len=int(seq_len)))
+
+
+def run(pipeline_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
+        weights_dtype: str = "float32") -> dict:
+  """Converts the pipeline folder into the bundle `out`; returns the bundle's manifest.
+
+  `dtype`: the compute dtype the bundle's models run in; `weights_dtype`: how its weights are stored.
+  """
+  from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  from sora_jax.convert import safetensors_io, umt5, wan_vae  # pylint: disable=g-import-not-at-top
+  root = Path(pipeline_dir)
+  if not root.is_dir():
+    raise ConversionError(f"--pipeline {root}: no such directory (a diffusers Wan pipeline folder)")
+  cfg = pipeline_config(root, dtype=dtype)
+  spiece = root / "tokenizer" / "spiece.model"
+  if not spiece.is_file():
+    raise ConversionError(f"{spiece}: no such file (the UMT5 tokenizer's sentencepiece model, which the "
+                          "published Wan 2.1 folders ship; tokenizer.json alone is not read)")
+  dit = dit_params(safetensors_io.read(root / "transformer"), cfg["dit"], tuple(cfg["data"]["patch"]))
+  _, dit["text"] = umt5.convert(root / "text_encoder", dtype=dtype)
+  vae_tensors = {k: np.asarray(v, np.float32) for k, v in safetensors_io.read(root / "vae").items()}
+  vae_settings = wan_vae.infer_settings(vae_tensors)
+  vae_cfg_path = root / "vae" / "config.json"
+  vae_dcfg = _json(vae_cfg_path, "the VAE's config") if vae_cfg_path.is_file() else None
+  if vae_dcfg is not None:
+    wan_vae.check_diffusers_config(vae_dcfg, vae_settings)
+  stats = wan_vae.latent_stats(vae_dcfg, vae_settings)
+  cfg["vae"] = dict(wan_vae.settings_dict(vae_settings), dtype=dtype)
+  if vae_settings.temporal_factor != 4 or vae_settings.spatial_factor != 8:
+    raise ConversionError(f"the VAE compresses {vae_settings.temporal_factor}x{vae_settings.spatial_factor}"
+                          "x; Wan 2.1's is 4x8x8")
+  if cfg["dit"]["in_dim"] != vae_settings.z_dim * int(np.prod(cfg["data"]["patch"])):
+    raise ConversionError(f"the transformer reads {cfg['dit']['in_dim']} values per token; the VAE's "
+                          f"{vae_settings.z_dim} channels in patches of {cfg['data']['patch']} give "
+                          f"{vae_settings.z_dim * int(np.prod(cfg['data']['patch']))}")
+  vae = wan_vae.convert(vae_tensors, vae_settings)
+  source = {"format": "diffusers WanPipeline (Wan 2.1 text-to-video)", "pipeline": str(root.absolute()),
+            "latent_stats": stats["source"]}
+  return bundle_lib.write(out, config=cfg, dit_params=dit, vae_params=vae, tokenizer_model=spiece,
+                          latent_stats=stats, dtype=weights_dtype, source=source)
+
+
+def _define_flags() -> dict:
+  # Defined only when run as a program, so that importing this module leaves other entry points' flags alone.
+  return {
+      "pipeline": flags.DEFINE_string("pipeline", None, "a diffusers Wan 2.1 pipeline folder (save_pretrained)"),
+      "out": flags.DEFINE_string("out", None, "the bundle to write (a new or empty directory, or a bundle)"),
+      "dtype": flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of the models"),
+      "weights_dtype": flags.DEFINE_enum("weights_dtype", "float32", ["float32", "bfloat16"],
+                                         "how the bundle stores the weights"),
+  }
+
+
+def main(argv, f: dict):
+  del argv
+  pipeline, out = f["pipeline"].value, f["out"].value
+  if not pipeline or not out:
+    print("error: --pipeline and --out are required", file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
+  start = time.time()
+  try:
+    manifest = run(pipeline, out, dtype=f["dtype"].value, weights_dtype=f["weights_dtype"].value)
+  except (ConversionError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  n = manifest["parameters"]
+  print(f"[convert] {pipeline} -> {out}: DiT {n['dit'] / 1e6:.2f}M, text encoder "
+        f"{n['text_encoder'] / 1e6:.2f}M, VAE {n['vae'] / 1e6:.2f}M parameters; "
+        f"{time.time() - start:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))
