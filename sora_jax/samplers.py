@@ -34,6 +34,7 @@ import numpy as np
 
 GRIDS = ("uniform", "flow_match", "unipc")
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' timestep = sigma * 1000
+UNIPC_MAX_SIGMA = 1.0 - 1e-6  # lambda = log((1 - sigma) / sigma) must be finite where the model is called
 
 
 def shift(u, a):
@@ -66,7 +67,7 @@ def sigma_grid(steps: int, kind: str = "uniform", shift_fn: Callable | None = No
   if kind == "unipc":
     t = sh(np.linspace(1.0, 1.0 / n, steps + 1)[:-1]).copy()
     if abs(t[0] - 1.0) < 1e-6:
-      t[0] -= 1e-6  # log(1 - sigma) at the first step must be finite
+      t[0] -= 1e-6  # as UNIPC_MAX_SIGMA
     return np.concatenate([t, [0.0]])
   raise ValueError(f"time grid {kind!r} is unknown; accepted: {list(GRIDS)}")
 
@@ -131,10 +132,12 @@ class UniPCTables:
   """Per-step coefficients (float32) of UniPC on one grid per segment; arrays [K, ...] or [K, J, ...],
   with `...` the shape of the grid's segment axes and J = order + 1 slots for m_k, m_{k-1}, ..., m_{k-order}.
 
-  Step k, with m_k = x_k - sigma_k v_k from the model:
+  `sigmas` [K + 1, ...] are the grid's, at most UNIPC_MAX_SIGMA (a grid starting at 1, such as "uniform",
+  starts 1e-6 below it, as diffusers' own). Step k, with m_k = x_k - sigma_k v_k from the model:
       corrected x_k = keep x_k + prev x_{k-1} + sum_j corr[j] m_{k-j}      (UniC; keep = 1 at k = 0)
       x_{k+1}       = scale x_k + sum_j pred[j] m_{k-j}                    (UniP, from the corrected x_k)
   """
+  sigmas: np.ndarray
   keep: np.ndarray
   prev: np.ndarray
   corr: np.ndarray
@@ -142,7 +145,8 @@ class UniPCTables:
   pred: np.ndarray
 
   def at(self, k: int) -> dict[str, np.ndarray]:
-    return {f.name: getattr(self, f.name)[k] for f in dataclasses.fields(self)}
+    """Step k's coefficients, for `unipc_update`."""
+    return {name: getattr(self, name)[k] for name in ("keep", "prev", "corr", "scale", "pred")}
 
 
 def _b_terms(hh, order: int, variant: str):
@@ -191,7 +195,8 @@ def unipc_tables(sigmas: np.ndarray, settings: UniPC = UniPC()) -> UniPCTables:
   1 - sigma at the first step is the same number). Grids that are all 0 (unused segment slots) get the
   identity.
   """
-  sig = np.asarray(np.asarray(sigmas, np.float32), np.float64)
+  run = np.minimum(np.asarray(sigmas, np.float64), UNIPC_MAX_SIGMA).astype(np.float32)
+  sig = run.astype(np.float64)
   steps, shape = sig.shape[0] - 1, sig.shape[1:]
   if steps < 1:
     raise ValueError(f"a grid of {steps + 1} sigmas has no steps: give at least 2")
@@ -223,7 +228,7 @@ def unipc_tables(sigmas: np.ndarray, settings: UniPC = UniPC()) -> UniPCTables:
         corr[k, j] = c
   for arr, identity in ((keep, 1.0), (prev, 0.0), (corr, 0.0), (scale, 1.0), (pred, 0.0)):
     arr[..., unused] = identity
-  tables = UniPCTables(keep, prev, corr, scale, pred)
+  tables = UniPCTables(run, keep, prev, corr, scale, pred)
   for f in dataclasses.fields(tables):
     v = getattr(tables, f.name)
     if not np.isfinite(v).all():

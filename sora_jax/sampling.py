@@ -470,17 +470,18 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
   g = jnp.float32(guidance)
   zero = jnp.zeros_like(eps)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  tables, carry = None, {}
+  sigmas, tables, carry = packed.schedule, None, {}
   if sampler == "unipc":
     unipc = unipc or samplers.UniPC()
     tables = samplers.unipc_tables(packed.schedule, unipc)
+    sigmas = tables.sigmas  # below 1, as the coefficients need
     carry = {"x_prev": zero, "history": (zero,) * unipc.order}
   for k in it:
     z = _step_noise(packed, seed, k + 1) if sampler == "ddpm" else zero
     solver = {"model": f32(packed.model_times[k]), "model_next": f32(packed.model_times[k + 1])}
     if tables is not None:
       solver["coef"] = {name: f32(c) for name, c in tables.at(k).items()}
-    x, carry = step(state, batch, x, f32(packed.schedule[k]), f32(packed.schedule[k + 1]), z, g, solver, carry)
+    x, carry = step(state, batch, x, f32(sigmas[k]), f32(sigmas[k + 1]), z, g, solver, carry)
   x = np.asarray(jax.block_until_ready(x))
   return [patching.unpatchify(x[p.row, p.start:p.start + p.num_tokens], p.grid, packed.patch)
           for p in packed.placements]
