@@ -38,15 +38,22 @@ UNIPC_MAX_SIGMA = 1.0 - 1e-6  # lambda = log((1 - sigma) / sigma) must be finite
 
 
 def shift(u, a):
-  """SD3's time shift u -> a u / (1 + (a - 1) u): a > 1 moves every step towards noise; a = 1 is the identity."""
-  return a * u / (1.0 + (a - 1.0) * u)
+  """SD3's time shift u -> a u / (1 + (a - 1) u): a > 1 moves every step towards noise; a = 1 is the identity.
+
+  Computed in u's precision (numpy), as diffusers computes its float32 training table and float64 steps.
+  """
+  u = np.asarray(u)
+  if not np.issubdtype(u.dtype, np.floating):
+    u = u.astype(np.float64)
+  a = u.dtype.type(a)
+  return a * u / (1 + (a - 1) * u)
 
 
 def sigma_grid(steps: int, kind: str = "uniform", shift_fn: Callable | None = None) -> np.ndarray:
   """float64 [steps + 1]: the sigmas of grid `kind` (see the module docstring), ending at exactly 0.
 
   Their float32 roundings are diffusers' `scheduler.sigmas` for the "flow_match" and "unipc" kinds.
-  `shift_fn(u)` maps unshifted float64 times to shifted ones (None: no shift).
+  `shift_fn(u)` maps unshifted times to shifted ones in their precision (None: no shift).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps {steps} is not accepted: use a positive integer")
@@ -58,10 +65,9 @@ def sigma_grid(steps: int, kind: str = "uniform", shift_fn: Callable | None = No
     return t
   n = NUM_TRAIN_TIMESTEPS
   if kind == "flow_match":
-    # The scheduler's training table is already shifted: its smallest sigma is shift(1 / n), held in
+    # The scheduler's training table is already shifted: its smallest sigma is shift(1 / n), computed in
     # float32, and set_timesteps spaces the steps evenly (in timesteps) down to it before shifting again.
-    low = float(np.float32(sh(np.float32(1.0 / n))))
-    high = float(np.float32(sh(1.0)))
+    low, high = (float(np.asarray(fn(np.full(1, v, np.float32)), np.float32)[0]) for v in (1.0 / n, 1.0))
     u = np.linspace(high * n, low * n, steps) / n
     return np.concatenate([sh(u), [0.0]])
   if kind == "unipc":

@@ -801,7 +801,6 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
 
 def _shift_fn(cfg) -> Callable:
   """diffusion.time_shift as a grid's shift_fn(u, num_tokens): the factor from the config, the shift in
-  float64, so that a constant factor gives diffusers' grids (which shift in float64) to the last bit."""
+  u's precision, so that a constant factor gives diffusers' grids to the last bit."""
   from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
-  return lambda u, n: samplers.shift(np.asarray(u, np.float64),
-                                     np.float64(diffusion.shift_factor(jnp.float32(n), cfg)))
+  return lambda u, n: samplers.shift(u, float(diffusion.shift_factor(jnp.float32(n), cfg)))
