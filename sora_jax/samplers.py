@@ -23,11 +23,12 @@ Solvers, given sigmas broadcastable to x (per segment, gathered to tokens by the
   log-SNR variable lambda = log((1 - sigma) / sigma). Both are linear in the current sample, the
   previous sample and the last few m, with coefficients that depend only on the grid, so
   `unipc_tables` computes them once per grid (numpy, float64) and `unipc_update` applies one step.
+  One difference: at the last step to sigma = 0, diffusers' "bh1" variant gives NaN (B(h) = -h = -inf
+  times a zero term); here it gives the limit, the data estimate, as "bh2" does in both.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import numpy as np
