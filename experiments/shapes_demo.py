@@ -58,7 +58,8 @@ def get_config(arg=None):
 
   # --- Sampling (sora_jax/sampling.py, sora_jax/sample.py): defaults of `python -m sora_jax.sample`.
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = ""          # "" = the objective's default: euler|heun (flow), ddim|ddpm (ddpm)
+  c.sample.sampler = ""          # "" = the objective's default: euler|heun|unipc (flow), ddim|ddpm (ddpm)
+  c.sample.time_grid = "uniform" # "uniform" (shift(linspace(1, 0))), or diffusers' "flow_match" / "unipc"
   c.sample.steps = 30
   c.sample.guidance = 4.0        # classifier-free guidance scale; 1 = no guidance (one model call)
   c.sample.num_frames = 17       # 1 (an image, written as png) or 1 + 4k, up to 481
@@ -100,6 +101,7 @@ def get_config(arg=None):
   c.diffusion.time_shift = True      # t' = a t / (1 + (a-1) t), a = shift_scale * sqrt(n / shift_ref_tokens)
   c.diffusion.shift_scale = 1.0
   c.diffusion.shift_ref_tokens = 64   # about the demo mixture's mean tokens per sample (68.6): a ~ 1 there
+  c.diffusion.shift_rule = "tokens"   # "tokens" (a as above) or "constant" (a = shift_scale: SD3, Wan)
   c.diffusion.object_weight = 0.0     # extra loss weight on tokens far from their clip's mean token
   c.diffusion.text_drop = 0.1        # per-segment caption dropout for classifier-free guidance
   c.diffusion.cond_first_frame = 0.1   # image-to-video prompt (first latent frame given)

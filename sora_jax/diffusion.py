@@ -11,7 +11,8 @@ Conventions (docs/architecture.md): t in [0, 1] per segment, t = 1 is pure noise
   with n the segment's token count (patches over time, height and width), so a segment with 4x the
   tokens of the reference gets a = 2 and more noise at the same t; n = shift_ref_tokens is unchanged.
   (This is SD3's shift with the factor tied to the token count; sampling applies the same shift to its
-  time grid: `time_shift(t, num_tokens, cfg)`.)
+  time grid: `time_shift(t, num_tokens, cfg)`.) diffusion.shift_rule = "constant" makes a = shift_scale
+  for every segment instead (SD3; Wan 2.1 samples with a = flow_shift = 3, or 5 at 720p).
 - Loss: per-token squared error (mean over D), averaged over each segment's loss tokens (loss_mask = 1,
   not given as conditioning), then over the segments that have any, so a long video weighs as much as
   an image.
@@ -28,12 +29,29 @@ COND_MODES = ("none", "first_frame", "first_frames", "last_frames", "both_ends")
 
 # --- Time and schedules -------------------------------------------------------------------------
 
-def time_shift(t: jax.Array, num_tokens: jax.Array, cfg) -> jax.Array:
-  """Shifts t towards 1 (more noise) for segments with more tokens; identity if diffusion.time_shift off."""
+SHIFT_RULES = ("tokens", "constant")
+
+
+def shift_factor(num_tokens, cfg):
+  """The time-shift factor a of a segment with `num_tokens` tokens; 1 (no shift) if diffusion.time_shift off.
+
+  diffusion.shift_rule "tokens" (the default): a = shift_scale * sqrt(n / shift_ref_tokens), float32;
+  "constant": a = shift_scale whatever the size (diffusers' `shift` / `flow_shift`; Wan 2.1: 3, 5 at 720p).
+  """
   d = cfg.diffusion
   if not d.time_shift:
-    return t
-  a = d.shift_scale * jnp.sqrt(jnp.maximum(num_tokens, 1).astype(jnp.float32) / d.shift_ref_tokens)
+    return 1.0
+  rule = d.get("shift_rule", "tokens") or "tokens"
+  if rule == "constant":
+    return float(d.shift_scale)
+  if rule != "tokens":
+    raise ValueError(f"diffusion.shift_rule={rule!r} is unknown; accepted: {list(SHIFT_RULES)}")
+  return d.shift_scale * jnp.sqrt(jnp.maximum(num_tokens, 1).astype(jnp.float32) / d.shift_ref_tokens)
+
+
+def time_shift(t: jax.Array, num_tokens: jax.Array, cfg) -> jax.Array:
+  """Shifts t towards 1 (more noise): t' = a t / (1 + (a - 1) t) with a = shift_factor(num_tokens, cfg)."""
+  a = shift_factor(num_tokens, cfg)
   return a * t / (1.0 + (a - 1.0) * t)
 
 

@@ -14,6 +14,15 @@ Outputs go by the suffix of --out: .mp4 (PyAV), .gif, .png (a grid of the frames
 written as .png whatever --out says) or .npy (the exact uint8 frames [T, H, W, 3]); --also=npy,gif
 writes the same video in more formats next to it. Several prompts write `<stem>_<i>.<suffix>`.
 
+The initial noise is drawn from (--seed, the prompt's index), or read from --noise F.npy: float32
+[C, T, H, W] in normalised latent units, the layout of diffusers' `pipe(..., latents=...)` without its
+batch axis, so that a video can be reproduced from the noise another implementation started from. It
+is one video's noise, so --noise takes exactly one prompt; --seed then only keys DDPM's step noise.
+
+Under guidance, --negative_prompt TEXT is the caption of the unconditional half (by default the caption is
+hidden as training's text dropout hides it; models with a frozen UMT5 encoder default to "", as Wan's
+pipeline does).
+
 A prompts file has one prompt per line, `caption` or `caption | num_frames | HxW`; empty lines and lines
 starting with # are skipped. Defaults (frames, size, steps, guidance, sampler) come from the model's
 config `sample` section. Models come from an exported bundle (--bundle) or a training work directory
@@ -27,6 +36,7 @@ number of processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -51,7 +61,8 @@ _WIDTH = config_lib.flag(flags.DEFINE_integer, "width", None, "pixels; a multipl
 _SEED = config_lib.flag(flags.DEFINE_integer, "seed", 0, "noise seed (per prompt: fold_in(seed, prompt index))")
 _STEPS = config_lib.flag(flags.DEFINE_integer, "steps", None, "sampler steps")
 _GUIDANCE = config_lib.flag(flags.DEFINE_float, "guidance", None, "classifier-free guidance scale (1 = none)")
-_SAMPLER = config_lib.flag(flags.DEFINE_string, "sampler", None, "euler|heun (flow), ddim|ddpm (ddpm objective)")
+_SAMPLER = config_lib.flag(flags.DEFINE_string, "sampler", None,
+                           "euler|heun|unipc (flow objective), ddim|ddpm (ddpm objective)")
 _ROW_LEN = config_lib.flag(flags.DEFINE_integer, "row_len", None, "tokens per packed row")
 _FPS = config_lib.flag(flags.DEFINE_float, "fps", None, "frame rate of the written video")
 _OUT = config_lib.flag(flags.DEFINE_string, "out", "sample.mp4", "output path; the suffix picks the format")
@@ -62,6 +73,11 @@ _DIRECTION = config_lib.flag(flags.DEFINE_enum, "direction", "forward", ["forwar
 _CONNECT = config_lib.flag(flags.DEFINE_list, "connect", None, "two videos a,b: the output begins like a, ends like b")
 _EDIT = config_lib.flag(flags.DEFINE_string, "edit", None, "a video to edit (SDEdit) under the prompt")
 _STRENGTH = config_lib.flag(flags.DEFINE_float, "strength", 0.6, "of --edit: 1 = ignore the input, 0 = keep it")
+_NEGATIVE = config_lib.flag(flags.DEFINE_string, "negative_prompt", None,
+                            "the unconditional caption under guidance (default: the caption dropped as in "
+                            "training; \"\" for a UMT5 model, as Wan's pipeline)")
+_NOISE = config_lib.flag(flags.DEFINE_string, "noise", None,
+                         "an .npy of the initial noise, float32 [C, T, H, W] (one prompt only)")
 
 
 def read_prompts(path: str) -> list[tuple[str, int | None, int | None, int | None]]:
@@ -154,6 +170,23 @@ def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
   return reqs
 
 
+def with_noise(pipe: sampling.Pipeline, reqs: Sequence[sampling.Request], path: str
+               ) -> list[sampling.Request]:
+  """The one request, starting from the noise in `path` (float [C, T, H, W], diffusers' latent layout)."""
+  if len(reqs) != 1:
+    raise ValueError(f"--noise is one video's initial noise but {len(reqs)} prompts were given: "
+                     "give one prompt per run")
+  r = reqs[0]
+  t, h, w, c = pipe.geometry.latent_shape(r.num_frames, r.height, r.width)
+  noise = np.load(path, allow_pickle=False)
+  if noise.shape != (c, t, h, w):
+    raise ValueError(f"--noise {path} has shape {tuple(noise.shape)}; the request ({r.num_frames} frames, "
+                     f"{r.height}x{r.width}) needs latents [C, T, H, W] = {(c, t, h, w)}")
+  if not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
+    raise ValueError(f"--noise {path} holds {noise.dtype} values that are not all finite floats")
+  return [dataclasses.replace(r, noise=np.ascontiguousarray(np.transpose(noise, (1, 2, 3, 0)), np.float32))]
+
+
 def output_paths(out: str, count: int, index: int, frames: int, also) -> list[Path]:
   """Where prompt `index` of `count` goes: numbered when several; .png for one frame; --also formats."""
   path = Path(out)
@@ -199,12 +232,15 @@ def main(argv):
     pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
     loaded = time.time()
     reqs = build_requests(pipe, prompts)
+    if _NOISE.value:
+      reqs = with_noise(pipe, reqs, _NOISE.value)
     # 0 means unset too: reconstruct shares this flag with a default of 0.
     fps = float(pipe.sample_setting("fps", _FPS.value or None, 8.0))
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
       output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
     videos = generate_shared(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
-                             sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main())
+                             sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main(),
+                             negative_prompt=_NEGATIVE.value)
   except (ValueError, TypeError, FileNotFoundError) as e:  # BundleError and VideoReadError included
     config_lib._fail(str(e).splitlines()[0])
 

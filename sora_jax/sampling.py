@@ -10,7 +10,8 @@ The generator the evaluator and the CLI call:
 
 steps, guidance, sampler and row_len default to the model config's `sample` section. Request i's
 noise is drawn from `fold_in(PRNGKey(seed), index_offset + i)`, so a request's video does not depend on
-what else it was packed with; `sample_latents` is the same without decoding.
+what else it was packed with, unless the Request brings its own (`Request.noise`, the sample CLI's
+--noise); `sample_latents` is the same without decoding.
 
 How it works:
 - Every request becomes a latent grid of spacetime patches (`Geometry` checks the size: frame counts 1 or
@@ -20,8 +21,13 @@ How it works:
   as in training) and denoised together, one diffusion time per segment (each segment keeps its own
   time-shifted schedule), so several small prompts share one model call per step. Packed output equals
   one-by-one output up to float rounding (tests/test_sampling.py).
-- Samplers: Euler and Heun on the rectified-flow ODE with the training's resolution-dependent time shift
-  (`diffusion.time_shift`); DDIM (deterministic) and DDPM (ancestral) for the DDPM objective.
+- Samplers: Euler, Heun and UniPC (diffusers' UniPCMultistepScheduler for flow prediction; settings in
+  the optional `sample.unipc` section, default Wan 2.1's) on the rectified-flow ODE; DDIM (deterministic)
+  and DDPM (ancestral) for the DDPM objective. The solver maths and the grids are in samplers.py.
+- Time grids (`sample.time_grid`): "uniform" (the default: linspace(1, 0) under the training's time shift,
+  `diffusion.time_shift`, which by default grows with each segment's token count), or diffusers'
+  "flow_match" (FlowMatchEulerDiscreteScheduler) and "unipc" (UniPCMultistepScheduler), which with
+  `diffusion.shift_rule = "constant"` and `shift_scale = 3.0` are the grids of Wan 2.1's pipelines.
 - Classifier-free guidance: the unconditional branch is the same rows with `text_drop = 1` (its
   caption features zeroed), stacked on the batch axis; out = uncond + guidance * (cond - uncond).
 - Image and video prompts all go through one mechanism, the DiT's `cond` / `cond_mask` inputs (the
@@ -47,9 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import patching
+from sora_jax import samplers
 
 MAX_FRAMES = 481  # one minute at 8 fps
-FLOW_SAMPLERS = ("euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun", "unipc")
 DDPM_SAMPLERS = ("ddim", "ddpm")
 
 
@@ -108,6 +115,7 @@ class Request:
   cond_frames: np.ndarray | None = None   # bool [t]: which latent frames are given
   init_latents: np.ndarray | None = None  # SDEdit: start from these latents noised to t = strength
   strength: float = 1.0
+  noise: np.ndarray | None = None         # the initial noise [t, h, w, c]; None: drawn from (seed, index)
   # Given frames at the end (backward extension, connect): their latents were encoded after the given
   # video's own frame 0, so decoding them after generated frames changes them. `tail_latents` are the
   # latents of that clip, frame 0 included; its decoded frames after frame 0 become the output's last.
@@ -162,22 +170,19 @@ def pack(grids: Sequence[tuple[int, int, int]], row_len: int) -> tuple[list[Plac
 # Time schedules
 
 
-def time_schedule(steps: int, num_tokens: int, shift_fn: Callable | None = None, strength: float = 1.0
-                  ) -> np.ndarray:
+def time_schedule(steps: int, num_tokens: int, shift_fn: Callable | None = None, strength: float = 1.0,
+                  grid: str = "uniform") -> np.ndarray:
   """float64 [steps + 1]: diffusion times from `strength` (1 = pure noise) down to 0.
 
-  The grid is uniform before the time shift; `shift_fn(t, num_tokens)` (diffusion.time_shift, the same
-  shift as in training) moves steps towards high noise for segments with more tokens. SDEdit scales the
-  whole schedule by its strength.
+  `grid` picks the unshifted spacing (samplers.sigma_grid: "uniform", or diffusers' "flow_match" and
+  "unipc"); `shift_fn(t, num_tokens)` (diffusion.time_shift, the same shift as in training) moves steps
+  towards high noise, by default more for segments with more tokens. SDEdit scales the whole schedule by
+  its strength.
   """
-  if not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"steps {steps} is not accepted: use a positive integer")
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength {strength} is not accepted: use a value in (0, 1]")
-  u = np.linspace(1.0, 0.0, steps + 1)
-  t = np.asarray(shift_fn(u, num_tokens), np.float64) if shift_fn is not None else u
-  t[0], t[-1] = 1.0, 0.0
-  return t * strength
+  fn = None if shift_fn is None else (lambda u: shift_fn(u, num_tokens))
+  return samplers.sigma_grid(steps, grid, fn) * strength
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,8 +197,10 @@ class Packed:
   batch: dict[str, np.ndarray]   # positions, segment_ids, text_tokens, text_segment_ids, cond, cond_mask
   noise: np.ndarray              # [R, L, D] initial noise
   init: np.ndarray               # [R, L, D] SDEdit start latents (zeros where none)
-  schedule: np.ndarray           # [K + 1, R, S] per-segment times
+  schedule: np.ndarray           # [K + 1, R, S] per-segment times (unused segment slots: 0)
   patch: tuple[int, int, int]
+  model_times: np.ndarray        # [K + 1, R, S] the times the model sees there (samplers.model_times)
+  strength: np.ndarray           # [R, S] SDEdit strength; 1 = start from pure noise
 
   @property
   def has_cond(self) -> bool:
@@ -208,7 +215,8 @@ class Packed:
     keep = [k for k, p in enumerate(self.placements) if start <= p.row < stop]
     return Packed([dataclasses.replace(self.placements[k], row=self.placements[k].row - start) for k in keep],
                   [self.indices[k] for k in keep], {k: v[start:stop] for k, v in self.batch.items()},
-                  self.noise[start:stop], self.init[start:stop], self.schedule[:, start:stop], self.patch)
+                  self.noise[start:stop], self.init[start:stop], self.schedule[:, start:stop], self.patch,
+                  self.model_times[:, start:stop], self.strength[start:stop])
 
 
 def _round_up(n: int, m: int) -> int:
@@ -239,12 +247,15 @@ def _token_mask(cond_frames: np.ndarray, grid, patch) -> np.ndarray:
 
 def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequence[np.ndarray], *,
                   seed: int, steps: int, row_len: int, shift_fn: Callable | None = None,
-                  index_offset: int = 0, negative_texts: Sequence[np.ndarray] | None = None) -> Packed:
+                  index_offset: int = 0, grid: str = "uniform",
+                  negative_texts: Sequence[np.ndarray] | None = None) -> Packed:
   """Packs requests (with their captions as the DiT reads them: ids [n], or features [n, text_dim] of a
   frozen encoder) into rows, with noise and per-segment schedules. `negative_texts` (one per request)
   become the unconditional half's captions (`neg_text_tokens`), in the same row layout.
 
-  Request i draws its noise from `request_key(seed, index_offset + i)`.
+  Request i draws its noise from `request_key(seed, index_offset + i)` unless it brings `Request.noise`.
+  Each segment gets its own time grid (`time_schedule`: its token count sets its shift, its strength
+  scales it), as column [:, row, segment - 1] of `schedule`.
   """
   grids = [geometry.grid(r.num_frames, r.height, r.width) for r in requests]
   placements, row_len = pack(grids, row_len)
@@ -273,17 +284,19 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequen
       b[f"{name}_tokens"][p.row, fill[p.row]:fill[p.row] + len(c)] = c
       b[f"{name}_segment_ids"][p.row, fill[p.row]:fill[p.row] + len(c)] = p.segment
       fill[p.row] += len(c)
+  strengths = np.ones((rows, segs), np.float64)
   for i, (r, p) in enumerate(zip(requests, placements)):
     shape = geometry.latent_shape(r.num_frames, r.height, r.width)
     sl = (p.row, slice(p.start, p.start + p.num_tokens))
-    eps, pos = patching.patchify(_draw(seed, index_offset + i, 0, shape), geometry.patch)
-    noise[sl] = eps
-    b["positions"][sl] = pos
-    b["segment_ids"][sl] = p.segment
-    for name in ("cond_latents", "init_latents"):
+    for name in ("cond_latents", "init_latents", "noise"):
       z = getattr(r, name)
       if z is not None and tuple(z.shape) != shape:
         raise ValueError(f"{name} of shape {tuple(z.shape)} do not match the request's latents {shape}")
+    z = _draw(seed, index_offset + i, 0, shape) if r.noise is None else np.asarray(r.noise, np.float32)
+    eps, pos = patching.patchify(z, geometry.patch)
+    noise[sl] = eps
+    b["positions"][sl] = pos
+    b["segment_ids"][sl] = p.segment
     if r.cond_frames is not None and np.any(r.cond_frames):
       if r.cond_latents is None:
         raise ValueError(f"request {r.caption!r} has cond_frames but no cond_latents")
@@ -294,9 +307,10 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequen
     if r.init_latents is not None:
       init[sl] = patching.patchify(np.asarray(r.init_latents, np.float32), geometry.patch)[0]
       strength = float(r.strength)
-    schedule[:, p.row, p.segment - 1] = time_schedule(steps, p.num_tokens, shift_fn, strength)
+    schedule[:, p.row, p.segment - 1] = time_schedule(steps, p.num_tokens, shift_fn, strength, grid)
+    strengths[p.row, p.segment - 1] = strength
   return Packed(placements, [index_offset + i for i in range(len(requests))], b, noise, init, schedule,
-                geometry.patch)
+                geometry.patch, samplers.model_times(schedule, grid), strengths)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,9 +404,15 @@ def guided(static, state, batch, x, t_bs, guidance, *, use_cfg: bool, has_cond: 
 
 
 @functools.partial(jax.jit, static_argnames=("static", "sched", "sampler", "use_cfg", "has_cond"))
-def _step(state, batch, x, tc_bs, tn_bs, z, guidance, *, static, sched: Schedule, sampler: str,
+def _step(state, batch, x, tc_bs, tn_bs, z, guidance, solver, carry, *, static, sched: Schedule, sampler: str,
           use_cfg: bool, has_cond: bool):
-  """One sampler step from per-segment times t_cur [R, S] to t_next [R, S]; jitted once per shape."""
+  """One sampler step from per-segment times t_cur [R, S] to t_next [R, S]; jitted once per shape.
+
+  solver: this step's per-segment inputs besides the times: the times the model sees ("model",
+  "model_next": samplers.model_times) and UniPC's coefficients ("coef": samplers.UniPCTables.at(k)).
+  carry: what a multistep solver keeps between steps (UniPC: "x_prev", "history"; else empty).
+  Returns (x at t_next, the new carry).
+  """
   seg = batch["segment_ids"]
   tc, tn = _per_token(tc_bs, seg), _per_token(tn_bs, seg)
   # Given tokens hold their clean latents at every step, as in training (diffusion.loss_fn).
@@ -401,12 +421,17 @@ def _step(state, batch, x, tc_bs, tn_bs, z, guidance, *, static, sched: Schedule
   model = lambda x, t_bs: guided(static, state, batch, x, t_bs, guidance, use_cfg=use_cfg,
                                  has_cond=has_cond)
   x = given(x)
-  out = model(x, tc_bs)
-  if sampler in FLOW_SAMPLERS:
-    x_new = x + (tn - tc) * out
+  out = model(x, solver["model"])
+  if sampler == "unipc":
+    tok = lambda c: jax.vmap(_per_token, (0, None))(c, seg) if c.ndim == 3 else _per_token(c, seg)
+    coef = {k: tok(c) for k, c in solver["coef"].items()}
+    x_new, x_c, m = samplers.unipc_update(x, out, tc, carry["x_prev"], carry["history"], coef)
+    carry = {"x_prev": x_c, "history": (m,) + tuple(carry["history"][:-1])}
+  elif sampler in FLOW_SAMPLERS:
+    x_new = samplers.euler_step(x, out, tc, tn)
     if sampler == "heun":
       # Heun's correction needs the velocity at t_next; a segment reaching t = 0 keeps the Euler step.
-      v2 = model(given(x_new), tn_bs)
+      v2 = model(given(x_new), solver["model_next"])
       x_new = jnp.where(tn > 0, x + (tn - tc) * 0.5 * (out + v2), x_new)
   else:
     x0, eps_hat = sched.x0_eps(x, out, tc)
@@ -422,14 +447,16 @@ def _step(state, batch, x, tc_bs, tn_bs, z, guidance, *, static, sched: Schedule
       mean = (a_n * (1.0 - alpha) * x0 + jnp.sqrt(alpha) * (1.0 - ab_n) * x) / one_c
       x_new = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
   x_new = given(jnp.where(tn < tc, x_new, x))  # a segment whose schedule has ended stays put
-  return jnp.where((seg > 0)[..., None], x_new, 0.0)
+  return jnp.where((seg > 0)[..., None], x_new, 0.0), carry
 
 
 def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
-            schedule: Schedule | None = None, progress: bool = False) -> list[np.ndarray]:
+            schedule: Schedule | None = None, progress: bool = False,
+            unipc: samplers.UniPC | None = None) -> list[np.ndarray]:
   """Runs the sampler over packed rows; returns each placement's normalised latents [t, h, w, c].
 
-  `model` has the DiT's call signature (an nnx.Module or a plain function).
+  `model` has the DiT's call signature (an nnx.Module or a plain function). `unipc`: the UniPC settings
+  (default: Wan 2.1's, samplers.UniPC()).
   """
   sched = schedule or Schedule()
   if sampler not in sched.samplers():
@@ -442,8 +469,10 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
   eps = jnp.asarray(packed.noise)
   t0 = _per_token(jnp.asarray(packed.schedule[0], jnp.float32), batch["segment_ids"])
   a0, s0 = sched.alpha_sigma(t0)
-  # SDEdit segments start at t = strength < 1 from their noised input latents; the rest from pure noise.
-  x = jnp.where(t0 < 1.0, a0 * jnp.asarray(packed.init) + s0 * eps, eps)
+  # SDEdit segments start at t = strength < 1 from their noised input latents; the rest from the noise
+  # itself, also where a grid starts just below 1 (diffusers' UniPC grid: 1 - 1e-6).
+  edit = _per_token(jnp.asarray(packed.strength < 1.0, jnp.float32), batch["segment_ids"]) > 0
+  x = jnp.where(edit, a0 * jnp.asarray(packed.init) + s0 * eps, eps)
   steps = packed.schedule.shape[0] - 1
   it = range(steps)
   if progress:
@@ -451,10 +480,19 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
     it = tqdm(it, desc=f"{sampler} x{packed.num_rows} rows", unit="step", leave=False)
   g = jnp.float32(guidance)
   zero = jnp.zeros_like(eps)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  sigmas, tables, carry = packed.schedule, None, {}
+  if sampler == "unipc":
+    unipc = unipc or samplers.UniPC()
+    tables = samplers.unipc_tables(packed.schedule, unipc)
+    sigmas = tables.sigmas  # below 1, as the coefficients need
+    carry = {"x_prev": zero, "history": (zero,) * unipc.order}
   for k in it:
     z = _step_noise(packed, seed, k + 1) if sampler == "ddpm" else zero
-    x = step(state, batch, x, jnp.asarray(packed.schedule[k], jnp.float32),
-             jnp.asarray(packed.schedule[k + 1], jnp.float32), z, g)
+    solver = {"model": f32(packed.model_times[k]), "model_next": f32(packed.model_times[k + 1])}
+    if tables is not None:
+      solver["coef"] = {name: f32(c) for name, c in tables.at(k).items()}
+    x, carry = step(state, batch, x, f32(sigmas[k]), f32(sigmas[k + 1]), z, g, solver, carry)
   x = np.asarray(jax.block_until_ready(x))
   return [patching.unpatchify(x[p.row, p.start:p.start + p.num_tokens], p.grid, packed.patch)
           for p in packed.placements]
@@ -498,8 +536,16 @@ class Pipeline:
   def schedule(self) -> Schedule:
     return Schedule.from_config(self.cfg)
 
+  @property
+  def time_grid(self) -> str:
+    return str(self.sample_setting("time_grid", None, "uniform"))
+
+  @property
+  def unipc(self) -> samplers.UniPC:
+    return samplers.UniPC.of(self.sample_setting("unipc", None, None))
+
   def shift_fn(self, u: np.ndarray, num_tokens: int) -> np.ndarray:
-    return np.asarray(_diffusion_shift(u, num_tokens, self.cfg))
+    return _shift_fn(self.cfg)(u, num_tokens)
 
   def text_ids(self, caption: str) -> np.ndarray:
     """Caption ids exactly as training saw them (data.tokenizer's encode: pieces + EOS, truncated)."""
@@ -720,12 +766,12 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
     negatives = [neg] * len(reqs)
   packed = pack_requests(reqs, pipe.geometry, [pipe.text(r.caption) for r in reqs], seed=seed,
                          steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset,
-                         negative_texts=negatives)
+                         grid=pipe.time_grid, negative_texts=negatives)
   out: list[np.ndarray | None] = [None] * len(reqs)
   for r0 in range(0, packed.num_rows, rows_per_call):
     part = packed.rows(r0, r0 + rows_per_call)
     latents = denoise(pipe.dit, part, sampler=sampler, guidance=guidance, seed=seed, schedule=sched,
-                      progress=progress)
+                      progress=progress, unipc=pipe.unipc if sampler == "unipc" else None)
     for i, z in zip(part.indices, latents):
       out[i - index_offset] = z
   return out
@@ -784,10 +830,11 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
     return {}
   seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
   sched = Schedule.from_config(cfg)
-  shift = lambda u, n: np.asarray(_diffusion_shift(u, n, cfg))
   steps = int(cfg.get("sample", {}).get("steps", 30) or 30)
   guidance = float(cfg.get("sample", {}).get("guidance", 1.0) or 1.0)
-  packed = pack_requests(reqs, geometry, ids, seed=seed, steps=steps, row_len=0, shift_fn=shift)
+  grid = str(cfg.get("sample", {}).get("time_grid", "uniform") or "uniform")
+  packed = pack_requests(reqs, geometry, ids, seed=seed, steps=steps, row_len=0, shift_fn=_shift_fn(cfg),
+                         grid=grid)
   latents = denoise(model, packed, sampler=sched.samplers()[0], guidance=guidance, seed=seed,
                     schedule=sched)
   out = {}
@@ -804,6 +851,8 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
   return out
 
 
-def _diffusion_shift(u, num_tokens, cfg):
+def _shift_fn(cfg) -> Callable:
+  """diffusion.time_shift as a grid's shift_fn(u, num_tokens): the factor from the config, the shift in
+  u's precision, so that a constant factor gives diffusers' grids to the last bit."""
   from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
-  return diffusion.time_shift(jnp.asarray(u, jnp.float32), jnp.float32(num_tokens), cfg)
+  return lambda u, n: samplers.shift(u, float(diffusion.shift_factor(jnp.float32(n), cfg)))

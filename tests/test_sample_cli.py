@@ -101,6 +101,34 @@ def test_bad_size_fails_with_one_line_naming_it(cli, tmp_path, capsys):
   assert "height 20" in capsys.readouterr().err
 
 
+def test_noise_file_sets_the_start(cli, pipe, tmp_path, capsys):
+  args = ["--prompt=a red circle", "--num_frames=5", "--height=16", "--width=24", "--sampler=unipc"]
+  t, h, w, c = pipe.geometry.latent_shape(5, 16, 24)
+  # The noise the seed would draw, written in diffusers' layout [C, T, H, W], gives the seed's video.
+  np.save(tmp_path / "seed0.npy", np.transpose(S._draw(0, 0, 0, (t, h, w, c)), (3, 0, 1, 2)))
+  np.save(tmp_path / "other.npy", np.random.default_rng(1).normal(size=(c, t, h, w)).astype(np.float32))
+  out = {}
+  for name, extra in (("seed", []), ("file", [f"--noise={tmp_path / 'seed0.npy'}"]),
+                      ("again", [f"--noise={tmp_path / 'seed0.npy'}", "--seed=5"]),
+                      ("other", [f"--noise={tmp_path / 'other.npy'}"])):
+    cli(*args, *extra, f"--out={tmp_path / name}.npy")
+    out[name] = np.load(tmp_path / f"{name}.npy")
+  np.testing.assert_array_equal(out["file"], out["seed"])
+  np.testing.assert_array_equal(out["again"], out["file"])  # the file, not --seed, sets the noise
+  assert np.abs(out["other"].astype(int) - out["file"]).mean() > 1.0
+  np.save(tmp_path / "wrong.npy", np.zeros((c, t, w, h), np.float32))
+  capsys.readouterr()  # the progress bars so far
+  with pytest.raises(SystemExit) as e:
+    cli(*args, f"--noise={tmp_path / 'wrong.npy'}", f"--out={tmp_path / 'x.npy'}")
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert f"shape {(c, t, w, h)}" in err and f"[C, T, H, W] = {(c, t, h, w)}" in err, err
+  with pytest.raises(SystemExit):
+    cli(*args, "--prompt=a blue square", f"--noise={tmp_path / 'other.npy'}", f"--out={tmp_path / 'x.npy'}")
+  assert "2 prompts were given" in capsys.readouterr().err
+
+
 def test_image_prompt_becomes_the_first_frame(cli, pipe, tmp_path):
   image = _clip(1, 16, 16)
   video_io.write_video(tmp_path / "img.png", image)

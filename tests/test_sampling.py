@@ -76,17 +76,19 @@ def test_pack_places_every_request_without_overlap():
         range(1, 1 + sum(p.row == row for p in placements)))
 
 
-@pytest.mark.parametrize("sampler,order", [("euler", 1), ("heun", 2)])
-def test_flow_samplers_converge_to_the_exact_ode_solution(sampler, order):
+@pytest.mark.parametrize("sampler,ratio,tol", [("euler", 2, 0.1), ("heun", 8, 0.01), ("unipc", 3, 0.01)])
+def test_flow_samplers_converge_to_the_exact_ode_solution(sampler, ratio, tol):
   errs = []
   for steps in (8, 32):
     packed = _packed(steps)
     out = S.denoise(flow_velocity, packed, sampler=sampler, guidance=1.0, seed=0)
     exact = [MU + SIGMA * e for e in _latents(packed, packed.noise)]
     errs.append(max(float(np.abs(o - e).max()) for o, e in zip(out, exact)))
-  # 4x the steps: error / 4 for Euler, / 16 for Heun (with slack for the time shift grid)
-  assert errs[1] < errs[0] / (4 ** order) * 2.0, errs
-  assert errs[1] < (0.1 if order == 1 else 0.01), errs
+  # 4x the steps: error / 4 for Euler, / 16 for Heun (with slack for the time shift grid). UniPC is of
+  # second order too, but at 8 steps, where its error is already 20x below Euler's, not yet asymptotically
+  # (tests/test_samplers.py checks its order on 20 and 40 steps).
+  assert errs[1] < errs[0] / ratio, errs
+  assert errs[1] < tol, errs
 
 
 def test_ddim_is_deterministic_and_converges_to_the_exact_flow():
@@ -154,6 +156,32 @@ def test_time_shift_gives_bigger_segments_more_noise():
     S.time_schedule(10, 16, shift, strength=1.5)
 
 
+def test_request_noise_is_the_start_even_on_grids_below_one():
+  # diffusers' UniPC grid starts at 1 - 1e-6 and still from the noise itself, not 0.999999 noise; and
+  # a Request's own noise replaces the (seed, index) draw, whatever it is packed with.
+  seen = []
+
+  def model(x, pos, seg, t, tt, ts, *, cond=None, cond_mask=None, text_drop=None):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), x)
+    return flow_velocity(x, pos, seg, t, tt, ts)
+
+  shape = GEO.latent_shape(9, 32, 32)
+  noise = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+  reqs = [REQS[1], S.Request("a", 9, 32, 32, noise=noise)]
+  packed = S.pack_requests(reqs, GEO, [[1], [2]], seed=0, steps=3, row_len=64, grid="unipc")
+  assert packed.schedule[0, 0, 0] == 1.0 - 1e-6
+  p = packed.placements[1]
+  np.testing.assert_array_equal(_latents(packed, packed.noise)[1], noise)
+  S.denoise(model, packed, sampler="unipc", guidance=1.0, seed=0)
+  np.testing.assert_array_equal(seen[0][p.row, p.start:p.start + p.num_tokens],
+                                patching.patchify(noise, GEO.patch)[0])
+  # The other request keeps its own draw: the same as packed without the first.
+  alone = S.pack_requests(REQS[1:2], GEO, [[1]], seed=0, steps=3, row_len=0)
+  np.testing.assert_array_equal(_latents(packed, packed.noise)[0], _latents(alone, alone.noise)[0])
+  with pytest.raises(ValueError, match=r"noise of shape \(3, 4, 4, 4\) do not match the request's latents"):
+    S.pack_requests([S.Request("a", 17, 32, 32, noise=noise)], GEO, [[1]], seed=0, steps=3, row_len=0)
+
+
 def test_sdedit_starts_from_the_noised_input():
   z = np.full(GEO.latent_shape(9, 32, 32), 3.0, np.float32)
   for strength, far in ((0.05, False), (1.0, True)):
@@ -165,7 +193,8 @@ def test_sdedit_starts_from_the_noised_input():
     assert (np.abs(out - 3.0).mean() > 1.0) == far, (strength, np.abs(out - 3.0).mean())
 
 
-def test_given_frames_are_kept_exactly_and_shown_to_the_model():
+@pytest.mark.parametrize("sampler", ["heun", "unipc"])
+def test_given_frames_are_kept_exactly_and_shown_to_the_model(sampler):
   seen = {}
 
   def model(x, pos, seg, t, tt, ts, *, cond=None, cond_mask=None, text_drop=None):
@@ -178,7 +207,7 @@ def test_given_frames_are_kept_exactly_and_shown_to_the_model():
   frames[[0, 4]] = True
   req = S.Request("a", 17, 32, 32, cond_latents=cond, cond_frames=frames)
   packed = S.pack_requests([req, REQS[1]], GEO, [[1], [2]], seed=0, steps=4, row_len=64)
-  out = S.denoise(model, packed, sampler="heun", guidance=1.0, seed=0)
+  out = S.denoise(model, packed, sampler=sampler, guidance=1.0, seed=0)
   np.testing.assert_array_equal(out[0][frames], cond[frames])
   assert not np.allclose(out[0][~frames], cond[~frames])
   mask = np.asarray(seen["mask"])[0]
@@ -235,7 +264,7 @@ def dit():
 
 
 @pytest.mark.parametrize("objective,sampler", [
-    ("flow", "heun"), pytest.param("ddpm", "ddpm", marks=pytest.mark.slow)])
+    ("flow", "heun"), ("flow", "unipc"), pytest.param("ddpm", "ddpm", marks=pytest.mark.slow)])
 def test_packed_inference_equals_one_by_one(dit, objective, sampler):
   geo = S.Geometry(temporal=2, spatial=4, channels=4, patch=(1, 2, 2))
   reqs = [S.Request("a red circle", 5, 16, 16), S.Request("blue", 1, 16, 32)]
