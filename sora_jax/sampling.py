@@ -618,7 +618,7 @@ def _encode_text(encoder, ids: np.ndarray, max_len: int) -> np.ndarray:
   row[0, :n] = ids
   seg = (np.arange(max_len) < n).astype(np.int32)[None]
   graphdef, state = nnx.split(encoder)
-  feats = np.asarray(_run_encoder(graphdef, state, jnp.asarray(row), jnp.asarray(seg)), np.float32)[0]
+  feats = np.array(_run_encoder(graphdef, state, jnp.asarray(row), jnp.asarray(seg))[0], np.float32)
   feats[n:] = 0.0
   return feats
 
