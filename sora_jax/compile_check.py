@@ -133,9 +133,12 @@ def abstract_batch(cfg) -> dict:
   d = cfg.data
   b, l, lt, s, dim = int(d.batch_size), int(d.seq_len), int(d.text_len), int(d.max_segments), int(cfg.dit.in_dim)
   z = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)
+  # Caption ids for the jointly trained encoder; a frozen encoder's features (UMT5) otherwise.
+  text = (z((b, lt), np.int32) if cfg.dit.text_encoder == "caption"
+          else z((b, lt, int(cfg.dit.text_dim)), np.float32))
   return {"tokens": z((b, l, dim), np.float32), "positions": z((b, l, 3), np.int32),
           "segment_ids": z((b, l), np.int32), "loss_mask": z((b, l), np.float32),
-          "text_tokens": z((b, lt), np.int32), "text_segment_ids": z((b, lt), np.int32),
+          "text_tokens": text, "text_segment_ids": z((b, lt), np.int32),
           "seg_grid": z((b, s, 3), np.int32), "seg_fps": z((b, s), np.float32),
           "seg_is_image": z((b, s), np.int32), "seg_valid": z((b, s), np.int32)}
 

@@ -1,0 +1,39 @@
+"""Wan 2.1 text-to-video, 14B: experiments/wan21_t2v_1_3b.py at the published 14B size (40 blocks of width
+5120, 40 heads of 128, FFN 13824), trained at MaxDiffusion's published shape: 81 frames of 720x1280
+(21 x 45 x 80 = 75,600 tokens, one video per row and per chip), Wan's 720p time shift of 5.
+
+    python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-14B-Diffusers --out runs/wan21_14b/bundle
+    python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x1
+Expected (docs/benchmarks.md, "Wan 2.1"): fits in HBM; the estimated MFU is recorded beside MaxDiffusion's
+measured 135.9 TFLOP/s per v5p chip (29.6% of 459).
+"""
+import ml_collections
+
+from experiments import wan21_t2v_1_3b
+from sora_jax.config import parse_arg
+
+# 75,600 tokens padded to whole 512-token splash blocks.
+SEQ_LEN = 75_776
+SLICES = {
+    "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, topology="v5p:2x2x1", runlocal=False)
+  if arg.topology not in SLICES:
+    raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
+  pod = SLICES[arg.topology]
+  c = wan21_t2v_1_3b.get_config("runlocal" if arg.runlocal else None)
+  if arg.runlocal:
+    return c
+  c.data.seq_len = SEQ_LEN
+  c.data.max_segments = 1
+  c.data.text_len = 512
+  c.data.batch_size = pod["batch_size"]
+  c.mesh = ml_collections.ConfigDict(pod["mesh"])
+  c.dit.update(dict(width=5120, depth=40, num_heads=40, ffn_dim=13824, remat=pod["remat"]))
+  c.diffusion.shift_scale = 5.0
+  c.sample.update(dict(height=720, width=1280))
+  c.compile_check.topology = arg.topology
+  return c
