@@ -115,8 +115,8 @@ def test_generation_requests_keep_their_index_and_long_clips_go_alone():
 @pytest.mark.slow
 def test_evaluate_with_the_real_sampler(tiny_bundle, tmp_path):
   b = bundle_lib.load(tiny_bundle["f32"])
-  result = evaluate.evaluate(b, str(tmp_path / "eval"), num_prompts=2, vae_clips=1, steps=2, guidance=2.0,
-                             mixture="demo")
+  result = evaluate.evaluate(b, str(tmp_path / "eval"), num_prompts=2, vae_clips=1, denoise_clips=2, steps=2,
+                             guidance=2.0, mixture="demo")
   gen = result["generation"]
   assert gen["skipped"] == 0 and len(gen["clips"]) == 2
   # Random weights make noise: the detector must not credit it beyond chance.
