@@ -359,8 +359,8 @@ def test_learning_curve_evaluates_each_checkpoint_and_draws_the_curve(tmp_path, 
   kw = dict(generate=_ground_truth_generator(specs), num_prompts=5, vae_clips=1, denoise_clips=2,
             mixture="demo")
   with pytest.raises(bundle_lib.BundleError, match=r"no checkpoint at step\(s\) \[5\].*steps \[3, 7\]"):
-    learning_curve.learning_curve(w, out, steps=[3, 5], **kw)
-  curve = learning_curve.learning_curve(w, out, steps=[7, 3], **kw)
+    learning_curve.learning_curve(w, out, checkpoint_steps=[3, 5], **kw)
+  curve = learning_curve.learning_curve(w, out, checkpoint_steps=[7, 3], **kw)
   rows = curve["rows"]
   assert [r["step"] for r in rows] == [3, 7]
   assert [r["train_flops"] for r in rows] == [6e12, 14e12] and [r["train_tokens"] for r in rows] == [150.0, 350.0]
@@ -385,7 +385,7 @@ def test_learning_curve_evaluates_each_checkpoint_and_draws_the_curve(tmp_path, 
   assert "src='learning_curve.png'" in page and "step_3/report.html" in page
   # Run again: the finished steps are read back, not evaluated again.
   monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated a finished step again"))
-  assert learning_curve.learning_curve(w, out, steps=[3, 7], **kw)["rows"] == rows
+  assert learning_curve.learning_curve(w, out, checkpoint_steps=[3, 7], **kw)["rows"] == rows
   # A bundle's report shows a learning curve passed to it, with the plot copied next to it.
   other = tmp_path / "eval"
   other.mkdir()

@@ -171,11 +171,12 @@ def _reuse(path: str, step: int, settings: dict) -> dict | None:
   return {**done, "report": os.path.join(os.path.dirname(path), "report.html")} if same else None
 
 
-def learning_curve(workdir: str, out_dir: str, *, steps: Sequence[int] | None = None, cfg=None,
+def learning_curve(workdir: str, out_dir: str, *, checkpoint_steps: Sequence[int] | None = None, cfg=None,
                    generate: Callable | None = None, **overrides) -> dict:
-  """Evaluates the DiT's EMA weights at each of `steps` (default: all on disk) and writes the curve.
+  """Evaluates the DiT's EMA weights at each of `checkpoint_steps` (default: all on disk) and writes the
+  curve.
 
-  `overrides` are evaluate's settings (num_prompts, vae_clips, denoise_clips, seed, steps (sampler),
+  `overrides` are evaluate's settings (num_prompts, vae_clips, denoise_clips, seed, steps (the sampler's),
   guidance, ...); `generate` replaces sampling.generate (tests). Raises bundle.BundleError (one line)
   when a step is not on disk.
   """
@@ -184,7 +185,7 @@ def learning_curve(workdir: str, out_dir: str, *, steps: Sequence[int] | None = 
   on_disk = bundle_lib.checkpoint_steps(layout.dit)
   if not on_disk:
     raise bundle_lib.BundleError(f"{layout.dit} holds no finished checkpoint (train the DiT first)")
-  steps = sorted(set(int(s) for s in steps)) if steps else on_disk
+  steps = sorted(set(int(s) for s in checkpoint_steps)) if checkpoint_steps else on_disk
   missing = [s for s in steps if s not in on_disk]
   if missing:
     raise bundle_lib.BundleError(f"{layout.dit} has no checkpoint at step(s) {missing}; it has steps "
@@ -237,7 +238,7 @@ def main(argv):
                    seed=f.seed, steps=f.sample_steps, guidance=f.guidance)
   cfg = config_lib.get_config() if f["config"].present else None
   try:
-    curve = learning_curve(f.workdir, f.out_dir, steps=steps, cfg=cfg, **overrides)
+    curve = learning_curve(f.workdir, f.out_dir, checkpoint_steps=steps, cfg=cfg, **overrides)
   except (bundle_lib.BundleError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
