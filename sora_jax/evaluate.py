@@ -517,15 +517,21 @@ def continuous_tables(result: dict) -> str:
 
 def learning_curve_html(curve: dict, png: str | None) -> str:
   """The learning curve's plot and table (sora_jax/bench/learning_curve.py writes `curve`)."""
-  cols = [("step", lambda r: str(r["step"])),
-          ("DiT train FLOPs", lambda r: f"{r['train_flops']:.3g}" if r.get("train_flops") else "&ndash;")]
-  cols += [(m, (lambda m: lambda r: report._pct(r.get(m)))(m)) for m in ("colour", "motion", "persistence")]  # pylint: disable=protected-access
-  cols += [("blobs per frame", lambda r: _mean_ci(r.get("blobs_per_frame"), 2, html_note=True))]
-  cols += [(f"object-token error t={t:g}", (lambda t: lambda r: _mean_ci(
-      r.get("object_token_error", {}).get(f"{t:g}"), 3, html_note=True))(t)) for t in curve.get("times", [])]
-  head = "".join(f"<th>{name}</th>" for name, _ in cols)
-  body = "".join("<tr>" + "".join(f"<td>{f(r)}</td>" for _, f in cols) + "</tr>" for r in curve["rows"])
-  return ((report.img(png, "learning curve") if png else "") + f"<table><tr>{head}</tr>{body}</table>"
+  times = [f"{t:g}" for t in curve.get("times", [])]
+  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "blobs per frame"]
+          + [f"object-token error t={t}" for t in times])
+
+  def cells(r):
+    pct = report._pct  # pylint: disable=protected-access
+    errors = r.get("object_token_error", {})
+    return ([str(r["step"]), f"{r['train_flops']:.3g}" if r.get("train_flops") else "&ndash;"]
+            + [pct(r.get(m)) for m in ("colour", "motion", "persistence")]
+            + [_mean_ci(r.get("blobs_per_frame"), 2, html_note=True)]
+            + [_mean_ci(errors.get(t), 3, html_note=True) for t in times])
+  table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+           + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in curve["rows"])
+           + "</table>")
+  return ((report.img(png, "learning curve") if png else "") + table
           + "<p class=note>Each row evaluates the DiT's EMA weights at one checkpoint of "
           f"{html.escape(str(curve.get('workdir', '')))} (same prompts, seed and VAE). Ground truth: "
           f"{_mean_ci(curve.get('blobs_ground_truth'), 2, html_note=True)} blobs per frame. FLOPs: the "

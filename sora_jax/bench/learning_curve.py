@@ -233,7 +233,8 @@ def main(argv):
   try:
     steps = [int(s) for s in f.steps]
   except ValueError:
-    config_lib._fail(f"--steps {','.join(f.steps)}: give checkpoint steps as integers, e.g. 325,650,1300")  # pylint: disable=protected-access
+    config_lib._fail(  # pylint: disable=protected-access
+        f"--steps {','.join(f.steps)}: give checkpoint steps as integers, e.g. 325,650,1300")
   overrides = dict(num_prompts=f.num_prompts, vae_clips=f.vae_clips, denoise_clips=f.denoise_clips,
                    seed=f.seed, steps=f.sample_steps, guidance=f.guidance)
   cfg = config_lib.get_config() if f["config"].present else None
