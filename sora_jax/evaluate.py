@@ -151,14 +151,16 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
   With `specs` (the Shapes specs the clips were rendered from) the detector also scores each
   reconstruction against its spec: `detector`, the rates by group, is the ceiling that a DiT generating
   in this VAE's latent space can reach (what the VAE's round trip alone loses); `blobs_per_frame` is the
-  same ceiling for the continuous measure (`blobs_per_frame`, over the one-object clips).
+  same ceiling for the continuous measure (`blobs_per_frame`, over the one-object clips), and `latents`
+  are the clips' normalised latents (which object_token_error need not encode again).
   """
   g = pipe.geometry
 
   def one(item):
     k, (name, frames) = item
     x = fit_to_vae(np.asarray(frames, np.uint8), g.temporal, g.spatial)
-    y = pipe.decode(pipe.encode(x))
+    z = pipe.encode(x)
+    y = pipe.decode(z)
     record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
               "psnr": psnr(x, y), "ssim": ssim(x, y)}
     read = None
@@ -168,16 +170,17 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
                          f"({g.temporal} frames, {g.spatial} px): its reconstruction cannot be scored")
       read = detector.score_clip(y, specs[k].labels())
       record["blobs_per_frame"] = blobs_per_frame(y) if is_one_object(specs[k]) else None
-    return record, ((name, x, y) if k < 8 else None), read
+    return record, ((name, x, y) if k < 8 else None), read, (z if specs is not None else None)
 
   done = distributed.map_shared(one, list(enumerate(clips)))
-  per_clip = [record for record, _, _ in done]
-  examples = [ex for _, ex, _ in done if ex is not None]
+  per_clip = [record for record, _, _, _ in done]
+  examples = [ex for _, ex, _, _ in done if ex is not None]
   out = {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
          "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
          "clips": per_clip, "examples": examples}
   if specs is not None:
-    out["detector"] = grouped(specs, [read for _, _, read in done])
+    out["detector"] = grouped(specs, [read for _, _, read, _ in done])
+    out["latents"] = [z for _, _, _, z in done]
     out["blobs_per_frame"] = bootstrap_mean([c["blobs_per_frame"] for c in per_clip
                                              if c["blobs_per_frame"] is not None], seed=seed)
   return out
@@ -376,7 +379,8 @@ def denoise_errors(dit, cfg, batch: dict, eps: np.ndarray, *, num_segments: int,
 
 
 def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
-                       times: Sequence[float] = DENOISE_TIMES, rows_per_call: int = 8) -> dict:
+                       times: Sequence[float] = DENOISE_TIMES, rows_per_call: int = 8,
+                       latents: Sequence[np.ndarray] | None = None) -> dict:
   """The DiT's clean-latent error on object tokens of held-out clips, at each diffusion time in `times`.
 
   Each spec is rendered as the evaluator does (no noise), encoded with the pipeline's VAE into normalised
@@ -385,16 +389,18 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   are compared on the same noise. `denoise_errors` gives per-token errors with the caption (guidance 1,
   no text drop); a clip's error is the mean over its object tokens (its background tokens, and the
   shrinkage baseline's, likewise), then the mean over clips comes with a 95% bootstrap interval. Clips
-  without object tokens, and sizes off the model's grid, are left out (counted).
+  without object tokens, and sizes off the model's grid, are left out (counted). `latents`: the
+  normalised latents of the first specs' renders when they are at hand (vae_scores encodes the same clips).
   """
   from sora_jax import patching  # pylint: disable=g-import-not-at-top
   from sora_jax import sampling  # pylint: disable=g-import-not-at-top
   g = pipe.geometry
+  known = list(latents or [])
   picked = []
-  for s in specs:
+  for i, s in enumerate(specs):
     try:
       g.latent_shape(s.num_frames, s.height, s.width)
-      picked.append(s)
+      picked.append((s, known[i] if i < len(known) else None))
     except ValueError:
       pass
   setup = {"clips": len(specs), "split": "test", "seed": seed, "times": list(times),
@@ -402,8 +408,9 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
            "object_threshold": 1.0, "off_grid": len(specs) - len(picked)}
   if not picked:
     return {"settings": setup, "by_t": {}}
-  latents = distributed.map_shared(lambda s: pipe.encode(shapes.render_clip(s)), picked)
-  reqs = [sampling.Request(shapes.caption(s), s.num_frames, s.height, s.width) for s in picked]
+  latents = distributed.map_shared(lambda sz: pipe.encode(shapes.render_clip(sz[0])) if sz[1] is None else sz[1],
+                                   picked)
+  reqs = [sampling.Request(shapes.caption(s), s.num_frames, s.height, s.width) for s, _ in picked]
   row_len = int(pipe.sample_setting("row_len", None, 0) or pipe.cfg.data.seq_len)
   packed = sampling.pack_requests(reqs, g, [pipe.text(r.caption) for r in reqs], seed=seed, steps=1,
                                   row_len=row_len)
@@ -669,6 +676,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
                             "bundle_source": bundle.manifest.get("source", {}),
                             "bundle_dtype": bundle.manifest.get("dtype", "")}
   vae_examples = {}
+  encoded = None  # the first prompts' latents, which vae_scores makes and the object-token error reuses
   if bundle.vae is not None:
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     pipe = sampling.as_pipeline(bundle)
@@ -681,6 +689,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     for key, label, clips, clip_specs in sets:
       t0 = time.time()
       v = vae_scores(pipe, clips, seed=s["seed"], specs=clip_specs)
+      encoded = v.pop("latents", None) or encoded
       rows = [(name, [x, y]) for name, x, y in v.pop("examples")]
       png = distributed.write_on_main(
           lambda: report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows))
@@ -697,7 +706,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     result["object_token_error"] = object_token_error(
         sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
-        seed=s["seed"])
+        seed=s["seed"], latents=encoded)
     print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
   except ImportError as e:
     result["object_token_error"] = None

@@ -300,6 +300,8 @@ def test_object_token_error_averages_each_clips_object_tokens():
   off_grid = shapes.ClipSpec(objects=specs[0].objects, num_frames=13)
   pipe = _LatentPipe(lambda x_t, pos, seg, t, *a, **kw: x_t / t[0, 0])  # predicts x0 = 0 at every t
   got = evaluate.object_token_error(pipe, specs + [off_grid], seed=0, rows_per_call=1)
+  got_on_grid = evaluate.object_token_error(pipe, specs, seed=0)
+  assert got_on_grid["by_t"] == got["by_t"]  # rows one at a time or eight: the same numbers
   want = []
   for s in specs:
     tokens = patching.patchify(pipe.encode(shapes.render_clip(s)), (1, 2, 2))[0]
@@ -318,6 +320,11 @@ def test_object_token_error_averages_each_clips_object_tokens():
   a, b, c = (evaluate.object_token_error(_LatentPipe(same), specs[:3], seed=s)["by_t"]["0.9"]["object"]["mean"]
              for s in (0, 0, 1))
   assert a == b and a != c
+  # Latents at hand (vae_scores encodes the same first clips) are used instead of encoding again.
+  given = [pipe.encode(shapes.render_clip(s)) for s in specs[:2]]
+  assert evaluate.object_token_error(pipe, specs, latents=given)["by_t"] == got_on_grid["by_t"]
+  flat = evaluate.object_token_error(pipe, specs, latents=[np.zeros_like(z) for z in given])
+  assert flat["settings"]["without_object_tokens"] == got_on_grid["settings"]["without_object_tokens"] + 2
 
 
 def test_vae_reconstructions_give_the_blobs_ceiling_through_the_vae():
