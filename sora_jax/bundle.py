@@ -378,20 +378,35 @@ class WorkdirLayout:
     return Path(given) if given else self.root / "data" / "latents"
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, int]:
-  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, its step)."""
-  ckpts = run_dir / "checkpoints"
-  base = ckpts if ckpts.is_dir() else run_dir
-  steps = sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+def _checkpoints_dir(run_dir: Path) -> Path:
+  return run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+  """The steps of a trainer's run dir that hold a finished checkpoint, ascending (as many as its
+  keep_checkpoints allowed)."""
+  base = _checkpoints_dir(Path(run_dir))
+  return sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+
+
+def latest_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, int]:
+  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, or of the one at
+  `step`, its step)."""
+  base = _checkpoints_dir(run_dir)
+  steps = checkpoint_steps(run_dir)
   if not steps:
     raise BundleError(f"{run_dir} holds no finished checkpoint (looked for {base}/<step>/state)")
-  return base / str(steps[-1]) / "state", steps[-1]
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise BundleError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
+  return base / str(step) / "state", step
 
 
-def restore_ema(run_dir: Path) -> tuple[dict, int, str]:
-  """(EMA parameters of a run's newest checkpoint, its step, which key they came from); a run without
-  an EMA gives its raw parameters ("params")."""
-  state_dir, step = latest_checkpoint(run_dir)
+def restore_ema(run_dir: Path, step: int | None = None) -> tuple[dict, int, str]:
+  """(EMA parameters of a run's newest checkpoint, or of the one at `step`, its step, which key they came
+  from); a run without an EMA gives its raw parameters ("params")."""
+  state_dir, step = latest_checkpoint(run_dir, step)
   meta = _checkpointer().metadata(state_dir.absolute())
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
   key = "ema" if "ema" in tree else "params"
