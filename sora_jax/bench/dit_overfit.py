@@ -24,12 +24,11 @@ import json
 from absl import flags
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
-from sora_jax import detector, diffusion, patching, sampling, train
+from sora_jax import detector, evaluate, patching, sampling, train
 from sora_jax.data import shapes
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where the trainer writes")
@@ -64,35 +63,21 @@ def pick_clips(source, count: int) -> list[int]:
   raise ValueError(f"only {len(out)} training records are one-object moving clips; asked for {count}")
 
 
-def blobs_per_frame(video: np.ndarray) -> float:
-  """Connected object regions per frame, as the detector segments them."""
-  cls, con = detector.classify_pixels(video)
-  min_area = detector._MIN_AREA_FRAC * min(video.shape[1:3]) ** 2  # pylint: disable=protected-access
-  return float(np.mean([len(detector._blobs(cls[f] > 0, con[f], min_area))  # pylint: disable=protected-access
-                        for f in range(video.shape[0])]))
-
-
 def object_errors(dit, cfg, tokens_list, texts, seed: int, ts=(0.3, 0.5, 0.7, 0.9), noises: int = 4) -> dict:
-  """{t: mean squared x0 error on object tokens}, each clip alone in its row."""
-  out = {}
+  """{t: mean squared x0 error on object tokens}, each clip alone in its row, `noises` noises each
+  (evaluate.denoise_errors, the evaluator's measure)."""
   rng = np.random.default_rng(seed)
-  for t in ts:
-    errs = []
-    for (tok, pos), ids in zip(tokens_list, texts):
-      x0 = jnp.asarray(tok[None])
-      seg = jnp.ones((1, len(tok)), jnp.int32)
-      obj = np.asarray(diffusion.object_tokens(x0, seg, 1))[0] > 0
-      if not obj.any():
-        continue
-      for _ in range(noises):
-        eps = jnp.asarray(rng.standard_normal(tok.shape).astype(np.float32))[None]
-        x_t = (1 - t) * x0 + t * eps
-        pred = dit(x_t, jnp.asarray(pos[None]), seg, jnp.full((1, 1), t, jnp.float32),
-                   jnp.asarray(ids[None]), jnp.ones((1, len(ids)), jnp.int32))
-        x0_hat = np.asarray(diffusion.predict_x0(x_t, pred, jnp.full(seg.shape, t), cfg))[0]
-        errs.append(float(np.mean((x0_hat[obj] - tok[obj]) ** 2)))
-    out[t] = float(np.mean(errs))
-  return out
+  sums = {t: [] for t in ts}
+  for (tok, pos), ids in zip(tokens_list, texts):
+    batch = dict(tokens=tok[None], positions=pos[None], segment_ids=np.ones((1, len(tok)), np.int32),
+                 text_tokens=np.asarray(ids)[None], text_segment_ids=np.ones((1, len(ids)), np.int32))
+    for _ in range(noises):
+      out = evaluate.denoise_errors(dit, cfg, batch, rng.standard_normal(batch["tokens"].shape),
+                                    num_segments=1, times=ts)
+      if out["object"].any():
+        for t in ts:
+          sums[t].append(float(out[t]["model"][out["object"]].mean()))
+  return {t: float(np.mean(v)) for t, v in sums.items()}
 
 
 def main(argv):
@@ -126,7 +111,8 @@ def main(argv):
     mse = np.mean((video.astype(np.float64) - truth.astype(np.float64)) ** 2)
     clips.append(dict(caption=rec["caption"], frames=int(truth.shape[0]), size=list(truth.shape[1:3]),
                       psnr=float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10))), colour=score.colour,
-                      motion=score.motion, blobs=blobs_per_frame(video), truth_blobs=blobs_per_frame(truth)))
+                      motion=score.motion, blobs=evaluate.blobs_per_frame(video),
+                      truth_blobs=evaluate.blobs_per_frame(truth)))
     tokens_list.append(patching.patchify(z, patch))
     texts.append(pipe.text_ids(rec["caption"]))
   errors = object_errors(dit, cfg, tokens_list, texts, _SEED.value)
