@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax import atomic
+
 FORMAT = "sora-jax-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -168,8 +170,8 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
           dtype: str = "float32", source: Mapping | None = None) -> dict:
   """Writes a bundle to `out` (replacing a bundle there, never anything else) and returns its manifest.
 
-  The bundle is assembled in a sibling temporary directory and renamed into place, so `out` never holds
-  a half-written bundle.
+  The bundle is assembled in a sibling temporary directory and swapped into place only when complete
+  (sora_jax/atomic.py), so `out` never holds a half-written bundle, and a failed export keeps the old one.
   """
   out = Path(out)
   if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -202,9 +204,7 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
                 for name in _files(tmp)},
   }
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-  if out.exists():
-    shutil.rmtree(out)
-  tmp.rename(out)
+  atomic.replace_dir(tmp, out)  # never a moment with neither the old bundle nor the new one
   return manifest
 
 

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import checkpoint, metrics, optim
+from sora_jax import atomic, checkpoint, metrics, optim
 from sora_jax import config as config_lib
 from sora_jax import distributed
 from sora_jax import sharding
@@ -412,7 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
              "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
   if distributed.is_main():
-    Path(workdir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(Path(workdir, "final_metrics.json"), json.dumps(summary, indent=2))
   writer.flush()
   writer.close()
   return summary
