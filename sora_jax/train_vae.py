@@ -14,6 +14,10 @@ side-by-side reconstruction videos), then the loop.
 - State: {step, params, ema, opt_state, rng[, disc_params, disc_opt_state]} with params and ema as
   `nnx.to_pure_dict`; the layout sora_jax/bundle.py reads (W/checkpoints/<step>/state, key "ema").
   A run resumes from its own newest checkpoint. The config is written to W/config.json.
+- A non-finite loss, gradient or parameter never reaches the weights: as in train.py, the step keeps
+  the old state and records the first bad step in `bad_step` (carried in training, not checkpointed:
+  it is always -1 in a checkpoint); the loop checks it at every log step and before every save, stops
+  naming that step, and writes no checkpoint.
 - Validation clips are padded to one shape (`val_frames` x `val_size`^2: later frames by repeating
   the last one, which the causal model cannot see from earlier frames; space by edge replication) so
   validation compiles once; scores count only the clip's own pixels.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +93,8 @@ def init_state(cfg, tx, disc_tx=None) -> tuple[State, Any, Any]:
   graphdef, _ = nnx.split(model, nnx.Param)
   params = _pure(model)
   state = {"step": jnp.int32(0), "params": params, "ema": jax.tree.map(jnp.copy, params),
-           "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(int(cfg.seed)))}
+           "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(int(cfg.seed))),
+           "bad_step": jnp.int32(-1)}
   disc_graphdef = None
   if t.gan_weight > 0:
     disc = vae_lib.PatchDiscriminator3D(t.disc_dim, t.disc_layers, rngs=nnx.Rngs(int(cfg.seed) + 1))
@@ -148,6 +154,8 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
                ema=optim.ema_update(state["ema"], params, decay))
     m = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
          "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates)}
+    # A huge learning rate can overflow the parameters while loss and gradient are still finite.
+    ok = jnp.isfinite(loss) & jnp.isfinite(m["grad_norm"]) & jnp.isfinite(m["param_norm"])
     for name in ("images", "videos"):
       for k in ("l1", "l2", "kl"):
         m[f"{name}/{k}"] = out[f"{name}/{k}"]
@@ -165,6 +173,11 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
                                 state["disc_params"])
       new["disc_opt_state"] = keep(d_opt, state["disc_opt_state"])
       m["gan/d_loss"], m["gan/g_loss"] = d_loss, out["gan/g_loss"]
+      ok = ok & jnp.isfinite(d_loss)
+    # Steps are counted from 1 in logs and checkpoints: the step that produced state step + 1.
+    new = {k: v if k == "step" else jax.tree.map(lambda a, b: jnp.where(ok, a, b), v, state[k])
+           for k, v in new.items()}
+    new["bad_step"] = jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step + 1)
     return new, m
 
   return train_step
@@ -276,6 +289,22 @@ def _data_dir(cfg, workdir: str) -> str:
                                              "shapes")
 
 
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def _check_finite(state: State) -> None:
+  bad = int(jax.device_get(state["bad_step"]))
+  if bad >= 0:
+    raise NonFiniteLoss(f"non-finite VAE loss, gradient or parameters at step {bad}; stopping without "
+                        "saving (parameters are those after the last finite step)")
+
+
+def _checkpointed(state: State) -> State:
+  """The state as checkpoints hold it: without `bad_step`, which is -1 whenever one is written."""
+  return {k: v for k, v in state.items() if k != "bad_step"}
+
+
 def local_rows(batch_sharding, shape) -> tuple[int, int]:
   """The rows [start, stop) of a batch-sharded global array that this process's devices hold."""
   spans = {(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop)
@@ -328,8 +357,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                             save_interval_steps=int(t.checkpoint_every_steps))
   start = ckpt.latest_step()
   if start is not None:
-    state = ckpt.restore(start, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    state = dict(ckpt.restore(start, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _checkpointed(state))),
+                 bad_step=state["bad_step"])
     log.info("resumed from step %d", start)
   start = int(state["step"])
   writer = metrics.MetricWriter(workdir)
@@ -381,6 +411,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       done = step + 1
       out_of_time = budget > 0 and time.time() - t_start > budget
       if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
+        _check_finite(state)
         m = jax.device_get(m)
         now = time.time()
         dt = (now - last_t) / max(done - last_step, 1)
@@ -392,20 +423,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
               f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
               f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"non-finite VAE loss at step {done}; no checkpoint written")
         last_t, last_step, last_cpu = now, done, cpu
       if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
+        _check_finite(state)
         run_validation(done)
-      ckpt.save(done, state, force=out_of_time)
+      if out_of_time or done % ckpt.save_interval_steps == 0:
+        _check_finite(state)  # before every save: a checkpoint never holds non-finite weights
+        ckpt.save(done, _checkpointed(state), force=out_of_time)
       if out_of_time:
         print(f"[vae] stopping at step {done}: vae_train.max_train_seconds={budget:.0f} reached",
               flush=True)
         break
+  except BaseException:
+    ckpt.close()  # an earlier step's (finite) save may still be in flight: finish it
+    raise
   finally:
     it.close()
   done = int(state["step"])
-  ckpt.save(done, state, force=True)
+  _check_finite(state)
+  ckpt.save(done, _checkpointed(state), force=True)
   scores = run_validation(done)
   ckpt.wait()
   ckpt.close()
@@ -425,7 +461,11 @@ def main(argv):
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   logging.getLogger().setLevel(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
-  train(cfg, _WORKDIR.value)
+  try:
+    train(cfg, _WORKDIR.value)
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

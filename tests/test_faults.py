@@ -6,6 +6,7 @@ fallbacks and the one-line errors of each command.
 import errno
 import json
 import os
+import re
 from pathlib import Path
 import subprocess
 import sys
@@ -99,3 +100,64 @@ def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
   assert (out / "f").read_text() == "old"
   atomic.replace_dir(new, out)
   assert (out / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+  from sora_jax.data.shapes_dataset import build_shapes
+  d = tmp_path_factory.mktemp("shapes")
+  build_shapes(d, "train", 6)
+  build_shapes(d, "validation", 2)
+  return d
+
+
+def _vae_checkpoints(workdir: Path) -> dict:
+  """{step: (params, ema)} of every checkpoint a VAE run left."""
+  from sora_jax import bundle
+  out = {}
+  for d in sorted((workdir / "checkpoints").iterdir()):
+    if d.name.isdigit():
+      state = bundle._restore_tree(d / "state")  # pylint: disable=protected-access
+      out[int(d.name)] = (state["params"], state["ema"])
+  return out
+
+
+_VAE_RUN = r"""
+import json, sys
+import test_train_vae
+from sora_jax import train_vae
+cfg = test_train_vae._tiny_config(sys.argv[1])
+for key, value in json.loads(sys.argv[3]).items():
+  node = cfg
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+try:
+  train_vae.train(cfg, sys.argv[2])
+except train_vae.NonFiniteLoss as e:
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(3)
+"""
+
+
+def _vae_run(shapes_dir, workdir, **overrides) -> list:
+  """The command that trains the tiny VAE of test_train_vae in its own process, on one CPU device."""
+  return [sys.executable, "-c", _VAE_RUN, str(shapes_dir), str(workdir), json.dumps(overrides)]
+
+
+def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
+  """lr 3 (no warmup, no clipping) overflows the tiny VAE at its second step; checkpoints every step."""
+  import jax
+  proc = subprocess.run(_vae_run(shapes_dir, tmp_path, **{
+      "vae_train.total_steps": 5, "vae_train.log_every_steps": 100, "vae_train.checkpoint_every_steps": 1,
+      "vae_train.keep_checkpoints": 5, "vae_train.optim.lr": 3.0, "vae_train.optim.warmup_steps": 0,
+      "vae_train.optim.schedule": "constant", "vae_train.optim.grad_clip": 0.0}),
+      capture_output=True, text=True, timeout=600, env=_env())
+  saved = _vae_checkpoints(tmp_path)
+  for step, trees in saved.items():
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(trees)), step
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  bad = int(re.search(r"non-finite .* at step (\d+);", line).group(1))
+  assert bad >= 2 and sorted(saved) == list(range(1, bad)), (line, sorted(saved))
