@@ -8,11 +8,15 @@ directory that `latest_step()` ignores: a half-written checkpoint is never picke
 
 Restore takes an *abstract* state (jax.ShapeDtypeStruct leaves with the target shardings), so a
 checkpoint saved on one mesh restores onto any other.
+
+`Preemption` is the trainers' SIGTERM handling: save at the next step boundary and exit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from typing import Any
 
 import grain
@@ -100,3 +104,41 @@ class Manager:
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+class Preempted(Exception):
+  """SIGTERM arrived while the training loop was waiting for data."""
+
+
+class Preemption:
+  """SIGTERM (preemption) handling for a training loop, installed for its lifetime.
+
+  The signal sets `flag`; the loop saves a checkpoint and exits at its next step boundary. Data that
+  never comes (a stalled or empty pipeline) would keep the loop from ever reaching one, so while it
+  waits for data (`with preemption.waiting():`) the signal raises Preempted there instead.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self._waiting = False
+    self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+    if self._waiting:
+      self._waiting = False
+      raise Preempted("SIGTERM while waiting for data")
+
+  @contextlib.contextmanager
+  def waiting(self):
+    if self.flag:
+      raise Preempted("SIGTERM while waiting for data")
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._prev)

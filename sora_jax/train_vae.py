@@ -23,6 +23,8 @@ side-by-side reconstruction videos), then the loop.
   validation compiles once; scores count only the clip's own pixels.
 - `vae_train.max_train_seconds` stops early (with a checkpoint) when a slow machine would overrun
   the demo's budget; the number of steps actually run is logged.
+- SIGTERM (preemption) finishes the current step, saves a checkpoint, and exits 0 without the final
+  validation; while waiting for data it exits at once (checkpoint.Preemption).
 - Devices and hosts: data parallel over the config's `mesh` (sharding.mesh_from_config). The state is
   replicated; each step's image and video batches are split over the mesh's data x fsdp devices, so
   their sizes must be multiples of it. Each process builds only the rows its devices hold (row i of a
@@ -364,94 +366,111 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(state["step"])
   writer = metrics.MetricWriter(workdir)
 
-  step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-  spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
-  example = pipeline.to_global(batches.batch(0, spans), mesh)
-  t0 = time.time()
-  compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
-  compile_s = time.time() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float((cost or {}).get("flops", 0.0))
-  mem = compiled.memory_analysis()
-  pixels = image.batch * image.height * image.width + video.batch * video.frames * video.height * \
-      video.width
-  print(f"[vae] {n_params / 1e6:.2f}M params, factors t{s.temporal_factor} s{s.spatial_factor}, "
-        f"z {s.z_dim}; batch {image.batch}x{image.shape[1:4]} images + {video.batch}x"
-        f"{video.shape[1:4]} videos = {pixels} px/step; compiled in {compile_s:.1f}s; "
-        f"{step_flops / 1e9:.1f} GFLOP/step; temp memory "
-        f"{getattr(mem, 'temp_size_in_bytes', 0) / 2**20:.0f} MiB", flush=True)
-
-  clips = validation_clips(cfg, data_dir)
-  reconstruct = make_reconstruct_fn(graphdef)
-  recon_dir = Path(workdir, "reconstructions")
-
-  def run_validation(step):
-    scores, recons = validate(lambda p, x: reconstruct(p, jax.device_put(x, replicated)), state["ema"],
-                              clips, cfg)
-    writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
-    if distributed.is_main():
-      write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
-    print(f"[vae] step {step}: validation (EMA, noise-free renders, {len(clips)} clips) "
-          + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
-    return scores
-
-  budget = float(t.max_train_seconds)
-  t_start = last_t = time.time()
-  last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
-  last_step, step = start, start
-  it = batches.iterate(start, spans=spans)
-  block_every_step = distributed.block_each_step()
+  # Installed before the compile: a SIGTERM then ends the run cleanly at the first step boundary.
+  preempt = checkpoint.Preemption()
   try:
-    for step in range(start, total):
-      batch = pipeline.to_global(next(it), mesh)
-      state, m = compiled(state, batch)
-      if block_every_step:
-        jax.block_until_ready(m)
-      done = step + 1
-      out_of_time = budget > 0 and time.time() - t_start > budget
-      if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
-        _check_finite(state)
-        m = jax.device_get(m)
-        now = time.time()
-        dt = (now - last_t) / max(done - last_step, 1)
-        cpu = time.process_time()
-        m.update({"step_time_s": dt, "pixels_per_s": pixels / dt,
-                  "cpu_s_per_step": (cpu - last_cpu) / max(done - last_step, 1),
-                  "gflops_per_s": step_flops / dt / 1e9, "train_minutes": (now - t_start) / 60})
-        writer.write_scalars(done, m)
-        print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
-              f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
-              f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
-        last_t, last_step, last_cpu = now, done, cpu
-      if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
-        _check_finite(state)
-        run_validation(done)
-      if out_of_time or done % ckpt.save_interval_steps == 0:
-        _check_finite(state)  # before every save: a checkpoint never holds non-finite weights
-        ckpt.save(done, _checkpointed(state), force=out_of_time)
-      if out_of_time:
-        print(f"[vae] stopping at step {done}: vae_train.max_train_seconds={budget:.0f} reached",
-              flush=True)
-        break
-  except BaseException:
-    ckpt.close()  # an earlier step's (finite) save may still be in flight: finish it
-    raise
+    step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
+    spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
+    example = pipeline.to_global(batches.batch(0, spans), mesh)
+    t0 = time.time()
+    compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
+    compile_s = time.time() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    step_flops = float((cost or {}).get("flops", 0.0))
+    mem = compiled.memory_analysis()
+    pixels = image.batch * image.height * image.width + video.batch * video.frames * video.height * \
+        video.width
+    print(f"[vae] {n_params / 1e6:.2f}M params, factors t{s.temporal_factor} s{s.spatial_factor}, "
+          f"z {s.z_dim}; batch {image.batch}x{image.shape[1:4]} images + {video.batch}x"
+          f"{video.shape[1:4]} videos = {pixels} px/step; compiled in {compile_s:.1f}s; "
+          f"{step_flops / 1e9:.1f} GFLOP/step; temp memory "
+          f"{getattr(mem, 'temp_size_in_bytes', 0) / 2**20:.0f} MiB", flush=True)
+
+    clips = validation_clips(cfg, data_dir)
+    reconstruct = make_reconstruct_fn(graphdef)
+    recon_dir = Path(workdir, "reconstructions")
+
+    def run_validation(step):
+      scores, recons = validate(lambda p, x: reconstruct(p, jax.device_put(x, replicated)), state["ema"],
+                                clips, cfg)
+      writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
+      if distributed.is_main():
+        write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
+      print(f"[vae] step {step}: validation (EMA, noise-free renders, {len(clips)} clips) "
+            + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+      return scores
+
+    budget = float(t.max_train_seconds)
+    t_start = last_t = time.time()
+    last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
+    last_step, step = start, start
+    it = batches.iterate(start, spans=spans)
+    block_every_step = distributed.block_each_step()
+    try:
+      for step in range(start, total):
+        try:
+          with preempt.waiting():
+            host_batch = next(it)
+        except checkpoint.Preempted:
+          break
+        state, m = compiled(state, pipeline.to_global(host_batch, mesh))
+        if block_every_step:
+          jax.block_until_ready(m)
+        done = step + 1
+        out_of_time = budget > 0 and time.time() - t_start > budget
+        if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
+          _check_finite(state)
+          m = jax.device_get(m)
+          now = time.time()
+          dt = (now - last_t) / max(done - last_step, 1)
+          cpu = time.process_time()
+          m.update({"step_time_s": dt, "pixels_per_s": pixels / dt,
+                    "cpu_s_per_step": (cpu - last_cpu) / max(done - last_step, 1),
+                    "gflops_per_s": step_flops / dt / 1e9, "train_minutes": (now - t_start) / 60})
+          writer.write_scalars(done, m)
+          print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
+                f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
+                f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
+          last_t, last_step, last_cpu = now, done, cpu
+        if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
+          _check_finite(state)
+          run_validation(done)
+        if out_of_time or preempt.flag or done % ckpt.save_interval_steps == 0:
+          _check_finite(state)  # before every save: a checkpoint never holds non-finite weights
+          ckpt.save(done, _checkpointed(state), force=out_of_time or preempt.flag)
+        if preempt.flag:
+          break
+        if out_of_time:
+          print(f"[vae] stopping at step {done}: vae_train.max_train_seconds={budget:.0f} reached",
+                flush=True)
+          break
+    except BaseException:
+      ckpt.close()  # an earlier step's (finite) save may still be in flight: finish it
+      raise
+    finally:
+      it.close()
+    done = int(state["step"])
+    if preempt.flag:  # saved above (a SIGTERM before the first step has nothing new to save)
+      ckpt.close()
+      writer.close()
+      print(f"[vae] SIGTERM: saved step {done}; exiting" if done > start else
+            "[vae] SIGTERM before the first step; exiting", flush=True)
+      return {"step": done, "preempted": True}
+    _check_finite(state)
+    ckpt.save(done, _checkpointed(state), force=True)
+    scores = run_validation(done)
+    ckpt.wait()
+    ckpt.close()
+    summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
+               "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
+    if distributed.is_main():
+      atomic.write_text(Path(workdir, "final_metrics.json"), json.dumps(summary, indent=2))
+    writer.flush()
+    writer.close()
+    return summary
   finally:
-    it.close()
-  done = int(state["step"])
-  _check_finite(state)
-  ckpt.save(done, _checkpointed(state), force=True)
-  scores = run_validation(done)
-  ckpt.wait()
-  ckpt.close()
-  summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
-             "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
-  if distributed.is_main():
-    atomic.write_text(Path(workdir, "final_metrics.json"), json.dumps(summary, indent=2))
-  writer.flush()
-  writer.close()
-  return summary
+    preempt.restore()
 
 
 def main(argv):

@@ -146,6 +146,7 @@ def _vae_run(shapes_dir, workdir, **overrides) -> list:
   return [sys.executable, "-c", _VAE_RUN, str(shapes_dir), str(workdir), json.dumps(overrides)]
 
 
+@pytest.mark.slow  # about 35 s: one VAE compile
 def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
   """lr 3 (no warmup, no clipping) overflows the tiny VAE at its second step; checkpoints every step."""
   import jax
@@ -161,3 +162,45 @@ def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
   line = proc.stderr.strip().splitlines()[-1]
   bad = int(re.search(r"non-finite .* at step (\d+);", line).group(1))
   assert bad >= 2 and sorted(saved) == list(range(1, bad)), (line, sorted(saved))
+
+
+def _tiny_vae_flags(shapes_dir, workdir, **overrides) -> list:
+  """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE, on one CPU device."""
+  values = {"data.shapes_dir": str(shapes_dir), "vae.base_dim": 4, "vae.dim_mult": "(1, 2)",
+            "vae.num_res_blocks": 1, "vae.z_dim": 4, "vae.temporal_downsample": "(True,)",
+            "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256, "vae_train.video_frames": 5,
+            "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280, "vae_train.num_val": 2,
+            "vae_train.val_frames": 5, "vae_train.val_size": 16, "vae_train.recon_videos": 1,
+            "vae_train.max_train_seconds": 0.0, "vae_train.optim.warmup_steps": 1, **overrides}
+  return ([sys.executable, "-m", "sora_jax.train_vae", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
+           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()])
+
+
+def _wait_for_line(proc, pattern: str, timeout: float = 600) -> list[str]:
+  """Lines of `proc`'s stdout up to the first matching `pattern` (the process keeps running)."""
+  import time
+  lines, t0 = [], time.time()
+  for line in proc.stdout:
+    lines.append(line)
+    if re.search(pattern, line):
+      return lines
+    assert time.time() - t0 < timeout, "".join(lines)
+  raise AssertionError(f"{pattern!r} never printed; exit {proc.wait()}:\n" + "".join(lines))
+
+
+@pytest.mark.slow  # about 45 s: one VAE compile
+def test_sigterm_to_train_vae_saves_and_exits_cleanly(shapes_dir, tmp_path):
+  import signal
+  proc = subprocess.Popen(_tiny_vae_flags(shapes_dir, tmp_path, **{
+      "vae_train.total_steps": 100_000, "vae_train.log_every_steps": 1,
+      "vae_train.checkpoint_every_steps": 100_000}), env=_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+  try:
+    _wait_for_line(proc, r"\[vae\] step 2/")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out[-3000:]
+  saved = int(re.search(r"SIGTERM: saved step (\d+); exiting", out).group(1))
+  assert saved >= 2 and sorted(_vae_checkpoints(tmp_path)) == [saved]
