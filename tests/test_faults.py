@@ -204,3 +204,88 @@ def test_sigterm_to_train_vae_saves_and_exits_cleanly(shapes_dir, tmp_path):
   assert proc.returncode == 0, out[-3000:]
   saved = int(re.search(r"SIGTERM: saved step (\d+); exiting", out).group(1))
   assert saved >= 2 and sorted(_vae_checkpoints(tmp_path)) == [saved]
+
+
+# ------------------------------------------------------------------------------------------ no hangs
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  from sora_jax.data import shapes
+  from sora_jax.data.tokenizer import train_tokenizer
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  captions = [shapes.caption(shapes.sample_spec("train", i, 0, "demo")) for i in range(50)]
+  train_tokenizer(captions, str(path), 64)
+  return path
+
+
+def _train_flags(workdir, shapes_dir, tokenizer, *flags) -> list:
+  """`python -m sora_jax.train` on the Shapes stand-in data (no VAE), with extra flags."""
+  return [sys.executable, "-m", "sora_jax.train", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
+          f"--workdir={workdir}", "--config.data.source=shapes", f"--config.data.shapes_dir={shapes_dir}",
+          f"--config.data.tokenizer={tokenizer}", "--config.data.vocab_size=64", *flags]
+
+
+def _one_line_error(proc, *names):
+  """The command failed with exit 2 and one stderr line that starts with error: and names `names`."""
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+  assert lines[0].startswith("error: ") and all(n in lines[0] for n in names), lines[0]
+  return lines[0]
+
+
+def test_a_row_smaller_than_any_sample_is_refused_not_waited_on(shapes_dir, tokenizer, tmp_path):
+  proc = subprocess.run(_train_flags(tmp_path, shapes_dir, tokenizer, "--config.data.seq_len=2",
+                                     "--config.data.token_budget=0"),
+                        capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+  _one_line_error(proc, "config.data.seq_len=2", "at least 4")
+
+
+def test_a_stream_that_drops_every_sample_raises_instead_of_waiting():
+  from sora_jax.config import ConfigError
+  from sora_jax.data import pipeline
+  from test_pipeline import LatentRecords, make_config, tokenize
+  cfg = make_config("", long_clips="drop", seq_len=6, min_patch_side=2)
+  records = LatentRecords([(2, 8, 8)] * 5)  # 2 frames of 2x2 patches at the smallest: 8 tokens > 6
+  it = pipeline.make_iterator(cfg, source=records, tokenize=tokenize, stats=(np.zeros(4), np.ones(4)))
+  with pytest.raises(ConfigError, match="all of the last 10 samples were dropped.*token_budget=6"):
+    next(it)
+
+
+def _start_tiny_train(workdir, **overrides):
+  return subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_fixtures.py"), str(workdir),
+                           json.dumps(overrides)], env=dict(_env(), XLA_FLAGS=os.environ["XLA_FLAGS"]),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_while_waiting_for_the_first_batch_exits(tmp_path):
+  import signal
+  import time
+  proc = _start_tiny_train(tmp_path, stall_at=0)
+  try:
+    _wait_for_line(proc, r"start: scratch")
+    time.sleep(1.0)  # into the wait for a batch that never comes
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 0 and "SIGTERM while waiting for the first batch; exiting" in out, out[-3000:]
+
+
+@pytest.mark.slow  # about 40 s: one DiT compile
+def test_sigterm_while_waiting_for_data_saves_and_exits(tmp_path):
+  import signal
+  import time
+  proc = _start_tiny_train(tmp_path, stall_at=3, total_steps=100, checkpoint_every_steps=100,
+                           log_every_steps=1)
+  try:
+    _wait_for_line(proc, r"compiled in")
+    while not (tmp_path / "metrics.jsonl").exists() or '"step": 3' not in (
+        tmp_path / "metrics.jsonl").read_text():
+      assert proc.poll() is None, proc.stdout.read()
+    time.sleep(3.0)  # past step 3's bookkeeping, into the wait for batch 4
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 0 and "SIGTERM while waiting for data: saved step 3; exiting" in out, out[-3000:]
+  position = (tmp_path / "checkpoints" / "3" / "data_iter" / "process_0-of-1.json").read_text()
+  assert json.loads(position) == {"json": {"index": 3}}, position  # resumes with the batch it waited for
