@@ -140,6 +140,7 @@ def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
         n = sampling.usable_frames(min(first.shape[0], g.max_frames), g.temporal)
     n = int(pipe.sample_setting("num_frames", n, 17))
     h, w = int(pipe.sample_setting("height", h, 32)), int(pipe.sample_setting("width", w, 32))
+    sampling.check_size(pipe, n, h, w)  # before any sampling: sizes beyond the model or this machine
     if _IMAGE.value:
       reqs.append(sampling.image_prompt(pipe, caption, source, n, h, w))
     elif _EXTEND.value:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sora_jax.data import sources
+from test_sample_cli import bundle_dir, cli, pipe  # pylint: disable=unused-import  # fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,3 +290,20 @@ def test_sigterm_while_waiting_for_data_saves_and_exits(tmp_path):
   assert proc.returncode == 0 and "SIGTERM while waiting for data: saved step 3; exiting" in out, out[-3000:]
   position = (tmp_path / "checkpoints" / "3" / "data_iter" / "process_0-of-1.json").read_text()
   assert json.loads(position) == {"json": {"index": 3}}, position  # resumes with the batch it waited for
+
+
+def test_a_video_larger_than_the_model_takes_is_refused_before_sampling(cli, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli("--prompt=x", "--num_frames=5", "--height=10000", "--width=16", f"--out={tmp_path / 'x.mp4'}")
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1, err
+  assert "5x10000x16" in err and "5000 tokens" in err and "at most 64" in err, err
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_decode_beyond_this_machines_memory_is_refused(pipe):
+  from sora_jax import sampling
+  sampling.check_size(pipe, 5, 32, 32, memory=(2**30, "test memory"))
+  with pytest.raises(ValueError, match=r"5x32x32 needs about .* GiB to decode; the limit here is half the "
+                                       r"0\.0 GiB of test memory"):
+    sampling.check_size(pipe, 5, 32, 32, memory=(2**20, "test memory"))
