@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -367,26 +368,41 @@ class WorkdirLayout:
     return Path(given) if given else self.root / "data" / "latents"
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, int]:
-  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, its step)."""
+def checkpoint_steps(run_dir: Path) -> list[tuple[Path, int]]:
+  """(the `state` directory, step) of every checkpoint of a trainer's run dir, newest first."""
   ckpts = run_dir / "checkpoints"
   base = ckpts if ckpts.is_dir() else run_dir
-  steps = sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+  steps = sorted((int(p.name) for p in base.glob("*") if p.name.isdigit()), reverse=True)
   if not steps:
     raise BundleError(f"{run_dir} holds no finished checkpoint (looked for {base}/<step>/state)")
-  return base / str(steps[-1]) / "state", steps[-1]
+  return [(base / str(step) / "state", step) for step in steps]
 
 
 def restore_ema(run_dir: Path) -> tuple[dict, int, str]:
-  """(EMA parameters of a run's newest checkpoint, its step, which key they came from); a run without
-  an EMA gives its raw parameters ("params")."""
-  state_dir, step = latest_checkpoint(run_dir)
-  meta = _checkpointer().metadata(state_dir.absolute())
-  tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
-  key = "ema" if "ema" in tree else "params"
-  if key not in tree:
-    raise BundleError(f"checkpoint {state_dir} has neither 'ema' nor 'params'; it holds {sorted(tree)}")
-  return _restore_tree(state_dir, key), step, key
+  """(EMA parameters of a run's newest checkpoint that restores, its step, which key they came from);
+  a run without an EMA gives its raw parameters ("params"). A damaged newer checkpoint is named with
+  the reason in a warning and skipped; BundleError (one line, every checkpoint and why) if none
+  restores."""
+  from sora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  failed = []
+  for state_dir, step in checkpoint_steps(run_dir):
+    try:
+      if not state_dir.is_dir():
+        raise FileNotFoundError(f"{state_dir.name}/ is missing")
+      meta = _checkpointer().metadata(state_dir.absolute())
+      tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+      key = "ema" if "ema" in tree else "params"
+      if key not in tree:
+        raise KeyError(f"neither 'ema' nor 'params'; it holds {sorted(tree)}")
+      params = _restore_tree(state_dir, key)
+    except Exception as e:  # pylint: disable=broad-except  # any damage: try the next older one
+      reason = checkpoint.failure_reason(e)
+      failed.append(f"{state_dir.parent}: {reason}")
+      logging.getLogger("sora_jax.bundle").warning("checkpoint %s is unusable (%s); trying an older one",
+                                                   state_dir.parent, reason)
+      continue
+    return params, step, key
+  raise BundleError(f"no checkpoint of {run_dir} restores: {'; '.join(failed)}")
 
 
 def resolve_config(cfg: ml_collections.ConfigDict, latent_stats: Mapping) -> ml_collections.ConfigDict:

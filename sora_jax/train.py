@@ -227,16 +227,19 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
 
 def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_iter,
                model_fn=make_model) -> State:
+  """The state to start from. A damaged newest checkpoint falls back to the newest one that restores
+  (checkpoint.Manager.restore_newest: one warning line each, naming it and why); in this run's own
+  directory the damaged ones are set aside, another run's are left as they are."""
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
   if start.kind == "workdir":
-    return own.restore(start.step, setup.abstract_state, data_iter=data_iter)
+    return own.restore_newest(setup.abstract_state, data_iter)[1]
   other = checkpoint.Manager(start.directory)
   try:
     if start.kind == "resume_from":
-      return other.restore(start.step, setup.abstract_state, data_iter=data_iter)
+      return other.restore_newest(setup.abstract_state, data_iter, set_aside=False)[1]
     # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
-    loaded = other.restore(start.step, setup.abstract_state)
+    loaded = other.restore_newest(setup.abstract_state, set_aside=False)[1]
   finally:
     other.close()
   fresh = init_state(cfg, setup, model_fn)
@@ -486,7 +489,7 @@ def main(argv):
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     train(cfg, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)

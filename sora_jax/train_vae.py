@@ -357,12 +357,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = checkpoint.Manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                             save_interval_steps=int(t.checkpoint_every_steps))
-  start = ckpt.latest_step()
-  if start is not None:
-    state = dict(ckpt.restore(start, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _checkpointed(state))),
-                 bad_step=state["bad_step"])
-    log.info("resumed from step %d", start)
+  # The newest checkpoint that restores; damaged newer ones are named, set aside, and skipped.
+  resumed = ckpt.restore_newest(jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _checkpointed(state)))
+  if resumed is not None:
+    state = dict(resumed[1], bad_step=state["bad_step"])
+    log.info("resumed from step %d", resumed[0])
   start = int(state["step"])
   writer = metrics.MetricWriter(workdir)
 
@@ -482,6 +482,8 @@ def main(argv):
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     train(cfg, _WORKDIR.value)
+  except checkpoint.Unrestorable as e:
+    config_lib._fail(str(e))  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -307,3 +307,103 @@ def test_a_decode_beyond_this_machines_memory_is_refused(pipe):
   with pytest.raises(ValueError, match=r"5x32x32 needs about .* GiB to decode; the limit here is half the "
                                        r"0\.0 GiB of test memory"):
     sampling.check_size(pipe, 5, 32, 32, memory=(2**20, "test memory"))
+
+
+# ------------------------------------------------------------------------------- restore falls back
+def _damage(kind: str, step_dir: Path) -> None:
+  """What a half-finished delete, a truncating copy or a broken disk leaves of a finished checkpoint."""
+  import shutil
+  state = step_dir / "state"
+  data = sorted((state / "ocdbt.process_0" / "d").iterdir())
+  if kind == "files deleted":
+    for f in data:
+      f.unlink()
+  elif kind == "state deleted":
+    shutil.rmtree(state)
+  elif kind == "truncated":
+    for f in data:
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  elif kind == "unreadable":  # as root, chmod cannot make a file unreadable; a directory in its place is
+    for f in data:
+      f.unlink()
+      f.mkdir()
+
+
+DAMAGE = ["files deleted", "state deleted", "truncated", "unreadable"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_named_and_an_older_one_restored(tmp_path, kind, caplog):
+  import jax
+  import jax.numpy as jnp
+  from sora_jax import checkpoint
+  tree = lambda s: {"w": jnp.arange(1000.0) + s, "b": {"x": jnp.full(3, float(s))}}
+  mgr = checkpoint.Manager(str(tmp_path))
+  for step in (2, 4):
+    mgr.save(step, tree(step), force=True)
+  mgr.close()
+  _damage(kind, tmp_path / "4")
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree(0))
+  mgr = checkpoint.Manager(str(tmp_path))
+  step, state = mgr.restore_newest(abstract)
+  assert step == 2 and float(state["b"]["x"][0]) == 2.0
+  warning = [r.getMessage() for r in caplog.records if "is unusable" in r.getMessage()]
+  assert len(warning) == 1 and f"checkpoint {tmp_path / '4'} is unusable (" in warning[0], warning
+  # Set aside, so the resumed run saves step 4 again.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4.unusable"] and mgr.all_steps() == [2]
+  assert mgr.save(4, tree(4), force=True)
+  mgr.close()
+
+
+def test_a_config_that_fits_no_checkpoint_sets_nothing_aside(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from sora_jax import checkpoint
+  mgr = checkpoint.Manager(str(tmp_path))
+  for step in (2, 4):
+    mgr.save(step, {"w": jnp.zeros(4)}, force=True)
+  mgr.close()
+  mgr = checkpoint.Manager(str(tmp_path))
+  with pytest.raises(checkpoint.Unrestorable, match=f"no checkpoint in {tmp_path} restores: {tmp_path / '4'}: "):
+    mgr.restore_newest({"w": jax.ShapeDtypeStruct((5,), jnp.float32)})
+  mgr.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+
+
+def test_export_falls_back_from_a_damaged_newest_checkpoint(tmp_path, caplog):
+  import shutil
+  from sora_jax import bundle as bundle_lib
+  from sora_jax import export
+  from test_export import make_workdir
+  info = make_workdir(tmp_path / "run")
+  ckpts = Path(info["workdir"]) / "dit" / "checkpoints"
+  shutil.copytree(ckpts / "7", ckpts / "9")
+  _damage("truncated", ckpts / "9")
+  manifest = export.export(info["workdir"], str(tmp_path / "bundle"))
+  assert manifest["source"]["dit_step"] == 7
+  assert any(f"checkpoint {ckpts / '9'} is unusable (" in r.getMessage() for r in caplog.records)
+  assert sorted(p.name for p in ckpts.iterdir()) == ["7", "9"]  # export never moves a run's files
+  loaded = bundle_lib.load(tmp_path / "bundle")
+  assert loaded.manifest["source"]["dit_step"] == 7
+
+
+@pytest.mark.slow  # about 90 s: two DiT compiles
+def test_dit_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(tmp_path, caplog):
+  """Checkpoints at 2 and 4; files of 4 deleted; the rerun resumes from 2 and its loss at step 4 is the
+  uninterrupted run's, bit for bit (step-folded rngs, restored data position)."""
+  import jax
+  from sora_jax import train
+  import train_fixtures as tf
+  cfg = tf.tiny_config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
+  cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.tensor = 1
+  run = lambda: train.train(cfg, str(tmp_path), data=(tf.SyntheticBatches(cfg), tf.to_global),
+                            devices=jax.devices()[:1])
+  run()
+  _damage("files deleted", tmp_path / "checkpoints" / "4")
+  run()
+  assert any(f"checkpoint {tmp_path / 'checkpoints' / '4'} is unusable (" in r.getMessage()
+             for r in caplog.records)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+  first, second = [r for r in rows if r["step"] == 4]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4] and first["loss"] == second["loss"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "4.unusable"]
