@@ -25,6 +25,7 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -291,20 +292,48 @@ def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   return cfg
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
+def check_config(cfg: ml_collections.ConfigDict, devices=None) -> None:
   """Raises config.ConfigError (one line: the key, its value, what is accepted) for a config this
   trainer cannot run, before any data is read or anything compiled."""
+  from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
+  fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
+  cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
+  if int(cfg.total_steps) < 1:
+    raise fail("total_steps", "must be >= 1")
+  for key in ("data.batch_size", "data.seq_len"):
+    if int(cfg_get(key)) < 1:
+      raise fail(key, "must be >= 1")
+  if cfg.dit.remat not in layers.REMAT_POLICIES:
+    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
+  try:
+    attention.resolve(cfg.dit.attention)
+  except ValueError as e:
+    raise fail("dit.attention", str(e).split("; ")[-1]) from None
+  try:
+    optim.make_optimizer(cfg.optim, int(cfg.total_steps))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
   d = cfg.data
   budget = int(d.get("token_budget", 0)) or int(d.seq_len)
+  if budget > int(d.seq_len):
+    raise fail("data.token_budget", f"exceeds data.seq_len={d.seq_len}: a sample must fit a row")
   side = int(d.get("min_patch_side", 2))
   # Size fitting never shrinks a sample below min_patch_side patches a side: a smaller budget drops
   # every sample, and the endless training stream would wait forever for a first row.
   if budget < side * side:
-    key = "token_budget" if int(d.get("token_budget", 0)) else "seq_len"
+    key = "data.token_budget" if int(d.get("token_budget", 0)) else "data.seq_len"
     raise config_lib.ConfigError(
-        f"config.data.{key}={d.get(key)} leaves {budget} tokens per sample, below the smallest sample "
+        f"config.{key}={cfg_get(key)} leaves {budget} tokens per sample, below the smallest sample "
         f"({side}x{side} patches, data.min_patch_side={side}): every sample would be dropped; give at "
         f"least {side * side}")
+  try:
+    mesh = sharding.mesh_from_config(cfg.mesh, devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
+  n = sharding.batch_size_multiple(mesh)
+  if int(d.batch_size) % n:
+    raise fail("data.batch_size", f"must be a multiple of the mesh's data x fsdp = {n} devices "
+                                  f"(mesh {dict(mesh.shape)})")
 
 
 def make_data(cfg, workdir: str):
@@ -320,7 +349,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   Grain pipeline of sora_jax.data.pipeline.
   """
   loss_fn = loss_fn or default_loss_fn()
-  check_config(cfg)
+  check_config(cfg, devices)
   cfg = prepare_config(cfg, workdir)
   data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)

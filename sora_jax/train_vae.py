@@ -317,24 +317,52 @@ def local_rows(batch_sharding, shape) -> tuple[int, int]:
   return start, stop
 
 
+def check_config(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Any, Any]:
+  """The (image, video) crops of a step; raises config.ConfigError (one line: the key, its value, what
+  is accepted) for a config this trainer cannot run, before any data is read or anything compiled."""
+  from sora_jax.data.vae_batches import Crop  # pylint: disable=g-import-not-at-top
+  t = cfg.vae_train
+  for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if int(t[key]) < 1:
+      raise config_lib.ConfigError(f"config.vae_train.{key}={t[key]}: must be >= 1")
+  try:
+    s = vae_lib.settings(cfg.vae)
+    optim.make_optimizer(t.optim, int(t.total_steps))
+    mesh = sharding.mesh_from_config(cfg.mesh, devices)
+  except (TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
+  crops = {}
+  for name, frames, size in (("image", 1, t.image_crop), ("video", t.video_frames, t.video_crop)):
+    if (frames - 1) % s.temporal_factor or size % s.spatial_factor:
+      raise config_lib.ConfigError(
+          f"config.vae_train.{name} crop {frames}x{size}x{size} is off the VAE's grid: frames "
+          f"1 + {s.temporal_factor}*k, size a multiple of {s.spatial_factor}")
+    try:
+      crops[name] = Crop.for_budget(int(frames), size, size, int(t[name + "_pixels"]))
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.vae_train.{name}_pixels={t[name + '_pixels']}: {e}") from None
+  n_dp = sharding.batch_size_multiple(mesh)
+  for name, crop in crops.items():
+    if crop.batch % n_dp:
+      raise config_lib.ConfigError(
+          f"config.vae_train.{name}_pixels={t[name + '_pixels']} makes {crop.batch} {name} crops per "
+          f"step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give a multiple of {n_dp} "
+          f"crops of {crop.frames}x{crop.height}x{crop.width} pixels")
+  return crops["image"], crops["video"]
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the final validation scores."""
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.vae_batches import Crop, VAEBatches  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.vae_batches import VAEBatches  # pylint: disable=g-import-not-at-top
   t = cfg.vae_train
+  image, video = check_config(cfg)
   s = vae_lib.settings(cfg.vae)
   if distributed.is_main():
     os.makedirs(workdir, exist_ok=True)
     Path(workdir, "config.json").write_text(config_lib.to_json(cfg))
   data_dir = _data_dir(cfg, workdir)
-  for name, (frames, size) in {"image": (1, t.image_crop), "video": (t.video_frames, t.video_crop)
-                               }.items():
-    if (frames - 1) % s.temporal_factor or size % s.spatial_factor:
-      raise ValueError(f"vae_train.{name} crop {frames}x{size}x{size} is off the VAE's grid: frames "
-                       f"1 + {s.temporal_factor}*k, size a multiple of {s.spatial_factor}")
-  image = Crop.for_budget(1, t.image_crop, t.image_crop, int(t.image_pixels))
-  video = Crop.for_budget(int(t.video_frames), t.video_crop, t.video_crop, int(t.video_pixels))
   batches = VAEBatches(sources.video_source(data_dir, "train"), image=image, video=video,
                        seed=int(cfg.seed), crop_tries=int(t.crop_tries))
 
@@ -345,12 +373,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   state, graphdef, disc_graphdef = init_state(cfg, tx, disc_tx)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
   mesh = sharding.mesh_from_config(cfg.mesh)
-  n_dp = sharding.batch_size_multiple(mesh)
-  for name, crop in (("image", image), ("video", video)):
-    if crop.batch % n_dp:
-      raise ValueError(f"vae_train.{name}_pixels={getattr(t, name + '_pixels')} makes {crop.batch} {name} "
-                       f"crops per step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give "
-                       f"a multiple of {n_dp} crops of {crop.frames}x{crop.height}x{crop.width} pixels")
   # Host values that are the same on every process: device_put gives each process its devices' parts.
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh, 5)
   state = jax.device_put(state, replicated)
@@ -482,7 +504,7 @@ def main(argv):
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     train(cfg, _WORKDIR.value)
-  except checkpoint.Unrestorable as e:
+  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)

@@ -407,3 +407,63 @@ def test_dit_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(tmp
   first, second = [r for r in rows if r["step"] == 4]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4] and first["loss"] == second["loss"]
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "4.unusable"]
+
+
+# ---------------------------------------------------------------------------- one line, not a traceback
+@pytest.fixture
+def command(capsys, monkeypatch):
+  """Runs an entry point's main() as its command line would, in this process (8 fake devices):
+  returns (exit code, stderr)."""
+  from absl import flags
+  from sora_jax import config as config_lib
+
+  def run(module, *args):
+    config_lib._define_config_flag()  # pylint: disable=protected-access
+    flags.FLAGS.unparse_flags()
+    argv = [module.__name__, *args]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # an earlier run's overrides
+      delattr(flags.FLAGS, name)
+    try:
+      config_lib._parse_flags(argv)  # pylint: disable=protected-access
+      module.main(argv[:1])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+    return code, capsys.readouterr().err
+  yield run
+  flags.FLAGS.unparse_flags()
+
+
+DEMO = f"--config={ROOT / 'experiments' / 'shapes_demo.py'}"
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--config.dit.remat=bogus", "config.dit.remat='bogus'"),
+    ("--config.total_steps=-5", "config.total_steps=-5"),
+    ("--config.data.token_budget=2048", "config.data.token_budget=2048"),
+    ("--config.data.batch_size=3", "config.data.batch_size=3"),
+    ("--config.mesh.data=16", "needs 16 devices; 8 are present"),
+    ("--config.optim.schedule=linear", "config.optim.schedule 'linear' is unknown"),
+])
+def test_train_config_mistakes_are_one_line(command, tmp_path, flag, named):
+  from sora_jax import train
+  code, err = command(train, DEMO, f"--workdir={tmp_path}", flag)
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--config.vae_train.total_steps=-5", "config.vae_train.total_steps=-5"),
+    ("--config.vae_train.image_pixels=100", "config.vae_train.image_pixels=100"),
+    ("--config.vae_train.video_pixels=17408", "makes 1 video crops per step, not a multiple of"),
+    ("--config.mesh.data=16", "needs 16 devices; 8 are present"),
+    ("--config.vae_train.video_frames=6", "config.vae_train.video crop 6x32x32 is off the VAE's grid"),
+])
+def test_train_vae_config_mistakes_are_one_line(command, tmp_path, flag, named):
+  from sora_jax import train_vae
+  # 8 image crops of 32x32 (the 8 fake devices split them), unless the case sets image_pixels itself
+  base = [] if "image_pixels" in flag else ["--config.vae_train.image_pixels=8192"]
+  code, err = command(train_vae, DEMO, f"--workdir={tmp_path}", *base, flag)
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
