@@ -467,3 +467,73 @@ def test_train_vae_config_mistakes_are_one_line(command, tmp_path, flag, named):
   code, err = command(train_vae, DEMO, f"--workdir={tmp_path}", *base, flag)
   lines = err.strip().splitlines()
   assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], err
+
+
+def _fails_in_one_line(cli, capsys, *args) -> str:
+  with pytest.raises(SystemExit) as e:
+    cli(*args)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+  return err
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+  """Any sampling fails the test: the mistakes below must be caught before it."""
+  from sora_jax import sampling
+
+  def generate(*args, **kwargs):
+    raise AssertionError("sampled before checking the input")
+  monkeypatch.setattr(sampling, "generate", generate)
+
+
+def test_an_unwritable_out_is_refused_before_sampling(cli, tmp_path, capsys, no_sampling):
+  (tmp_path / "file").write_text("")
+  out = tmp_path / "file" / "x.mp4"  # as root nothing is read-only: a path under a file is unwritable
+  err = _fails_in_one_line(cli, capsys, "--prompt=x", f"--out={out}")
+  assert f"{out} cannot be written" in err
+  (tmp_path / "d.mp4").mkdir()
+  err = _fails_in_one_line(cli, capsys, "--prompt=x", f"--out={tmp_path / 'd.mp4'}")
+  assert "is a folder" in err
+
+
+@pytest.mark.parametrize("line,named", [
+    ("cap | 0 | 0x0", "num_frames 0, height 0, width 0"),
+    ("cap | 5 | 0x16", "height 0"),
+    (" | 5 | 16x16", "empty caption"),
+])
+def test_prompts_file_zero_sizes_and_empty_captions_are_refused(cli, tmp_path, capsys, no_sampling,
+                                                                line, named):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\n" + line + "\n")
+  err = _fails_in_one_line(cli, capsys, f"--prompts_file={prompts}", f"--out={tmp_path / 'x.mp4'}")
+  assert f"{prompts}:2:" in err and named in err, err
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_is_refused(cli, tmp_path, capsys, no_sampling, prompt):
+  err = _fails_in_one_line(cli, capsys, "--prompt=a red circle", f"--prompt={prompt}",
+                           f"--out={tmp_path / 'x.mp4'}")
+  assert "--prompt #2 is empty" in err
+
+
+def test_a_caption_that_is_not_utf8_is_reported_not_stored(tmp_path):
+  from sora_jax import video_io
+  from sora_jax.data import ingest
+  folder, out = tmp_path / "in", tmp_path / "out"
+  folder.mkdir()
+  for name in ("a.mp4", "b.mp4", "c.mp4"):
+    video_io.write_video(folder / name, np.zeros((9, 32, 32, 3), np.uint8), 8)
+  (folder / "captions.jsonl").write_bytes(
+      b'{"file": "a.mp4", "caption": "a caf\xc3\xa9 at night"}\n'        # valid UTF-8
+      b'{"file": "b.mp4", "caption": "a caf\xe9 at night"}\n'            # Latin-1: invalid UTF-8
+      b'{"file": "c.mp4", "caption": "half a pair \\ud800"}\n')          # a lone surrogate
+  proc = _ingest(folder, out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((out / ingest.REPORT).read_text())
+  reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+  assert reasons == {
+      "b.mp4": "caption is not valid UTF-8 (byte 0xe9 at column 36 of line 2 of captions.jsonl)",
+      "c.mp4": "caption is not valid UTF-8 (lone surrogate '\\ud800' at character 13 (line 3) of "
+               "captions.jsonl)"}, reasons
+  assert [r["caption"] for r in sources.video_source(out, "train")] == ["a café at night"]
