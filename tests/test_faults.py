@@ -537,3 +537,54 @@ def test_a_caption_that_is_not_utf8_is_reported_not_stored(tmp_path):
       "c.mp4": "caption is not valid UTF-8 (lone surrogate '\\ud800' at character 13 (line 3) of "
                "captions.jsonl)"}, reasons
   assert [r["caption"] for r in sources.video_source(out, "train")] == ["a café at night"]
+
+
+def _portrait(frames=9):
+  """A portrait clip, 64 high and 32 wide, with a white square in its top-left corner."""
+  video = np.zeros((frames, 64, 32, 3), np.uint8)
+  video[:, 4:16, 4:16] = 255
+  return video
+
+
+def _white_centre(frame):
+  return np.argwhere(frame[..., 0] > 128).mean(0)
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_rotated_video_is_read_and_ingested_upright(tmp_path, degrees):
+  """As a phone stores portrait video: landscape pictures plus a display matrix (written with PyAV 18's
+  `set_display_rotation`, degrees counterclockwise, as `VideoFrame.rotation` reads them back)."""
+  import av
+  from sora_jax import video_io
+  from sora_jax.data import ingest
+  upright = _portrait()
+  stored = np.rot90(upright, k=-degrees // 90, axes=(1, 2))  # turned back by `degrees` on display
+  path = tmp_path / "phone.mp4"
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=8)
+    stream.width, stream.height, stream.pix_fmt = stored.shape[2], stored.shape[1], "yuv420p"
+    stream.set_display_rotation(degrees)
+    for f in stored:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  video, _ = video_io.read_video(path)
+  assert video.shape == upright.shape
+  np.testing.assert_allclose(_white_centre(video[0]), _white_centre(upright[0]), atol=1.0)
+  clip = ingest.process_file(path, ingest.IngestOptions())[0]
+  assert clip.shape[1] > clip.shape[2]  # stored portrait, as shown
+  assert _white_centre(clip[0])[0] < clip.shape[1] / 4 and _white_centre(clip[0])[1] < clip.shape[2] / 2
+
+
+def test_an_image_with_exif_orientation_is_read_upright(tmp_path):
+  from PIL import Image
+  from sora_jax import video_io
+  upright = _portrait(1)[0]
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1))).save(tmp_path / "phone.jpg", exif=exif,
+                                                                     quality=95)
+  frames, _ = video_io.read_video(tmp_path / "phone.jpg")
+  assert frames.shape[1:] == upright.shape
+  np.testing.assert_allclose(_white_centre(frames[0]), _white_centre(upright), atol=1.0)
