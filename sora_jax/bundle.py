@@ -324,14 +324,35 @@ def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_colle
   return cfg, dit, vae, stats
 
 
+def check_manifest_fields(root: Path, manifest: Mapping, dit: Mapping, vae: Mapping | None) -> None:
+  """Raises BundleError (one line) if the manifest's own dtype and parameter counts, which no checksum
+  covers, disagree with the weights (dit: the DiT's parameters including its `text` subtree)."""
+  dit = dict(dit)
+  text = dit.pop("text", {})
+  parts = {"dit": dit, "text_encoder": text, "vae": vae or {}}
+  for name, tree in parts.items():
+    said = manifest.get("parameters", {}).get(name)
+    got = int(sum(np.asarray(x).size for x in jax.tree.leaves(tree)))
+    if said != got:
+      raise BundleError(f"bundle {root}: {MANIFEST} says parameters.{name}={said}, its weights hold {got} "
+                        "(manifest edited after export); re-export the bundle")
+  floats = {str(np.asarray(x).dtype) for t in parts.values() for x in jax.tree.leaves(t)
+            if np.issubdtype(np.asarray(x).dtype, np.floating) or np.asarray(x).dtype == jnp.bfloat16}
+  if floats and floats != {manifest.get("dtype")}:
+    raise BundleError(f"bundle {root}: {MANIFEST} says dtype={manifest.get('dtype')!r}, its weights are "
+                      f"{sorted(floats)} (manifest edited after export); re-export the bundle")
+
+
 def load(path: str | os.PathLike, *, check: bool = True) -> Bundle:
   """A bundle's models, tokenizer and latent statistics, after checking its files against the manifest
-  (BundleError, one line, when they do not match)."""
+  and the manifest's own fields against the weights (BundleError, one line, when they do not match)."""
   root = Path(path)
   if not root.is_dir():
     raise BundleError(f"bundle {root} does not exist (write one with python -m sora_jax.export)")
   manifest = verify(root) if check else json.loads((root / MANIFEST).read_text())
   cfg, dit, vae, stats = load_parts(root, check=False)
+  if check:
+    check_manifest_fields(root, manifest, dit, vae)
   return assemble(cfg, dit, vae, root / "tokenizer.model", stats, manifest=manifest, path=str(root))
 
 

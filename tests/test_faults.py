@@ -588,3 +588,25 @@ def test_an_image_with_exif_orientation_is_read_upright(tmp_path):
   frames, _ = video_io.read_video(tmp_path / "phone.jpg")
   assert frames.shape[1:] == upright.shape
   np.testing.assert_allclose(_white_centre(frames[0]), _white_centre(upright), atol=1.0)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("dtype", "bfloat16", "says dtype='bfloat16', its weights are ['float32']"),
+    ("parameters.dit", 12, "says parameters.dit=12, its weights hold"),
+    ("parameters.vae", 0, "says parameters.vae=0, its weights hold"),
+])
+def test_a_manifest_whose_own_fields_disagree_with_the_weights_is_refused(bundle_dir, tmp_path, field,
+                                                                          value, named):
+  import shutil
+  from sora_jax import bundle as bundle_lib
+  copy = tmp_path / "b"
+  shutil.copytree(bundle_dir, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  node = manifest
+  *path, last = field.split(".")
+  for key in path:
+    node = node[key]
+  node[last] = value
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(bundle_lib.BundleError, match=re.escape(named)):
+    bundle_lib.load(copy)
