@@ -96,9 +96,9 @@ class Geometry:
 
 
 # Peak bytes of the VAE's chunked decoder per output pixel of one frame, per channel of its
-# full-resolution level: 4 output frames per latent frame, the causal caches and the convolutions' temporaries.
-# Measured from memory_analysis() of the demo VAE's decode step (about 4.2 kB per pixel at 16 channels);
-# rounded up.
+# full-resolution level: 4 output frames per latent frame, the causal caches and the convolutions'
+# temporaries. Measured from memory_analysis() of the demo VAE's decode step (about 4.2 kB per pixel
+# at 16 channels); rounded up.
 _DECODE_BYTES_PER_PIXEL_CHANNEL = 300
 
 

@@ -392,7 +392,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   preempt = checkpoint.Preemption()
   try:
     step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-    spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
+    spans = {"images": local_rows(batch_sharding, image.shape),
+             "videos": local_rows(batch_sharding, video.shape)}
     example = pipeline.to_global(batches.batch(0, spans), mesh)
     t0 = time.time()
     compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
