@@ -296,8 +296,8 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None) -> None:
   """Raises config.ConfigError (one line: the key, its value, what is accepted) for a config this
   trainer cannot run, before any data is read or anything compiled."""
   from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
-  fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
   cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
+  fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
   if int(cfg.total_steps) < 1:
     raise fail("total_steps", "must be >= 1")
   for key in ("data.batch_size", "data.seq_len"):
