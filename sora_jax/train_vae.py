@@ -474,7 +474,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
       it.close()
     done = int(state["step"])
-    if preempt.flag:  # saved above (a SIGTERM before the first step has nothing new to save)
+    if preempt.flag:
+      if done > start:  # a SIGTERM that came while waiting for data found this step unsaved
+        _check_finite(state)
+        ckpt.save(done, _checkpointed(state), force=True)  # a no-op if the loop saved it
       ckpt.close()
       writer.close()
       print(f"[vae] SIGTERM: saved step {done}; exiting" if done > start else
