@@ -292,9 +292,10 @@ def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   return cfg
 
 
-def check_config(cfg: ml_collections.ConfigDict, devices=None) -> None:
+def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool = True) -> None:
   """Raises config.ConfigError (one line: the key, its value, what is accepted) for a config this
-  trainer cannot run, before any data is read or anything compiled."""
+  trainer cannot run, before any data is read or anything compiled. `pipeline`: the batches come from
+  sora_jax.data.pipeline (not a caller's stream), so its size-fitting settings are checked too."""
   from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
   cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
   fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
@@ -315,12 +316,12 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None) -> None:
     raise config_lib.ConfigError(f"config.{e}") from None
   d = cfg.data
   budget = int(d.get("token_budget", 0)) or int(d.seq_len)
-  if budget > int(d.seq_len):
+  if pipeline and budget > int(d.seq_len):
     raise fail("data.token_budget", f"exceeds data.seq_len={d.seq_len}: a sample must fit a row")
   side = int(d.get("min_patch_side", 2))
   # Size fitting never shrinks a sample below min_patch_side patches a side: a smaller budget drops
   # every sample, and the endless training stream would wait forever for a first row.
-  if budget < side * side:
+  if pipeline and budget < side * side:
     key = "data.token_budget" if int(d.get("token_budget", 0)) else "data.seq_len"
     raise config_lib.ConfigError(
         f"config.{key}={cfg_get(key)} leaves {budget} tokens per sample, below the smallest sample "
@@ -349,7 +350,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   Grain pipeline of sora_jax.data.pipeline.
   """
   loss_fn = loss_fn or default_loss_fn()
-  check_config(cfg, devices)
+  check_config(cfg, devices, pipeline=data is None)
   cfg = prepare_config(cfg, workdir)
   data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
