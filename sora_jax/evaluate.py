@@ -52,6 +52,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sora_jax import atomic
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 from sora_jax import detector
@@ -745,8 +746,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
 
   def write():
     curves = _curves(workdir, out_dir)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2, default=_jsonable)
+    atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2, default=_jsonable))
     return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves,
                         learning_curve=_learning_curve(learning_curve, out_dir))
   result["report"] = distributed.write_on_main(write)

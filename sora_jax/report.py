@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sora_jax import atomic
+
 _BG = (255, 255, 255)
 _INK = (40, 40, 40)
 _GRID = (225, 225, 225)
@@ -271,8 +273,7 @@ def write_html(path: str, *, title: str, headline: Sequence[tuple[str, str]],
     body.append(f"<h2>{html.escape(heading)}</h2>{content}")
   doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-  with open(path, "w") as f:
-    f.write(doc)
+  atomic.write_text(path, doc)
   return path
 
 
