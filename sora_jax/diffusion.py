@@ -226,6 +226,12 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
   if d.get("object_weight", 0.0):
     weight = weight * (1.0 + d.object_weight * object_tokens(x0, seg, s))
   loss, seg_loss, has = segment_mean_loss(err, weight, seg, s)
+  if d.get("loss_weight", "uniform") == "x0":
+    # The flow objective's velocity error is the clean-signal error over t: |v - v_hat| = |x0 - x0_hat| / t.
+    # Weighting each segment's loss by its t^2 trains on the x0 error, Sora's "predict the clean patches",
+    # which moves the loss from nearly clean inputs (small t) to the noisy ones where layout and motion
+    # are decided. (Per segment: inside segment_mean_loss a per-token t^2 would cancel.)
+    loss = (seg_loss * jnp.square(t_bs)).sum() / jnp.maximum(has.sum(), 1)
 
   is_image = segment_num_frames(pos, seg, s) == 1
   img, vid = has & is_image, has & ~is_image

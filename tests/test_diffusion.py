@@ -206,3 +206,25 @@ def test_dit_fits_a_fixed_batch():
   # Same noise and times every step (fixed rng): a pure fitting problem.
   losses = [float(step(model, opt, jax.random.key(0))) for _ in range(150)]
   assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_x0_loss_weight_is_the_clean_signal_error():
+  """loss_weight="x0": each segment's velocity error times its t^2 equals the x0 error of the implied
+  clean estimate (x0_hat = x_t - t v_hat), averaged per segment then over segments."""
+  batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}
+  seen = {}
+
+  def model(x_t, pos, seg, t_bs, *args, **kw):
+    seen.update(x_t=x_t, t_bs=t_bs)
+    return jnp.zeros_like(x_t) + 0.3  # any wrong velocity
+
+  c = cfg(loss_weight="x0", text_drop=0.0)
+  loss, _ = diffusion.loss_fn(model, batch, jax.random.key(1), c)
+  seg = np.asarray(batch["segment_ids"])
+  t_tok = np.asarray(diffusion.per_token(seen["t_bs"], batch["segment_ids"]))[..., None]
+  x0_hat = np.asarray(seen["x_t"]) - t_tok * 0.3
+  err = np.mean((x0_hat - np.asarray(batch["tokens"])) ** 2, axis=-1)
+  want = np.mean([err[seg == k].mean() for k in (1, 2, 3)])
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  uniform, _ = diffusion.loss_fn(model, batch, jax.random.key(1), cfg(text_drop=0.0))
+  assert float(uniform) > float(loss)  # t^2 < 1
