@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax import distributed  # defines --coordinator/--num_processes/--process_id
 
 _VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
@@ -34,8 +35,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "video data set directory (tfd
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the latent data set goes")
 _SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode (missing "
                             "splits other than train are skipped with a note)")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard")
-_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard", lower_bound=1)
+_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never",
+                               lower_bound=0)
 
 META_KEYS = ("caption", "num_frames", "height", "width", "fps", "labels", "source")
 
@@ -116,8 +118,6 @@ def main(argv):
   for name, flag in (("--vae", _VAE), ("--data_dir", _DATA_DIR), ("--out_dir", _OUT_DIR)):
     if not flag.value:
       _fail(f"{name} is required")
-  if _SHARD_SIZE.value < 1:
-    _fail(f"--shard_size={_SHARD_SIZE.value}: must be >= 1")
   out_dir = Path(_OUT_DIR.value)
   try:
     vae, cfg, step = load(_VAE.value)
@@ -173,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main, config=False)

@@ -84,7 +84,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
           "(`python -m sora_jax.config --config ...` lists the keys)")
   except (TypeError, ValueError) as e:
     _fail(f"bad config value: {e}")
-  if flags.FLAGS["config"].present:
+  if "config" in flags.FLAGS and flags.FLAGS["config"].present:
     try:
       get_config()
     except Exception as e:  # the config module itself failed to load or run
@@ -103,17 +103,31 @@ def get_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def _caller_module(depth: int) -> str:
+  """The name absl gives the module `depth` frames up: the script's path for __main__ (what `--help`
+  lists the flags of)."""
+  name = sys._getframe(depth + 1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  return sys.argv[0] if name == "__main__" else name
+
+
 def flag(define: Callable, name: str, *args, **kwargs) -> flags.FlagHolder:
   """`define(name, ...)` once per process: entry points share names like --workdir, and tests import
-  several entry points into one process; a second definition reuses the first flag."""
-  if name in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
-  return define(name, *args, **kwargs)
+  several entry points into one process; a second definition reuses the first flag. Either way the flag
+  belongs to the calling module, so that `--help` of that entry point lists it (absl would otherwise
+  file it under this module, and only `--helpfull` would show it)."""
+  module = _caller_module(1)
+  if name not in flags.FLAGS:
+    define(name, *args, **kwargs)
+  flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line errors for bad configs and bad flags."""
-  _define_config_flag()
+def run(main: Callable[[list[str]], None], *, config: bool = True) -> None:
+  """`absl.app.run` with one-line errors for bad configs and bad flags (exit 2); `config=False` for
+  commands that take no --config (the offline jobs)."""
+  if config:
+    _define_config_flag()
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])  # listed by --help
   app.run(main, flags_parser=_parse_flags)
 
 

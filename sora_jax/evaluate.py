@@ -67,19 +67,22 @@ def define_flags() -> None:
   """The command's flags; defined only when it runs (entry points share names like --workdir)."""
   flags.DEFINE_string("bundle", None, "the inference bundle to evaluate")
   flags.DEFINE_string("out_dir", None, "where metrics.json, report.html and the PNGs go")
-  flags.DEFINE_integer("num_prompts", None, "Shapes test prompts to generate and score")
-  flags.DEFINE_integer("vae_clips", None, "held-out Shapes clips for VAE PSNR/SSIM")
-  flags.DEFINE_integer("seed", None, "sampling seed (and data set seed of the prompts)")
-  flags.DEFINE_integer("steps", None, "sampler steps (default: the bundle config's sample.steps)")
-  flags.DEFINE_float("guidance", None, "CFG scale (default: the bundle config's sample.guidance)")
+  flags.DEFINE_integer("num_prompts", None, "Shapes test prompts to generate and score", lower_bound=1)
+  flags.DEFINE_integer("vae_clips", None, "held-out Shapes clips for VAE PSNR/SSIM", lower_bound=1)
+  flags.DEFINE_integer("seed", None, "sampling seed (and data set seed of the prompts)", lower_bound=0)
+  flags.DEFINE_integer("steps", None, "sampler steps (default: the bundle config's sample.steps)",
+                       lower_bound=1)
+  flags.DEFINE_float("guidance", None, "CFG scale (default: the bundle config's sample.guidance)",
+                     lower_bound=0.0)
   flags.DEFINE_string("mixture", None, "Shapes size mixture of the prompts (default: data.mixture)")
   flags.DEFINE_string("data_dir", None, "an ingested video data set (tfds dir) for VAE metrics")
   flags.DEFINE_string("data_split", None, "its split")
   flags.DEFINE_string("workdir", None, "training runs for the curves (default: the bundle's source)")
   flags.DEFINE_string("compare_bundle", None, "another export of the same run (e.g. --dtype bfloat16): "
                       "sample the first compare_prompts prompts with it too and report pixel differences")
-  flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle")
-  flags.DEFINE_integer("denoise_clips", None, "Shapes test clips for the DiT's object-token error")
+  flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle", lower_bound=1)
+  flags.DEFINE_integer("denoise_clips", None, "Shapes test clips for the DiT's object-token error",
+                       lower_bound=1)
   flags.DEFINE_string("learning_curve", None, "a learning_curve.json to show in the report (default: "
                       "out_dir/learning_curve.json if present)")
 
