@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import checkpoint, flops, metrics, optim, sharding
+from sora_jax import atomic, checkpoint, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -337,6 +337,30 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
                                   f"(mesh {dict(mesh.shape)})")
 
 
+LATENTS_VAE = "latents_vae.json"  # in a DiT run directory: the VAE whose latents it trains on
+
+
+def pin_latents(cfg, workdir: str, *, resuming: bool) -> None:
+  """A DiT trains on one VAE's latents for its whole run. A fresh run records that VAE (workdir/
+  LATENTS_VAE, which export checks too); a resumed run whose latents were re-encoded by another VAE
+  since (the VAE trained further, say) stops with config.ConfigError naming both."""
+  from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  now = pipeline.latents_vae(cfg, workdir=workdir)
+  path = os.path.join(workdir, LATENTS_VAE)
+  if now is None:
+    return
+  if resuming and os.path.isfile(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before.get("sha256") != now.get("sha256"):
+      raise config_lib.ConfigError(
+          f"{workdir} trained on latents of {sources.describe_vae(before)}; config.data.latents_dir now "
+          f"holds latents of {sources.describe_vae(now)}: train a new DiT (another --workdir), or "
+          "re-encode the latents with the VAE it trained on")
+  elif distributed.is_main():
+    atomic.write_text(path, json.dumps(now, indent=2))
+
+
 def make_data(cfg, workdir: str):
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
@@ -367,6 +391,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
+    pin_latents(cfg, workdir, resuming=start.kind == "workdir")
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
@@ -517,10 +542,13 @@ def main(argv):
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   cfg = config_lib.get_config()
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   try:
     train(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
+  except (config_lib.ConfigError, checkpoint.Unrestorable, sources.StaleLatents) as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
+  except FileNotFoundError as e:  # the data, its statistics or the tokenizer: not built yet
+    config_lib._fail(str(e).splitlines()[0])  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

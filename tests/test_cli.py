@@ -91,3 +91,16 @@ def test_numeric_flags_refuse_bad_values_with_one_line(tmp_path):
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2, (name, p.returncode, p.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (name, p.stderr)
+
+
+def test_missing_latents_or_workdir_is_one_line_naming_it(tmp_path):
+  done = _run_all({
+      "train": ["-m", "sora_jax.train", "--config=experiments/shapes_demo.py", f"--workdir={tmp_path}/dit",
+                f"--config.data.latents_dir={tmp_path}/latents", f"--config.data.tokenizer={tmp_path}/t.model"],
+      "export": ["-m", "sora_jax.export", f"--workdir={tmp_path}/missing", f"--out={tmp_path}/bundle"],
+  })
+  named = {"train": f"{tmp_path}/latents/latent_stats.json is missing",
+           "export": f"--workdir {tmp_path}/missing does not exist"}
+  for name, p in done.items():
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and named[name] in lines[0], (name, p.stderr[-3000:])
