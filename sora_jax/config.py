@@ -11,10 +11,12 @@ prints the resolved config as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -128,7 +130,25 @@ def run(main: Callable[[list[str]], None], *, config: bool = True) -> None:
   if config:
     _define_config_flag()
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])  # listed by --help
-  app.run(main, flags_parser=_parse_flags)
+  app.run(lambda argv: main(_quiet_libraries(argv)), flags_parser=_parse_flags)
+
+
+class _DropMissingMetadata(logging.Filter):
+  """orbax warns "Metadata file does not exist" on every read of a checkpoint item written inside a
+  CheckpointManager step (the step, not the item, holds the metadata): nothing is wrong."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+def _quiet_libraries(argv: list[str]) -> list[str]:
+  """Libraries that log through absl (orbax: some 40 INFO lines per checkpoint read) keep warnings and
+  errors only, unless the command line asks for more (--verbosity / -v); the commands print their own
+  progress. Returns argv."""
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("absl").addFilter(_DropMissingMetadata())
+  return argv
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

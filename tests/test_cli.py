@@ -104,3 +104,18 @@ def test_missing_latents_or_workdir_is_one_line_naming_it(tmp_path):
   for name, p in done.items():
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2 and len(lines) == 1 and named[name] in lines[0], (name, p.stderr[-3000:])
+
+
+def test_sample_prints_its_results_not_orbax_logs(tmp_path):
+  """A run's checkpoints read by orbax: its INFO lines and "Metadata file does not exist" warnings
+  (some 40 lines per load) stay out of the output; the command's own lines remain."""
+  sys.path.insert(0, str(ROOT / "tests"))
+  import test_export  # pylint: disable=import-outside-toplevel
+  w = test_export.make_workdir(tmp_path / "w")["workdir"]
+  p = _run_all({"sample": ["-m", "sora_jax.sample", f"--workdir={w}", "--prompt=a red circle", "--steps=1",
+                           "--num_frames=1", "--height=16", "--width=16", f"--out={tmp_path}/s.png"]})["sample"]
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "wrote" in p.stdout and "loaded in" in p.stdout
+  noise = [l for l in (p.stdout + p.stderr).splitlines()
+           if "orbax" in l or "Metadata file" in l or l.startswith(("I1", "I0", "W1", "W0"))]
+  assert not noise, noise[:5]
