@@ -391,7 +391,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
-    pin_latents(cfg, workdir, resuming=start.kind == "workdir")
+    if data is None:  # the pipeline's latents (a caller's own stream has no VAE to pin)
+      pin_latents(cfg, workdir, resuming=start.kind == "workdir")
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
@@ -515,6 +516,9 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
       writer.write_scalars(step, row)
       bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                       mfu=f"{row['mfu']:.1%}")
+      if budget > 0:  # the bar ends where the run will: at the step the time cap is projected to reach
+        bar.total = max(step, min(total, step + int(max(deadline - time.time(), 0.0) / dt)))
+        bar.refresh()
       pending, t_last, steps_since, model_flops = [], time.time(), 0, 0.0
     if sample_every and step % sample_every == 0:
       _maybe_samples(cfg, step, state, setup, writer, last_batch)
