@@ -28,7 +28,8 @@ def get_config(arg=None):
   c.data.num_validation = 64
   c.data.num_test = 64
   # Where the demo's stages meet; `python -m sora_jax.demo --workdir W` points them all under W/data.
-  c.data.shapes_dir = "runs/demo/data/shapes"        # tfds data dir of rendered Shapes
+  c.data.videos_dir = "runs/demo/data/shapes"        # tfds data dir of the videos: rendered Shapes, or
+                                                     # your own (data_pipelines/ingest_videos.py)
   c.data.latents_dir = "runs/demo/data/latents"      # encoded latents + latent_stats.json
   c.data.tokenizer = "runs/demo/data/tokenizer.model"  # sentencepiece model
   c.data.vocab_size = 128
@@ -118,6 +119,8 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3
   c.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
+  c.val_every_steps = 100        # held-out loss (EMA weights, validation latents, fixed noise); 0 = never
+  c.val_batches = 4              # validation batches it averages
   c.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
   c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
   c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)

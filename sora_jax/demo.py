@@ -58,7 +58,7 @@ class Stage:
 def stages(cfg_arg: str, cfg, w: str) -> list[Stage]:
   """The demo's stages; every data path is pointed under the work directory."""
   data = f"{w}/data"
-  paths = (f"--config.data.shapes_dir={data}/shapes", f"--config.data.latents_dir={data}/latents",
+  paths = (f"--config.data.videos_dir={data}/shapes", f"--config.data.latents_dir={data}/latents",
            f"--config.data.tokenizer={data}/tokenizer.model")
   conf = ("--config", cfg_arg, *paths)
   out: list[Stage] = []

@@ -48,7 +48,7 @@ def demo_config(workdir: str):
   spec.loader.exec_module(module)
   cfg = module.get_config()
   data = os.path.join(workdir, "data")
-  cfg.data.shapes_dir = os.path.join(data, "shapes")
+  cfg.data.videos_dir = os.path.join(data, "shapes")
   cfg.data.latents_dir = os.path.join(data, "latents")
   cfg.data.tokenizer = os.path.join(data, "tokenizer.model")
   return cfg

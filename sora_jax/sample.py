@@ -267,6 +267,10 @@ def main(argv):
     cfg = config_lib.get_config() if "config" in flags.FLAGS and flags.FLAGS["config"].present else None
     pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
     loaded = time.time()
+    for caption, *_ in prompts:  # words the model never saw: the video will not show them
+      warning = pipe.caption_warning(caption)
+      if warning and distributed.is_main():
+        print(warning, file=sys.stderr, flush=True)
     reqs = build_requests(pipe, prompts)
     if _NOISE.value:
       reqs = with_noise(pipe, reqs, _NOISE.value)

@@ -258,8 +258,9 @@ def _host(tree):
 
 
 def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter,
-                   batch: dict) -> None:
-  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present."""
+                   batch: dict, decode: Callable | None = None) -> None:
+  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present; decoded to pixels
+  by `decode` (`sample_decoder`), else latent previews."""
   try:
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -272,7 +273,7 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
   model = nnx.merge(setup.graphdef, state["ema"])
   t0 = time.time()
   try:
-    videos = make(model, cfg, batch, jax.random.PRNGKey(step))
+    videos = make(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
   except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
     log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
     return
@@ -281,6 +282,67 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
     writer.write_video(step, f"samples/{name}", np.asarray(frames), fps=fps)
   log.info("step %d: %d sample videos (EMA weights, captions of the last batch) in %.1fs", step,
            len(videos), time.time() - t0)
+
+
+def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | None:
+  """normalised latents [t, h, w, c] -> uint8 frames, through the VAE that encoded the training latents
+  (latent_stats.json's record), for the periodic sample videos; None (latent previews) for the raw
+  "shapes" source or when that VAE is not where the record says (one warning)."""
+  from sora_jax import bundle, sampling, train_vae  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  record = pipeline.latents_vae(cfg, workdir=workdir)
+  if not record or not record.get("path"):
+    return None
+  try:
+    vae, _, _ = train_vae.load(record["path"], step=record.get("step"))
+  except (FileNotFoundError, ValueError) as e:
+    log.warning("sample videos are latent previews: %s does not load (%s)", sources.describe_vae(record),
+                str(e).splitlines()[0])
+    return None
+  if record.get("sha256") and bundle.params_sha256(nnx.to_pure_dict(nnx.state(vae, nnx.Param))) != record["sha256"]:
+    log.warning("sample videos are latent previews: %s now holds other weights", sources.describe_vae(record))
+    return None
+  shift, scale, _ = pipeline.latent_stats(cfg, workdir=workdir)
+  return sampling.Pipeline(cfg, None, vae, None, shift, scale).decode
+
+
+def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Callable[[State], float] | None:
+  """state -> the loss of its EMA weights on the first `val_batches` batches of the validation split, with
+  timesteps and noise fixed by the seed (comparable from step to step); None when val_every_steps is 0.
+  Without a validation split the run says so now, before training, and trains without a held-out loss
+  (a stale split, one of another VAE, stops it: sources.StaleLatents)."""
+  if int(cfg.get("val_every_steps", 0)) <= 0:
+    return None
+  from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    it = pipeline.make_iterator(cfg, split="validation", workdir=workdir)
+  except FileNotFoundError as e:
+    log.warning("no held-out loss: %s (encode a validation split with data_pipelines/encode_latents.py, "
+                "or set --config.val_every_steps=0)", str(e).splitlines()[0])
+    return None
+  batches = []
+  for batch in it:
+    if np.any(batch["segment_ids"] > 0):  # the split's last batch is padded with empty rows
+      batches.append(batch)
+    if len(batches) == int(cfg.get("val_batches", 4)):
+      break
+  if not batches:
+    raise config_lib.ConfigError("config.val_every_steps: the validation split holds no sample that fits a row")
+  graphdef = setup.graphdef
+
+  @jax.jit
+  def loss_of(params, batch, rng):
+    return loss_fn(nnx.merge(graphdef, params), batch, rng, cfg)[0]
+
+  key = jax.random.PRNGKey(int(cfg.seed) + 1)
+
+  def evaluate(state: State) -> float:
+    with sharding.use_mesh(mesh):
+      losses = [loss_of(state["ema"], pipeline.to_global(b, mesh), jax.random.fold_in(key, i))
+                for i, b in enumerate(batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+  return evaluate
 
 
 def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -391,8 +453,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
-    if data is None:  # the pipeline's latents (a caller's own stream has no VAE to pin)
+    held_out, decode = None, None
+    if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
       pin_latents(cfg, workdir, resuming=start.kind == "workdir")
+      held_out = held_out_loss(cfg, setup, loss_fn, mesh, workdir)
+      decode = sample_decoder(cfg, workdir) if int(cfg.get("sample_every_steps", 0)) else None
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
@@ -410,7 +475,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     compiled, step_flops, peak = _compile_and_report(cfg, setup, make_train_step(cfg, setup, loss_fn),
                                                      batch, mesh, writer, first)
     return _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
-                 step_flops, peak, preempt)
+                 step_flops, peak, preempt, held_out=held_out, decode=decode)
   finally:
     preempt.restore()
     ckpt.close()
@@ -463,7 +528,7 @@ def _check_finite(state: State) -> None:
 
 
 def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
-          step_flops: flops.StepFlops, peak: float, preempt) -> State:
+          step_flops: flops.StepFlops, peak: float, preempt, *, held_out=None, decode=None) -> State:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   total = int(cfg.total_steps)
   block_every_step = distributed.block_each_step()
@@ -521,8 +586,11 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
         bar.refresh()
       pending, t_last, steps_since, model_flops = [], time.time(), 0, 0.0
     if sample_every and step % sample_every == 0:
-      _maybe_samples(cfg, step, state, setup, writer, last_batch)
+      _maybe_samples(cfg, step, state, setup, writer, last_batch, decode)
       t_last = time.time()  # sampling time is not step time
+    if held_out is not None and (step % int(cfg.val_every_steps) == 0 or last):
+      writer.write_scalars(step, {"val/loss": held_out(state)})
+      t_last = time.time()
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:
       _check_finite(state)
       if ckpt.save(step, state, data_iter=data_iter, force=preempt.flag or last):

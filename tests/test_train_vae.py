@@ -22,7 +22,7 @@ def _demo_config():
 
 def _tiny_config(data_dir):
   cfg = _demo_config()
-  cfg.data.shapes_dir = str(data_dir)
+  cfg.data.videos_dir = str(data_dir)
   cfg.vae.update(dict(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, z_dim=4,
                       temporal_downsample=(True,)))
   # 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).

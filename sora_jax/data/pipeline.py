@@ -350,7 +350,7 @@ def open_source(config, split: str, *, workdir: str | None = None):
     sources.check_latents(latents_dir, split)  # encoded by the VAE its statistics come from
     return sources.latent_source(latents_dir, split)
   if source == "shapes":
-    return sources.video_source(_data_dir(config, "shapes_dir", workdir, "shapes"), split)
+    return sources.video_source(_data_dir(config, "videos_dir", workdir, "shapes"), split)
   raise ValueError(f"config.data.source {source!r} is unknown; accepted: {list(SOURCES)}")
 
 
