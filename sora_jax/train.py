@@ -363,9 +363,13 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
   if int(cfg.total_steps) < 1:
     raise fail("total_steps", "must be >= 1")
-  for key in ("data.batch_size", "data.seq_len"):
-    if int(cfg_get(key)) < 1:
+  for key in ("data.batch_size", "data.seq_len", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "val_batches"):
+    if key.split(".")[0] in cfg and int(cfg_get(key)) < 1:
       raise fail(key, "must be >= 1")
+  for key in ("sample_every_steps", "val_every_steps", "max_train_seconds"):  # 0 = never / no cap
+    if key in cfg and float(cfg_get(key)) < 0:
+      raise fail(key, "must be >= 0 (0: off)")
   if cfg.dit.remat not in layers.REMAT_POLICIES:
     raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
   try:

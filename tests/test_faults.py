@@ -445,6 +445,8 @@ DEMO = f"--config={ROOT / 'experiments' / 'shapes_demo.py'}"
     ("--config.data.batch_size=3", "config.data.batch_size=3"),
     ("--config.mesh.data=16", "needs 16 devices; 8 are present"),
     ("--config.optim.schedule=linear", "config.optim.schedule 'linear' is unknown"),
+    ("--config.keep_checkpoints=0", "config.keep_checkpoints=0: must be >= 1"),
+    ("--config.max_train_seconds=-60", "config.max_train_seconds=-60.0: must be >= 0"),
 ])
 def test_train_config_mistakes_are_one_line(command, tmp_path, flag, named):
   from sora_jax import train

@@ -215,3 +215,14 @@ def test_two_processes_train_the_same_vae_as_one(data_dir, tmp_path):
     assert ka == kb
     np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=ka)
   assert list((tmp_path / "two" / "reconstructions").glob("step000004_00.*"))
+
+
+def test_a_missing_split_stops_the_run_before_anything_is_compiled(tmp_path):
+  from sora_jax import config
+  from sora_jax.data.shapes_dataset import build_shapes
+  build_shapes(tmp_path, "train", 2)  # no validation split: the VAE could not be scored at the end
+  with pytest.raises(config.ConfigError, match=r"config.data.videos_dir=.*no built split 'validation'"):
+    train_vae.train(_tiny_config(tmp_path), str(tmp_path / "vae"))
+  assert not (tmp_path / "vae" / "checkpoints").exists()
+  with pytest.raises(config.ConfigError, match=r"no built split 'train'"):
+    train_vae.train(_tiny_config(tmp_path / "empty"), str(tmp_path / "vae2"))
