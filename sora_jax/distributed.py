@@ -281,7 +281,8 @@ def map_shared(fn: Callable[[Any], Any], items: Sequence) -> list:
 
 def write_on_main(fn: Callable[[], Any]) -> Any:
   """Runs `fn` (writing outputs) on process 0 only; every process returns after it has finished, with
-  its result (sent to the others, see `encode`). An exception in `fn` is raised on every process (see map_shared)."""
+  its result (sent to the others, see `encode`). An exception in `fn` is raised on every process (see
+  map_shared)."""
   return map_shared(lambda _: fn(), [None])[0]  # one item: process 0's, in round 0
 
 

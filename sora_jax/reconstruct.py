@@ -28,8 +28,8 @@ from sora_jax import distributed
 _VAE = config_lib.flag(flags.DEFINE_string, "vae", None, "VAE workdir or inference bundle")
 _INPUT = config_lib.flag(flags.DEFINE_string, "input", None, "video (mp4, gif, ...), image (png, jpg) or .npy frames")
 _OUT = config_lib.flag(flags.DEFINE_string, "out", None, "output .mp4, .gif, .png or .npy")
-_MAX_TILE = config_lib.flag(flags.DEFINE_integer, "max_tile_pixels", 0, "tile frames above this many pixels; 0 = never",
-                              lower_bound=0)
+_MAX_TILE = config_lib.flag(flags.DEFINE_integer, "max_tile_pixels", 0,
+                            "tile frames above this many pixels; 0 = never", lower_bound=0)
 _FPS = config_lib.flag(flags.DEFINE_float, "fps", 0.0, "output frame rate; 0 = the input's",
                           lower_bound=0.0)
 

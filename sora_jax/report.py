@@ -2,7 +2,8 @@
 external assets). Drawn with PIL only (matplotlib is not a dependency).
 
 - `frames_strip`: first, middle and last frame of a video side by side; `grid_png`: a labelled grid of
-  such strips, one row per video, shown unscaled (generated samples, or VAE inputs next to their reconstructions);
+  such strips, one row per video (generated samples, or VAE inputs next to their reconstructions),
+  shown unscaled;
 - `curve_png`: training curves from a run's metrics.jsonl (raw values light, a running mean dark);
 - `panels_png`: stacked charts of points with interval bars over one x axis (the learning curve);
 - `write_html`: headline numbers, metric tables with 95% intervals, the curves and the grids.
@@ -73,7 +74,8 @@ def grid_png(path: str, rows: Sequence[tuple[str, Sequence[np.ndarray]]], *, lon
       draw.text((6, y + 4 + line_h * j), line, fill=_INK, font=font)
     top = y + 6 + line_h * len(lines)
     for c, s in enumerate(row):
-      img.paste(Image.fromarray(s), (c * cell_w + (cell_w - s.shape[1]) // 2, top + (strip_h - s.shape[0]) // 2))
+      x0, y0 = c * cell_w + (cell_w - s.shape[1]) // 2, top + (strip_h - s.shape[0]) // 2
+      img.paste(Image.fromarray(s), (x0, y0))
     y += h
     draw.line([(0, y - 1), (img.width, y - 1)], fill=_GRID)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -622,8 +622,9 @@ class Pipeline:
       return None
     parts = []
     if unknown:
-      parts.append(f"{', '.join(repr(w) for w in unknown)} not in the tokenizer's vocabulary (spelled letter by "
-                   "letter: the model never saw them)")
+      words = ", ".join(repr(w) for w in unknown)
+      parts.append(f"{words} not in the tokenizer's vocabulary (spelled letter by letter: the model never "
+                   "saw them)")
     if cut:
       parts.append(f"{cut} of its tokens cut at {key}={limit}")
     return f"warning: prompt {caption!r}: " + "; ".join(parts)

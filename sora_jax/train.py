@@ -17,6 +17,9 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
 - Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
   `config.resume_from` (another run's checkpoint directory: everything, including the data position),
   then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0), then scratch.
+- A run on the pipeline's latents records the VAE they came from (LATENTS_VAE) and refuses to resume on
+  another VAE's (`pin_latents`); it logs a held-out loss on the validation latents (`val/loss`, every
+  `val_every_steps`) and decodes its periodic sample videos through that VAE.
 - SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0;
   while the loop waits for data (which may never come), it saves and exits at once.
 - Config mistakes end the command with one line (exit 2) before any data is read or step compiled
@@ -299,7 +302,8 @@ def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | No
     log.warning("sample videos are latent previews: %s does not load (%s)", sources.describe_vae(record),
                 str(e).splitlines()[0])
     return None
-  if record.get("sha256") and bundle.params_sha256(nnx.to_pure_dict(nnx.state(vae, nnx.Param))) != record["sha256"]:
+  weights = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+  if record.get("sha256") and bundle.params_sha256(weights) != record["sha256"]:
     log.warning("sample videos are latent previews: %s now holds other weights", sources.describe_vae(record))
     return None
   shift, scale, _ = pipeline.latent_stats(cfg, workdir=workdir)
