@@ -335,14 +335,16 @@ def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Cal
   graphdef = setup.graphdef
 
   @jax.jit
-  def loss_of(params, batch, rng):
-    return loss_fn(nnx.merge(graphdef, params), batch, rng, cfg)[0]
+  def loss_of(params, rest, batch, rng):
+    return loss_fn(nnx.merge(graphdef, params, *rest), batch, rng, cfg)[0]
 
   key = jax.random.PRNGKey(int(cfg.seed) + 1)
 
   def evaluate(state: State) -> float:
+    # Parameters the state carries untrained (a LoRA run's frozen base) complete the model.
+    rest = tuple(state[k] for k in ("frozen",) if k in state)
     with sharding.use_mesh(mesh):
-      losses = [loss_of(state["ema"], pipeline.to_global(b, mesh), jax.random.fold_in(key, i))
+      losses = [loss_of(state["ema"], rest, pipeline.to_global(b, mesh), jax.random.fold_in(key, i))
                 for i, b in enumerate(batches)]
     return float(np.mean(jax.device_get(losses)))
 
