@@ -16,7 +16,6 @@ import sys
 from typing import Callable
 
 from absl import app, flags
-from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -145,9 +144,12 @@ def _quiet_libraries(argv: list[str]) -> list[str]:
   """Libraries that log through absl (orbax: some 40 INFO lines per checkpoint read) keep warnings and
   errors only, unless the command line asks for more (--verbosity / -v); the commands print their own
   progress. Returns argv."""
+  absl_logger = logging.getLogger("absl")
   if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("absl").addFilter(_DropMissingMetadata())
+    # The absl logger only: absl's own set_verbosity would raise the root logger's level too, silencing
+    # the commands' own INFO progress lines (compile_check's, distributed's).
+    absl_logger.setLevel(logging.WARNING)
+  absl_logger.addFilter(_DropMissingMetadata())
   return argv
 
 
