@@ -267,10 +267,6 @@ def main(argv):
     cfg = config_lib.get_config() if "config" in flags.FLAGS and flags.FLAGS["config"].present else None
     pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
     loaded = time.time()
-    for caption, *_ in prompts:  # words the model never saw: the video will not show them
-      warning = pipe.caption_warning(caption)
-      if warning and distributed.is_main():
-        print(warning, file=sys.stderr, flush=True)
     reqs = build_requests(pipe, prompts)
     if _NOISE.value:
       reqs = with_noise(pipe, reqs, _NOISE.value)
@@ -279,6 +275,12 @@ def main(argv):
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
       for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
         check_writable(path)
+    # Words the model never saw: the video will not show them. Said once the request is valid (a
+    # mistake is one line).
+    for r in reqs:
+      warning = pipe.caption_warning(r.caption)
+      if warning and distributed.is_main():
+        print(warning, file=sys.stderr, flush=True)
     videos = generate_shared(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
                              sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main(),
                              negative_prompt=_NEGATIVE.value)
