@@ -10,18 +10,18 @@ was already built with the same arguments is kept (pass --force to rebuild), so 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from sora_jax import config as config_lib
 from sora_jax.data import shapes, shapes_dataset
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "tfds data dir to write into", required=True)
 _SPLIT = flags.DEFINE_enum("split", "train", list(shapes.SPLITS), "which split to render")
 _NUM = flags.DEFINE_integer("num_examples", None, "how many examples", required=True, lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "data set seed")
+_SEED = flags.DEFINE_integer("seed", 0, "data set seed", lower_bound=0)
 _MIXTURE = flags.DEFINE_enum("mixture", "demo", list(shapes.MIXTURES), "size mixture")
 _FORCE = flags.DEFINE_bool("force", False, "rebuild even if an identical build exists")
 
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  config_lib.run(main, config=False)

@@ -8,6 +8,11 @@ unnormalised) and the video record's caption, num_frames, height, width, fps, la
 L/latent_stats.json holds {"shift": [c], "scale": [c], "vae": {...}}: the per-channel mean and std of
 the train split's latent means, so that models see z_norm = (z - shift) / scale.
 
+The VAE is recorded as {"path", "step", "sha256" of its weights}: in latent_stats.json ("vae_source"),
+inside each latent split (vae.json) and beside the shards. A re-run with a different VAE (one trained
+further, say) says so and encodes everything again: latents, statistics and VAE always match, and train
+and export refuse a mix (sora_jax.data.sources.check_latents).
+
 Work is cut into shards of --shard_size records. Each process takes the shards k with
 k % process_count == process_index, and spreads their clips over its local devices; each finished
 shard is written atomically to L/_shards/<split>/ and skipped on a re-run, so an interrupted run
@@ -20,13 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
+from sora_jax import atomic
+from sora_jax import config as config_lib
 from sora_jax import distributed  # defines --coordinator/--num_processes/--process_id
 
 _VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
@@ -34,8 +42,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "video data set directory (tfd
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the latent data set goes")
 _SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "splits to encode (missing "
                             "splits other than train are skipped with a note)")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard")
-_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
+_SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard", lower_bound=1)
+_MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never",
+                               lower_bound=0)
 
 META_KEYS = ("caption", "num_frames", "height", "width", "fps", "labels", "source")
 
@@ -105,6 +114,25 @@ def channel_stats(paths: list[Path]) -> tuple[list[float], list[float]]:
   return mean.tolist(), std.tolist()
 
 
+def discard_stale_shards(out_dir: Path, record: dict, *, is_main: bool) -> None:
+  """Removes finished shards that another VAE encoded (they would be skipped as done, and mixed with this
+  VAE's), saying so; then records this VAE beside the shards."""
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
+  shards, own = out_dir / "_shards", out_dir / "_shards" / sources.LATENTS_VAE
+  before = json.loads(own.read_text()) if own.is_file() else None
+  if before is not None and before.get("sha256") == record["sha256"]:
+    return
+  if is_main:
+    if any(shards.glob("*/*.npz")):
+      print(f"encode_latents: the shards in {shards} come from {sources.describe_vae(before)}; --vae is "
+            f"{sources.describe_vae(record)}: encoding every split again", flush=True)
+      for split_dir in shards.iterdir():
+        if split_dir.is_dir():
+          shutil.rmtree(split_dir)
+    shards.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(own, json.dumps(record, indent=2))
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -116,17 +144,21 @@ def main(argv):
   for name, flag in (("--vae", _VAE), ("--data_dir", _DATA_DIR), ("--out_dir", _OUT_DIR)):
     if not flag.value:
       _fail(f"{name} is required")
-  if _SHARD_SIZE.value < 1:
-    _fail(f"--shard_size={_SHARD_SIZE.value}: must be >= 1")
   out_dir = Path(_OUT_DIR.value)
   try:
     vae, cfg, step = load(_VAE.value)
   except (FileNotFoundError, ValueError) as e:
     _fail(str(e).splitlines()[0])
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(vae)
   per_device = [nnx.merge(graphdef, jax.device_put(state, d)) for d in jax.local_devices()]
   pid, nproc = jax.process_index(), jax.process_count()
+  record = {"path": os.path.abspath(_VAE.value), "step": step,
+            "sha256": bundle_lib.params_sha256(nnx.to_pure_dict(nnx.state(vae, nnx.Param)))}
+  discard_stale_shards(out_dir, record, is_main=pid == 0)
+  if nproc > 1:  # no process encodes into the shard folder before process 0 has emptied it
+    multihost_utils.sync_global_devices("encode_latents stale shards")
 
   t0 = time.time()
   splits = {}
@@ -159,18 +191,21 @@ def main(argv):
   if "train" not in splits:
     _fail("the train split is needed for the latent statistics")
   shift, scale = channel_stats(splits["train"])
-  stats = {"shift": shift, "scale": scale, "vae": cfg.vae.to_dict(),
-           "vae_source": {"path": os.path.abspath(_VAE.value), "step": step}}
+  stats = {"shift": shift, "scale": scale, "vae": cfg.vae.to_dict(), "vae_source": record}
   for split, paths in splits.items():
-    final = out_dir / "latents" / split / sources.VERSION / "dataset_info.json"
-    if final.exists() and (out_dir / sources.LATENT_STATS).exists():
+    try:
+      done = (sources.latents_vae(out_dir, split, name="latents") or {}).get("sha256") == record["sha256"]
+    except FileNotFoundError:
+      done = False
+    if done:
       print(f"encode_latents: {split}: data set already written")
       continue
-    sources.write_latent_dataset(out_dir, split, shard_examples(paths), stats=stats)
+    # The split is swapped in whole (with its vae.json); the statistics follow once every split is in.
+    sources.write_latent_dataset(out_dir, split, shard_examples(paths), vae=record)
   sources.write_latent_stats(out_dir, stats)
   print(f"encode_latents: wrote {sorted(splits)} to {out_dir} in {time.time() - t0:.0f}s; "
         f"shift {np.round(shift, 3).tolist()} scale {np.round(scale, 3).tolist()}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main, config=False)

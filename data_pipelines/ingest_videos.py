@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
 from sora_jax import atomic
+from sora_jax import config as config_lib
 from sora_jax.data import ingest, sources
 
 _INPUT = flags.DEFINE_string("input", None, "folder of videos and images", required=True)
@@ -121,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  config_lib.run(main, config=False)

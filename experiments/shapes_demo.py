@@ -28,7 +28,8 @@ def get_config(arg=None):
   c.data.num_validation = 64
   c.data.num_test = 64
   # Where the demo's stages meet; `python -m sora_jax.demo --workdir W` points them all under W/data.
-  c.data.shapes_dir = "runs/demo/data/shapes"        # tfds data dir of rendered Shapes
+  c.data.videos_dir = "runs/demo/data/shapes"        # tfds data dir of the videos: rendered Shapes, or
+                                                     # your own (data_pipelines/ingest_videos.py)
   c.data.latents_dir = "runs/demo/data/latents"      # encoded latents + latent_stats.json
   c.data.tokenizer = "runs/demo/data/tokenizer.model"  # sentencepiece model
   c.data.vocab_size = 128
@@ -113,11 +114,14 @@ def get_config(arg=None):
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
   c.total_steps = 1300           # colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%):
                                  # docs/benchmarks.md, Issue 7
-  c.max_train_seconds = 1800.0   # wall-clock cap (checkpointed stop) for slow or loaded machines; 0 = none
+  c.max_train_seconds = 0.0      # wall-clock cap (checkpointed stop), for pod jobs; 0 = none: the demo trains
+                                 # its steps on any machine and reports a slow stage (config.demo below)
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 3
   c.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
+  c.val_every_steps = 100        # held-out loss (EMA weights, validation latents, fixed noise); 0 = never
+  c.val_batches = 4              # validation batches it averages
   c.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
   c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
   c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
@@ -151,7 +155,7 @@ def get_config(arg=None):
   # --- VAE training (sora_jax/train_vae.py): ~9-14 min of 2-core CPU (2500 steps: 30.4 dB); docs/benchmarks.md "Issue 3".
   c.vae_train = ml_collections.ConfigDict()
   c.vae_train.total_steps = 2500
-  c.vae_train.max_train_seconds = 900.0  # stop early (checkpointed) if a slow machine would overrun
+  c.vae_train.max_train_seconds = 0.0    # wall-clock cap (checkpointed stop); 0 = none, as for the DiT
   c.vae_train.image_crop = 32            # image crops image_crop^2, image_pixels of them per step
   c.vae_train.image_pixels = 4096
   c.vae_train.video_frames = 17          # video crops video_frames x video_crop^2: 5 latent frames, so
@@ -199,6 +203,16 @@ def get_config(arg=None):
   c.eval.chunk = 16              # prompts per sampling call (progress lines; noise is per prompt)
   c.eval.denoise_clips = 32      # test clips for the DiT's object-token error at t = 0.7, 0.9
 
+  # --- The demo (sora_jax/demo.py): minutes each stage takes with the step counts above on an idle
+  # 2-core CPU (docs/benchmarks.md, fifth session: 34 min in all); the demo prints every stage's time
+  # against these and one line for a stage slower than slow_factor times them. Update them with the
+  # step counts. 0 = no expectation.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.expected_minutes = ml_collections.ConfigDict(dict(
+      data_train=0.2, data_validation=0.1, data_test=0.1, tokenizer=0.1, vae=8.5, latents=1.1, dit=20.6,
+      export=0.1, samples=0.5, evaluate=3.5))
+  c.demo.slow_factor = 1.5
+
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.
   if arg.runlocal:  # every stage in a minute or two: for smoke tests of the whole demo
@@ -215,4 +229,6 @@ def get_config(arg=None):
     c.eval.num_prompts = 4
     c.eval.vae_clips = 4
     c.eval.denoise_clips = 4
+    for stage in c.demo.expected_minutes:  # smoke tests: no expectation to report against
+      c.demo.expected_minutes[stage] = 0.0
   return c

@@ -15,7 +15,7 @@ from sora_jax.config import parse_arg
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
   c = shapes_demo.get_config("runlocal" if arg.runlocal else None)
-  for key in ("shapes_dir", "latents_dir", "tokenizer"):
+  for key in ("videos_dir", "latents_dir", "tokenizer"):
     c.data[key] = c.data[key].replace("runs/demo/", "runs/small/")
   c.data.mixture = "small"
   c.data.num_train = 20000

@@ -78,6 +78,21 @@ def sha256(path: Path) -> str:
   return h.hexdigest()
 
 
+def params_sha256(tree) -> str:
+  """SHA-256 of a parameter tree's values (floats as float32) in path order: the same weights give the
+  same digest whether read from a checkpoint, a bundle or a built model (keys compared as strings)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  h = hashlib.sha256()
+  for path, leaf in sorted(((jax.tree_util.keystr(p, simple=True, separator="/"), x) for p, x in leaves),
+                           key=lambda kv: kv[0]):
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
+      x = x.astype(np.float32)
+    h.update(f"{path}:{x.dtype.str}:{x.shape};".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()
+
+
 def _files(root: Path) -> list[str]:
   return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / MANIFEST)
 
@@ -478,8 +493,19 @@ def resolve_config(cfg: ml_collections.ConfigDict, latent_stats: Mapping) -> ml_
 def read_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None
                  ) -> tuple[ml_collections.ConfigDict, dict, dict | None, dict, Path, dict]:
   """(resolved config, DiT EMA params, VAE EMA params or None, latent stats, tokenizer path, source
-  record) of a work directory laid out as `WorkdirLayout` says. `cfg` overrides the config it holds."""
+  record) of a work directory laid out as `WorkdirLayout` says. `cfg` overrides the config it holds.
+
+  The VAE, the latent statistics and the DiT must come from one VAE (data/sources.py): the VAE is W/vae's
+  checkpoint at the step the latents were encoded from (when kept; else its newest), and a VAE, DiT run
+  or statistics of another VAE stop this with sources.StaleLatents naming what to rebuild."""
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   layout = WorkdirLayout(Path(workdir))
+  if not layout.root.is_dir():
+    raise BundleError(f"work directory {workdir} does not exist")
+  if not checkpoint_steps(layout.dit):
+    raise BundleError(f"{layout.dit} holds no finished DiT checkpoint (looked for "
+                      f"{_checkpoints_dir(layout.dit)}/<step>/state); train one with python -m "
+                      f"sora_jax.train --config ... --workdir {layout.dit}")
   if cfg is None:
     path = layout.config_file()
     if path is None:
@@ -500,7 +526,29 @@ def read_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | No
     stats = json.loads(stats_path.read_text())
   cfg = resolve_config(cfg, stats)
   dit, dit_step, dit_key = restore_ema(layout.dit)
-  vae, vae_step, vae_key = (None, None, None) if stand_in else restore_ema(layout.vae)
+  encoded_by = None if stand_in else stats.get("vae_source")
+  if encoded_by and encoded_by.get("sha256"):
+    trained_on = layout.dit / "latents_vae.json"  # train.LATENTS_VAE
+    if trained_on.is_file():
+      before = json.loads(trained_on.read_text())
+      if before.get("sha256") != encoded_by["sha256"]:
+        raise sources.StaleLatents(
+            f"{layout.dit} trained on latents of {sources.describe_vae(before)}, but "
+            f"{layout.latents_dir(cfg)} now holds latents of {sources.describe_vae(encoded_by)}: the "
+            "bundle would pair the DiT with the wrong VAE; train the DiT again on these latents, or "
+            "re-encode them with the VAE it trained on")
+  vae_step = encoded_by.get("step") if encoded_by else None
+  if stand_in:
+    vae, vae_step, vae_key = None, None, None
+  else:
+    vae, vae_step, vae_key = restore_ema(
+        layout.vae, vae_step if vae_step in checkpoint_steps(layout.vae) else None)
+    if encoded_by and encoded_by.get("sha256") and params_sha256(vae) != encoded_by["sha256"]:
+      raise sources.StaleLatents(
+          f"{layout.latents_dir(cfg)} holds latents of {sources.describe_vae(encoded_by)}, but {layout.vae} "
+          f"has no checkpoint with those weights (steps {checkpoint_steps(layout.vae)}; step {vae_step}'s "
+          f"differ): re-encode the latents with this VAE (data_pipelines/encode_latents.py) and train the "
+          "DiT on them")
   tok = layout.tokenizer(cfg)
   if not tok.is_file():
     raise BundleError(f"tokenizer {tok} is missing (data_pipelines/train_tokenizer.py writes it)")

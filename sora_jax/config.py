@@ -11,6 +11,7 @@ prints the resolved config as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Callable
 
@@ -84,7 +85,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
           "(`python -m sora_jax.config --config ...` lists the keys)")
   except (TypeError, ValueError) as e:
     _fail(f"bad config value: {e}")
-  if flags.FLAGS["config"].present:
+  if "config" in flags.FLAGS and flags.FLAGS["config"].present:
     try:
       get_config()
     except Exception as e:  # the config module itself failed to load or run
@@ -103,18 +104,53 @@ def get_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def _caller_module(depth: int) -> str:
+  """The name absl gives the module `depth` frames up: the script's path for __main__ (what `--help`
+  lists the flags of)."""
+  name = sys._getframe(depth + 1).f_globals.get("__name__", "")  # pylint: disable=protected-access
+  return sys.argv[0] if name == "__main__" else name
+
+
 def flag(define: Callable, name: str, *args, **kwargs) -> flags.FlagHolder:
   """`define(name, ...)` once per process: entry points share names like --workdir, and tests import
-  several entry points into one process; a second definition reuses the first flag."""
-  if name in flags.FLAGS:
-    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
-  return define(name, *args, **kwargs)
+  several entry points into one process; a second definition reuses the first flag. Either way the flag
+  belongs to the calling module, so that `--help` of that entry point lists it (absl would otherwise
+  file it under this module, and only `--helpfull` would show it)."""
+  module = _caller_module(1)
+  if name not in flags.FLAGS:
+    define(name, *args, **kwargs)
+  flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run` with one-line errors for bad configs and bad flags."""
-  _define_config_flag()
-  app.run(main, flags_parser=_parse_flags)
+def run(main: Callable[[list[str]], None], *, config: bool = True) -> None:
+  """`absl.app.run` with one-line errors for bad configs and bad flags (exit 2); `config=False` for
+  commands that take no --config (the offline jobs)."""
+  if config:
+    _define_config_flag()
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])  # listed by --help
+  app.run(lambda argv: main(_quiet_libraries(argv)), flags_parser=_parse_flags)
+
+
+class _DropMissingMetadata(logging.Filter):
+  """orbax warns "Metadata file does not exist" on every read of a checkpoint item written inside a
+  CheckpointManager step (the step, not the item, holds the metadata): nothing is wrong."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+def _quiet_libraries(argv: list[str]) -> list[str]:
+  """Libraries that log through absl (orbax: some 40 INFO lines per checkpoint read) keep warnings and
+  errors only, unless the command line asks for more (--verbosity / -v); the commands print their own
+  progress. Returns argv."""
+  absl_logger = logging.getLogger("absl")
+  if not flags.FLAGS["verbosity"].present:
+    # The absl logger only: absl's own set_verbosity would raise the root logger's level too, silencing
+    # the commands' own INFO progress lines (compile_check's, distributed's).
+    absl_logger.setLevel(logging.WARNING)
+  absl_logger.addFilter(_DropMissingMetadata())
+  return argv
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -4,7 +4,14 @@
 
 Stages run in order as separate processes, exactly as a user would run them by hand (each stage's command
 is printed first); each one resumes or skips finished work, so re-running the demo after an interruption
-continues where it stopped. Layout of the work directory:
+continues where it stopped.
+
+The demo trains a fixed number of steps (`vae_train.total_steps`, `total_steps`), so what it produces does
+not depend on the machine; its configs set no wall-clock cap (`max_train_seconds` = 0; caps are a safety
+net for pod jobs). Each stage's time is printed against the time it takes on an idle 2-core CPU
+(`config.demo.expected_minutes`), with one line when it is slower than `config.demo.slow_factor` times
+that; a trainer that stopped before its steps (a cap set by hand) is named too. Layout of the work
+directory:
 
     W/data/shapes/          rendered Shapes splits (tensorflow-datasets, ArrayRecord)
     W/data/tokenizer.model  sentencepiece model trained on the captions
@@ -18,6 +25,8 @@ continues where it stopped. Layout of the work directory:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import shlex
 import subprocess
@@ -28,8 +37,8 @@ from absl import flags
 
 from sora_jax import config as config_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where every stage writes")
-_ONLY = flags.DEFINE_list("only", [], "run just these stages (names as printed)")
+_WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", "runs/demo", "where every stage writes")
+_ONLY = config_lib.flag(flags.DEFINE_list, "only", [], "run just these stages (names as printed)")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +58,7 @@ class Stage:
 def stages(cfg_arg: str, cfg, w: str) -> list[Stage]:
   """The demo's stages; every data path is pointed under the work directory."""
   data = f"{w}/data"
-  paths = (f"--config.data.shapes_dir={data}/shapes", f"--config.data.latents_dir={data}/latents",
+  paths = (f"--config.data.videos_dir={data}/shapes", f"--config.data.latents_dir={data}/latents",
            f"--config.data.tokenizer={data}/tokenizer.model")
   conf = ("--config", cfg_arg, *paths)
   out: list[Stage] = []
@@ -74,6 +83,50 @@ def stages(cfg_arg: str, cfg, w: str) -> list[Stage]:
   return out
 
 
+def _duration(seconds: float) -> str:
+  return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def expected_seconds(cfg, name: str) -> float:
+  """The stage's time on an idle 2-core CPU from config.demo.expected_minutes (0: none given)."""
+  expected = cfg.get("demo", {}).get("expected_minutes", {})
+  return 60.0 * float(expected.get(name.replace("-", "_"), 0.0) or 0.0)
+
+
+def timing_lines(cfg, name: str, took: float) -> list[str]:
+  """What the demo prints when stage `name` has taken `took` seconds."""
+  expected = expected_seconds(cfg, name)
+  if not expected:
+    return [f"[demo] {name}: {_duration(took)}"]
+  lines = [f"[demo] {name}: {_duration(took)}, expected about {_duration(expected)}"]
+  if took > float(cfg.demo.get("slow_factor", 1.5)) * expected:
+    lines.append(f"[demo] the {name} stage took {_duration(took)}; expected about {_duration(expected)} on "
+                 f"an idle 2-core CPU: this machine ({os.cpu_count()} cores) is slower or busy")
+  return lines
+
+
+def stopped_early(cfg, name: str, w: str) -> str | None:
+  """A line naming a trainer stage that ended before its configured steps (a wall-clock cap), else None:
+  later stages then use a model trained less than the demo's recipe."""
+  if name == "vae":
+    path, total, cap = os.path.join(w, "vae", "final_metrics.json"), int(cfg.vae_train.total_steps), \
+        "vae_train.max_train_seconds"
+    if not os.path.isfile(path):
+      return None
+    with open(path) as f:
+      step = int(json.load(f).get("step", total))
+  elif name == "dit":
+    from sora_jax import bundle  # pylint: disable=g-import-not-at-top
+    steps = bundle.checkpoint_steps(os.path.join(w, "dit"))
+    step, total, cap = (steps[-1] if steps else 0), int(cfg.total_steps), "max_train_seconds"
+  else:
+    return None
+  if step >= total:
+    return None
+  return (f"[demo] warning: the {name} stage stopped at step {step} of {total} ({cap}); later stages use a "
+          "model trained less than the demo's recipe")
+
+
 def main(argv):
   del argv
   cfg = config_lib.get_config()
@@ -84,18 +137,30 @@ def main(argv):
   unknown = set(_ONLY.value) - {s.name for s in todo}
   if unknown:
     config_lib._fail(f"--only {sorted(unknown)}: unknown stage; accepted: {[s.name for s in todo]}")
+  for key in ("vae_train.max_train_seconds", "max_train_seconds"):
+    cap = float(functools.reduce(lambda node, k: node[k], key.split("."), cfg))
+    if cap > 0:
+      print(f"[demo] note: config.{key}={cap:.0f} may stop training before its steps on a slow machine",
+            flush=True)
   start = time.time()
   for stage in todo:
     if _ONLY.value and stage.name not in _ONLY.value:
       continue
     cmd = stage.command()
     print(f"[demo] {stage.name} ({time.time() - start:.0f}s): {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
     rc = subprocess.call(cmd, cwd=os.getcwd())
     if rc != 0:
       print(f"[demo] stage {stage.name} failed with exit status {rc}; re-run `make demo` to resume",
             file=sys.stderr)
       sys.exit(rc)
-  print(f"[demo] finished in {time.time() - start:.0f}s; everything is under {w}/", flush=True)
+    for line in timing_lines(cfg, stage.name, time.time() - t0) + [stopped_early(cfg, stage.name, w)]:
+      if line:
+        print(line, flush=True)
+  total = time.time() - start
+  expected = sum(expected_seconds(cfg, s.name) for s in todo if not _ONLY.value or s.name in _ONLY.value)
+  print(f"[demo] finished in {_duration(total)}" + (f" (expected about {_duration(expected)})" if expected
+                                                    else "") + f"; everything is under {w}/", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ all results, in item order. Process 0 writes the outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import io
 import itertools
+import json
 import logging
 import os
-import pickle
 import sys
 from typing import Any, Callable, Sequence
 
@@ -132,27 +134,101 @@ def barrier(timeout_s: float = 3 * 3600) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  # The client jax.distributed.initialize() made; orbax waits on the same barriers.
-  jax_distributed.global_state.client.wait_at_barrier(f"sora_jax_barrier_{next(_barriers)}",
-                                                      int(timeout_s * 1000))
+  # orbax's public barrier on the client jax.distributed.initialize() made (orbax's own saves wait on
+  # the same service).
+  from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+  multihost.get_barrier_sync_fn()(key=f"sora_jax_barrier_{next(_barriers)}", timeout_ms=int(timeout_s * 1000))
+
+
+# ------------------------------------------------------------------- objects between the processes
+# What travels between the processes (videos, scores, manifests, errors) is a tree of dicts, lists,
+# tuples, strings, numbers, None, arrays and sora_jax's own dataclasses (the detector's scores). It is
+# encoded as JSON plus an .npz of the arrays, read back with allow_pickle=False: unlike pickle, a payload
+# cannot run code in the process that reads it (a dataclass is rebuilt only if it is one of sora_jax's,
+# already imported, by its own constructor).
+
+def encode(obj: Any) -> bytes:
+  """`obj` as bytes that `decode` turns back into an equal tree; TypeError for any other type."""
+  arrays: list[np.ndarray] = []
+
+  def enc(x):
+    if x is None or isinstance(x, (bool, int, float, str)):
+      return x
+    if isinstance(x, (list, tuple)):
+      return {"t" if isinstance(x, tuple) else "l": [enc(v) for v in x]}
+    if isinstance(x, dict):
+      return {"d": [[enc(k), enc(v)] for k, v in x.items()]}
+    if isinstance(x, bytes):
+      arrays.append(np.frombuffer(x, np.uint8))
+      return {"b": len(arrays) - 1}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+      cls = type(x)
+      if not cls.__module__.startswith("sora_jax."):
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} cannot be sent between processes: only "
+                        "sora_jax's dataclasses")
+      return {"c": [cls.__module__, cls.__qualname__,
+                    [[f.name, enc(getattr(x, f.name))] for f in dataclasses.fields(x) if f.init]]}
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+      a = np.asarray(x)
+      if a.dtype.hasobject:
+        raise TypeError(f"an array of Python objects cannot be sent between processes ({a.dtype})")
+      arrays.append(a)
+      return {"a" if isinstance(x, (np.ndarray, jax.Array)) else "s": len(arrays) - 1}
+    raise TypeError(f"{type(x).__name__} cannot be sent between processes: send dicts, lists, tuples, "
+                    "str, numbers, None or arrays")
+
+  head = json.dumps(enc(obj)).encode()
+  buf = io.BytesIO()
+  np.savez(buf, *arrays)
+  return len(head).to_bytes(8, "little") + head + buf.getvalue()
+
+
+def decode(blob: bytes) -> Any:
+  """The tree `encode` wrote (arrays read with allow_pickle=False)."""
+  n = int.from_bytes(blob[:8], "little")
+  head = json.loads(blob[8:8 + n])
+  with np.load(io.BytesIO(blob[8 + n:]), allow_pickle=False) as z:
+    arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+
+  def dec(x):
+    if not isinstance(x, dict):
+      return x
+    (tag, v), = x.items()
+    if tag == "l":
+      return [dec(e) for e in v]
+    if tag == "t":
+      return tuple(dec(e) for e in v)
+    if tag == "d":
+      return {dec(k): dec(e) for k, e in v}
+    if tag == "b":
+      return arrays[v].tobytes()
+    if tag == "c":
+      module, name, fields = v
+      cls = getattr(sys.modules.get(module) if module.startswith("sora_jax.") else None, name, None)
+      if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"a payload names {module}.{name}, which is not an imported sora_jax dataclass")
+      return cls(**{k: dec(e) for k, e in fields})
+    return arrays[v] if tag == "a" else arrays[v][()]  # "s": a numpy scalar
+
+  return dec(head)
 
 
 def allgather_objects(obj: Any) -> list:
-  """[the object of process 0, of process 1, ...] on every process (pickled between our own processes).
+  """[the object of process 0, of process 1, ...] on every process (`encode`d: a tree of dicts, lists,
+  tuples, str, numbers, None and arrays).
 
   `barrier` first, so the processes enter the device collective together however late one arrives.
   """
   if jax.process_count() == 1:
     return [obj]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  blob = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  blob = np.frombuffer(encode(obj), np.uint8)
   barrier()
   sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:blob.size] = blob
   got = np.asarray(multihost_utils.process_allgather(padded))
-  return [pickle.loads(got[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+  return [decode(got[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
 
 
 class RemoteError(RuntimeError):
@@ -205,7 +281,8 @@ def map_shared(fn: Callable[[Any], Any], items: Sequence) -> list:
 
 def write_on_main(fn: Callable[[], Any]) -> Any:
   """Runs `fn` (writing outputs) on process 0 only; every process returns after it has finished, with
-  its result (pickled to the others). An exception in `fn` is raised on every process (see map_shared)."""
+  its result (sent to the others, see `encode`). An exception in `fn` is raised on every process (see
+  map_shared)."""
   return map_shared(lambda _: fn(), [None])[0]  # one item: process 0's, in round 0
 
 

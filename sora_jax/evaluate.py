@@ -67,19 +67,22 @@ def define_flags() -> None:
   """The command's flags; defined only when it runs (entry points share names like --workdir)."""
   flags.DEFINE_string("bundle", None, "the inference bundle to evaluate")
   flags.DEFINE_string("out_dir", None, "where metrics.json, report.html and the PNGs go")
-  flags.DEFINE_integer("num_prompts", None, "Shapes test prompts to generate and score")
-  flags.DEFINE_integer("vae_clips", None, "held-out Shapes clips for VAE PSNR/SSIM")
-  flags.DEFINE_integer("seed", None, "sampling seed (and data set seed of the prompts)")
-  flags.DEFINE_integer("steps", None, "sampler steps (default: the bundle config's sample.steps)")
-  flags.DEFINE_float("guidance", None, "CFG scale (default: the bundle config's sample.guidance)")
+  flags.DEFINE_integer("num_prompts", None, "Shapes test prompts to generate and score", lower_bound=1)
+  flags.DEFINE_integer("vae_clips", None, "held-out Shapes clips for VAE PSNR/SSIM", lower_bound=1)
+  flags.DEFINE_integer("seed", None, "sampling seed (and data set seed of the prompts)", lower_bound=0)
+  flags.DEFINE_integer("steps", None, "sampler steps (default: the bundle config's sample.steps)",
+                       lower_bound=1)
+  flags.DEFINE_float("guidance", None, "CFG scale (default: the bundle config's sample.guidance)",
+                     lower_bound=0.0)
   flags.DEFINE_string("mixture", None, "Shapes size mixture of the prompts (default: data.mixture)")
   flags.DEFINE_string("data_dir", None, "an ingested video data set (tfds dir) for VAE metrics")
   flags.DEFINE_string("data_split", None, "its split")
   flags.DEFINE_string("workdir", None, "training runs for the curves (default: the bundle's source)")
   flags.DEFINE_string("compare_bundle", None, "another export of the same run (e.g. --dtype bfloat16): "
                       "sample the first compare_prompts prompts with it too and report pixel differences")
-  flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle")
-  flags.DEFINE_integer("denoise_clips", None, "Shapes test clips for the DiT's object-token error")
+  flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle", lower_bound=1)
+  flags.DEFINE_integer("denoise_clips", None, "Shapes test clips for the DiT's object-token error",
+                       lower_bound=1)
   flags.DEFINE_string("learning_curve", None, "a learning_curve.json to show in the report (default: "
                       "out_dir/learning_curve.json if present)")
 
@@ -550,7 +553,7 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
   rows = []
   gen = result.get("generation")
   if gen and "all" in gen["groups"]:
-    for m in ("colour", "motion", "persistence", "consistency"):
+    for m in detector.METRICS:
       rows.append((f"{m} accuracy (all prompts)", report._pct(gen["groups"]["all"].get(m))))  # pylint: disable=protected-access
     held = gen["groups"].get("held-out compositions")
     if held:
@@ -604,14 +607,17 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
                      "through this VAE)", report.metric_table(vae_read, detector.METRICS)))
   if gen_extra:
     sections.append(("Samples: first, middle and last frames (generated | ground truth)",
-                     report.img(gen_extra["grid"], "samples")))
+                     report.img(gen_extra["grid"], "samples", scale=False)))
   for name, (label, png) in vae_examples.items():
-    sections.append((f"VAE reconstructions, {label} (input | reconstruction)", report.img(png, name)))
+    sections.append((f"VAE reconstructions, {label} (input | reconstruction)",
+                     report.img(png, name, scale=False)))
   for run, png in curves:
     sections.append((f"Training curves: {run}", report.img(png, run)))
   if learning_curve:
     sections.append(("Learning curve", learning_curve_html(*learning_curve)))
-  settings_rows = [(k, str(v)) for k, v in result["settings"].items()]
+  used = result.get("sampling") or {}  # what generation ran with, where the settings say 0 = the config's
+  settings_rows = [(k, str(used.get(k, v))) for k, v in result["settings"].items()]
+  settings_rows += [(k, str(v)) for k, v in used.items() if k not in result["settings"]]
   src = result.get("bundle_source", {})
   settings_rows += [("bundle", result["bundle"]), ("bundle dtype", result.get("bundle_dtype", "")),
                     ("trained steps", f"DiT {src.get('dit_step')}, VAE {src.get('vae_step')}")]
@@ -621,8 +627,7 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
 
 
 def _verdict(sc: detector.ClipScore) -> str:
-  marks = [f"{m} {'ok' if v else 'WRONG'}" for m in ("colour", "motion", "persistence", "consistency")
-           if (v := getattr(sc, m)) is not None]
+  marks = [f"{m} {'ok' if v else 'WRONG'}" for m in detector.METRICS if (v := getattr(sc, m)) is not None]
   return ", ".join(marks)
 
 
@@ -642,6 +647,23 @@ def compare_videos(a: Sequence[np.ndarray | None], b: Sequence[np.ndarray | None
   return {"videos": len(diffs), "mean_abs_diff": float(d.mean()) if d.size else float("nan"),
           "p99_abs_diff": float(np.percentile(d, 99)) if d.size else float("nan"),
           "max_abs_diff": int(d.max()) if d.size else 0, "same_verdicts": int(sum(same))}
+
+
+def sampling_used(bundle, s: dict) -> dict:
+  """The steps, guidance and sampler that generation runs with (the settings' 0 means the bundle config's
+  `sample` section): metrics.json's "sampling", and what the report's settings table shows."""
+  try:
+    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  try:
+    pipe = sampling.as_pipeline(bundle)
+  except TypeError:  # a stand-in model with its own `generate`
+    return {}
+  return {"steps": int(pipe.sample_setting("steps", s["steps"] or None, 30)),
+          "guidance": float(pipe.sample_setting("guidance", s["guidance"] or None, 1.0)),
+          "sampler": str(pipe.sample_setting("sampler", None,
+                                             sampling.Schedule.from_config(pipe.cfg).samplers()[0]))}
 
 
 def _learning_curve(path: str | None, out_dir: str) -> tuple[dict, str | None] | None:
@@ -673,7 +695,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
   if distributed.is_main():
     os.makedirs(out_dir, exist_ok=True)
   s = settings(bundle.config, **overrides)
-  result: dict[str, Any] = {"bundle": bundle.path, "settings": s,
+  result: dict[str, Any] = {"bundle": bundle.path, "settings": s, "sampling": sampling_used(bundle, s),
                             "bundle_source": bundle.manifest.get("source", {}),
                             "bundle_dtype": bundle.manifest.get("dtype", "")}
   vae_examples = {}
@@ -763,8 +785,8 @@ def _jsonable(x):
 
 def _rates(g: dict) -> str:
   """'colour 98.4% [91.7, 99.7] (n=64); motion ...' for one group's {metric: Rate.to_dict()}."""
-  return "; ".join(f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}"
-                   for m in ("colour", "motion", "persistence", "consistency") if g[m]["n"])
+  return "; ".join(f"{m} {detector.Rate(g[m]['k'], g[m]['n'])}" for m in detector.METRICS
+                   if m in g and g[m]["n"])
 
 
 def headline(result: dict) -> str:

@@ -48,7 +48,7 @@ def demo_config(workdir: str):
   spec.loader.exec_module(module)
   cfg = module.get_config()
   data = os.path.join(workdir, "data")
-  cfg.data.shapes_dir = os.path.join(data, "shapes")
+  cfg.data.videos_dir = os.path.join(data, "shapes")
   cfg.data.latents_dir = os.path.join(data, "latents")
   cfg.data.tokenizer = os.path.join(data, "tokenizer.model")
   return cfg
@@ -56,6 +56,8 @@ def demo_config(workdir: str):
 
 def export(workdir: str, out: str, *, dtype: str = "float32", cfg=None) -> dict:
   """Writes the bundle of `workdir` to `out`; returns its manifest."""
+  if not os.path.isdir(workdir):
+    raise bundle_lib.BundleError(f"--workdir {workdir} does not exist")
   if cfg is None and bundle_lib.WorkdirLayout(Path(workdir)).config_file() is None:
     print(f"[export] {workdir} holds no config.json; using {_DEMO_CONFIG} with data under {workdir}/data",
           flush=True)

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from sora_jax import config as config_lib
@@ -28,8 +28,10 @@ from sora_jax import distributed
 _VAE = config_lib.flag(flags.DEFINE_string, "vae", None, "VAE workdir or inference bundle")
 _INPUT = config_lib.flag(flags.DEFINE_string, "input", None, "video (mp4, gif, ...), image (png, jpg) or .npy frames")
 _OUT = config_lib.flag(flags.DEFINE_string, "out", None, "output .mp4, .gif, .png or .npy")
-_MAX_TILE = config_lib.flag(flags.DEFINE_integer, "max_tile_pixels", 0, "tile frames above this many pixels; 0 = never")
-_FPS = config_lib.flag(flags.DEFINE_float, "fps", 0.0, "output frame rate; 0 = the input's")
+_MAX_TILE = config_lib.flag(flags.DEFINE_integer, "max_tile_pixels", 0,
+                            "tile frames above this many pixels; 0 = never", lower_bound=0)
+_FPS = config_lib.flag(flags.DEFINE_float, "fps", 0.0, "output frame rate; 0 = the input's",
+                          lower_bound=0.0)
 
 
 def pad_to_grid(frames: np.ndarray, temporal: int, spatial: int) -> np.ndarray:
@@ -91,4 +93,4 @@ def _run():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config_lib.run(main, config=False)

@@ -2,7 +2,8 @@
 external assets). Drawn with PIL only (matplotlib is not a dependency).
 
 - `frames_strip`: first, middle and last frame of a video side by side; `grid_png`: a labelled grid of
-  such strips, one row per video (generated samples, or VAE inputs next to their reconstructions);
+  such strips, one row per video (generated samples, or VAE inputs next to their reconstructions),
+  shown unscaled;
 - `curve_png`: training curves from a run's metrics.jsonl (raw values light, a running mean dark);
 - `panels_png`: stacked charts of points with interval bars over one x axis (the learning curve);
 - `write_html`: headline numbers, metric tables with 95% intervals, the curves and the grids.
@@ -47,27 +48,36 @@ def frames_strip(video: np.ndarray, *, long_side: int = 128, pad: int = 2) -> np
 
 
 def grid_png(path: str, rows: Sequence[tuple[str, Sequence[np.ndarray]]], *, long_side: int = 128,
-             label_width: int = 360) -> str:
-  """Writes a PNG with one row per (label, [video, ...]): the label, then each video's frames strip.
+             font_size: int = 15) -> str:
+  """Writes a PNG with one row per (label, [video, ...]): the label on its own lines across the row, then
+  each video's frames strip under it. Labels span the strips' width (not a column beside them), so the
+  picture is no wider than its videos and the report shows it unscaled (`img(..., scale=False)`): text
+  in pixels stays readable only at its own size.
 
   Returns `path`. Videos of different sizes are centred in cells sized to the largest strip.
   """
   strips = [[frames_strip(v, long_side=long_side) for v in videos] for _, videos in rows]
-  cell_h = max(s.shape[0] for row in strips for s in row) + 8
+  strip_h = max(s.shape[0] for row in strips for s in row) + 8
   cell_w = max(s.shape[1] for row in strips for s in row) + 12
   ncol = max(len(row) for row in strips)
-  img = Image.new("RGB", (label_width + ncol * cell_w, max(1, len(rows)) * cell_h), _BG)
+  width = ncol * cell_w
+  line_h = font_size + 4
+  chars = max(20, int(width / (0.55 * font_size)))  # characters per line, about, in the default font
+  labels = [_wrap(label, chars)[:3] for label, _ in rows]
+  heights = [6 + line_h * len(lines) + strip_h for lines in labels]
+  img = Image.new("RGB", (width, max(1, sum(heights))), _BG)
   draw = ImageDraw.Draw(img)
-  font = _font(12)
-  for r, ((label, _), row) in enumerate(zip(rows, strips)):
-    y = r * cell_h
-    for j, line in enumerate(_wrap(label, 52)[:max(1, cell_h // 15)]):
-      draw.text((6, y + 6 + 15 * j), line, fill=_INK, font=font)
+  font = _font(font_size)
+  y = 0
+  for lines, row, h in zip(labels, strips, heights):
+    for j, line in enumerate(lines):
+      draw.text((6, y + 4 + line_h * j), line, fill=_INK, font=font)
+    top = y + 6 + line_h * len(lines)
     for c, s in enumerate(row):
-      x0 = label_width + c * cell_w + (cell_w - s.shape[1]) // 2
-      y0 = y + (cell_h - s.shape[0]) // 2
+      x0, y0 = c * cell_w + (cell_w - s.shape[1]) // 2, top + (strip_h - s.shape[0]) // 2
       img.paste(Image.fromarray(s), (x0, y0))
-    draw.line([(0, y + cell_h - 1), (img.width, y + cell_h - 1)], fill=_GRID)
+    y += h
+    draw.line([(0, y - 1), (img.width, y - 1)], fill=_GRID)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img.save(path)
   return path
@@ -243,7 +253,8 @@ def panels_png(path: str, panels: Sequence[Mapping], *, x_label: str, log_x: boo
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:90%}
-img{max-width:100%;image-rendering:pixelated}h2{margin-top:32px}"""
+img{max-width:100%;image-rendering:pixelated}h2{margin-top:32px}
+.unscaled{overflow-x:auto}.unscaled img{max-width:none}"""
 
 
 def _pct(rate: Mapping | None) -> str:
@@ -277,5 +288,8 @@ def write_html(path: str, *, title: str, headline: Sequence[tuple[str, str]],
   return path
 
 
-def img(src: str, alt: str = "") -> str:
-  return f"<p><img src='{html.escape(src)}' alt='{html.escape(alt)}'></p>"
+def img(src: str, alt: str = "", *, scale: bool = True) -> str:
+  """An image; `scale=False` shows it at its own size (scrolling sideways on a narrow page), for pictures
+  with text in them."""
+  tag = f"<img src='{html.escape(src)}' alt='{html.escape(alt)}'>"
+  return f"<p>{tag}</p>" if scale else f"<div class=unscaled>{tag}</div>"

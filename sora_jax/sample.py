@@ -56,16 +56,22 @@ _BUNDLE = config_lib.flag(flags.DEFINE_string, "bundle", None, "an exported infe
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "a training work directory (vae/, dit/, data/)")
 _PROMPT = config_lib.flag(flags.DEFINE_multi_string, "prompt", [], "a caption (repeatable)")
 _PROMPTS_FILE = config_lib.flag(flags.DEFINE_string, "prompts_file", None, "one prompt per line: caption [| frames | HxW]")
-_NUM_FRAMES = config_lib.flag(flags.DEFINE_integer, "num_frames", None, "1 (an image) or 1 + 4k, up to 481")
-_HEIGHT = config_lib.flag(flags.DEFINE_integer, "height", None, "pixels; a multiple of the patch grid")
-_WIDTH = config_lib.flag(flags.DEFINE_integer, "width", None, "pixels; a multiple of the patch grid")
-_SEED = config_lib.flag(flags.DEFINE_integer, "seed", 0, "noise seed (per prompt: fold_in(seed, prompt index))")
-_STEPS = config_lib.flag(flags.DEFINE_integer, "steps", None, "sampler steps")
-_GUIDANCE = config_lib.flag(flags.DEFINE_float, "guidance", None, "classifier-free guidance scale (1 = none)")
+_NUM_FRAMES = config_lib.flag(flags.DEFINE_integer, "num_frames", None, "1 (an image) or 1 + 4k, up to 481",
+                                 lower_bound=1)
+_HEIGHT = config_lib.flag(flags.DEFINE_integer, "height", None, "pixels; a multiple of the patch grid",
+                             lower_bound=1)
+_WIDTH = config_lib.flag(flags.DEFINE_integer, "width", None, "pixels; a multiple of the patch grid",
+                            lower_bound=1)
+_SEED = config_lib.flag(flags.DEFINE_integer, "seed", 0, "noise seed (per prompt: fold_in(seed, prompt index))",
+                           lower_bound=0)
+_STEPS = config_lib.flag(flags.DEFINE_integer, "steps", None, "sampler steps", lower_bound=1)
+_GUIDANCE = config_lib.flag(flags.DEFINE_float, "guidance", None, "classifier-free guidance scale (1 = none)",
+                               lower_bound=0.0)
 _SAMPLER = config_lib.flag(flags.DEFINE_string, "sampler", None,
                            "euler|heun|unipc (flow objective), ddim|ddpm (ddpm objective)")
-_ROW_LEN = config_lib.flag(flags.DEFINE_integer, "row_len", None, "tokens per packed row")
-_FPS = config_lib.flag(flags.DEFINE_float, "fps", None, "frame rate of the written video")
+_ROW_LEN = config_lib.flag(flags.DEFINE_integer, "row_len", None, "tokens per packed row", lower_bound=1)
+_FPS = config_lib.flag(flags.DEFINE_float, "fps", None, "frame rate of the written video",
+                          lower_bound=0.0)
 _OUT = config_lib.flag(flags.DEFINE_string, "out", "sample.mp4", "output path; the suffix picks the format")
 _ALSO = config_lib.flag(flags.DEFINE_list, "also", [], "more formats of the same video: npy, gif, png, mp4")
 _IMAGE = config_lib.flag(flags.DEFINE_string, "image", None, "image-to-video: the first frame")
@@ -73,7 +79,8 @@ _EXTEND = config_lib.flag(flags.DEFINE_string, "extend", None, "a video to exten
 _DIRECTION = config_lib.flag(flags.DEFINE_enum, "direction", "forward", ["forward", "backward"], "of --extend")
 _CONNECT = config_lib.flag(flags.DEFINE_list, "connect", None, "two videos a,b: the output begins like a, ends like b")
 _EDIT = config_lib.flag(flags.DEFINE_string, "edit", None, "a video to edit (SDEdit) under the prompt")
-_STRENGTH = config_lib.flag(flags.DEFINE_float, "strength", 0.6, "of --edit: 1 = ignore the input, 0 = keep it")
+_STRENGTH = config_lib.flag(flags.DEFINE_float, "strength", 0.6, "of --edit: 1 = ignore the input, 0 = keep it",
+                               lower_bound=0.0, upper_bound=1.0)
 _NEGATIVE = config_lib.flag(flags.DEFINE_string, "negative_prompt", None,
                             "the unconditional caption under guidance (default: the caption dropped as in "
                             "training; \"\" for a UMT5 model, as Wan's pipeline)")
@@ -268,6 +275,12 @@ def main(argv):
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
       for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
         check_writable(path)
+    # Words the model never saw: the video will not show them. Said once the request is valid (a
+    # mistake is one line).
+    for r in reqs:
+      warning = pipe.caption_warning(r.caption)
+      if warning and distributed.is_main():
+        print(warning, file=sys.stderr, flush=True)
     videos = generate_shared(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
                              sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main(),
                              negative_prompt=_NEGATIVE.value)

@@ -608,6 +608,27 @@ class Pipeline:
       return np.asarray(self.tokenize.encode(caption, max_len), np.int32)
     return np.asarray(self.tokenize(caption), np.int32)[:max_len]
 
+  def caption_warning(self, caption: str) -> str | None:
+    """One line when the model cannot read `caption` as written: words its tokenizer never saw (spelled
+    letter by letter, each letter a token) and pieces cut at the caption limit; else None."""
+    if not hasattr(self.tokenize, "unknown_words"):
+      return None
+    if self.text_encoder is None:
+      key, limit = "data.max_text_tokens", int(self.cfg.data.max_text_tokens)
+    else:
+      key, limit = "text.max_len", int(self.cfg.text.max_len)
+    unknown, cut = self.tokenize.unknown_words(caption), self.tokenize.overflow(caption, limit)
+    if not unknown and not cut:
+      return None
+    parts = []
+    if unknown:
+      words = ", ".join(repr(w) for w in unknown)
+      parts.append(f"{words} not in the tokenizer's vocabulary (spelled letter by letter: the model never "
+                   "saw them)")
+    if cut:
+      parts.append(f"{cut} of its tokens cut at {key}={limit}")
+    return f"warning: prompt {caption!r}: " + "; ".join(parts)
+
   def text(self, caption: str) -> np.ndarray:
     """The caption as the DiT reads it: ids for the jointly trained caption encoder; for a frozen encoder
     its features [text.max_len, text_dim], the caption's tokens followed by zeros (Wan's pipeline pads
@@ -857,12 +878,14 @@ def generate(models, requests: Sequence[Request | Sequence], *, seed: int = 0, s
   return videos
 
 
-def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int = 2) -> dict[str, np.ndarray]:
+def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int = 2,
+                     decode: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Sample videos for the trainer's periodic logging: the first captions and sizes of a packed batch.
 
   Uses cfg.sample's steps and guidance and the batch's text tokens and patch grids (row 0). With the raw
-  "shapes" source the pooled-pixel latents are shown as pixels; with VAE latents (no VAE in the trainer)
-  the first three normalised latent channels are shown, upsampled to pixel size, as a preview.
+  "shapes" source the pooled-pixel latents are shown as pixels; with VAE latents, `decode` (normalised
+  latents -> uint8 frames, e.g. Pipeline.decode) gives the frames, and without it the first three
+  normalised latent channels are shown, upsampled to pixel size, as a preview.
   Returns {name: uint8 [T, H, W, 3]}.
   """
   seg_ids = np.asarray(jax.device_get(batch["segment_ids"]))[0]
@@ -893,6 +916,9 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
                     schedule=sched)
   out = {}
   for k, z in enumerate(latents):
+    if decode is not None and not stand_in:
+      out[f"video_{k}"] = decode(np.asarray(z, np.float32))
+      continue
     if stand_in:
       ft, fh, fw = (int(f) for f in cfg.data.stand_in_factors)
       x = np.repeat(np.repeat(z, fh, axis=1), fw, axis=2)

@@ -17,6 +17,9 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
 - Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
   `config.resume_from` (another run's checkpoint directory: everything, including the data position),
   then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0), then scratch.
+- A run on the pipeline's latents records the VAE they came from (LATENTS_VAE) and refuses to resume on
+  another VAE's (`pin_latents`); it logs a held-out loss on the validation latents (`val/loss`, every
+  `val_every_steps`) and decodes its periodic sample videos through that VAE.
 - SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0;
   while the loop waits for data (which may never come), it saves and exits at once.
 - Config mistakes end the command with one line (exit 2) before any data is read or step compiled
@@ -41,7 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import checkpoint, flops, metrics, optim, sharding
+from sora_jax import atomic, checkpoint, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -258,8 +261,9 @@ def _host(tree):
 
 
 def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter,
-                   batch: dict) -> None:
-  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present."""
+                   batch: dict, decode: Callable | None = None) -> None:
+  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present; decoded to pixels
+  by `decode` (`sample_decoder`), else latent previews."""
   try:
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -272,7 +276,7 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
   model = nnx.merge(setup.graphdef, state["ema"])
   t0 = time.time()
   try:
-    videos = make(model, cfg, batch, jax.random.PRNGKey(step))
+    videos = make(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
   except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
     log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
     return
@@ -281,6 +285,70 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
     writer.write_video(step, f"samples/{name}", np.asarray(frames), fps=fps)
   log.info("step %d: %d sample videos (EMA weights, captions of the last batch) in %.1fs", step,
            len(videos), time.time() - t0)
+
+
+def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | None:
+  """normalised latents [t, h, w, c] -> uint8 frames, through the VAE that encoded the training latents
+  (latent_stats.json's record), for the periodic sample videos; None (latent previews) for the raw
+  "shapes" source or when that VAE is not where the record says (one warning)."""
+  from sora_jax import bundle, sampling, train_vae  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  record = pipeline.latents_vae(cfg, workdir=workdir)
+  if not record or not record.get("path"):
+    return None
+  try:
+    vae, _, _ = train_vae.load(record["path"], step=record.get("step"))
+  except (FileNotFoundError, ValueError) as e:
+    log.warning("sample videos are latent previews: %s does not load (%s)", sources.describe_vae(record),
+                str(e).splitlines()[0])
+    return None
+  weights = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+  if record.get("sha256") and bundle.params_sha256(weights) != record["sha256"]:
+    log.warning("sample videos are latent previews: %s now holds other weights", sources.describe_vae(record))
+    return None
+  shift, scale, _ = pipeline.latent_stats(cfg, workdir=workdir)
+  return sampling.Pipeline(cfg, None, vae, None, shift, scale).decode
+
+
+def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Callable[[State], float] | None:
+  """state -> the loss of its EMA weights on the first `val_batches` batches of the validation split, with
+  timesteps and noise fixed by the seed (comparable from step to step); None when val_every_steps is 0.
+  Without a validation split the run says so now, before training, and trains without a held-out loss
+  (a stale split, one of another VAE, stops it: sources.StaleLatents)."""
+  if int(cfg.get("val_every_steps", 0)) <= 0:
+    return None
+  from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    it = pipeline.make_iterator(cfg, split="validation", workdir=workdir)
+  except FileNotFoundError as e:
+    log.warning("no held-out loss: %s (encode a validation split with data_pipelines/encode_latents.py, "
+                "or set --config.val_every_steps=0)", str(e).splitlines()[0])
+    return None
+  batches = []
+  for batch in it:
+    if np.any(batch["segment_ids"] > 0):  # the split's last batch is padded with empty rows
+      batches.append(batch)
+    if len(batches) == int(cfg.get("val_batches", 4)):
+      break
+  if not batches:
+    raise config_lib.ConfigError("config.val_every_steps: the validation split holds no sample that fits a row")
+  graphdef = setup.graphdef
+
+  @jax.jit
+  def loss_of(params, rest, batch, rng):
+    return loss_fn(nnx.merge(graphdef, params, *rest), batch, rng, cfg)[0]
+
+  key = jax.random.PRNGKey(int(cfg.seed) + 1)
+
+  def evaluate(state: State) -> float:
+    # Parameters the state carries untrained (a LoRA run's frozen base) complete the model.
+    rest = tuple(state[k] for k in ("frozen",) if k in state)
+    with sharding.use_mesh(mesh):
+      losses = [loss_of(state["ema"], rest, pipeline.to_global(b, mesh), jax.random.fold_in(key, i))
+                for i, b in enumerate(batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+  return evaluate
 
 
 def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -301,9 +369,13 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
   if int(cfg.total_steps) < 1:
     raise fail("total_steps", "must be >= 1")
-  for key in ("data.batch_size", "data.seq_len"):
-    if int(cfg_get(key)) < 1:
+  for key in ("data.batch_size", "data.seq_len", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "val_batches"):
+    if key.split(".")[0] in cfg and int(cfg_get(key)) < 1:
       raise fail(key, "must be >= 1")
+  for key in ("sample_every_steps", "val_every_steps", "max_train_seconds"):  # 0 = never / no cap
+    if key in cfg and float(cfg_get(key)) < 0:
+      raise fail(key, "must be >= 0 (0: off)")
   if cfg.dit.remat not in layers.REMAT_POLICIES:
     raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
   try:
@@ -337,6 +409,30 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
                                   f"(mesh {dict(mesh.shape)})")
 
 
+LATENTS_VAE = "latents_vae.json"  # in a DiT run directory: the VAE whose latents it trains on
+
+
+def pin_latents(cfg, workdir: str, *, resuming: bool) -> None:
+  """A DiT trains on one VAE's latents for its whole run. A fresh run records that VAE (workdir/
+  LATENTS_VAE, which export checks too); a resumed run whose latents were re-encoded by another VAE
+  since (the VAE trained further, say) stops with config.ConfigError naming both."""
+  from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  now = pipeline.latents_vae(cfg, workdir=workdir)
+  path = os.path.join(workdir, LATENTS_VAE)
+  if now is None:
+    return
+  if resuming and os.path.isfile(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before.get("sha256") != now.get("sha256"):
+      raise config_lib.ConfigError(
+          f"{workdir} trained on latents of {sources.describe_vae(before)}; config.data.latents_dir now "
+          f"holds latents of {sources.describe_vae(now)}: train a new DiT (another --workdir), or "
+          "re-encode the latents with the VAE it trained on")
+  elif distributed.is_main():
+    atomic.write_text(path, json.dumps(now, indent=2))
+
+
 def make_data(cfg, workdir: str):
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
@@ -367,6 +463,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
+    held_out, decode = None, None
+    if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
+      pin_latents(cfg, workdir, resuming=start.kind == "workdir")
+      held_out = held_out_loss(cfg, setup, loss_fn, mesh, workdir)
+      decode = sample_decoder(cfg, workdir) if int(cfg.get("sample_every_steps", 0)) else None
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
@@ -384,7 +485,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     compiled, step_flops, peak = _compile_and_report(cfg, setup, make_train_step(cfg, setup, loss_fn),
                                                      batch, mesh, writer, first)
     return _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
-                 step_flops, peak, preempt)
+                 step_flops, peak, preempt, held_out=held_out, decode=decode)
   finally:
     preempt.restore()
     ckpt.close()
@@ -437,7 +538,7 @@ def _check_finite(state: State) -> None:
 
 
 def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
-          step_flops: flops.StepFlops, peak: float, preempt) -> State:
+          step_flops: flops.StepFlops, peak: float, preempt, *, held_out=None, decode=None) -> State:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   total = int(cfg.total_steps)
   block_every_step = distributed.block_each_step()
@@ -490,10 +591,16 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
       writer.write_scalars(step, row)
       bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                       mfu=f"{row['mfu']:.1%}")
+      if budget > 0:  # the bar ends where the run will: at the step the time cap is projected to reach
+        bar.total = max(step, min(total, step + int(max(deadline - time.time(), 0.0) / dt)))
+        bar.refresh()
       pending, t_last, steps_since, model_flops = [], time.time(), 0, 0.0
     if sample_every and step % sample_every == 0:
-      _maybe_samples(cfg, step, state, setup, writer, last_batch)
+      _maybe_samples(cfg, step, state, setup, writer, last_batch, decode)
       t_last = time.time()  # sampling time is not step time
+    if held_out is not None and (step % int(cfg.val_every_steps) == 0 or last):
+      writer.write_scalars(step, {"val/loss": held_out(state)})
+      t_last = time.time()
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:
       _check_finite(state)
       if ckpt.save(step, state, data_iter=data_iter, force=preempt.flag or last):
@@ -517,10 +624,13 @@ def main(argv):
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   cfg = config_lib.get_config()
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   try:
     train(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
+  except (config_lib.ConfigError, checkpoint.Unrestorable, sources.StaleLatents) as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
+  except FileNotFoundError as e:  # the data, its statistics or the tokenizer: not built yet
+    config_lib._fail(str(e).splitlines()[0])  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -63,8 +63,10 @@ State = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load(path: str | os.PathLike) -> tuple[vae_lib.VAE, ml_collections.ConfigDict, int | None]:
-  """(VAE with EMA weights, config, step) from a VAE training workdir or an inference bundle."""
+def load(path: str | os.PathLike, step: int | None = None
+         ) -> tuple[vae_lib.VAE, ml_collections.ConfigDict, int | None]:
+  """(VAE with EMA weights, config, step) from a VAE training workdir (its newest checkpoint, or the one
+  at `step`) or an inference bundle."""
   from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   root = Path(path)
   if (root / "weights" / "vae").is_dir():
@@ -72,7 +74,7 @@ def load(path: str | os.PathLike) -> tuple[vae_lib.VAE, ml_collections.ConfigDic
     step = None
   elif (root / "config.json").is_file() and (root / "checkpoints").is_dir():
     cfg = bundle_lib.config_from_json((root / "config.json").read_text())
-    params, step, _ = bundle_lib.restore_ema(root)
+    params, step, _ = bundle_lib.restore_ema(root, step)
   else:
     raise FileNotFoundError(f"--vae {path}: neither a VAE workdir (config.json + checkpoints/) nor a "
                             "bundle (weights/vae/)")
@@ -287,7 +289,7 @@ def write_side_by_side(out_dir: Path, step: int, clips: list[dict], recons: list
 
 # ------------------------------------------------------------------------------------------ main
 def _data_dir(cfg, workdir: str) -> str:
-  return cfg.data.shapes_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data",
+  return cfg.data.get("videos_dir", "") or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data",
                                              "shapes")
 
 
@@ -363,8 +365,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     Path(workdir, "config.json").write_text(config_lib.to_json(cfg))
   data_dir = _data_dir(cfg, workdir)
-  batches = VAEBatches(sources.video_source(data_dir, "train"), image=image, video=video,
-                       seed=int(cfg.seed), crop_tries=int(t.crop_tries))
+  # Both splits before anything is compiled or trained: a missing validation split would otherwise
+  # only show at the end, when the trained VAE is scored on it.
+  try:
+    train_src = sources.video_source(data_dir, "train")
+    clips = validation_clips(cfg, data_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f"config.data.videos_dir={data_dir}: {str(e).splitlines()[0]} (the VAE trains on the train split "
+        "and is scored on the validation split: ingest both, data_pipelines/ingest_videos.py --split)"
+    ) from None
+  batches = VAEBatches(train_src, image=image, video=video, seed=int(cfg.seed), crop_tries=int(t.crop_tries))
 
   total = int(t.total_steps)
   tx = optim.make_optimizer(t.optim, total)
@@ -410,7 +421,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{step_flops / 1e9:.1f} GFLOP/step; temp memory "
           f"{getattr(mem, 'temp_size_in_bytes', 0) / 2**20:.0f} MiB", flush=True)
 
-    clips = validation_clips(cfg, data_dir)
     reconstruct = make_reconstruct_fn(graphdef)
     recon_dir = Path(workdir, "reconstructions")
 

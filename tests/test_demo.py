@@ -3,6 +3,7 @@
 resumes instead of redoing the training."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +26,27 @@ def _demo(workdir, *extra):
   return r.stdout + r.stderr
 
 
+def test_a_stage_slower_than_expected_is_named_with_its_times():
+  from experiments import shapes_demo
+  from sora_jax import demo
+  cfg = shapes_demo.get_config()
+  assert cfg.max_train_seconds == 0 and cfg.vae_train.max_train_seconds == 0  # fixed steps, no caps
+  expected = demo.expected_seconds(cfg, "dit")
+  assert expected > 0 and demo.expected_seconds(cfg, "data-train") > 0
+  assert demo.timing_lines(cfg, "dit", expected) == [
+      f"[demo] dit: {expected / 60:.0f} min, expected about {expected / 60:.0f} min"]
+  lines = demo.timing_lines(cfg, "dit", 31 * 60)
+  assert lines[1] == (f"[demo] the dit stage took 31 min; expected about {expected / 60:.0f} min on an idle "
+                      f"2-core CPU: this machine ({os.cpu_count()} cores) is slower or busy")
+
+
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(tmp_path):
   w = tmp_path / "demo"
-  out = _demo(w)
-  stages = [line.split()[1] for line in out.splitlines() if line.startswith("[demo] ") and "(" in line]
+  out = _demo(w, "--config.demo.expected_minutes.tokenizer=0.0001")
+  assert "[demo] the tokenizer stage took" in out and "is slower or busy" in out
+  assert "stopped at step" not in out and "may stop training" not in out  # no cap in the demo's path
+  stages = [m.group(1) for line in out.splitlines() if (m := re.match(r"\[demo\] (\S+) \(\d+s\): ", line))]
   assert stages == ["data-train", "data-validation", "data-test", "tokenizer", "vae", "latents", "dit",
                     "export", "samples", "evaluate"], stages
   assert "[eval] report:" in out and f"everything is under {w}/" in out

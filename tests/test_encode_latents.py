@@ -75,3 +75,53 @@ def test_latent_dataset_matches_the_vae_and_resumes(tmp_path):
   assert shards[0].stat().st_mtime_ns == kept
   np.testing.assert_array_equal(sources.latent_source(out, "train")[2]["latent_mean"],
                                 lat[2]["latent_mean"])
+  # The VAE trained on: a re-run encodes every split again; statistics and splits name the new VAE.
+  vae2 = VAE(TINY, rngs=nnx.Rngs(1))
+  mgr = checkpoint.Manager(str(tmp_path / "vae" / "checkpoints"))
+  mgr.save(2, {"ema": nnx.to_pure_dict(nnx.state(vae2, nnx.Param))}, force=True)
+  mgr.close()
+  log = _encode(tmp_path / "vae", data, out)
+  assert "encoding every split again" in log and "(0 were done before this run)" in log
+  stats = json.loads((out / "latent_stats.json").read_text())
+  assert stats["vae_source"]["step"] == 2
+  for split in ("train", "validation"):
+    assert sources.latents_vae(out, split) == stats["vae_source"]
+  mean, _ = vae2.encode_chunked(np.asarray(videos[0]["video"], np.float32)[None] / 127.5 - 1.0)
+  np.testing.assert_allclose(sources.latent_source(out, "train")[0]["latent_mean"], mean[0], atol=1e-5)
+
+
+def _latent_examples(n):
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    yield {"latent_mean": rng.standard_normal((2, 2, 2, 4)).astype(np.float32),
+           "latent_std": np.ones((2, 2, 2, 4), np.float32), "caption": f"clip {i}", "num_frames": 5,
+           "height": 16, "width": 16, "fps": 8.0, "labels": "", "source": f"t/{i}"}
+
+
+def test_a_stale_mix_of_latents_statistics_and_vae_is_refused(tmp_path):
+  """Latents of one VAE with the statistics of another (a re-run that rewrote only the statistics) are
+  refused by the pipeline; a DiT run pinned to one VAE's latents refuses to go on with another's."""
+  from sora_jax import train
+  from sora_jax.data import pipeline, sources
+  old = {"path": "runs/demo/vae", "step": 1000, "sha256": "a" * 64}
+  new = {"path": "runs/demo/vae", "step": 2500, "sha256": "b" * 64}
+  lat = tmp_path / "latents"
+  sources.write_latent_dataset(lat, "train", _latent_examples(2), vae=old)
+  sources.write_latent_stats(lat, {"shift": [0.0] * 4, "scale": [1.0] * 4, "vae_source": old})
+  cfg = ml_collections.ConfigDict({"data": {"source": "latents", "latents_dir": str(lat)}})
+  assert sources.check_latents(lat, "train")["vae_source"] == old
+  dit = tmp_path / "dit"
+  dit.mkdir()
+  train.pin_latents(cfg, str(dit), resuming=False)  # a fresh DiT run records the VAE of its latents
+  assert json.loads((dit / train.LATENTS_VAE).read_text()) == old
+
+  sources.write_latent_stats(lat, {"shift": [0.0] * 4, "scale": [1.0] * 4, "vae_source": new})
+  with pytest.raises(sources.StaleLatents, match=r"'train' latents come from VAE .* step 1000 .* "
+                                                 r"latent_stats.json from VAE .* step 2500"):
+    pipeline.open_source(cfg, "train")
+  # The latents re-encoded by the new VAE too: consistent again, but not what the DiT trained on.
+  sources.write_latent_dataset(lat, "train", _latent_examples(2), vae=new)
+  assert sources.check_latents(lat, "train")["vae_source"] == new
+  with pytest.raises(config.ConfigError, match=r"trained on latents of VAE .* step 1000 .* now holds "
+                                               r"latents of VAE .* step 2500"):
+    train.pin_latents(cfg, str(dit), resuming=True)

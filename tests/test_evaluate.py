@@ -94,6 +94,15 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   assert set(err["by_t"]) == {"0.7", "0.9"} and saved["settings"]["denoise_clips"] == 3
   assert "blobs per frame" in evaluate.headline(result) and "object tokens" in evaluate.headline(result)
   assert "Continuous measures" in page and "object-token error at t = 0.7" in page
+  # The settings table shows what sampling used (the settings' 0 = the bundle config's), the headline
+  # every detector metric, and the labelled grids at their own size.
+  used = saved["sampling"]
+  assert saved["settings"]["steps"] == 0 and used["steps"] == b.config.sample.steps > 0
+  assert used["guidance"] == b.config.sample.guidance and used["sampler"]
+  for key in ("steps", "guidance", "sampler"):
+    assert f"<td>{key}</td><td>{used[key]}</td>" in page
+  assert "shape accuracy (all prompts)" in page and "shape " in evaluate.headline(result)
+  assert "<div class=unscaled><img src='samples_grid.png'" in page
 
 
 def test_generation_requests_keep_their_index_and_long_clips_go_alone():

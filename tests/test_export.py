@@ -22,7 +22,7 @@ def tiny_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = dict(source="latents", patch=(1, 2, 2), max_text_tokens=12, seq_len=64, vocab_size=64,
-                tokenizer="", latents_dir="", shapes_dir="", stand_in_factors=(4, 8, 8))
+                tokenizer="", latents_dir="", videos_dir="", stand_in_factors=(4, 8, 8))
   c.dit = dict(in_dim=0, vocab_size=64, width=32, depth=1, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
                rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=1, text_heads=2,
                attention="reference", remat="none", dtype="float32", param_dtype="float32")
@@ -188,3 +188,40 @@ def test_export_cli(run, tmp_path):
                       f"--out={tmp_path / 'x'}"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert r.returncode == 2
   assert r.stderr.strip().count("\n") == 0 and "error:" in r.stderr, r.stderr[-2000:]
+
+
+def test_export_pairs_the_dit_with_the_vae_its_latents_came_from(tmp_path):
+  """The VAE trained on after its latents were encoded: export takes the checkpoint the latents came
+  from, and refuses a DiT run or statistics of another VAE, naming what to rebuild."""
+  from sora_jax.data import sources
+  info = make_workdir(tmp_path / "w")
+  w = info["workdir"]
+  from sora_jax.models.vae import VAE
+  later = _params(lambda: VAE(tiny_config().vae, rngs=nnx.Rngs(1)), 9)
+  _save_run(os.path.join(w, "vae"), later, later, step=9)  # the VAE, trained further
+  stats_path = os.path.join(w, "data", "latents", "latent_stats.json")
+  stats = json.load(open(stats_path))
+  encoded_by = {"path": os.path.join(w, "vae"), "step": 5, "sha256": bundle_lib.params_sha256(info["vae_ema"])}
+  json.dump(dict(stats, vae_source=encoded_by), open(stats_path, "w"))
+  with open(os.path.join(w, "dit", "latents_vae.json"), "w") as f:
+    json.dump(encoded_by, f)
+  manifest = export.export(w, str(tmp_path / "bundle"))
+  assert manifest["source"]["vae_step"] == 5  # not the newest, 9
+  # The DiT trained on latents of another VAE than the statistics describe.
+  with open(os.path.join(w, "dit", "latents_vae.json"), "w") as f:
+    json.dump(dict(encoded_by, step=9, sha256=bundle_lib.params_sha256(later)), f)
+  with pytest.raises(sources.StaleLatents, match=r"dit trained on latents of VAE .* step 9 .* step 5"):
+    export.export(w, str(tmp_path / "bundle"))
+  # Statistics of a VAE that W/vae does not hold (its step-5 checkpoint was rotated away, say).
+  os.remove(os.path.join(w, "dit", "latents_vae.json"))
+  json.dump(dict(stats, vae_source=dict(encoded_by, step=3, sha256="0" * 64)), open(stats_path, "w"))
+  with pytest.raises(sources.StaleLatents, match=r"has no checkpoint with those weights \(steps \[5, 9\]"):
+    export.export(w, str(tmp_path / "bundle"))
+
+
+def test_export_of_a_missing_or_untrained_workdir_names_what_is_missing(tmp_path):
+  with pytest.raises(bundle_lib.BundleError, match=r"--workdir .*nowhere does not exist"):
+    export.export(str(tmp_path / "nowhere"), str(tmp_path / "bundle"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(bundle_lib.BundleError, match=r"empty/dit holds no finished DiT checkpoint"):
+    export.export(str(tmp_path / "empty"), str(tmp_path / "bundle"))

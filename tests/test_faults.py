@@ -167,7 +167,7 @@ def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
 
 def _tiny_vae_flags(shapes_dir, workdir, **overrides) -> list:
   """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE, on one CPU device."""
-  values = {"data.shapes_dir": str(shapes_dir), "vae.base_dim": 4, "vae.dim_mult": "(1, 2)",
+  values = {"data.videos_dir": str(shapes_dir), "vae.base_dim": 4, "vae.dim_mult": "(1, 2)",
             "vae.num_res_blocks": 1, "vae.z_dim": 4, "vae.temporal_downsample": "(True,)",
             "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256, "vae_train.video_frames": 5,
             "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280, "vae_train.num_val": 2,
@@ -221,7 +221,7 @@ def tokenizer(tmp_path_factory):
 def _train_flags(workdir, shapes_dir, tokenizer, *flags) -> list:
   """`python -m sora_jax.train` on the Shapes stand-in data (no VAE), with extra flags."""
   return [sys.executable, "-m", "sora_jax.train", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
-          f"--workdir={workdir}", "--config.data.source=shapes", f"--config.data.shapes_dir={shapes_dir}",
+          f"--workdir={workdir}", "--config.data.source=shapes", f"--config.data.videos_dir={shapes_dir}",
           f"--config.data.tokenizer={tokenizer}", "--config.data.vocab_size=64", *flags]
 
 
@@ -445,6 +445,8 @@ DEMO = f"--config={ROOT / 'experiments' / 'shapes_demo.py'}"
     ("--config.data.batch_size=3", "config.data.batch_size=3"),
     ("--config.mesh.data=16", "needs 16 devices; 8 are present"),
     ("--config.optim.schedule=linear", "config.optim.schedule 'linear' is unknown"),
+    ("--config.keep_checkpoints=0", "config.keep_checkpoints=0: must be >= 1"),
+    ("--config.max_train_seconds=-60", "config.max_train_seconds=-60.0: must be >= 0"),
 ])
 def test_train_config_mistakes_are_one_line(command, tmp_path, flag, named):
   from sora_jax import train

@@ -103,6 +103,34 @@ def test_map_shared_splits_items_between_processes_and_raises_everywhere(tmp_pat
                                   ["ValueError", "invalid literal for int() with base 10: 'x1'"]]
 
 
+def test_what_processes_send_each_other_round_trips_and_cannot_run_code():
+  import pickle
+  import jax.numpy as jnp
+  from sora_jax import distributed, sampling
+  tree = {"videos": [np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3), jnp.ones((2,), jnp.float32)],
+          0.7: {"model": np.float32(0.25), "n": 3}, "pair": ("a", None, True, 1.5), b"k": b"raw",
+          "request": sampling.Request("a red circle", 5, 16, 16, noise=np.zeros((2, 2, 2, 4), np.float32))}
+  got = distributed.decode(distributed.encode(tree))
+  assert got.keys() == tree.keys() and got["pair"] == ("a", None, True, 1.5) and got[b"k"] == b"raw"
+  np.testing.assert_array_equal(got["videos"][0], tree["videos"][0])
+  assert got["videos"][0].dtype == np.uint8 and isinstance(got["videos"][1], np.ndarray)
+  assert got[0.7] == {"model": np.float32(0.25), "n": 3} and isinstance(got[0.7]["model"], np.float32)
+  assert isinstance(got["request"], sampling.Request) and got["request"].caption == "a red circle"
+  np.testing.assert_array_equal(got["request"].noise, tree["request"].noise)
+  # Nothing else goes: not arbitrary objects, not object arrays; a payload naming another class (as a
+  # pickle would, to run it) is refused, and pickled bytes are not a payload.
+  with pytest.raises(TypeError, match="cannot be sent between processes"):
+    distributed.encode({"x": object()})
+  with pytest.raises(TypeError, match="array of Python objects"):
+    distributed.encode(np.array([object()]))
+  forged = distributed.encode({"c": 1}).replace(b'{"d": [["c", 1]]}', b'{"c": ["os", "system", []]}')
+  forged = len(b'{"c": ["os", "system", []]}').to_bytes(8, "little") + forged[8:]
+  with pytest.raises(ValueError, match="not an imported sora_jax dataclass"):
+    distributed.decode(forged)
+  with pytest.raises(Exception):
+    distributed.decode(pickle.dumps(tree))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   import test_export

@@ -35,7 +35,7 @@ class LatentRecords:
 
 
 def make_config(stats_dir, **data):
-  d = dict(source="latents", latents_dir=str(stats_dir), shapes_dir="", tokenizer="", patch=(1, 2, 2),
+  d = dict(source="latents", latents_dir=str(stats_dir), videos_dir="", tokenizer="", patch=(1, 2, 2),
            seq_len=64, text_len=48, max_text_tokens=8, max_segments=8, batch_size=2,
            long_clips="crop", num_workers=0, shuffle_seed=0, token_budget=0, min_patch_side=1,
            sample_latents=False, stand_in_factors=(4, 8, 8), packer="best_fit", packing_bins=4)
@@ -253,7 +253,7 @@ def shapes_dir(tmp_path_factory):
 def test_shapes_source_end_to_end(shapes_dir):
   from sora_jax.data import shapes
   tmp_path = shapes_dir
-  cfg = make_config(tmp_path, source="shapes", shapes_dir=str(tmp_path), seq_len=256, text_len=160,
+  cfg = make_config(tmp_path, source="shapes", videos_dir=str(tmp_path), seq_len=256, text_len=160,
                     max_text_tokens=80, max_segments=6)
   batches = list(pipeline.make_iterator(cfg, split="validation", tokenize=tokenize))
   src = sources.video_source(tmp_path, "validation")
@@ -284,7 +284,7 @@ def test_inspect_cli_prints_stats_and_dumps_batches(shapes_dir, tmp_path):
   dump = tmp_path / "b.npz"
   out = subprocess.run(
       [sys.executable, "-m", "sora_jax.data.inspect", "--config", "experiments/shapes_demo.py",
-       "--config.data.source=shapes", f"--config.data.shapes_dir={shapes_dir}",
+       "--config.data.source=shapes", f"--config.data.videos_dir={shapes_dir}",
        f"--config.data.tokenizer={tmp_path / 'tok.model'}", "--config.data.seq_len=256", "--config.data.token_budget=0",
        "--config.data.batch_size=2", "--split=validation", "--num_batches=5", f"--dump={dump}"],
       cwd=repo, capture_output=True, text=True, timeout=120, check=True)

@@ -213,3 +213,20 @@ def test_every_mode_as_a_separate_process(bundle_dir, tmp_path):
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, (name, r.stderr[-2000:])
     assert video_io.read_video(tmp_path / name)[0].shape == want[name] + (3,), name
+
+
+def test_a_prompt_the_tokenizer_does_not_know_is_warned_about(cli, pipe, tmp_path, capsys):
+  import dataclasses
+  from sora_jax.data import tokenizer
+  # A tokenizer that holds the captions' words (the bundle's tiny one spells every word).
+  tok = tokenizer.train_tokenizer(CAPTIONS * 4, None, vocab_size=128)
+  known = dataclasses.replace(pipe, tokenize=tok)
+  assert known.caption_warning("a red circle on a black background") is None
+  warning = known.caption_warning("a purple dodecahedron on a black background")
+  assert warning.startswith("warning: prompt 'a purple dodecahedron")
+  assert "'purple', 'dodecahedron' not in" in warning
+  long = " ".join(["a red circle moving left on a black background"] * 2)
+  assert f"cut at data.max_text_tokens={pipe.cfg.data.max_text_tokens}" in known.caption_warning(long)
+  cli("--prompt=a purple circle", "--num_frames=1", "--height=16", "--width=16", f"--out={tmp_path / 'p.png'}")
+  err = capsys.readouterr().err
+  assert "warning: prompt 'a purple circle': " in err and "'purple'" in err and "vocabulary" in err

@@ -362,3 +362,12 @@ def test_training_samples_from_a_packed_batch(dit):
   assert videos["latent_preview_0"].shape == (2, 16, 16, 3)
   assert videos["latent_preview_1"].shape == (1, 16, 32, 3)
   assert all(v.dtype == np.uint8 for v in videos.values())
+  # With the VAE of the training latents (train.sample_decoder), the frames are decoded pixels.
+  shapes_seen = []
+
+  def decode(z):
+    shapes_seen.append(z.shape)
+    return np.full((1 + 4 * (z.shape[0] - 1), 4 * z.shape[1], 4 * z.shape[2], 3), 7, np.uint8)
+  videos = S.training_samples(dit, cfg, batch, jax.random.PRNGKey(0), decode=decode)
+  assert sorted(videos) == ["video_0", "video_1"] and shapes_seen == [(2, 2, 2, 4), (1, 2, 4, 4)]
+  assert videos["video_0"].shape == (5, 8, 8, 3) and (videos["video_0"] == 7).all()

@@ -22,7 +22,7 @@ def _demo_config():
 
 def _tiny_config(data_dir):
   cfg = _demo_config()
-  cfg.data.shapes_dir = str(data_dir)
+  cfg.data.videos_dir = str(data_dir)
   cfg.vae.update(dict(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, z_dim=4,
                       temporal_downsample=(True,)))
   # 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
@@ -215,3 +215,14 @@ def test_two_processes_train_the_same_vae_as_one(data_dir, tmp_path):
     assert ka == kb
     np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-6, err_msg=ka)
   assert list((tmp_path / "two" / "reconstructions").glob("step000004_00.*"))
+
+
+def test_a_missing_split_stops_the_run_before_anything_is_compiled(tmp_path):
+  from sora_jax import config
+  from sora_jax.data.shapes_dataset import build_shapes
+  build_shapes(tmp_path, "train", 2)  # no validation split: the VAE could not be scored at the end
+  with pytest.raises(config.ConfigError, match=r"config.data.videos_dir=.*no built split 'validation'"):
+    train_vae.train(_tiny_config(tmp_path), str(tmp_path / "vae"))
+  assert not (tmp_path / "vae" / "checkpoints").exists()
+  with pytest.raises(config.ConfigError, match=r"no built split 'train'"):
+    train_vae.train(_tiny_config(tmp_path / "empty"), str(tmp_path / "vae2"))

@@ -20,7 +20,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 10, "batches to read")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 10, "batches to read", lower_bound=1)
 _SPLIT = flags.DEFINE_string("split", "train", "data set split")
 _DUMP = flags.DEFINE_string("dump", "", "write the batches to this .npz")
 _WORKDIR = flags.DEFINE_string("workdir", None, "resolves empty data paths to <workdir>/../data/...")

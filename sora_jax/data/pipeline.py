@@ -160,6 +160,15 @@ def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.
   return shift, scale, patching.token_dim(len(shift), patch)
 
 
+def latents_vae(config, *, workdir: str | None = None) -> dict | None:
+  """The VAE record ({"path", "step", "sha256"}) of the configured latents' statistics; None for the
+  raw "shapes" source or statistics that carry none."""
+  if config.data.get("source", "latents") != "latents":
+    return None
+  from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.read_latent_stats(_data_dir(config, "latents_dir", workdir, "latents")).get("vae_source")
+
+
 def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
               stats: tuple[np.ndarray, np.ndarray] | None = None) -> Spec:
   """The resolved stream spec; `stats` = (shift, scale) overrides latent_stats (in-memory sources)."""
@@ -337,9 +346,11 @@ def open_source(config, split: str, *, workdir: str | None = None):
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   source = config.data.get("source", "latents")
   if source == "latents":
-    return sources.latent_source(_data_dir(config, "latents_dir", workdir, "latents"), split)
+    latents_dir = _data_dir(config, "latents_dir", workdir, "latents")
+    sources.check_latents(latents_dir, split)  # encoded by the VAE its statistics come from
+    return sources.latent_source(latents_dir, split)
   if source == "shapes":
-    return sources.video_source(_data_dir(config, "shapes_dir", workdir, "shapes"), split)
+    return sources.video_source(_data_dir(config, "videos_dir", workdir, "shapes"), split)
   raise ValueError(f"config.data.source {source!r} is unknown; accepted: {list(SOURCES)}")
 
 

@@ -35,6 +35,7 @@ VIDEO_KEYS = ("video", "caption", "num_frames", "height", "width", "fps", "label
 LATENT_KEYS = ("latent_mean", "latent_std", "caption", "num_frames", "height", "width", "fps",
                "labels", "source")
 LATENT_STATS = "latent_stats.json"
+LATENTS_VAE = "vae.json"  # inside a latent split's version directory: the VAE that encoded it
 STAGING = ".incoming"  # beside the split's version directories: where a rebuild is written
 _VERSION_DIR = re.compile(r"\d+\.\d+\.\d+")
 
@@ -84,11 +85,13 @@ def latent_features():
 
 def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, features,
                   examples: Iterable[Mapping[str, Any]], description: str = "",
-                  overwrite: bool = True) -> Path:
+                  overwrite: bool = True, extra_files: Mapping[str, str] | None = None) -> Path:
   """Writes `examples` (dicts matching `features`, in order) as split `split` of data set `name`.
 
   Returns the data set directory `data_dir/name/split/VERSION`. An existing build of the same split
-  is replaced when `overwrite` (only once the new one is complete), else this raises.
+  is replaced when `overwrite` (only once the new one is complete), else this raises. `extra_files`
+  ({file name: text}) are written into that directory as part of the build: swapped in with it, so they
+  always describe the records beside them.
   """
   tfds = _tfds()
   if not name.isidentifier() or not split.isidentifier():
@@ -136,6 +139,8 @@ def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, feature
       builder.download_and_prepare(
           download_dir=downloads,
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    for file_name, text in (extra_files or {}).items():
+      (staging / name / split / VERSION / file_name).write_text(text)
     atomic.replace_dir(staging / name / split / VERSION, out)
   finally:
     remove_incomplete(data_dir, name, split)
@@ -259,13 +264,14 @@ def latent_source(latents_dir: str | os.PathLike, split: str, *, name: str | Non
 
 def write_latent_dataset(latents_dir: str | os.PathLike, split: str,
                          examples: Iterable[Mapping[str, Any]], *, stats: Mapping | None = None,
-                         name: str = "latents") -> Path:
+                         name: str = "latents", vae: Mapping | None = None) -> Path:
   """Writes a latent data set split (for data_pipelines/encode_latents.py).
 
   Each example needs LATENT_KEYS: `latent_mean`/`latent_std` float32 [t, h, w, c], and `caption`,
   `num_frames`, `height`, `width`, `fps`, `labels`, `source` copied from its video record (a video
   record minus `video` plus the two latents). `stats` ({"shift": [c], "scale": [c], "vae": {...}}),
-  when given, is written to `latents_dir/latent_stats.json`.
+  when given, is written to `latents_dir/latent_stats.json`. `vae` ({"path", "step", "sha256"}: the
+  VAE that encoded them) is stored inside the split as LATENTS_VAE, for `check_latents`.
   """
   def checked():
     for ex in examples:
@@ -275,7 +281,8 @@ def write_latent_dataset(latents_dir: str | os.PathLike, split: str,
       yield {k: ex[k] for k in LATENT_KEYS}
 
   out = write_dataset(latents_dir, name=name, split=split, features=latent_features(),
-                      examples=checked(), description="VAE latents of a video data set")
+                      examples=checked(), description="VAE latents of a video data set",
+                      extra_files={LATENTS_VAE: json.dumps(dict(vae), indent=2)} if vae else None)
   if stats is not None:
     write_latent_stats(latents_dir, stats)
   return out
@@ -290,8 +297,53 @@ def write_latent_stats(latents_dir: str | os.PathLike, stats: Mapping) -> None:
 def read_latent_stats(latents_dir: str | os.PathLike) -> dict:
   path = Path(latents_dir) / LATENT_STATS
   if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing; data_pipelines/encode_latents.py writes it")
+    raise FileNotFoundError(f"{path} is missing: encode the videos first (python "
+                            f"data_pipelines/encode_latents.py --vae VAE_RUN --data_dir VIDEOS --out_dir "
+                            f"{latents_dir})")
   return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------ which VAE the latents came from
+# Latents, their statistics and the VAE that decodes them must match: a DiT trained on one VAE's
+# latents, shipped with another VAE or normalised by another VAE's statistics, is silently wrong. The
+# VAE is recorded as {"path", "step", "sha256" (of its weights, bundle.params_sha256)} in
+# latent_stats.json ("vae_source"), inside every latent split (LATENTS_VAE), and by the DiT trainer in
+# its run directory (train.py); train, export and encode_latents compare them.
+
+class StaleLatents(ValueError):
+  """Latents, latent statistics, a DiT run or a VAE that do not come from the same VAE (one line)."""
+
+
+def describe_vae(record: Mapping | None) -> str:
+  if not record:
+    return "an unrecorded VAE"
+  step = record.get("step")
+  return (f"VAE {record.get('path', '?')}" + (f" step {step}" if step is not None else "")
+          + f" (weights sha256 {str(record.get('sha256', ''))[:12]})")
+
+
+def latents_vae(latents_dir: str | os.PathLike, split: str, *, name: str | None = None) -> dict | None:
+  """The VAE record stored with a latent split, or None (encoded before records were kept)."""
+  path = find_dataset_dir(latents_dir, split, name) / LATENTS_VAE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_latents(latents_dir: str | os.PathLike, split: str, *, name: str | None = None) -> dict:
+  """latent_stats.json of `latents_dir`, after checking that split `split` was encoded by the VAE the
+  statistics were computed from; StaleLatents names both and the command that rebuilds them.
+  Statistics without a VAE checksum (written by hand, or before checksums were kept) are not checked."""
+  stats = read_latent_stats(latents_dir)
+  want = (stats.get("vae_source") or {}).get("sha256")
+  if not want:
+    return stats
+  got = latents_vae(latents_dir, split, name=name)
+  if (got or {}).get("sha256") != want:
+    raise StaleLatents(
+        f"{latents_dir}: the {split!r} latents come from {describe_vae(got)} but latent_stats.json from "
+        f"{describe_vae(stats.get('vae_source'))}; rebuild them together: python "
+        f"data_pipelines/encode_latents.py --vae {stats['vae_source'].get('path', 'VAE_RUN')} "
+        f"--data_dir VIDEOS --out_dir {latents_dir}")
+  return stats
 
 
 def _jsonable(x):

@@ -80,6 +80,23 @@ class Tokenizer:
       ids = np.pad(ids, (0, max_len - len(ids)), constant_values=self.pad_id)
     return ids
 
+  def unknown_words(self, text: str) -> list[str]:
+    """The words of `text` the model does not know: the unknown piece, or spelled in pieces of mostly one
+    character (under two on average), as a tokenizer trained on a small caption corpus breaks a word it
+    never saw ("purple" -> p u r p le). A large vocabulary's subwords ("do de ca hedron") pass."""
+    out = []
+    for word in text.split():
+      ids = self._sp.encode(word, out_type=int)
+      pieces = [p for p in (self._sp.id_to_piece(i).replace("\u2581", "") for i in ids) if p]
+      spelled = len(pieces) > 1 and sum(map(len, pieces)) < 2 * len(pieces)
+      if self.unk_id in ids or (len(word) > 1 and spelled):
+        out.append(word)
+    return out
+
+  def overflow(self, text: str, max_len: int) -> int:
+    """How many of `text`'s pieces `encode(text, max_len)` cuts off."""
+    return max(0, len(self._sp.encode(text, out_type=int)) - (max_len - 1))
+
   def decode(self, ids: Iterable[int]) -> str:
     """The text of `ids`, ignoring pad, bos and eos."""
     keep = [int(i) for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id)]
