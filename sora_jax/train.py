@@ -16,7 +16,11 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
   every save, stops naming that step, and writes no checkpoint.
 - Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
   `config.resume_from` (another run's checkpoint directory: everything, including the data position),
-  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0), then scratch.
+  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0: another run's
+  checkpoints, or an inference bundle such as a converted Wan 2.1, sora_jax/finetune.py), then scratch.
+- LoRA (`config.lora.rank` > 0, models/lora.py): "params", "ema" and the optimizer hold only the
+  adapters; the base weights ride in the state as "frozen" (read from the init_from bundle at every
+  start, no gradient, no optimizer state) and are left out of checkpoints (finetune.trained).
 - SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0.
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import checkpoint, flops, metrics, optim, sharding
+from sora_jax import checkpoint, finetune, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -52,8 +56,10 @@ LossFn = Callable[[nnx.Module, dict, jax.Array, ml_collections.ConfigDict], tupl
 
 # ----------------------------------------------------------------------------------- state, shardings
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
-  return DiT(cfg.dit, rngs=rngs)
+  model = DiT(cfg.dit, rngs=rngs)
+  return lora.apply(model, cfg.lora, rngs=rngs) if lora.enabled(cfg) else model
 
 
 def default_loss_fn() -> LossFn:
@@ -77,7 +83,9 @@ class Setup:
   schedule: optax.Schedule
   abstract_state: State        # jax.ShapeDtypeStruct leaves carrying their shardings
   shardings: State
-  num_params: int
+  num_params: int              # trained parameters (under LoRA: the adapters)
+  trainable: Any = nnx.Param   # the nnx filter of trained parameters; the other Params are "frozen"
+  num_frozen: int = 0
 
 
 def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -85,9 +93,11 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """Builds the model abstractly (no memory), and the shardings of the whole train state."""
   total = int(cfg.total_steps)
   tx = optim.make_optimizer(cfg.optim, total)
+  from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: model_fn(cfg, nnx.Rngs(0)))
-  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+  trainable = lora.trainable(cfg)
+  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable, nnx.Param, ...)
   if jax.tree.leaves(nnx.to_pure_dict(abs_rest)):
     raise ValueError("the model holds non-Param state "
                      f"({sorted(str(p) for p, _ in abs_rest.flat_state())}); this trainer carries "
@@ -104,23 +114,35 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": scalar_i32}
   shardings = {"step": rep, "params": param_sh, "ema": param_sh, "opt_state": opt_sh, "rng": rep,
                "bad_step": rep}
+  frozen = nnx.to_pure_dict(abs_frozen)
+  if jax.tree.leaves(frozen):  # LoRA: the base, sharded like the full model
+    abstract["frozen"], shardings["frozen"] = frozen, sharding.state_shardings(abs_frozen, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           shardings)
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, num_params)
+  count = lambda tree: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, count(params),
+               trainable, count(frozen))
 
 
-def init_state(cfg, setup: Setup, model_fn=make_model) -> State:
-  """A fresh state, created directly in its sharded layout (no full copy on any one device)."""
+def init_state(cfg, setup: Setup, model_fn=make_model, weights: dict | None = None) -> State:
+  """A fresh state, created directly in its sharded layout (no full copy on any one device).
 
-  def init(seed):
+  `weights` (a pure dict of some parameters, e.g. a bundle's: finetune.py) replace the random init of
+  those parameters; XLA drops the init they replace."""
+
+  def init(seed, weights):
     with nnx.use_eager_sharding(False):
       model = model_fn(cfg, nnx.Rngs(jax.random.fold_in(seed, 0)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.int32(0), "params": params, "ema": params, "opt_state": setup.tx.init(params),
-            "rng": jax.random.fold_in(seed, 1), "bad_step": jnp.int32(-1)}
+    if weights is not None:
+      nnx.update(model, weights)
+    params = nnx.to_pure_dict(nnx.state(model, setup.trainable))
+    state = {"step": jnp.int32(0), "params": params, "ema": params, "opt_state": setup.tx.init(params),
+             "rng": jax.random.fold_in(seed, 1), "bad_step": jnp.int32(-1)}
+    if "frozen" in setup.abstract_state:
+      state["frozen"] = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(setup.trainable))))
+    return state
 
-  return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(int(cfg.seed)))
+  return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(int(cfg.seed)), weights)
 
 
 # ---------------------------------------------------------------------------------------- train step
@@ -131,9 +153,10 @@ def make_train_step(cfg, setup: Setup, loss_fn: LossFn) -> Callable[[State, dict
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
+    frozen = (state["frozen"],) if "frozen" in state else ()  # LoRA's base: an input, never differentiated
 
     def loss_of(params):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, params, *frozen)
       return loss_fn(model, batch, rng, cfg)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
@@ -151,6 +174,7 @@ def make_train_step(cfg, setup: Setup, loss_fn: LossFn) -> Callable[[State, dict
         "rng": state["rng"],
         # Steps are counted from 1 in logs and checkpoints: the step that produced state step + 1.
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step + 1),
+        **({"frozen": state["frozen"]} if frozen else {}),
     }
     scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     scalars.update(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
@@ -198,7 +222,7 @@ def memory_report(compiled) -> dict:
 # --------------------------------------------------------------------------------------- resume policy
 @dataclasses.dataclass(frozen=True)
 class Start:
-  kind: str                    # "workdir" | "resume_from" | "init_from" | "scratch"
+  kind: str                    # "workdir" | "resume_from" | "init_from" | "bundle" | "scratch"
   directory: str | None = None
   step: int | None = None
 
@@ -212,6 +236,8 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
     path = cfg.get(kind, "")
     if not path:
       continue
+    if kind == "init_from" and finetune.is_bundle(path):  # an inference bundle: its DiT's weights
+      return Start("bundle", path)
     # A run's workdir or its checkpoints/ directory are both accepted.
     directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     other = checkpoint.Manager(directory)
@@ -225,21 +251,34 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
 
 def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_iter,
                model_fn=make_model) -> State:
+  lora_base = "frozen" in setup.abstract_state
+  init_from = cfg.get("init_from", "")
+  if lora_base and init_from and not finetune.is_bundle(init_from):
+    raise ValueError(f"config.init_from={init_from!r}: a LoRA run's base must be a bundle (export the run "
+                     "with python -m sora_jax.export, or convert published weights)")
+  workdir = os.path.dirname(own.directory)
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
+  if start.kind == "bundle":
+    return init_state(cfg, setup, model_fn, finetune.bundle_weights(cfg, setup, start.directory, workdir=workdir))
+  trained = finetune.trained(setup.abstract_state)
   if start.kind == "workdir":
-    return own.restore(start.step, setup.abstract_state, data_iter=data_iter)
-  other = checkpoint.Manager(start.directory)
-  try:
-    if start.kind == "resume_from":
-      return other.restore(start.step, setup.abstract_state, data_iter=data_iter)
-    # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
-    loaded = other.restore(start.step, setup.abstract_state)
-  finally:
-    other.close()
-  fresh = init_state(cfg, setup, model_fn)
-  fresh["params"], fresh["ema"] = loaded["params"], loaded["ema"]
-  return fresh
+    state = own.restore(start.step, trained, data_iter=data_iter)
+  else:
+    other = checkpoint.Manager(start.directory)
+    try:
+      if start.kind == "resume_from":
+        state = other.restore(start.step, trained, data_iter=data_iter)
+      else:  # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
+        loaded = other.restore(start.step, trained)
+        state = init_state(cfg, setup, model_fn)
+        state["params"], state["ema"] = loaded["params"], loaded["ema"]
+    finally:
+      other.close()
+  if lora_base and "frozen" not in state:  # checkpoints do not hold the base: its bundle, or the seeded init
+    state["frozen"] = (finetune.bundle_weights(cfg, setup, init_from, workdir=workdir) if init_from
+                       else init_state(cfg, setup, model_fn)["frozen"])
+  return state
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -278,7 +317,7 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
   if make is None:
     log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
     return
-  model = nnx.merge(setup.graphdef, state["ema"])
+  model = nnx.merge(setup.graphdef, state["ema"], *([state["frozen"]] if "frozen" in state else []))
   t0 = time.time()
   try:
     videos = make(model, cfg, batch, jax.random.PRNGKey(step))
@@ -332,9 +371,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     start = resolve_start(cfg, ckpt_dir, ckpt)
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
-    log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
-             int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
-             sharding.describe(setup.shardings["params"]))
+    log.info("start: %s (step %d of %d); mesh %s; %.2fM params trained, %.2fM frozen; param shardings: %s",
+             start.kind, first, int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
+             setup.num_frozen / 1e6, sharding.describe(setup.shardings["params"]))
     if first >= int(cfg.total_steps):
       log.info("already at total_steps=%d; nothing to do", int(cfg.total_steps))
       return state
@@ -446,7 +485,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
       t_last = time.time()  # sampling time is not step time
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:
       _check_finite(state)
-      if ckpt.save(step, state, data_iter=data_iter, force=preempt.flag or last):
+      if ckpt.save(step, finetune.trained(state), data_iter=data_iter, force=preempt.flag or last):
         log.info("step %d: checkpoint started", step)
     if preempt.flag:
       ckpt.wait()

@@ -60,3 +60,86 @@ def latent_dataset(latents_dir: Path, split: str = "train", captions=CAPTIONS, *
                          source=f"test#{i}"))
   sources.write_latent_dataset(latents_dir, split, examples,
                                stats={"shift": [0.0] * channels, "scale": [1.0] * channels})
+
+
+# ------------------------------------------------------------------------ a converted Wan 2.1 (torch)
+ROOT = Path(__file__).resolve().parents[1]
+WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+VIDEOS = (  # (file, frames, height, width, caption): mixed sizes, an image, two clips sharing a caption
+    ("fox.npy", 9, 32, 48, "a red fox runs across the snow"),
+    ("dog.npy", 9, 48, 48, "a dog sleeps by the fire"),
+    ("sun.npy", 1, 32, 32, "the sun sets over the sea"),
+    ("cat.npy", 5, 48, 32, "a cat jumps onto a table"),
+    ("fox2.npy", 9, 32, 48, "a red fox runs across the snow"),
+)
+
+
+def finetune_config(arg: str = "size=1.3b,runlocal"):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("wan21_finetune", ROOT / "experiments" / "wan21_finetune.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def wan_pipeline(out: Path, cfg) -> Path:
+  """A random diffusers WanPipeline whose transformer has cfg.dit's sizes (saved with save_pretrained and
+  the tokenizer's spiece.model, as the published folders are)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from test_umt5_interop import random_umt5  # pylint: disable=g-import-not-at-top
+  from test_wan_interop import random_wan  # pylint: disable=g-import-not-at-top
+  from test_wan_pipeline_interop import t5_tokenizer  # pylint: disable=g-import-not-at-top
+  d = cfg.dit
+  proto = t5_sentencepiece()
+  tokenizer, vocab_size = t5_tokenizer(proto)
+  torch.manual_seed(0)
+  transformer = diffusers.WanTransformer3DModel(
+      patch_size=(1, 2, 2), num_attention_heads=d.num_heads, attention_head_dim=d.width // d.num_heads,
+      in_channels=16, out_channels=16, text_dim=d.text_dim, freq_dim=d.time_freq_dim, ffn_dim=d.ffn_dim,
+      num_layers=d.depth, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+  pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=random_umt5(vocab_size, seed=1),
+                               transformer=transformer, vae=random_wan(3, **WAN_VAE),
+                               scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+  pipe.save_pretrained(out)
+  (out / "tokenizer" / "spiece.model").write_bytes(proto)
+  return out
+
+
+def run(args, what, *, timeout=900, **kw):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=env, **kw)
+  assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+  return proc
+
+
+def finetune_data(root: Path, bundle: Path) -> Path:
+  """Captioned clips -> ingest_videos -> encode_latents (Wan's VAE and normalisation) -> encode_text:
+  the latent directory a fine-tuning run reads."""
+  import json  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  videos = root / "videos_in"
+  videos.mkdir(parents=True)
+  lines = []
+  for name, t, h, w, caption in VIDEOS:
+    # Smooth moving gradients (something a VAE and a DiT can model), not white noise.
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    frames = np.stack([np.stack([np.sin(2 * np.pi * (xx + 0.1 * k) + phase[c]) * np.cos(np.pi * yy)
+                                 for c in range(3)], -1) for k in range(t)])
+    np.save(videos / name, np.round((frames + 1) * 127.5).clip(0, 255).astype(np.uint8))
+    lines.append(json.dumps({"file": name, "caption": caption}))
+  (videos / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  data = root / "videos"
+  run([str(ROOT / "data_pipelines" / "ingest_videos.py"), f"--input={videos}", f"--out_dir={data}",
+       "--fps=8", "--max_seconds=1", "--max_pixels=2304", "--num_workers=0"], "ingest_videos")
+  latents = root / "latents"
+  run([str(ROOT / "data_pipelines" / "encode_latents.py"), f"--vae={bundle}", "--latent_stats=bundle",
+       f"--data_dir={data}", f"--out_dir={latents}", "--splits=train"], "encode_latents")
+  run([str(ROOT / "data_pipelines" / "encode_text.py"), f"--bundle={bundle}", f"--latents_dir={latents}",
+       "--splits=train"], "encode_text")
+  return latents
