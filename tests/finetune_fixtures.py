@@ -30,8 +30,17 @@ def umt5_bundle_config(*, width: int = 32) -> ml_collections.ConfigDict:
       sample=dict(sampler="euler", time_grid="flow_match", steps=2, guidance=1.0)))
 
 
+def randomize_zeros(params, seed: int = 0, std: float = 0.3):
+  """Parameters (pure dict) with every all-zero array (adaLN-Zero tables, the output layer, the
+  conditioning path) drawn at random: a model whose blocks and outputs all matter, as trained weights do."""
+  rng = np.random.default_rng(seed)
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: (std * rng.standard_normal(np.shape(x))).astype(np.float32)
+                      if not np.asarray(x).any() else np.asarray(x), params)
+
+
 def umt5_bundle(path: Path) -> Path:
-  """A bundle (no VAE) with a random DiT over UMT5 features and a random tiny UMT5."""
+  """A bundle (no VAE) with a random DiT (no zero parts) over UMT5 features and a random tiny UMT5."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax import bundle
   from sora_jax.models.dit import DiT
@@ -39,7 +48,7 @@ def umt5_bundle(path: Path) -> Path:
   cfg = umt5_bundle_config()
   tok = path.parent / f"{path.name}.spiece.model"
   tok.write_bytes(t5_sentencepiece())
-  dit = nnx.to_pure_dict(nnx.state(DiT(cfg.dit, rngs=nnx.Rngs(0)), nnx.Param))
+  dit = randomize_zeros(nnx.to_pure_dict(nnx.state(DiT(cfg.dit, rngs=nnx.Rngs(0)), nnx.Param)))
   dit["text"] = nnx.to_pure_dict(nnx.state(UMT5Encoder(cfg.text, rngs=nnx.Rngs(1)), nnx.Param))
   bundle.write(path, config=cfg, dit_params=dit, vae_params=None, tokenizer_model=tok,
                latent_stats={"shift": [0.0, 0.0], "scale": [1.0, 1.0]})

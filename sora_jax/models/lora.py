@@ -172,7 +172,8 @@ def split_params(params: Mapping) -> tuple[dict, dict]:
 
 
 def merge(base: Mapping, adapters: Mapping, scale: float) -> dict:
-  """Base parameters (pure dict) with every adapter folded in: kernel + scale * A B, in float32.
+  """Base parameters (pure dict) with every adapter folded in: kernel + scale * A B, computed and returned
+  in float32 (a bundle's writer rounds to its stored dtype once).
 
   Raises ValueError naming an adapter whose projection is not in `base`.
   """
@@ -194,5 +195,5 @@ def merge(base: Mapping, adapters: Mapping, scale: float) -> dict:
     letters = "abcdefghijklmnopqrstuvw"
     lo, li, lout = letters[:lead], letters[lead:lead + n_in], letters[lead + n_in:kernel.ndim]
     product = np.einsum(f"{lo}{li}z,{lo}z{lout}->{lo}{li}{lout}", a, b)
-    out["kernel"] = (kernel + np.float32(scale) * product).astype(np.asarray(out["kernel"]).dtype)
+    out["kernel"] = kernel + np.float32(scale) * product
   return out
