@@ -33,18 +33,22 @@ from experiments import wan21_t2v_1_3b, wan21_t2v_14b
 from sora_jax.config import parse_arg
 from sora_jax.models import lora
 
-# size -> {topology: (global batch in rows, remat, mesh)}; the 14B rows hold one 720p 81-frame video.
+# size -> {topology: global batch in rows, remat, mesh, self-attention}; a 14B row holds one 720p 81-frame
+# video (75,776 tokens). On v6e (32 GB per chip) no chip can hold a whole row's activations (40 layers
+# of a [75,776, 5120] residual stream, even fully rematerialised): the `context` axis splits each row
+# over 2 chips, with all-to-all (Ulysses) attention (docs/context_parallel.md).
 SLICES = {
     "1.3b": {
-        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
-        "v5p:4x4x4": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
-        "v6e:2x4": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
+        "v5p:4x4x4": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
     },
     "14b": {
-        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
-        "v5p:2x2x2": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
-        "v6e:2x4": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
-        "v6e:4x4": dict(batch_size=16, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
+        "v5p:2x2x2": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
+        "v6e:2x4": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=4, context=2, tensor=1),
+                        attention="ulysses"),
+        "v6e:4x4": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=8, context=2, tensor=1),
+                        attention="ulysses"),
     },
 }
 DEFAULT_TOPOLOGY = {"1.3b": "v5p:2x2x1", "14b": "v5p:2x2x1"}
@@ -103,6 +107,7 @@ def get_config(arg=None):
     return c
   c.data.batch_size = pod["batch_size"]
   c.dit.remat = pod["remat"]
+  c.dit.attention = pod["attention"]
   c.mesh = ml_collections.ConfigDict(pod["mesh"])
   c.compile_check.topology = topology
   return c
