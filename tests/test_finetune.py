@@ -108,6 +108,12 @@ def test_full_finetune_from_a_bundle_resumes_exactly_after_sigkill(wan, tmp_path
   base = bundle_lib.load_parts(wan[0])[1]
   drift = np.abs(a["params"]["blocks"]["attn"]["q"]["kernel"] - base["blocks"]["attn"]["q"]["kernel"]).max()
   assert 0 < drift < 0.05
+  # Exported as a bundle: the base's with the run's EMA DiT weights.
+  from sora_jax import export_finetune  # pylint: disable=g-import-not-at-top
+  export_finetune.export(whole, tmp_path / "bundle")
+  exported = bundle_lib.load_parts(tmp_path / "bundle")[1]
+  np.testing.assert_array_equal(exported.pop("text")["embed"], base["text"]["embed"])
+  jax.tree.map(np.testing.assert_array_equal, exported, a["ema"])
 
 
 def _dir_bytes(path: Path) -> int:
@@ -185,6 +191,11 @@ def test_lora_finetune_trains_only_adapters_and_merges_into_a_bundle(wan, tmp_pa
           f"--out={tmp_path / 'cli.npy'}"], "sample --adapter")
   want = sampling.generate(bundle_lib.load(merged), reqs[:1], **kw)[0].astype(np.int32)
   assert np.abs(np.load(tmp_path / "cli.npy").astype(np.int32) - want).max() <= 1
+  # Exporting the run itself gives the merged bundle's DiT.
+  from sora_jax import export_finetune  # pylint: disable=g-import-not-at-top
+  export_finetune.export(work, tmp_path / "exported")
+  jax.tree.map(np.testing.assert_array_equal, bundle_lib.load_parts(tmp_path / "exported")[1],
+               bundle_lib.load_parts(merged)[1])
   # An adapter is refused on another base.
   with pytest.raises(adapter.AdapterError, match="was trained on bundle"):
     adapter.merge(tmp_path / "adapter", merged, tmp_path / "again")
