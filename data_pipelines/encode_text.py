@@ -86,7 +86,10 @@ def main(argv):
     _fail(f"--shard_size={_SHARD_SIZE.value} and --batch={_BATCH.value}: both must be >= 1")
   out_dir = Path(_LATENTS_DIR.value)
   try:
-    cfg, model, tok = bundle_lib.load_text_encoder(_BUNDLE.value)
+    # Built in host memory, then sharded over the chips by text_features.Encoder: UMT5-XXL in float32
+    # (23 GB) need never sit whole on one chip.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      cfg, model, tok = bundle_lib.load_text_encoder(_BUNDLE.value)
   except (bundle_lib.BundleError, FileNotFoundError) as e:
     _fail(str(e).splitlines()[0])
   max_len = int(cfg.text.max_len)
