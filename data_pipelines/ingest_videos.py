@@ -8,7 +8,9 @@ decoded in --num_workers processes (progress bar on stderr), resampled to --fps,
 aspect ratio into --max_pixels (sides multiples of 16), and split into clips of at most --max_seconds
 (frame counts 1 + 4k). Corrupt, empty, truncated, unreadable or caption-less files are skipped and
 listed with their reason in D/ingest_report.json; a one-line summary is printed and the exit status is 0
-(1 only when no file at all could be ingested). Read the result with
+(1 only when no file at all could be ingested). A re-ingest into the same split replaces it only when
+it completes with at least one file: otherwise (no good file, Ctrl-C, a full disk) the previous split
+is kept as it was, and the summary says so. Read the result with
 `sora_jax.data.sources.video_source(D, split)`; details in docs/data.md.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from sora_jax import atomic
 from sora_jax.data import ingest, sources
 
 _INPUT = flags.DEFINE_string("input", None, "folder of videos and images", required=True)
@@ -87,6 +90,8 @@ def main(argv):
 
   out_dir = Path(_OUT_DIR.value)
   out_dir.mkdir(parents=True, exist_ok=True)
+  previous = out_dir / _NAME.value / _SPLIT.value / sources.VERSION
+  previous = previous if (previous / "dataset_info.json").is_file() else None
   written = None
   try:
     written = sources.write_dataset(
@@ -97,16 +102,19 @@ def main(argv):
       raise
   num_clips = sum(len(f["clips"]) for f in ingested)
   kinds = collections.Counter(_kind(s["reason"]) for s in skipped)
-  summary = (f"ingest: {len(ingested)} files -> {num_clips} clips in {written or 'nothing'}; "
+  kept = previous if written is None else None
+  summary = (f"ingest: {len(ingested)} files -> {num_clips} clips in {written or 'nothing'}"
+             + (f" (kept the previous split {kept})" if kept else "") + "; "
              f"skipped {len(skipped)}" + (f" ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
                                           if skipped else "")
              + f"; report {out_dir / ingest.REPORT}; {time.time() - start:.1f}s")
   report = {"input": str(root), "captions": str(captions), "output": str(written or ""),
+            "kept": str(kept or ""),
             "split": _SPLIT.value, "options": vars(opts) | {"max_frames": opts.max_frames},
             "ingested": ingested, "skipped": sorted(skipped, key=lambda s: s["file"]),
             "num_files": len(ingested), "num_clips": num_clips, "num_skipped": len(skipped),
             "summary": summary}
-  (out_dir / ingest.REPORT).write_text(json.dumps(report, indent=2) + "\n")
+  atomic.write_text(out_dir / ingest.REPORT, json.dumps(report, indent=2) + "\n")
   print(summary)
   if not ingested:
     sys.exit(1)

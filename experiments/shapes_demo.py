@@ -196,6 +196,7 @@ def get_config(arg=None):
   c.eval.data_dir = ""           # an ingested video data set for VAE metrics too ("" = none)
   c.eval.data_split = "test"
   c.eval.chunk = 16              # prompts per sampling call (progress lines; noise is per prompt)
+  c.eval.denoise_clips = 32      # test clips for the DiT's object-token error at t = 0.7, 0.9
 
   # The VAE, DiT, diffusion, training, sampling and evaluation sections are added by their modules'
   # owners below.
@@ -212,4 +213,5 @@ def get_config(arg=None):
     c.sample.steps = 4
     c.eval.num_prompts = 4
     c.eval.vae_clips = 4
+    c.eval.denoise_clips = 4
   return c

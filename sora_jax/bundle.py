@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -38,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from sora_jax import atomic
 
 FORMAT = "sora-jax-bundle"
 FORMAT_VERSION = 2  # 2: the Wan 2.1-aligned DiT (docs/architecture.md); text encoder beside or inside it
@@ -173,8 +176,8 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
           dtype: str = "float32", source: Mapping | None = None) -> dict:
   """Writes a bundle to `out` (replacing a bundle there, never anything else) and returns its manifest.
 
-  The bundle is assembled in a sibling temporary directory and renamed into place, so `out` never holds
-  a half-written bundle.
+  The bundle is assembled in a sibling temporary directory and swapped into place only when complete
+  (sora_jax/atomic.py), so `out` never holds a half-written bundle, and a failed export keeps the old one.
   """
   out = Path(out)
   if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -207,9 +210,7 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
                 for name in _files(tmp)},
   }
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-  if out.exists():
-    shutil.rmtree(out)
-  tmp.rename(out)
+  atomic.replace_dir(tmp, out)  # never a moment with neither the old bundle nor the new one
   return manifest
 
 
@@ -334,6 +335,25 @@ def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_colle
   return cfg, dit, vae, stats
 
 
+def check_manifest_fields(root: Path, manifest: Mapping, dit: Mapping, vae: Mapping | None) -> None:
+  """Raises BundleError (one line) if the manifest's own dtype and parameter counts, which no checksum
+  covers, disagree with the weights (dit: the DiT's parameters including its `text` subtree)."""
+  dit = dict(dit)
+  text = dit.pop("text", {})
+  parts = {"dit": dit, "text_encoder": text, "vae": vae or {}}
+  for name, tree in parts.items():
+    said = manifest.get("parameters", {}).get(name)
+    got = int(sum(np.asarray(x).size for x in jax.tree.leaves(tree)))
+    if said != got:
+      raise BundleError(f"bundle {root}: {MANIFEST} says parameters.{name}={said}, its weights hold {got} "
+                        "(manifest edited after export); re-export the bundle")
+  floats = {str(np.asarray(x).dtype) for t in parts.values() for x in jax.tree.leaves(t)
+            if np.issubdtype(np.asarray(x).dtype, np.floating) or np.asarray(x).dtype == jnp.bfloat16}
+  if floats and floats != {manifest.get("dtype")}:
+    raise BundleError(f"bundle {root}: {MANIFEST} says dtype={manifest.get('dtype')!r}, its weights are "
+                      f"{sorted(floats)} (manifest edited after export); re-export the bundle")
+
+
 def load_text_encoder(path: str | os.PathLike, *, check: bool = True):
   """(config, the frozen text encoder, tokenizer) of a bundle whose DiT reads a frozen encoder's features
   (config.dit.text_encoder != "caption"), without reading the DiT's or the VAE's weights (a 14B DiT need
@@ -357,12 +377,14 @@ def load_text_encoder(path: str | os.PathLike, *, check: bool = True):
 
 def load(path: str | os.PathLike, *, check: bool = True) -> Bundle:
   """A bundle's models, tokenizer and latent statistics, after checking its files against the manifest
-  (BundleError, one line, when they do not match)."""
+  and the manifest's own fields against the weights (BundleError, one line, when they do not match)."""
   root = Path(path)
   if not root.is_dir():
     raise BundleError(f"bundle {root} does not exist (write one with python -m sora_jax.export)")
   manifest = verify(root) if check else json.loads((root / MANIFEST).read_text())
   cfg, dit, vae, stats = load_parts(root, check=False)
+  if check:
+    check_manifest_fields(root, manifest, dit, vae)
   return assemble(cfg, dit, vae, root / "tokenizer.model", stats, manifest=manifest, path=str(root))
 
 
@@ -399,26 +421,69 @@ class WorkdirLayout:
     return Path(given) if given else self.root / "data" / "latents"
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, int]:
-  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, its step)."""
-  ckpts = run_dir / "checkpoints"
-  base = ckpts if ckpts.is_dir() else run_dir
-  steps = sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+def _checkpoints_dir(run_dir: Path) -> Path:
+  return run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+  """The steps of a trainer's run dir that hold a finished checkpoint, ascending (as many as its
+  keep_checkpoints allowed)."""
+  base = _checkpoints_dir(Path(run_dir))
+  return sorted(int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+
+
+def latest_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, int]:
+  """(the `state` directory of the newest finished checkpoint of a trainer's run dir, or of the one at
+  `step`, its step)."""
+  base = _checkpoints_dir(run_dir)
+  steps = checkpoint_steps(run_dir)
   if not steps:
     raise BundleError(f"{run_dir} holds no finished checkpoint (looked for {base}/<step>/state)")
-  return base / str(steps[-1]) / "state", steps[-1]
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise BundleError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
+  return base / str(step) / "state", step
 
 
-def restore_ema(run_dir: Path) -> tuple[dict, int, str]:
-  """(EMA parameters of a run's newest checkpoint, its step, which key they came from); a run without
-  an EMA gives its raw parameters ("params")."""
-  state_dir, step = latest_checkpoint(run_dir)
+def _restore_params(state_dir: Path) -> tuple[dict, str]:
   meta = _checkpointer().metadata(state_dir.absolute())
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
   key = "ema" if "ema" in tree else "params"
   if key not in tree:
-    raise BundleError(f"checkpoint {state_dir} has neither 'ema' nor 'params'; it holds {sorted(tree)}")
-  return _restore_tree(state_dir, key), step, key
+    raise KeyError(f"neither 'ema' nor 'params'; it holds {sorted(tree)}")
+  return _restore_tree(state_dir, key), key
+
+
+def restore_ema(run_dir: Path, step: int | None = None) -> tuple[dict, int, str]:
+  """(EMA parameters of a run's newest checkpoint that restores, or of the one at `step`, its step, which
+  key they came from); a run without an EMA gives its raw parameters ("params"). Without `step`, a
+  damaged newer checkpoint is named with the reason in a warning and skipped; BundleError (one line,
+  every checkpoint and why) if none restores."""
+  if step is not None:
+    state_dir, step = latest_checkpoint(run_dir, step)
+    params, key = _restore_params(state_dir)
+    return params, step, key
+  from sora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  base = _checkpoints_dir(run_dir)
+  steps = sorted((int(p.name) for p in base.glob("*") if p.name.isdigit()), reverse=True)
+  if not steps:
+    raise BundleError(f"{run_dir} holds no finished checkpoint (looked for {base}/<step>/state)")
+  failed = []
+  for step in steps:
+    state_dir = base / str(step) / "state"
+    try:
+      if not state_dir.is_dir():
+        raise FileNotFoundError(f"{state_dir.name}/ is missing")
+      params, key = _restore_params(state_dir)
+    except Exception as e:  # pylint: disable=broad-except  # any damage: try the next older one
+      reason = checkpoint.failure_reason(e)
+      failed.append(f"{state_dir.parent}: {reason}")
+      logging.getLogger("sora_jax.bundle").warning("checkpoint %s is unusable (%s); trying an older one",
+                                                   state_dir.parent, reason)
+      continue
+    return params, step, key
+  raise BundleError(f"no checkpoint of {run_dir} restores: {'; '.join(failed)}")
 
 
 def resolve_config(cfg: ml_collections.ConfigDict, latent_stats: Mapping) -> ml_collections.ConfigDict:

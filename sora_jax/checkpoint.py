@@ -7,16 +7,48 @@ directory and renames it when every part is complete, so a run killed mid-save l
 directory that `latest_step()` ignores: a half-written checkpoint is never picked.
 
 Restore takes an *abstract* state (jax.ShapeDtypeStruct leaves with the target shardings), so a
-checkpoint saved on one mesh restores onto any other.
+checkpoint saved on one mesh restores onto any other. `restore_newest` resumes from the newest checkpoint
+that restores: one that does not (files deleted, truncated or unreadable after it was written) is named
+with the reason in one log line and, in a run's own directory, set aside as `<step>.unusable` (so the
+run can save that step again), and the next older one is tried.
+
+`Preemption` is the trainers' SIGTERM handling: save at the next step boundary and exit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import signal
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger("sora_jax.checkpoint")
+UNUSABLE = ".unusable"
+
+
+def failure_reason(e: BaseException) -> str:
+  """An exception as one short line: the innermost cause (orbax wraps tensorstore's precise error,
+  e.g. a truncated stream in a named file, in a generic one), its type and first line."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+class Unrestorable(RuntimeError):
+  """No checkpoint of a directory restores; the message names each and why, on one line."""
+
+
+def _free_name(path: str) -> str:
+  n, name = 1, path
+  while os.path.exists(name):
+    name, n = f"{path}-{n}", n + 1
+  return name
 
 
 class _IteratorState:
@@ -93,6 +125,37 @@ class Manager:
     restored = self._mgr.restore(int(step), args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def restore_newest(self, abstract_state: Any, data_iter=None, *, set_aside: bool = True
+                     ) -> tuple[int, Any] | None:
+    """(step, state) of the newest checkpoint that restores, or None if there is none.
+
+    Older checkpoints are tried in turn when a newer one fails; each failure is logged as one warning
+    naming the checkpoint and the reason. Once an older one restores (so the config fits the run, and
+    the newer ones are damaged) and with `set_aside` (a run's own directory), the failed ones are
+    renamed `<step>.unusable`: kept for inspection, but no longer steps, so the run saves those steps
+    again. Raises Unrestorable naming every failure when none restores (then nothing is set aside: a
+    config that does not fit the run fails on every checkpoint).
+    """
+    failed = []
+    for step in sorted(self._mgr.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
+      try:
+        state = self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  # any damage: try the next older one
+        failed.append((path, failure_reason(e)))
+        log.warning("checkpoint %s is unusable (%s); trying an older one", path, failure_reason(e))
+        continue
+      if set_aside and failed:
+        for bad, _ in failed:
+          os.rename(bad, _free_name(bad + UNUSABLE))
+        log.warning("set aside %s as *%s; resuming from step %d", [p for p, _ in failed], UNUSABLE, step)
+        self._mgr.reload()
+      return step, state
+    if failed:
+      raise Unrestorable(f"no checkpoint in {self.directory} restores: "
+                         + "; ".join(f"{p}: {r}" for p, r in failed))
+    return None
+
   def wait(self) -> None:
     """Blocks until the last async save is finalised on disk."""
     self._mgr.wait_until_finished()
@@ -100,3 +163,41 @@ class Manager:
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+class Preempted(Exception):
+  """SIGTERM arrived while the training loop was waiting for data."""
+
+
+class Preemption:
+  """SIGTERM (preemption) handling for a training loop, installed for its lifetime.
+
+  The signal sets `flag`; the loop saves a checkpoint and exits at its next step boundary. Data that
+  never comes (a stalled or empty pipeline) would keep the loop from ever reaching one, so while it
+  waits for data (`with preemption.waiting():`) the signal raises Preempted there instead.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self._waiting = False
+    self._prev = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+    if self._waiting:
+      self._waiting = False
+      raise Preempted("SIGTERM while waiting for data")
+
+  @contextlib.contextmanager
+  def waiting(self):
+    if self.flag:
+      raise Preempted("SIGTERM while waiting for data")
+    self._waiting = True
+    try:
+      yield
+    finally:
+      self._waiting = False
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._prev)

@@ -18,6 +18,10 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+class ConfigError(ValueError):
+  """A config value a command cannot run with; its message is the one line the command prints."""
+
+
 _CONFIG = None  # the --config flag, defined by run(): config modules import this file too
 
 

@@ -149,6 +149,23 @@ def _blobs(mask_hw: np.ndarray, contrast_hw: np.ndarray, min_area: float) -> lis
   return sorted(out, key=lambda b: -b.area)
 
 
+def object_blob_counts(frames: np.ndarray) -> np.ndarray:
+  """Per frame, int [T]: how many components would count as an object, of any palette colour, by the
+  rule that makes an object present (at least 1% of min(H, W)^2 pixels, filling 30% of its box, solid).
+
+  A continuous companion to the binary scores: a render of one object reads 1 in every frame; a
+  generator that draws it in fragments, or adds objects, reads more; one that loses it reads 0.
+  """
+  cls, con = classify_pixels(frames)
+  min_area = _MIN_AREA_FRAC * min(cls.shape[1:]) ** 2
+  out = np.zeros(len(cls), np.int64)
+  for t in range(len(cls)):
+    for cid in np.unique(cls[t]):
+      if cid:
+        out[t] += sum(b.solid for b in _blobs(cls[t] == cid, _own(cls[t], con[t], cid), min_area))
+  return out
+
+
 def _own(cls_hw: np.ndarray, con_hw: np.ndarray, colour_id: int) -> np.ndarray:
   """Contrast of one colour's and of uncoloured pixels; zero on other colours."""
   return np.where((cls_hw == colour_id) | (cls_hw == 0), con_hw, 0.0)

@@ -1,8 +1,8 @@
 """Evaluates an inference bundle on the Shapes benchmark and writes a report that opens offline.
 
     python -m sora_jax.evaluate --bundle runs/demo/bundle --out_dir runs/demo/eval \
-        [--num_prompts 64] [--vae_clips 32] [--seed 0] [--steps 30] [--guidance 4] \
-        [--data_dir ingested_tfds_dir --data_split test] [--workdir runs/demo]
+        [--num_prompts 64] [--vae_clips 32] [--denoise_clips 32] [--seed 0] [--steps 30] [--guidance 4] \
+        [--data_dir ingested_tfds_dir --data_split test] [--workdir runs/demo] [--learning_curve J]
 
 1. VAE: PSNR and SSIM of reconstructions (encoder mean, decoded) of `vae_clips` held-out Shapes clips
    (test split, rendered without noise), and of the first clips of an ingested video data set when
@@ -13,10 +13,21 @@
    intervals, over all clips and by group: seen / held-out compositions, images, videos, long clips
    (>= 65 frames), two objects, cuts. The same detector on the ground-truth renders of the same specs
    is reported next to them, as the ceiling.
-3. Report: out_dir/report.html with metric tables, sample grids (first, middle, last frame of each
+3. Continuous measures (binary scores on 64 prompts carry +-15-point intervals, too wide to see the
+   effect of one change), with 95% bootstrap intervals over clips:
+   - blobs per frame: on the prompts with one object and no cut, the components per frame that the
+     detector would take for an object (detector.object_blob_counts), averaged over frames, then clips;
+     for the generated videos, the ground-truth renders (1.0) and the VAE's reconstructions of step 1;
+   - object-token error: the first `denoise_clips` test clips, rendered, encoded by the bundle's VAE,
+     noised at t = 0.7 and 0.9 by the config's objective with noise fixed by the seed; the mean squared
+     error of the DiT's clean-latent estimate (caption given, guidance 1) on object tokens
+     (diffusion.object_tokens), beside background tokens and a unit-variance shrinkage baseline.
+4. Report: out_dir/report.html with metric tables, sample grids (first, middle, last frame of each
    generated video next to its ground truth), VAE reconstructions, and training curves from
    <workdir>/{vae,dit}/metrics.jsonl (the workdir defaults to the one the bundle was exported from).
-   out_dir/metrics.json holds every number and the per-clip verdicts.
+   out_dir/metrics.json holds every number and the per-clip verdicts (the continuous measures under
+   `blobs_per_frame` and `object_token_error`, with their settings). A learning curve
+   (sora_jax/bench/learning_curve.py) in out_dir, or given by --learning_curve, is shown too.
 
 Settings come from the flags, else the bundle config's `eval` section, else the defaults below. The
 command ends by printing the headline metrics and the report's path.
@@ -29,6 +40,7 @@ index), so the scores are the same on any number of processes.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import os
@@ -40,6 +52,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sora_jax import atomic
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 from sora_jax import detector
@@ -66,10 +79,13 @@ def define_flags() -> None:
   flags.DEFINE_string("compare_bundle", None, "another export of the same run (e.g. --dtype bfloat16): "
                       "sample the first compare_prompts prompts with it too and report pixel differences")
   flags.DEFINE_integer("compare_prompts", 8, "prompts sampled with --compare_bundle")
+  flags.DEFINE_integer("denoise_clips", None, "Shapes test clips for the DiT's object-token error")
+  flags.DEFINE_string("learning_curve", None, "a learning_curve.json to show in the report (default: "
+                      "out_dir/learning_curve.json if present)")
 
 
 DEFAULTS = dict(num_prompts=64, vae_clips=32, seed=0, steps=0, guidance=0.0, mixture="", data_dir="",
-                data_split="test", chunk=16)
+                data_split="test", chunk=16, denoise_clips=32)
 LONG_CLIP = 65  # frames: "persistence over long clips" is reported on clips at least this long
 
 
@@ -135,14 +151,17 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
 
   With `specs` (the Shapes specs the clips were rendered from) the detector also scores each
   reconstruction against its spec: `detector`, the rates by group, is the ceiling that a DiT generating
-  in this VAE's latent space can reach (what the VAE's round trip alone loses).
+  in this VAE's latent space can reach (what the VAE's round trip alone loses); `blobs_per_frame` is the
+  same ceiling for the continuous measure (`blobs_per_frame`, over the one-object clips), and `latents`
+  are the clips' normalised latents (which object_token_error need not encode again).
   """
   g = pipe.geometry
 
   def one(item):
     k, (name, frames) = item
     x = fit_to_vae(np.asarray(frames, np.uint8), g.temporal, g.spatial)
-    y = pipe.decode(pipe.encode(x))
+    z = pipe.encode(x)
+    y = pipe.decode(z)
     record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
               "psnr": psnr(x, y), "ssim": ssim(x, y)}
     read = None
@@ -151,16 +170,20 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
         raise ValueError(f"Shapes clip {name!r} of shape {np.shape(frames)} is off the VAE's grid "
                          f"({g.temporal} frames, {g.spatial} px): its reconstruction cannot be scored")
       read = detector.score_clip(y, specs[k].labels())
-    return record, ((name, x, y) if k < 8 else None), read
+      record["blobs_per_frame"] = blobs_per_frame(y) if is_one_object(specs[k]) else None
+    return record, ((name, x, y) if k < 8 else None), read, (z if specs is not None else None)
 
   done = distributed.map_shared(one, list(enumerate(clips)))
-  per_clip = [record for record, _, _ in done]
-  examples = [ex for _, ex, _ in done if ex is not None]
+  per_clip = [record for record, _, _, _ in done]
+  examples = [ex for _, ex, _, _ in done if ex is not None]
   out = {"psnr": bootstrap_mean([c["psnr"] for c in per_clip], seed=seed),
          "ssim": bootstrap_mean([c["ssim"] for c in per_clip], seed=seed),
          "clips": per_clip, "examples": examples}
   if specs is not None:
-    out["detector"] = grouped(specs, [read for _, _, read in done])
+    out["detector"] = grouped(specs, [read for _, _, read, _ in done])
+    out["latents"] = [z for _, _, _, z in done]
+    out["blobs_per_frame"] = bootstrap_mean([c["blobs_per_frame"] for c in per_clip
+                                             if c["blobs_per_frame"] is not None], seed=seed)
   return out
 
 
@@ -259,24 +282,169 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
   return out
 
 
-def generation_scores(specs: Sequence[shapes.ClipSpec], videos: Sequence[np.ndarray | None]) -> dict:
-  """Detector scores of generated videos (by group), of the ground-truth renders, and chance levels."""
+def generation_scores(specs: Sequence[shapes.ClipSpec], videos: Sequence[np.ndarray | None], *,
+                      seed: int = 0) -> dict:
+  """Detector scores of generated videos (by group), of the ground-truth renders, and chance levels;
+  `blobs_per_frame` of both on the one-object prompts (bootstrap intervals drawn with `seed`)."""
   kept = [(s, v) for s, v in zip(specs, videos) if v is not None]
-  both = distributed.map_shared(lambda sv: (detector.score_clip(sv[1], sv[0].labels()),
-                                            detector.score_clip(shapes.render_clip(sv[0]), sv[0].labels())),
-                                kept)
-  scores, truth = [b[0] for b in both], [b[1] for b in both]
+
+  def one(sv):
+    s, v = sv
+    truth = shapes.render_clip(s)
+    blobs = (blobs_per_frame(v), blobs_per_frame(truth)) if is_one_object(s) else (None, None)
+    return detector.score_clip(v, s.labels()), detector.score_clip(truth, s.labels()), blobs
+  done = distributed.map_shared(one, kept)
+  scores, truth = [d[0] for d in done], [d[1] for d in done]
   per_clip = []
-  for (s, v), sc in zip(kept, scores):
+  for (s, v), sc, (_, _, (blobs, _)) in zip(kept, scores, done):
     per_clip.append({"caption": shapes.caption(s), "num_frames": s.num_frames, "size": [s.height, s.width],
                      "held_out": is_held_out(s), **{m: getattr(sc, m) for m in detector.METRICS},
+                     "blobs_per_frame": blobs,
                      "read": {"colours": list(sc.reading.colours),
                               "objects": [dataclasses.asdict(o) for o in sc.reading.objects],
                               "cut_frame": sc.reading.cut_frame}})
+  blobs = {name: bootstrap_mean([d[2][i] for d in done if d[2][i] is not None], seed=seed)
+           for i, name in enumerate(("generated", "ground_truth"))}
   return {"groups": grouped([s for s, _ in kept], scores),
           "ground_truth": grouped([s for s, _ in kept], truth),
           "chance": detector.chance_level([s.labels() for s, _ in kept]),
-          "skipped": len(specs) - len(kept), "clips": per_clip, "_scores": scores, "_kept": kept}
+          "skipped": len(specs) - len(kept), "clips": per_clip, "blobs_per_frame": blobs,
+          "_scores": scores, "_kept": kept}
+
+
+# ----------------------------------------------------------------------------------- continuous measures
+# Binary detector scores on 32-64 prompts carry +-15-point intervals: too wide to see one change's effect.
+# Two continuous measures go with every evaluation: the blobs per frame of one-object prompts (pixels),
+# and the DiT's clean-latent error on object tokens at high noise (latents, no sampling).
+DENOISE_TIMES = (0.7, 0.9)
+
+
+def is_one_object(spec: shapes.ClipSpec) -> bool:
+  """A prompt with one object and no cut: every frame of its video should show exactly one object."""
+  return len(spec.objects) == 1 and not spec.cut_frame
+
+
+def blobs_per_frame(video: np.ndarray) -> float:
+  """Mean over frames of the components the detector would take for an object (`detector.
+  object_blob_counts`): 1 for a render of one object; more when it falls apart or multiplies; less when
+  it vanishes."""
+  return float(detector.object_blob_counts(np.asarray(video, np.uint8)).mean())
+
+
+def _jitted(model):
+  """`model` (the DiT, or any callable with its signature) compiled once per input shape."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, nnx.Module):
+    return model
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda state, *args, **kw: nnx.merge(graphdef, state)(*args, **kw))
+  return lambda *args, **kw: run(state, *args, **kw)
+
+
+def denoise_errors(dit, cfg, batch: dict, eps: np.ndarray, *, num_segments: int,
+                   times: Sequence[float] = DENOISE_TIMES, text_drop: float = 0.0) -> dict:
+  """Per-token squared errors (mean over D) of the DiT's clean-latent estimate on one packed batch.
+
+  batch: `tokens` (clean normalised latents x0 [B, L, D]), positions, segment_ids, text_tokens,
+  text_segment_ids. At each t every segment is noised with `eps` as cfg.diffusion's objective does
+  (diffusion.noisy; rectified flow: x_t = (1 - t) x0 + t eps), the DiT predicts with its caption (unless
+  `text_drop` hides it), and diffusion.predict_x0 turns the prediction into x0_hat. Returns
+  {"object": bool [B, L] (diffusion.object_tokens), "valid": bool [B, L], t: {"model": [B, L],
+  "shrinkage": [B, L]}}, where `shrinkage` is a model that knows only the latents' unit variance:
+  x0_hat = a x_t / (a^2 + s^2) for x_t = a x0 + s eps.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sora_jax import diffusion  # pylint: disable=g-import-not-at-top
+  x0 = jnp.asarray(batch["tokens"], jnp.float32)
+  seg = jnp.asarray(batch["segment_ids"], jnp.int32)
+  eps = jnp.asarray(eps, jnp.float32)
+  b = x0.shape[0]
+  forward = _jitted(dit)
+  inputs = (jnp.asarray(batch["positions"]), seg)
+  text = (jnp.asarray(batch["text_tokens"]), jnp.asarray(batch["text_segment_ids"]))
+  out: dict[Any, Any] = {"object": np.asarray(diffusion.object_tokens(x0, seg, num_segments)) > 0,
+                         "valid": np.asarray(seg) > 0}
+  for t in times:
+    t_tok = jnp.full(seg.shape, t, jnp.float32)
+    x_t, _ = diffusion.noisy(x0, eps, t_tok, cfg)
+    pred = forward(x_t, *inputs, jnp.full((b, num_segments), t, jnp.float32), *text,
+                   text_drop=jnp.full((b, num_segments), text_drop, jnp.float32))
+    x0_hat = diffusion.predict_x0(x_t, jnp.asarray(pred, jnp.float32), t_tok, cfg)
+    # a and s of x_t = a x0 + s eps, read off the objective itself (x_t is linear in x0 and eps).
+    mix = lambda u, v: float(diffusion.noisy(jnp.float32(u), jnp.float32(v), jnp.float32(t), cfg)[0][0])
+    a, s = mix(1, 0), mix(0, 1)
+    out[t] = {"model": np.asarray(jnp.mean(jnp.square(x0_hat - x0), axis=-1)),
+              "shrinkage": np.asarray(jnp.mean(jnp.square(x_t * a / (a * a + s * s) - x0), axis=-1))}
+  return out
+
+
+def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
+                       times: Sequence[float] = DENOISE_TIMES, rows_per_call: int = 8,
+                       latents: Sequence[np.ndarray] | None = None) -> dict:
+  """The DiT's clean-latent error on object tokens of held-out clips, at each diffusion time in `times`.
+
+  Each spec is rendered as the evaluator does (no noise), encoded with the pipeline's VAE into normalised
+  latents and patchified with its patch; the clips are packed into rows as sampling packs requests, and
+  clip i's noise is draw 0 of `sampling.request_key(seed, i)`, so two bundles with the same latent shapes
+  are compared on the same noise. `denoise_errors` gives per-token errors with the caption (guidance 1,
+  no text drop); a clip's error is the mean over its object tokens (its background tokens, and the
+  shrinkage baseline's, likewise), then the mean over clips comes with a 95% bootstrap interval. Clips
+  without object tokens, and sizes off the model's grid, are left out (counted). `latents`: the
+  normalised latents of the first specs' renders when they are at hand (vae_scores encodes the same clips).
+  """
+  from sora_jax import patching  # pylint: disable=g-import-not-at-top
+  from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+  g = pipe.geometry
+  known = list(latents or [])
+  picked = []
+  for i, s in enumerate(specs):
+    try:
+      g.latent_shape(s.num_frames, s.height, s.width)
+      picked.append((s, known[i] if i < len(known) else None))
+    except ValueError:
+      pass
+  setup = {"clips": len(specs), "split": "test", "seed": seed, "times": list(times),
+           "objective": str(pipe.cfg.diffusion.objective), "guidance": 1.0, "text_drop": 0.0,
+           "object_threshold": 1.0, "off_grid": len(specs) - len(picked)}
+  if not picked:
+    return {"settings": setup, "by_t": {}}
+  latents = distributed.map_shared(lambda sz: pipe.encode(shapes.render_clip(sz[0])) if sz[1] is None else sz[1],
+                                   picked)
+  reqs = [sampling.Request(shapes.caption(s), s.num_frames, s.height, s.width) for s, _ in picked]
+  row_len = int(pipe.sample_setting("row_len", None, 0) or pipe.cfg.data.seq_len)
+  packed = sampling.pack_requests(reqs, g, [pipe.text(r.caption) for r in reqs], seed=seed, steps=1,
+                                  row_len=row_len)
+  x0 = np.zeros_like(packed.noise)
+  for z, p in zip(latents, packed.placements):
+    x0[p.row, p.start:p.start + p.num_tokens] = patching.patchify(np.asarray(z, np.float32), g.patch)[0]
+  batch = {**packed.batch, "tokens": x0}
+  num_segments = max(p.segment for p in packed.placements)
+  starts = list(range(0, packed.num_rows, rows_per_call))
+  done = distributed.map_shared(
+      lambda r0: denoise_errors(pipe.dit, pipe.cfg, {k: v[r0:r0 + rows_per_call] for k, v in batch.items()},
+                                packed.noise[r0:r0 + rows_per_call], num_segments=num_segments, times=times),
+      starts)
+  per_t = {t: {"model": [], "background": [], "shrinkage": []} for t in times}
+  used = 0
+  for p in packed.placements:
+    part = done[p.row // rows_per_call]
+    where = (p.row % rows_per_call, slice(p.start, p.start + p.num_tokens))
+    obj = part["object"][where]
+    if not obj.any():
+      continue
+    used += 1
+    for t in times:
+      per_t[t]["model"].append(float(part[t]["model"][where][obj].mean()))
+      per_t[t]["shrinkage"].append(float(part[t]["shrinkage"][where][obj].mean()))
+      if (~obj).any():
+        per_t[t]["background"].append(float(part[t]["model"][where][~obj].mean()))
+  setup["without_object_tokens"] = len(picked) - used
+  return {"settings": setup,
+          "by_t": {f"{t:g}": {"object": bootstrap_mean(v["model"], seed=seed),
+                              "background": bootstrap_mean(v["background"], seed=seed),
+                              "shrinkage_object": bootstrap_mean(v["shrinkage"], seed=seed)}
+                   for t, v in per_t.items()}}
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -300,6 +468,84 @@ def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
   return out
 
 
+def _mean_ci(m: dict | None, digits: int = 3, *, html_note: bool = False) -> str:
+  """'1.023 [0.981, 1.070] (n=30)' for a bootstrap_mean dict; a dash when there is none."""
+  if not m or not m.get("n"):
+    return "&ndash;" if html_note else "-"
+  lo, hi = m["ci95"]
+  ci = f"[{lo:.{digits}f}, {hi:.{digits}f}] n={m['n']}"
+  return f"{m['mean']:.{digits}f} " + (f"<span class=note>{ci}</span>" if html_note else f"{ci}")
+
+
+def _blobs_line(b: dict) -> str:
+  parts = [f"{name} {_mean_ci(b.get(key), 2)}" for key, name in
+           (("generated", "generated"), ("ground_truth", "ground truth"), ("vae_reconstruction", "VAE"))
+           if b.get(key)]
+  return "blobs per frame, one-object prompts: " + "; ".join(parts)
+
+
+def _denoise_line(o: dict) -> str:
+  parts = [f"t={t} {_mean_ci(v['object'], 3)}" for t, v in o["by_t"].items()]
+  return (f"DiT clean-latent error on object tokens ({o['settings']['clips']} test clips): "
+          + ("; ".join(parts) or "no clip on the model's grid"))
+
+
+def continuous_tables(result: dict) -> str:
+  """The report's tables of the continuous measures (blobs per frame, object-token error)."""
+  out = []
+  b = result.get("blobs_per_frame")
+  if b:
+    rows = [(label, _mean_ci(b.get(key), 3, html_note=True)) for key, label in
+            (("generated", "generated videos"), ("ground_truth", "ground-truth renders (ceiling)"),
+             ("vae_reconstruction", "VAE reconstructions of the first prompts' renders (ceiling through "
+                                    "this VAE)"))]
+    out.append("<table><tr><th>blobs per frame, prompts with one object and no cut</th><th>mean [95% "
+               "bootstrap interval] clips</th></tr>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                                                           for k, v in rows) + "</table>")
+    out.append("<p class=note>Components the detector would take for an object (any palette colour, "
+               "its presence rule), per frame, averaged over frames then clips: 1.0 is one intact object "
+               "in every frame; fragments and extra objects raise it, lost objects lower it.</p>")
+  o = result.get("object_token_error")
+  if o and o["by_t"]:
+    head = ("<table><tr><th>t</th><th>DiT, object tokens</th><th>DiT, background tokens</th>"
+            "<th>unit-variance shrinkage, object tokens</th></tr>")
+    body = "".join(f"<tr><td>{t}</td>" + "".join(f"<td>{_mean_ci(v[k], 3, html_note=True)}</td>" for k in
+                                                 ("object", "background", "shrinkage_object")) + "</tr>"
+                   for t, v in o["by_t"].items())
+    st = o["settings"]
+    out.append(head + body + "</table>" + (
+        f"<p class=note>Mean squared error of the DiT's clean-latent estimate (normalised latent units, mean "
+        f"over each clip's tokens, then over clips; 95% bootstrap intervals) on the first {st['clips']} "
+        f"test clips, rendered, encoded by this bundle's VAE and noised by its {st['objective']} "
+        f"objective with the noise of seed {st['seed']}; caption given, guidance 1. Object tokens are "
+        f"more than {st['object_threshold']} (rms) from their clip's mean token. {st['off_grid']} clips off "
+        f"the model's grid, {st.get('without_object_tokens', 0)} without object tokens.</p>"))
+  return "".join(out)
+
+
+def learning_curve_html(curve: dict, png: str | None) -> str:
+  """The learning curve's plot and table (sora_jax/bench/learning_curve.py writes `curve`)."""
+  times = [f"{t:g}" for t in curve.get("times", [])]
+  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "blobs per frame"]
+          + [f"object-token error t={t}" for t in times])
+
+  def cells(r):
+    pct = report._pct  # pylint: disable=protected-access
+    errors = r.get("object_token_error", {})
+    return ([str(r["step"]), f"{r['train_flops']:.3g}" if r.get("train_flops") else "&ndash;"]
+            + [pct(r.get(m)) for m in ("colour", "motion", "persistence")]
+            + [_mean_ci(r.get("blobs_per_frame"), 2, html_note=True)]
+            + [_mean_ci(errors.get(t), 3, html_note=True) for t in times])
+  table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+           + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in curve["rows"])
+           + "</table>")
+  return ((report.img(png, "learning curve") if png else "") + table
+          + "<p class=note>Each row evaluates the DiT's EMA weights at one checkpoint of "
+          f"{html.escape(str(curve.get('workdir', '')))} (same prompts, seed and VAE). Ground truth: "
+          f"{_mean_ci(curve.get('blobs_ground_truth'), 2, html_note=True)} blobs per frame. FLOPs: the "
+          "trainer's hand count of model FLOPs per step (metrics.jsonl) times the steps.</p>")
+
+
 def _headline_rows(result: dict) -> list[tuple[str, str]]:
   rows = []
   gen = result.get("generation")
@@ -315,6 +561,13 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
       rows.append(("persistence (long clips)", report._pct(longs.get("persistence"))))  # pylint: disable=protected-access
   elif gen is None:
     rows.append(("generation", result.get("generation_skipped", "not run")))
+  b = result.get("blobs_per_frame") or {}
+  for key, label in (("generated", "generated"), ("ground_truth", "ground truth")):
+    if b.get(key):
+      rows.append((f"blobs per frame, one-object prompts ({label})", _mean_ci(b[key], 2, html_note=True)))
+  o = result.get("object_token_error")
+  for t, v in (o or {}).get("by_t", {}).items():
+    rows.append((f"DiT object-token error at t = {t}", _mean_ci(v["object"], 3, html_note=True)))
   c = result.get("comparison")
   if c:
     rows.append((f"vs {c['dtype']} bundle: mean |pixel difference| (of 255)",
@@ -331,7 +584,7 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
 
 
 def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_examples: dict,
-                 curves: list[tuple[str, str]]) -> str:
+                 curves: list[tuple[str, str]], learning_curve: tuple[dict, str | None] | None = None) -> str:
   sections = []
   gen = result.get("generation")
   if gen:
@@ -342,6 +595,9 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
                      f"{chance}. {gen['skipped']} prompts skipped (size off the model's grid).</p>"))
     sections.append(("Detector on the ground-truth renders of the same prompts (ceiling)",
                      report.metric_table(gen["ground_truth"], detector.METRICS)))
+  tables = continuous_tables(result)
+  if tables:
+    sections.append(("Continuous measures", tables))
   vae_read = (result.get("vae_shapes") or {}).get("detector")
   if vae_read:
     sections.append(("Detector on the VAE's reconstructions of the first prompts' renders (the ceiling "
@@ -353,6 +609,8 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
     sections.append((f"VAE reconstructions, {label} (input | reconstruction)", report.img(png, name)))
   for run, png in curves:
     sections.append((f"Training curves: {run}", report.img(png, run)))
+  if learning_curve:
+    sections.append(("Learning curve", learning_curve_html(*learning_curve)))
   settings_rows = [(k, str(v)) for k, v in result["settings"].items()]
   src = result.get("bundle_source", {})
   settings_rows += [("bundle", result["bundle"]), ("bundle dtype", result.get("bundle_dtype", "")),
@@ -386,12 +644,31 @@ def compare_videos(a: Sequence[np.ndarray | None], b: Sequence[np.ndarray | None
           "max_abs_diff": int(d.max()) if d.size else 0, "same_verdicts": int(sum(same))}
 
 
+def _learning_curve(path: str | None, out_dir: str) -> tuple[dict, str | None] | None:
+  """(learning_curve.json's contents, its plot's name in out_dir) from `path`, else from out_dir; the
+  plot is copied next to the report when it lies elsewhere, so the report still opens offline."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  path = path or os.path.join(out_dir, "learning_curve.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    curve = json.load(f)
+  png = os.path.join(os.path.dirname(path), "learning_curve.png")
+  if not os.path.isfile(png):
+    return curve, None
+  if os.path.abspath(os.path.dirname(png)) != os.path.abspath(out_dir):
+    shutil.copyfile(png, os.path.join(out_dir, "learning_curve.png"))
+  return curve, "learning_curve.png"
+
+
 def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Callable | None = None,
-             compare=None, compare_prompts: int = 8, **overrides) -> dict:
+             compare=None, compare_prompts: int = 8, learning_curve: str | None = None, **overrides) -> dict:
   """Runs the whole evaluation of a loaded bundle; writes metrics.json, report.html and PNGs.
 
   `compare`: another loaded bundle of the same run (a bfloat16 export, say); its videos of the first
   `compare_prompts` prompts are compared with this bundle's (same seed), see `compare_videos`.
+  `learning_curve`: a learning_curve.json (sora_jax/bench/learning_curve.py) whose plot and table the
+  report shows; by default out_dir/learning_curve.json when there is one.
   """
   if distributed.is_main():
     os.makedirs(out_dir, exist_ok=True)
@@ -400,6 +677,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
                             "bundle_source": bundle.manifest.get("source", {}),
                             "bundle_dtype": bundle.manifest.get("dtype", "")}
   vae_examples = {}
+  encoded = None  # the first prompts' latents, which vae_scores makes and the object-token error reuses
   if bundle.vae is not None:
     from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     pipe = sampling.as_pipeline(bundle)
@@ -412,6 +690,7 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     for key, label, clips, clip_specs in sets:
       t0 = time.time()
       v = vae_scores(pipe, clips, seed=s["seed"], specs=clip_specs)
+      encoded = v.pop("latents", None) or encoded
       rows = [(name, [x, y]) for name, x, y in v.pop("examples")]
       png = distributed.write_on_main(
           lambda: report.grid_png(os.path.join(out_dir, f"{key}_reconstructions.png"), rows))
@@ -423,6 +702,17 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     result["vae_shapes"] = None
     print("[eval] the bundle has no VAE (DiT trained on pooled pixels): no VAE metrics", flush=True)
 
+  t0 = time.time()
+  try:
+    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
+    result["object_token_error"] = object_token_error(
+        sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
+        seed=s["seed"], latents=encoded)
+    print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
+  except ImportError as e:
+    result["object_token_error"] = None
+    print(f"[eval] object-token error skipped: sora_jax.sampling is not available ({e})", flush=True)
+
   gen_extra = None
   specs = test_prompts(s["num_prompts"], seed=s["seed"], mixture=s["mixture"])
   try:
@@ -433,9 +723,13 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     result["generation"] = None
     result["generation_skipped"] = f"sora_jax.sampling is not available ({e})"
     print(f"[eval] generation skipped: {result['generation_skipped']}", flush=True)
+  vae_blobs = (result.get("vae_shapes") or {}).pop("blobs_per_frame", None)
+  result["blobs_per_frame"] = {"prompts": "one object and no cut (images count as one frame)",
+                               "generated": None, "ground_truth": None, "vae_reconstruction": vae_blobs}
   if videos is not None:
-    gen = generation_scores(specs, videos)
+    gen = generation_scores(specs, videos, seed=s["seed"])
     scores, kept = gen.pop("_scores"), gen.pop("_kept")
+    result["blobs_per_frame"].update(gen.pop("blobs_per_frame"))
     result["generation"] = gen
     rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
              [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
@@ -452,9 +746,9 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
 
   def write():
     curves = _curves(workdir, out_dir)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2, default=_jsonable)
-    return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves)
+    atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2, default=_jsonable))
+    return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves,
+                        learning_curve=_learning_curve(learning_curve, out_dir))
   result["report"] = distributed.write_on_main(write)
   return result
 
@@ -492,6 +786,10 @@ def headline(result: dict) -> str:
       g = (v.get("detector") or {}).get("all")
       if g:
         lines.append("[eval] detector on the VAE's reconstructions: " + _rates(g))
+  if result.get("blobs_per_frame"):
+    lines.append("[eval] " + _blobs_line(result["blobs_per_frame"]))
+  if result.get("object_token_error"):
+    lines.append("[eval] " + _denoise_line(result["object_token_error"]))
   c = result.get("comparison")
   if c:
     lines.append(f"[eval] vs {c['bundle']} ({c['dtype']}): mean |pixel difference| {c['mean_abs_diff']:.3f} "
@@ -514,7 +812,7 @@ def main(argv):
     sys.exit(2)
   overrides = dict(num_prompts=FLAGS.num_prompts, vae_clips=FLAGS.vae_clips, seed=FLAGS.seed,
                    steps=FLAGS.steps, guidance=FLAGS.guidance, mixture=FLAGS.mixture,
-                   data_dir=FLAGS.data_dir, data_split=FLAGS.data_split)
+                   data_dir=FLAGS.data_dir, data_split=FLAGS.data_split, denoise_clips=FLAGS.denoise_clips)
   start = time.time()
   compare = None
   if FLAGS.compare_bundle:
@@ -524,7 +822,7 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   result = evaluate(loaded, FLAGS.out_dir, workdir=FLAGS.workdir, compare=compare,
-                    compare_prompts=FLAGS.compare_prompts, **overrides)
+                    compare_prompts=FLAGS.compare_prompts, learning_curve=FLAGS.learning_curve, **overrides)
   print(f"[eval] done in {time.time() - start:.0f}s", flush=True)
   print(headline(result), flush=True)
 

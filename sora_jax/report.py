@@ -4,6 +4,7 @@ external assets). Drawn with PIL only (matplotlib is not a dependency).
 - `frames_strip`: first, middle and last frame of a video side by side; `grid_png`: a labelled grid of
   such strips, one row per video (generated samples, or VAE inputs next to their reconstructions);
 - `curve_png`: training curves from a run's metrics.jsonl (raw values light, a running mean dark);
+- `panels_png`: stacked charts of points with interval bars over one x axis (the learning curve);
 - `write_html`: headline numbers, metric tables with 95% intervals, the curves and the grids.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from sora_jax import atomic
 
 _BG = (255, 255, 255)
 _INK = (40, 40, 40)
@@ -160,6 +163,82 @@ def curve_png(path: str, title: str, series: Mapping[str, Sequence[tuple[float, 
   return path
 
 
+def _dashed(draw, y: float, x0: float, x1: float, fill, dash: int = 6) -> None:
+  for x in range(int(x0), int(x1), 2 * dash):
+    draw.line([(x, y), (min(x + dash, x1), y)], fill=fill, width=1)
+
+
+def panels_png(path: str, panels: Sequence[Mapping], *, x_label: str, log_x: bool = False,
+               size: tuple[int, int] = (640, 220)) -> str:
+  """Writes charts stacked over one shared x axis (ticks at the data's x values) to `path`; returns it.
+
+  Each panel is {"title": str, "series": {name: [(x, y, lo, hi), ...]}, "refs": {name: y} (optional,
+  dashed horizontal lines), "y_range": (lo, hi) (optional; else the data's)}: points with their interval
+  as a bar, joined by lines. Non-finite values are left out.
+  """
+  fin = lambda v: v is not None and math.isfinite(float(v))
+  xs = sorted({float(p[0]) for panel in panels for pts in panel["series"].values() for p in pts})
+  if not xs:
+    xs = [0.0, 1.0]
+  tx = (lambda x: math.log10(x)) if log_x and xs[0] > 0 else (lambda x: x)
+  x_lo, x_hi = tx(xs[0]), tx(xs[-1])
+  pad = 0.06 * (x_hi - x_lo) if x_hi > x_lo else 0.5
+  x_lo, x_hi = x_lo - pad, x_hi + pad
+  W, H = size
+  left, right, top, bottom = 64, 16, 30, 26
+  palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+  font = _font(11)
+  img = Image.new("RGB", (W, H * len(panels) + 20), _BG)
+  draw = ImageDraw.Draw(img)
+  px = lambda x: left + (tx(x) - x_lo) / (x_hi - x_lo) * (W - left - right)
+  for k, panel in enumerate(panels):
+    y0 = k * H
+    refs = {n: float(v) for n, v in (panel.get("refs") or {}).items() if fin(v)}
+    if panel.get("y_range"):
+      lo, hi = (float(v) for v in panel["y_range"])
+    else:
+      vals = [float(v) for pts in panel["series"].values() for p in pts for v in p[1:] if fin(v)]
+      vals += list(refs.values())
+      lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+      if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+      lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+    py = lambda v, lo=lo, hi=hi, y0=y0: y0 + top + (hi - v) / (hi - lo) * (H - top - bottom)
+    for t in _nice_ticks(lo, hi, 4):
+      draw.line([(left, py(t)), (W - right, py(t))], fill=_GRID)
+      draw.text((4, py(t) - 6), f"{t:.3g}", fill=_INK, font=font)
+    for x in xs:
+      draw.line([(px(x), y0 + top), (px(x), y0 + H - bottom)], fill=_GRID)
+      draw.text((px(x) - 3 * len(f"{x:g}"), y0 + H - bottom + 4), f"{x:g}", fill=_INK, font=font)
+    draw.rectangle([left, y0 + top, W - right, y0 + H - bottom], outline=_INK)
+    draw.text((left, y0 + 4), panel["title"], fill=_INK, font=font)
+    legend_x = left + 8 + 7 * len(panel["title"]) + 12
+    for name, v in refs.items():
+      _dashed(draw, py(v), left, W - right, (120, 120, 120))
+      draw.text((W - right - 7 * len(name) - 4, py(v) - 14), name, fill=(120, 120, 120), font=font)
+    n = len(panel["series"])
+    for i, (name, pts) in enumerate(panel["series"].items()):
+      colour = palette[i % len(palette)]
+      dodge = 5 * (i - (n - 1) / 2)  # series side by side, so equal values do not hide each other's bars
+      pts = sorted((float(p[0]), *p[1:]) for p in pts if fin(p[1]))
+      if len(pts) > 1:
+        draw.line([(px(p[0]) + dodge, py(float(p[1]))) for p in pts], fill=colour, width=2)
+      for x, y, *ci in pts:
+        x_ = px(x) + dodge
+        if len(ci) == 2 and fin(ci[0]) and fin(ci[1]):
+          a, b = py(float(ci[0])), py(float(ci[1]))
+          draw.line([(x_, a), (x_, b)], fill=colour, width=1)
+          draw.line([(x_ - 3, a), (x_ + 3, a)], fill=colour)
+          draw.line([(x_ - 3, b), (x_ + 3, b)], fill=colour)
+        draw.ellipse([x_ - 3, py(float(y)) - 3, x_ + 3, py(float(y)) + 3], fill=colour)
+      draw.text((legend_x, y0 + 4), name, fill=colour, font=font)
+      legend_x += 12 + 7 * len(name)
+  draw.text((W // 2 - 3 * len(x_label), img.height - 16), x_label, fill=_INK, font=font)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img.save(path)
+  return path
+
+
 # ------------------------------------------------------------------------------------------------ HTML
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -194,8 +273,7 @@ def write_html(path: str, *, title: str, headline: Sequence[tuple[str, str]],
     body.append(f"<h2>{html.escape(heading)}</h2>{content}")
   doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-  with open(path, "w") as f:
-    f.write(doc)
+  atomic.write_text(path, doc)
   return path
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -101,6 +102,13 @@ def read_prompts(path: str) -> list[tuple[str, int | None, int | None, int | Non
         raise ValueError
     except ValueError:
       raise ValueError(f"{path}:{n}: {line!r} is not `caption` or `caption | num_frames | HxW`") from None
+    if not out[-1][0]:
+      raise ValueError(f"{path}:{n}: {line!r} has an empty caption")
+    # 0 is a size, not "unset": the model's checks then name it (sampling.Geometry).
+    bad = [f"{name} {v}" for name, v in zip(("num_frames", "height", "width"), out[-1][1:])
+           if v is not None and v < 1]
+    if bad:
+      raise ValueError(f"{path}:{n}: {line!r}: {', '.join(bad)}; sizes must be positive")
   if not out:
     raise ValueError(f"{path} has no prompts")
   return out
@@ -158,8 +166,9 @@ def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
   first = source[0] if isinstance(source, list) else source
   reqs = []
   for caption, n, h, w in prompts:
-    n = n or _NUM_FRAMES.value
-    h, w = h or _HEIGHT.value, w or _WIDTH.value
+    n = n if n is not None else _NUM_FRAMES.value
+    h = h if h is not None else _HEIGHT.value
+    w = w if w is not None else _WIDTH.value
     if first is not None:  # a prompt video sets the default size (rounded down onto the grid)
       h = h or _grid_size(first.shape[1], g.spatial * g.patch[1])
       w = w or _grid_size(first.shape[2], g.spatial * g.patch[2])
@@ -167,6 +176,7 @@ def build_requests(pipe: sampling.Pipeline, prompts) -> list[sampling.Request]:
         n = sampling.usable_frames(min(first.shape[0], g.max_frames), g.temporal)
     n = int(pipe.sample_setting("num_frames", n, 17))
     h, w = int(pipe.sample_setting("height", h, 32)), int(pipe.sample_setting("width", w, 32))
+    sampling.check_size(pipe, n, h, w)  # before any sampling: sizes beyond the model or this machine
     if _IMAGE.value:
       reqs.append(sampling.image_prompt(pipe, caption, source, n, h, w))
     elif _EXTEND.value:
@@ -217,6 +227,22 @@ def output_paths(out: str, count: int, index: int, frames: int, also) -> list[Pa
   return paths
 
 
+def check_writable(path: Path) -> None:
+  """Raises a one-line ValueError if `path` cannot be written (its folder cannot be made or written
+  into, or it is a folder or a read-only file), by making and removing a file beside it: a failure
+  after sampling would lose the whole generation."""
+  if path.is_dir():
+    raise ValueError(f"--out: {path} is a folder; give a file path")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+      pass
+    if path.exists() and not os.access(path, os.W_OK):
+      raise PermissionError(13, "the file is read-only")
+  except OSError as e:
+    raise ValueError(f"--out: {path} cannot be written ({e.strerror or e})") from None
+
+
 def generate_shared(pipe: sampling.Pipeline, reqs: Sequence[sampling.Request], **kwargs) -> list[np.ndarray]:
   """sampling.generate over every request, each process sampling one contiguous block of them (with its
   index offset, so request i's noise is fold_in(seed, i) as on one process); all videos on every process."""
@@ -235,7 +261,10 @@ def main(argv):
   try:
     if not _PROMPT.value and not _PROMPTS_FILE.value:
       raise ValueError("give --prompt or --prompts_file")
-    prompts = [(p, None, None, None) for p in _PROMPT.value]
+    prompts = [(p.strip(), None, None, None) for p in _PROMPT.value]
+    for i, (caption, *_) in enumerate(prompts, 1):
+      if not caption:  # training never saw an empty caption (ingest refuses them)
+        raise ValueError(f"--prompt #{i} is empty; give a caption")
     if _PROMPTS_FILE.value:
       prompts += read_prompts(_PROMPTS_FILE.value)
     start = time.time()
@@ -248,7 +277,8 @@ def main(argv):
     # 0 means unset too: reconstruct shares this flag with a default of 0.
     fps = float(pipe.sample_setting("fps", _FPS.value or None, 8.0))
     for i, r in enumerate(reqs):  # check every output path before spending time on sampling
-      output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value)
+      for path in output_paths(_OUT.value, len(reqs), i, r.num_frames, _ALSO.value):
+        check_writable(path)
     videos = generate_shared(pipe, reqs, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
                              sampler=_SAMPLER.value, row_len=_ROW_LEN.value, progress=distributed.is_main(),
                              negative_prompt=_NEGATIVE.value)

@@ -16,7 +16,8 @@ what else it was packed with, unless the Request brings its own (`Request.noise`
 How it works:
 - Every request becomes a latent grid of spacetime patches (`Geometry` checks the size: frame counts 1 or
   1 + ft*k up to 481, heights and widths on the patch grid; otherwise one line naming the value and
-  what is accepted).
+  what is accepted). `check_size` bounds it: at most `max_tokens` patch tokens (the DiT's training row),
+  and a decode that fits this machine's memory; otherwise one line saying the limit.
 - Packed inference: requests are packed first-fit-decreasing into rows of `row_len` tokens (NaViT style,
   as in training) and denoised together, one diffusion time per segment (each segment keeps its own
   time-shifted schedule), so several small prompts share one model call per step. Packed output equals
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -98,6 +100,58 @@ class Geometry:
 
   def pixel_frames(self, latent_frames: int) -> int:
     return 1 + (latent_frames - 1) * self.temporal
+
+
+# Peak bytes of the VAE's chunked decoder per output pixel of one frame, per channel of its
+# full-resolution level: 4 output frames per latent frame, the causal caches and the convolutions'
+# temporaries. Measured from memory_analysis() of the demo VAE's decode step (about 4.2 kB per pixel
+# at 16 channels); rounded up.
+_DECODE_BYTES_PER_PIXEL_CHANNEL = 300
+
+
+def max_tokens(cfg) -> int:
+  """The most patch tokens one video may have: config `sample.max_tokens`, else `data.seq_len`, the
+  longest row the DiT was trained on. Beyond it the model sees lengths and positions it never saw,
+  and each step's attention costs quadratically more."""
+  given = int((cfg.get("sample", None) or {}).get("max_tokens", 0) or 0) if hasattr(cfg, "get") else 0
+  return given or int(cfg.data.seq_len)
+
+
+def available_memory() -> tuple[int, str]:
+  """(bytes, what they are): the first local accelerator's memory, else the host's physical memory."""
+  dev = jax.local_devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{dev.device_kind} memory"
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def decode_bytes(vae_settings, num_frames: int, height: int, width: int, max_tile_pixels: int = 0) -> int:
+  """About the peak memory of decoding one video with the chunked (and, above max_tile_pixels, tiled)
+  decoder: one latent frame's activations at full resolution, plus the float32 video it builds."""
+  s = vae_settings
+  frame = height * width if not max_tile_pixels else min(height * width, max_tile_pixels)
+  channels = (s.decoder_base_dim or s.base_dim) * s.dim_mult[0]  # of the full-resolution level
+  return _DECODE_BYTES_PER_PIXEL_CHANNEL * channels * frame + 2 * 4 * 3 * num_frames * height * width
+
+
+def check_size(pipe, num_frames: int, height: int, width: int, *, memory: tuple[int, str] | None = None
+               ) -> None:
+  """Raises a one-line ValueError if a video of this size has more tokens than the model takes
+  (`max_tokens`) or would not fit this machine's memory to decode (`decode_bytes`)."""
+  g = pipe.geometry
+  tokens, limit = g.num_tokens(num_frames, height, width), max_tokens(pipe.cfg)
+  size = f"{num_frames}x{height}x{width}"
+  if tokens > limit:
+    raise ValueError(f"{size} (frames x height x width) is {tokens} tokens; this model samples at most "
+                     f"{limit} per video (its training row, data.seq_len; sample.max_tokens sets another)")
+  if pipe.vae is not None:
+    need = decode_bytes(pipe.vae.settings, num_frames, height, width,
+                        int(pipe.sample_setting("max_tile_pixels", None, 0)))
+    have, what = memory or available_memory()
+    if need > have // 2:  # the models, the packed rows and the caller need the rest
+      raise ValueError(f"{size} needs about {need / 2**30:.1f} GiB to decode; the limit here is half "
+                       f"the {have / 2**30:.1f} GiB of {what} (sample.max_tile_pixels tiles frames)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,15 +21,18 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
 - LoRA (`config.lora.rank` > 0, models/lora.py): "params", "ema" and the optimizer hold only the
   adapters; the base weights ride in the state as "frozen" (read from the init_from bundle at every
   start, no gradient, no optimizer state) and are left out of checkpoints (finetune.trained).
-- SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0.
+- SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0;
+  while the loop waits for data (which may never come), it saves and exits at once.
+- Config mistakes end the command with one line (exit 2) before any data is read or step compiled
+  (`check_config`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -251,11 +254,12 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
 
 def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_iter,
                model_fn=make_model) -> State:
+  """The state to start from. A damaged newest checkpoint falls back to the newest one that restores
+  (checkpoint.Manager.restore_newest: one warning line each, naming it and why); in this run's own
+  directory the damaged ones are set aside, another run's are left as they are. Under LoRA the frozen
+  base, which checkpoints do not hold, is read again from the init_from bundle (or the seeded init)."""
   lora_base = "frozen" in setup.abstract_state
-  init_from = cfg.get("init_from", "")
-  if lora_base and init_from and not finetune.is_bundle(init_from):
-    raise ValueError(f"config.init_from={init_from!r}: a LoRA run's base must be a bundle (export the run "
-                     "with python -m sora_jax.export, or convert published weights)")
+  init_from = cfg.get("init_from", "")  # under LoRA a bundle or nothing (check_config)
   workdir = os.path.dirname(own.directory)
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
@@ -263,14 +267,14 @@ def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_it
     return init_state(cfg, setup, model_fn, finetune.bundle_weights(cfg, setup, start.directory, workdir=workdir))
   trained = finetune.trained(setup.abstract_state)
   if start.kind == "workdir":
-    state = own.restore(start.step, trained, data_iter=data_iter)
+    state = own.restore_newest(trained, data_iter)[1]
   else:
     other = checkpoint.Manager(start.directory)
     try:
       if start.kind == "resume_from":
-        state = other.restore(start.step, trained, data_iter=data_iter)
+        state = other.restore_newest(trained, data_iter, set_aside=False)[1]
       else:  # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
-        loaded = other.restore(start.step, trained)
+        loaded = other.restore_newest(trained, set_aside=False)[1]
         state = init_state(cfg, setup, model_fn)
         state["params"], state["ema"] = loaded["params"], loaded["ema"]
     finally:
@@ -282,21 +286,6 @@ def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_it
 
 
 # ---------------------------------------------------------------------------------------------- loop
-class _Preempted:
-  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
-
-  def __init__(self):
-    self.flag = False
-    self._prev = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._prev)
-
-
 class NonFiniteLoss(RuntimeError):
   pass
 
@@ -340,6 +329,63 @@ def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   return cfg
 
 
+def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool = True) -> None:
+  """Raises config.ConfigError (one line: the key, its value, what is accepted) for a config this
+  trainer cannot run, before any data is read or anything compiled. `pipeline`: the batches come from
+  sora_jax.data.pipeline (not a caller's stream), so its size-fitting settings are checked too."""
+  from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
+  cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
+  fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
+  if int(cfg.total_steps) < 1:
+    raise fail("total_steps", "must be >= 1")
+  for key in ("data.batch_size", "data.seq_len"):
+    if int(cfg_get(key)) < 1:
+      raise fail(key, "must be >= 1")
+  if cfg.dit.remat not in layers.REMAT_POLICIES:
+    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
+  try:
+    attention.resolve(cfg.dit.attention)
+  except ValueError as e:
+    raise fail("dit.attention", str(e).split("; ")[-1]) from None
+  try:
+    optim.make_optimizer(cfg.optim, int(cfg.total_steps))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
+  d = cfg.data
+  budget = int(d.get("token_budget", 0)) or int(d.seq_len)
+  if pipeline and budget > int(d.seq_len):
+    raise fail("data.token_budget", f"exceeds data.seq_len={d.seq_len}: a sample must fit a row")
+  side = int(d.get("min_patch_side", 2))
+  # Size fitting never shrinks a sample below min_patch_side patches a side: a smaller budget drops
+  # every sample, and the endless training stream would wait forever for a first row.
+  if pipeline and budget < side * side:
+    key = "data.token_budget" if int(d.get("token_budget", 0)) else "data.seq_len"
+    raise config_lib.ConfigError(
+        f"config.{key}={cfg_get(key)} leaves {budget} tokens per sample, below the smallest sample "
+        f"({side}x{side} patches, data.min_patch_side={side}): every sample would be dropped; give at "
+        f"least {side * side}")
+  rank = int(cfg.get("lora", {}).get("rank", 0) or 0)
+  if rank < 0:
+    raise fail("lora.rank", "must be >= 0 (0: every parameter trains)")
+  if rank and cfg.get("init_from", "") and not finetune.is_bundle(cfg.init_from):
+    raise fail("init_from", "a LoRA run's base must be a bundle (python -m sora_jax.export_finetune or "
+                            "sora_jax.convert.wan write one)")
+  if rank:  # the adapters' targets and rank, on the model built abstractly
+    try:
+      with nnx.use_eager_sharding(False):
+        nnx.eval_shape(lambda: make_model(cfg, nnx.Rngs(0)))
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.{e}") from None
+  try:
+    mesh = sharding.mesh_from_config(cfg.mesh, devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
+  n = sharding.batch_size_multiple(mesh)
+  if int(d.batch_size) % n:
+    raise fail("data.batch_size", f"must be a multiple of the mesh's data x fsdp = {n} devices "
+                                  f"(mesh {dict(mesh.shape)})")
+
+
 def make_data(cfg, workdir: str):
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
@@ -353,6 +399,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   Grain pipeline of sora_jax.data.pipeline.
   """
   loss_fn = loss_fn or default_loss_fn()
+  check_config(cfg, devices, pipeline=data is None)
   cfg = prepare_config(cfg, workdir)
   data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
@@ -365,7 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
                             save_interval_steps=max(int(cfg.checkpoint_every_steps), 1))
   writer = metrics.MetricWriter(workdir)
   # Installed before the (long) compile: a SIGTERM then ends the run cleanly at the first step boundary.
-  preempt = _Preempted()
+  preempt = checkpoint.Preemption()
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
@@ -377,7 +424,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     if first >= int(cfg.total_steps):
       log.info("already at total_steps=%d; nothing to do", int(cfg.total_steps))
       return state
-    batch = next(data_iter)
+    try:
+      with preempt.waiting():
+        batch = next(data_iter)
+    except checkpoint.Preempted:
+      log.info("SIGTERM while waiting for the first batch; exiting")
+      return state
     compiled, step_flops, peak = _compile_and_report(cfg, setup, make_train_step(cfg, setup, loss_fn),
                                                      batch, mesh, writer, first)
     return _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
@@ -454,7 +506,15 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
     return state
   while step < total:
     if batch is None:
-      batch = next(data_iter)
+      try:
+        with preempt.waiting():
+          batch = next(data_iter)
+      except checkpoint.Preempted:  # the data position is that of the last step's batch
+        _check_finite(state)
+        ckpt.save(step, finetune.trained(state), data_iter=data_iter, force=True)
+        ckpt.wait()
+        log.info("SIGTERM while waiting for data: saved step %d; exiting", step)
+        break
     state, scalars = compiled(state, to_global(batch, mesh))
     last_batch, batch = batch, None
     step += 1
@@ -508,6 +568,8 @@ def main(argv):
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
   try:
     train(cfg, _WORKDIR.value)
+  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
+    config_lib._fail(str(e))  # pylint: disable=protected-access
   except NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -14,11 +14,17 @@ side-by-side reconstruction videos), then the loop.
 - State: {step, params, ema, opt_state, rng[, disc_params, disc_opt_state]} with params and ema as
   `nnx.to_pure_dict`; the layout sora_jax/bundle.py reads (W/checkpoints/<step>/state, key "ema").
   A run resumes from its own newest checkpoint. The config is written to W/config.json.
+- A non-finite loss, gradient or parameter never reaches the weights: as in train.py, the step keeps
+  the old state and records the first bad step in `bad_step` (carried in training, not checkpointed:
+  it is always -1 in a checkpoint); the loop checks it at every log step and before every save, stops
+  naming that step, and writes no checkpoint.
 - Validation clips are padded to one shape (`val_frames` x `val_size`^2: later frames by repeating
   the last one, which the causal model cannot see from earlier frames; space by edge replication) so
   validation compiles once; scores count only the clip's own pixels.
 - `vae_train.max_train_seconds` stops early (with a checkpoint) when a slow machine would overrun
   the demo's budget; the number of steps actually run is logged.
+- SIGTERM (preemption) finishes the current step, saves a checkpoint, and exits 0 without the final
+  validation; while waiting for data it exits at once (checkpoint.Preemption).
 - Devices and hosts: data parallel over the config's `mesh` (sharding.mesh_from_config). The state is
   replicated; each step's image and video batches are split over the mesh's data x fsdp devices, so
   their sizes must be multiples of it. Each process builds only the rows its devices hold (row i of a
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import checkpoint, metrics, optim
+from sora_jax import atomic, checkpoint, metrics, optim
 from sora_jax import config as config_lib
 from sora_jax import distributed
 from sora_jax import sharding
@@ -88,7 +95,8 @@ def init_state(cfg, tx, disc_tx=None) -> tuple[State, Any, Any]:
   graphdef, _ = nnx.split(model, nnx.Param)
   params = _pure(model)
   state = {"step": jnp.int32(0), "params": params, "ema": jax.tree.map(jnp.copy, params),
-           "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(int(cfg.seed)))}
+           "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(int(cfg.seed))),
+           "bad_step": jnp.int32(-1)}
   disc_graphdef = None
   if t.gan_weight > 0:
     disc = vae_lib.PatchDiscriminator3D(t.disc_dim, t.disc_layers, rngs=nnx.Rngs(int(cfg.seed) + 1))
@@ -148,6 +156,8 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
                ema=optim.ema_update(state["ema"], params, decay))
     m = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
          "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates)}
+    # A huge learning rate can overflow the parameters while loss and gradient are still finite.
+    ok = jnp.isfinite(loss) & jnp.isfinite(m["grad_norm"]) & jnp.isfinite(m["param_norm"])
     for name in ("images", "videos"):
       for k in ("l1", "l2", "kl"):
         m[f"{name}/{k}"] = out[f"{name}/{k}"]
@@ -165,6 +175,11 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
                                 state["disc_params"])
       new["disc_opt_state"] = keep(d_opt, state["disc_opt_state"])
       m["gan/d_loss"], m["gan/g_loss"] = d_loss, out["gan/g_loss"]
+      ok = ok & jnp.isfinite(d_loss)
+    # Steps are counted from 1 in logs and checkpoints: the step that produced state step + 1.
+    new = {k: v if k == "step" else jax.tree.map(lambda a, b: jnp.where(ok, a, b), v, state[k])
+           for k, v in new.items()}
+    new["bad_step"] = jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step + 1)
     return new, m
 
   return train_step
@@ -276,6 +291,22 @@ def _data_dir(cfg, workdir: str) -> str:
                                              "shapes")
 
 
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def _check_finite(state: State) -> None:
+  bad = int(jax.device_get(state["bad_step"]))
+  if bad >= 0:
+    raise NonFiniteLoss(f"non-finite VAE loss, gradient or parameters at step {bad}; stopping without "
+                        "saving (parameters are those after the last finite step)")
+
+
+def _checkpointed(state: State) -> State:
+  """The state as checkpoints hold it: without `bad_step`, which is -1 whenever one is written."""
+  return {k: v for k, v in state.items() if k != "bad_step"}
+
+
 def local_rows(batch_sharding, shape) -> tuple[int, int]:
   """The rows [start, stop) of a batch-sharded global array that this process's devices hold."""
   spans = {(i[0].start or 0, shape[0] if i[0].stop is None else i[0].stop)
@@ -286,24 +317,52 @@ def local_rows(batch_sharding, shape) -> tuple[int, int]:
   return start, stop
 
 
+def check_config(cfg: ml_collections.ConfigDict, devices=None) -> tuple[Any, Any]:
+  """The (image, video) crops of a step; raises config.ConfigError (one line: the key, its value, what
+  is accepted) for a config this trainer cannot run, before any data is read or anything compiled."""
+  from sora_jax.data.vae_batches import Crop  # pylint: disable=g-import-not-at-top
+  t = cfg.vae_train
+  for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if int(t[key]) < 1:
+      raise config_lib.ConfigError(f"config.vae_train.{key}={t[key]}: must be >= 1")
+  try:
+    s = vae_lib.settings(cfg.vae)
+    optim.make_optimizer(t.optim, int(t.total_steps))
+    mesh = sharding.mesh_from_config(cfg.mesh, devices)
+  except (TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
+  crops = {}
+  for name, frames, size in (("image", 1, t.image_crop), ("video", t.video_frames, t.video_crop)):
+    if (frames - 1) % s.temporal_factor or size % s.spatial_factor:
+      raise config_lib.ConfigError(
+          f"config.vae_train.{name} crop {frames}x{size}x{size} is off the VAE's grid: frames "
+          f"1 + {s.temporal_factor}*k, size a multiple of {s.spatial_factor}")
+    try:
+      crops[name] = Crop.for_budget(int(frames), size, size, int(t[name + "_pixels"]))
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.vae_train.{name}_pixels={t[name + '_pixels']}: {e}") from None
+  n_dp = sharding.batch_size_multiple(mesh)
+  for name, crop in crops.items():
+    if crop.batch % n_dp:
+      raise config_lib.ConfigError(
+          f"config.vae_train.{name}_pixels={t[name + '_pixels']} makes {crop.batch} {name} crops per "
+          f"step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give a multiple of {n_dp} "
+          f"crops of {crop.frames}x{crop.height}x{crop.width} pixels")
+  return crops["image"], crops["video"]
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the final validation scores."""
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.vae_batches import Crop, VAEBatches  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.vae_batches import VAEBatches  # pylint: disable=g-import-not-at-top
   t = cfg.vae_train
+  image, video = check_config(cfg)
   s = vae_lib.settings(cfg.vae)
   if distributed.is_main():
     os.makedirs(workdir, exist_ok=True)
     Path(workdir, "config.json").write_text(config_lib.to_json(cfg))
   data_dir = _data_dir(cfg, workdir)
-  for name, (frames, size) in {"image": (1, t.image_crop), "video": (t.video_frames, t.video_crop)
-                               }.items():
-    if (frames - 1) % s.temporal_factor or size % s.spatial_factor:
-      raise ValueError(f"vae_train.{name} crop {frames}x{size}x{size} is off the VAE's grid: frames "
-                       f"1 + {s.temporal_factor}*k, size a multiple of {s.spatial_factor}")
-  image = Crop.for_budget(1, t.image_crop, t.image_crop, int(t.image_pixels))
-  video = Crop.for_budget(int(t.video_frames), t.video_crop, t.video_crop, int(t.video_pixels))
   batches = VAEBatches(sources.video_source(data_dir, "train"), image=image, video=video,
                        seed=int(cfg.seed), crop_tries=int(t.crop_tries))
 
@@ -314,108 +373,130 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   state, graphdef, disc_graphdef = init_state(cfg, tx, disc_tx)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
   mesh = sharding.mesh_from_config(cfg.mesh)
-  n_dp = sharding.batch_size_multiple(mesh)
-  for name, crop in (("image", image), ("video", video)):
-    if crop.batch % n_dp:
-      raise ValueError(f"vae_train.{name}_pixels={getattr(t, name + '_pixels')} makes {crop.batch} {name} "
-                       f"crops per step, not a multiple of the mesh's data x fsdp = {n_dp} devices; give "
-                       f"a multiple of {n_dp} crops of {crop.frames}x{crop.height}x{crop.width} pixels")
   # Host values that are the same on every process: device_put gives each process its devices' parts.
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh, 5)
   state = jax.device_put(state, replicated)
 
   ckpt = checkpoint.Manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                             save_interval_steps=int(t.checkpoint_every_steps))
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
-    log.info("resumed from step %d", start)
+  # The newest checkpoint that restores; damaged newer ones are named, set aside, and skipped.
+  resumed = ckpt.restore_newest(jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _checkpointed(state)))
+  if resumed is not None:
+    state = dict(resumed[1], bad_step=state["bad_step"])
+    log.info("resumed from step %d", resumed[0])
   start = int(state["step"])
   writer = metrics.MetricWriter(workdir)
 
-  step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
-  spans = {"images": local_rows(batch_sharding, image.shape), "videos": local_rows(batch_sharding, video.shape)}
-  example = pipeline.to_global(batches.batch(0, spans), mesh)
-  t0 = time.time()
-  compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
-  compile_s = time.time() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  step_flops = float((cost or {}).get("flops", 0.0))
-  mem = compiled.memory_analysis()
-  pixels = image.batch * image.height * image.width + video.batch * video.frames * video.height * \
-      video.width
-  print(f"[vae] {n_params / 1e6:.2f}M params, factors t{s.temporal_factor} s{s.spatial_factor}, "
-        f"z {s.z_dim}; batch {image.batch}x{image.shape[1:4]} images + {video.batch}x"
-        f"{video.shape[1:4]} videos = {pixels} px/step; compiled in {compile_s:.1f}s; "
-        f"{step_flops / 1e9:.1f} GFLOP/step; temp memory "
-        f"{getattr(mem, 'temp_size_in_bytes', 0) / 2**20:.0f} MiB", flush=True)
-
-  clips = validation_clips(cfg, data_dir)
-  reconstruct = make_reconstruct_fn(graphdef)
-  recon_dir = Path(workdir, "reconstructions")
-
-  def run_validation(step):
-    scores, recons = validate(lambda p, x: reconstruct(p, jax.device_put(x, replicated)), state["ema"],
-                              clips, cfg)
-    writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
-    if distributed.is_main():
-      write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
-    print(f"[vae] step {step}: validation (EMA, noise-free renders, {len(clips)} clips) "
-          + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
-    return scores
-
-  budget = float(t.max_train_seconds)
-  t_start = last_t = time.time()
-  last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
-  last_step, step = start, start
-  it = batches.iterate(start, spans=spans)
-  block_every_step = distributed.block_each_step()
+  # Installed before the compile: a SIGTERM then ends the run cleanly at the first step boundary.
+  preempt = checkpoint.Preemption()
   try:
-    for step in range(start, total):
-      batch = pipeline.to_global(next(it), mesh)
-      state, m = compiled(state, batch)
-      if block_every_step:
-        jax.block_until_ready(m)
-      done = step + 1
-      out_of_time = budget > 0 and time.time() - t_start > budget
-      if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
-        m = jax.device_get(m)
-        now = time.time()
-        dt = (now - last_t) / max(done - last_step, 1)
-        cpu = time.process_time()
-        m.update({"step_time_s": dt, "pixels_per_s": pixels / dt,
-                  "cpu_s_per_step": (cpu - last_cpu) / max(done - last_step, 1),
-                  "gflops_per_s": step_flops / dt / 1e9, "train_minutes": (now - t_start) / 60})
-        writer.write_scalars(done, m)
-        print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
-              f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
-              f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"non-finite VAE loss at step {done}; no checkpoint written")
-        last_t, last_step, last_cpu = now, done, cpu
-      if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
-        run_validation(done)
-      ckpt.save(done, state, force=out_of_time)
-      if out_of_time:
-        print(f"[vae] stopping at step {done}: vae_train.max_train_seconds={budget:.0f} reached",
-              flush=True)
-        break
+    step_fn = make_train_step(cfg, graphdef, tx, schedule, disc_graphdef, disc_tx)
+    spans = {"images": local_rows(batch_sharding, image.shape),
+             "videos": local_rows(batch_sharding, video.shape)}
+    example = pipeline.to_global(batches.batch(0, spans), mesh)
+    t0 = time.time()
+    compiled = jax.jit(step_fn, donate_argnums=(0,), out_shardings=replicated).lower(state, example).compile()
+    compile_s = time.time() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    step_flops = float((cost or {}).get("flops", 0.0))
+    mem = compiled.memory_analysis()
+    pixels = image.batch * image.height * image.width + video.batch * video.frames * video.height * \
+        video.width
+    print(f"[vae] {n_params / 1e6:.2f}M params, factors t{s.temporal_factor} s{s.spatial_factor}, "
+          f"z {s.z_dim}; batch {image.batch}x{image.shape[1:4]} images + {video.batch}x"
+          f"{video.shape[1:4]} videos = {pixels} px/step; compiled in {compile_s:.1f}s; "
+          f"{step_flops / 1e9:.1f} GFLOP/step; temp memory "
+          f"{getattr(mem, 'temp_size_in_bytes', 0) / 2**20:.0f} MiB", flush=True)
+
+    clips = validation_clips(cfg, data_dir)
+    reconstruct = make_reconstruct_fn(graphdef)
+    recon_dir = Path(workdir, "reconstructions")
+
+    def run_validation(step):
+      scores, recons = validate(lambda p, x: reconstruct(p, jax.device_put(x, replicated)), state["ema"],
+                                clips, cfg)
+      writer.write_scalars(step, {f"val/{k}": v for k, v in scores.items()})
+      if distributed.is_main():
+        write_side_by_side(recon_dir, step, clips, recons, int(t.recon_videos))
+      print(f"[vae] step {step}: validation (EMA, noise-free renders, {len(clips)} clips) "
+            + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+      return scores
+
+    budget = float(t.max_train_seconds)
+    t_start = last_t = time.time()
+    last_cpu = time.process_time()  # CPU seconds: on a shared machine, wall time says little
+    last_step, step = start, start
+    it = batches.iterate(start, spans=spans)
+    block_every_step = distributed.block_each_step()
+    try:
+      for step in range(start, total):
+        try:
+          with preempt.waiting():
+            host_batch = next(it)
+        except checkpoint.Preempted:
+          break
+        state, m = compiled(state, pipeline.to_global(host_batch, mesh))
+        if block_every_step:
+          jax.block_until_ready(m)
+        done = step + 1
+        out_of_time = budget > 0 and time.time() - t_start > budget
+        if done % int(t.log_every_steps) == 0 or done == total or out_of_time:
+          _check_finite(state)
+          m = jax.device_get(m)
+          now = time.time()
+          dt = (now - last_t) / max(done - last_step, 1)
+          cpu = time.process_time()
+          m.update({"step_time_s": dt, "pixels_per_s": pixels / dt,
+                    "cpu_s_per_step": (cpu - last_cpu) / max(done - last_step, 1),
+                    "gflops_per_s": step_flops / dt / 1e9, "train_minutes": (now - t_start) / 60})
+          writer.write_scalars(done, m)
+          print(f"[vae] step {done}/{total} loss {m['loss']:.4f} video psnr(noisy) "
+                f"{m['videos/psnr']:.2f} image psnr {m['images/psnr']:.2f} {dt:.2f}s/step "
+                f"({m['cpu_s_per_step']:.2f} CPU-s/step) {pixels / dt:.0f} px/s", flush=True)
+          last_t, last_step, last_cpu = now, done, cpu
+        if int(t.val_every_steps) and done % int(t.val_every_steps) == 0 and done != total:
+          _check_finite(state)
+          run_validation(done)
+        if out_of_time or preempt.flag or done % ckpt.save_interval_steps == 0:
+          _check_finite(state)  # before every save: a checkpoint never holds non-finite weights
+          ckpt.save(done, _checkpointed(state), force=out_of_time or preempt.flag)
+        if preempt.flag:
+          break
+        if out_of_time:
+          print(f"[vae] stopping at step {done}: vae_train.max_train_seconds={budget:.0f} reached",
+                flush=True)
+          break
+    except BaseException:
+      ckpt.close()  # an earlier step's (finite) save may still be in flight: finish it
+      raise
+    finally:
+      it.close()
+    done = int(state["step"])
+    if preempt.flag:
+      if done > start:  # a SIGTERM that came while waiting for data found this step unsaved
+        _check_finite(state)
+        ckpt.save(done, _checkpointed(state), force=True)  # a no-op if the loop saved it
+      ckpt.close()
+      writer.close()
+      print(f"[vae] SIGTERM: saved step {done}; exiting" if done > start else
+            "[vae] SIGTERM before the first step; exiting", flush=True)
+      return {"step": done, "preempted": True}
+    _check_finite(state)
+    ckpt.save(done, _checkpointed(state), force=True)
+    scores = run_validation(done)
+    ckpt.wait()
+    ckpt.close()
+    summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
+               "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
+    if distributed.is_main():
+      atomic.write_text(Path(workdir, "final_metrics.json"), json.dumps(summary, indent=2))
+    writer.flush()
+    writer.close()
+    return summary
   finally:
-    it.close()
-  done = int(state["step"])
-  ckpt.save(done, state, force=True)
-  scores = run_validation(done)
-  ckpt.wait()
-  ckpt.close()
-  summary = {"step": done, "params": n_params, "train_seconds": time.time() - t_start,
-             "pixels_per_step": pixels, **{f"val_{k}": v for k, v in scores.items()}}
-  if distributed.is_main():
-    Path(workdir, "final_metrics.json").write_text(json.dumps(summary, indent=2))
-  writer.flush()
-  writer.close()
-  return summary
+    preempt.restore()
 
 
 def main(argv):
@@ -425,7 +506,13 @@ def main(argv):
     config_lib._fail("--workdir is required")  # pylint: disable=protected-access
   logging.getLogger().setLevel(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()  # joins the process group on multi-host launches; no-op on one host
-  train(cfg, _WORKDIR.value)
+  try:
+    train(cfg, _WORKDIR.value)
+  except (config_lib.ConfigError, checkpoint.Unrestorable) as e:
+    config_lib._fail(str(e))  # pylint: disable=protected-access
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

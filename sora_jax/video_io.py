@@ -4,7 +4,8 @@
     write_video("out.mp4", frames, fps=8)          # by suffix: .mp4 .gif .png (grid) .npy (exact)
 
 Everything that fails to decode raises `VideoReadError` with one line naming the file and the reason,
-so ingestion can skip and report it.
+so ingestion can skip and report it. Frames come out upright: a video's display matrix and an image's
+EXIF orientation are applied.
 """
 from __future__ import annotations
 
@@ -97,11 +98,12 @@ def _check_frames(frames: np.ndarray, path) -> np.ndarray:
 
 
 def _read_image(path: Path) -> np.ndarray:
-  from PIL import Image, UnidentifiedImageError
+  from PIL import Image, ImageOps, UnidentifiedImageError
   try:
     with Image.open(path) as im:
       im.load()
-      rgb = np.asarray(im.convert("RGB"))
+      # A camera's EXIF orientation says how to turn the stored picture; without it, it lies sideways.
+      rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise VideoReadError(f"{path}: unreadable image ({_short(e)})") from None
   return _check_frames(rgb[None], path)
@@ -130,7 +132,7 @@ def _decode_av(path: Path) -> Iterator:
       for frame in container.decode(stream):
         t = frame.time if frame.time is not None else n / fps
         t0 = t if t0 is None else t0
-        yield max(t - t0, 0.0), frame.to_ndarray(format="rgb24")
+        yield max(t - t0, 0.0), _upright(frame, path)
         n += 1
       # A cut-off file whose index sits at the front (mp4 "faststart") decodes its leading frames
       # without any error; the header's frame count gives it away. Slack for edit lists.
@@ -142,6 +144,24 @@ def _decode_av(path: Path) -> Iterator:
   except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
     where = "undecodable" if n == 0 else f"decode error after {n} frames"
     raise VideoReadError(f"{path}: {where} ({_short(e)})") from None
+
+
+def _upright(frame, path: Path) -> np.ndarray:
+  """A decoded frame as it is meant to be shown. Phones store portrait video as landscape pictures
+  plus a display matrix saying how to turn them; ignoring it stores the clip sideways. Rotations by
+  multiples of 90 degrees are applied; a mirroring or oblique matrix rejects the file."""
+  from av.sidedata.sidedata import Type  # pylint: disable=g-import-not-at-top
+  rgb = frame.to_ndarray(format="rgb24")
+  matrix = frame.side_data.get(Type.DISPLAYMATRIX)
+  if matrix is None:
+    return rgb
+  m = np.frombuffer(bytes(matrix), np.int32).astype(np.int64)  # [a b u; c d v; x y w], 16.16 fixed
+  if m[0] * m[4] - m[1] * m[3] < 0:
+    raise VideoReadError(f"{path}: its display matrix mirrors the picture (not supported)")
+  angle = float(frame.rotation)  # degrees counterclockwise, as FFmpeg reads the matrix
+  if angle % 90:
+    raise VideoReadError(f"{path}: display rotation {angle:g} degrees is not a multiple of 90")
+  return np.ascontiguousarray(np.rot90(rgb, k=round(angle / 90)))
 
 
 def _short(e: BaseException) -> str:

@@ -180,3 +180,19 @@ def test_a_run_starts_from_a_bundle_exactly(tmp_path):
   (tmp_path / "latents" / "latent_stats.json").write_text('{"shift": [0.5, 0.0], "scale": [1.0, 1.0]}')
   with pytest.raises(ValueError, match="normalised differently from bundle .*--latent_stats=bundle"):
     finetune.check_latent_stats(cfg, path, None)
+
+
+def test_lora_config_mistakes_are_one_line_before_anything_runs(tmp_path):
+  from sora_jax import config as config_lib
+  cfg = _train_cfg()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+  train.check_config(cfg, jax.devices()[:1], pipeline=False)
+  for key, value, match in (("lora.rank", -1, r"config.lora.rank=-1: must be >= 0"),
+                            ("init_from", str(tmp_path), r"config.init_from=.*: a LoRA run's base must be a bundle"),
+                            ("lora.targets", ("blocks/nope",), r"config.lora.targets pattern 'blocks/nope' matches")):
+    bad = _train_cfg()
+    bad.mesh.data, bad.mesh.fsdp, bad.mesh.tensor = 1, 1, 1
+    node, *path = key.split(".")
+    (bad[node] if path else bad).__setitem__(path[0] if path else node, value)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      train.check_config(bad, jax.devices()[:1], pipeline=False)

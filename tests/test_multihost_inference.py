@@ -147,7 +147,7 @@ def test_export_sample_evaluate_reconstruct_on_two_processes_match_one(run_dir):
 
   # evaluate: VAE clips, generation chunks and detector clips split; the same numbers as one process.
   ev = [py, "-m", "sora_jax.evaluate", f"--bundle={root / 'bundle1'}", "--num_prompts=3", "--vae_clips=3",
-        "--steps=2", "--guidance=2", "--mixture=demo"]
+        "--denoise_clips=4", "--steps=2", "--guidance=2", "--mixture=demo"]
   runs = run_two(ev + [f"--out_dir={root / 'e2'}"])
   assert "[eval] report:" in runs[0][1] and runs[1][1] == ""
   run_one(ev + [f"--out_dir={root / 'e1'}"])
@@ -155,6 +155,8 @@ def test_export_sample_evaluate_reconstruct_on_two_processes_match_one(run_dir):
   assert m2["generation"]["clips"] == m1["generation"]["clips"]
   assert m2["generation"]["groups"] == m1["generation"]["groups"]
   assert [c["psnr"] for c in m2["vae_shapes"]["clips"]] == [c["psnr"] for c in m1["vae_shapes"]["clips"]]
+  for key in ("blobs_per_frame", "object_token_error"):  # as text: a mean over no clips is NaN != NaN
+    assert json.dumps(m2[key], sort_keys=True) == json.dumps(m1[key], sort_keys=True), key
   assert (root / "e2" / "report.html").is_file() and (root / "e2" / "samples_grid.png").is_file()
 
   # reconstruct: one video, done by process 0; the same frames as one process.

@@ -68,13 +68,16 @@ def synthetic_batch(index: int, cfg, *, seed: int = 0) -> dict:
 class SyntheticBatches:
   """An endless, checkpointable stream of synthetic batches (get_state/set_state like grain's)."""
 
-  def __init__(self, cfg, *, seed: int = 0, nan_at: int | None = None):
-    self.cfg, self.seed, self.nan_at, self.index = cfg, seed, nan_at, 0
+  def __init__(self, cfg, *, seed: int = 0, nan_at: int | None = None, stall_at: int | None = None):
+    self.cfg, self.seed, self.nan_at, self.stall_at, self.index = cfg, seed, nan_at, stall_at, 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
+    if self.stall_at is not None and self.index == self.stall_at:  # data that never comes
+      import threading  # pylint: disable=g-import-not-at-top
+      threading.Event().wait()
     batch = synthetic_batch(self.index, self.cfg, seed=self.seed)
     self.index += 1
     if self.nan_at is not None and self.index == self.nan_at:  # the batch of step `nan_at` (1-based)
@@ -93,11 +96,12 @@ def to_global(batch, mesh):
   return pipeline.to_global(batch, mesh)
 
 
-def run(workdir: str, **overrides):
-  """Trains the tiny config on synthetic data (what the subprocess tests run)."""
+def run(workdir: str, stall_at: int | None = None, **overrides):
+  """Trains the tiny config on synthetic data (what the subprocess tests run); the data stalls forever
+  before batch `stall_at`."""
   from sora_jax import train  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**overrides)
-  return train.train(cfg, workdir, data=(SyntheticBatches(cfg), to_global))
+  return train.train(cfg, workdir, data=(SyntheticBatches(cfg, stall_at=stall_at), to_global))
 
 
 if __name__ == "__main__":

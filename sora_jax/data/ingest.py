@@ -118,26 +118,42 @@ class Job:
   caption: str
 
 
-def read_captions(captions_path: str | os.PathLike) -> tuple[dict[str, str], list[dict]]:
-  """{file: caption} from a jsonl file, and the problems found in it (as report entries)."""
-  captions: dict[str, str] = {}
+def read_captions(captions_path: str | os.PathLike) -> tuple[dict[str, str | None], list[dict]]:
+  """{file: caption} from a jsonl file, and the problems found in it (as report entries). A caption
+  that is not valid UTF-8 is reported and its file maps to None: stored with replacement characters,
+  it would teach the model garbage without anyone knowing."""
+  captions: dict[str, str | None] = {}
   problems: list[dict] = []
-  with open(captions_path, encoding="utf-8", errors="replace") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
+  where = Path(captions_path).name
+  with open(captions_path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
+      invalid = None
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        invalid = f"byte 0x{raw[e.start]:02x} at column {e.start + 1} of line {n}"
+        line = raw.decode("utf-8", errors="replace")  # enough to find which file it captions
       try:
         entry = json.loads(line)
         file, text = entry["file"], entry["caption"]
         if not isinstance(file, str) or not isinstance(text, str):
           raise TypeError("file and caption must be strings")
       except (json.JSONDecodeError, KeyError, TypeError) as e:
-        problems.append({"file": f"{Path(captions_path).name}:{n}",
-                         "reason": f"bad captions line ({type(e).__name__}: {e})"})
+        problems.append({"file": f"{where}:{n}", "reason": f"bad captions line ({type(e).__name__}: {e})"})
         continue
+      try:  # JSON escapes can spell a lone surrogate, which no UTF-8 text holds
+        text.encode("utf-8")
+      except UnicodeEncodeError as e:
+        invalid = invalid or f"lone surrogate {text[e.start]!r} at character {e.start + 1} (line {n})"
       file = os.path.normpath(file)
       if file in captions:
         problems.append({"file": file, "reason": f"duplicate caption (line {n}); the first one is used"})
+        continue
+      if invalid:
+        problems.append({"file": file, "reason": f"caption is not valid UTF-8 ({invalid} of {where})"})
+        captions[file] = None
         continue
       captions[file] = " ".join(text.split())
   return captions, problems
@@ -155,6 +171,8 @@ def plan(input_dir: str | os.PathLike, captions_path: str | os.PathLike
   for file in present:
     suffix = Path(file).suffix.lower()
     caption = captions.get(file)
+    if file in captions and caption is None:
+      continue  # its caption was reported unreadable by read_captions
     if suffix not in MEDIA_SUFFIXES:
       skipped.append({"file": file, "reason": f"not a video or image (suffix {suffix!r})"})
     elif caption is None:
@@ -163,7 +181,7 @@ def plan(input_dir: str | os.PathLike, captions_path: str | os.PathLike
       skipped.append({"file": file, "reason": "empty caption"})
     else:
       jobs.append(Job(file, caption))
-  for file in sorted(set(captions) - set(present)):
+  for file in sorted(f for f in set(captions) - set(present) if captions[f] is not None):
     skipped.append({"file": file, "reason": "captioned but missing from the input folder"})
   return jobs, skipped
 

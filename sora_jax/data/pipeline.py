@@ -263,23 +263,36 @@ class CountDrops(grain.IterDataset):
 
   The pending count is part of the iterator state, so a restored iterator reports the same drops.
   (Drops after the last kept sample of a finite split have no sample to ride on and go unreported.)
+  `limit` drops in a row (a whole epoch's worth) mean that no sample fits the budget: an endless stream
+  would wait forever for a kept one, so that raises instead.
   """
 
+  def __init__(self, parent: grain.IterDataset, *, limit: int, spec: Spec):
+    super().__init__(parent)
+    self._limit, self._spec = limit, spec
+
   def __iter__(self) -> grain.DatasetIterator:
-    return _CountDropsIterator(self._parent.__iter__())
+    return _CountDropsIterator(self._parent.__iter__(), self._limit, self._spec)
 
 
 class _CountDropsIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, limit: int, spec: Spec):
     super().__init__(parent)
     self._pending = 0
+    self._limit, self._spec = limit, spec
 
   def __next__(self) -> dict:
     while True:
       element = next(self._parent)
       if "_drop" in element:
         self._pending += 1
+        if self._pending >= self._limit:
+          from sora_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+          raise ConfigError(
+              f"all of the last {self._pending} samples were dropped: none fits config.data."
+              f"token_budget={self._spec.token_budget} tokens (seq_len {self._spec.seq_len}, "
+              f"long_clips={self._spec.long_clips!r}); raise the budget or use long_clips='crop'")
         continue
       element["_seg"][0, _C["dropped"]] = self._pending
       self._pending = 0
@@ -397,7 +410,8 @@ def make_dataset(config, *, split: str = "train", seed: int | None = None, sourc
   ds = ds.map(PrepareSample(spec, source, tokenize, n))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.get("read_threads", 1)),
                                             prefetch_buffer_size=16))
-  ds = CountDrops(ds)
+  # 2n of this process's positions in a row span a whole epoch: every record was tried and dropped.
+  ds = CountDrops(ds, limit=2 * n, spec=spec)
   # 5. Pack: every feature in length_struct caps the row, so a row closes when its video tokens, its
   # text tokens or its S segment slots run out.
   packer = {"best_fit": grain.experimental.BestFitPackIterDataset,

@@ -344,6 +344,9 @@ MIXTURES: dict[str, tuple[SizeBucket, ...]] = {
         SizeBucket(0.62, (9, 17, 33), _SMALL_SIZES_64),
         SizeBucket(0.08, _LONG_FRAMES, ((32, 32), (32, 64), (64, 32))),
     ),
+    # One size only (17 frames of 32x32): the diagnostic of training without mixed sizes or packing
+    # (sora_jax/bench/dit_overfit.py, docs/benchmarks.md).
+    "single": (SizeBucket(1.0, (17,), ((32, 32),)),),
     # More pixels and more of them: up to 128 px for images and short clips.
     "small": (
         SizeBucket(0.30, (1,), _SMALL_SIZES_64 + ((96, 96), (128, 128), (96, 128), (128, 96),

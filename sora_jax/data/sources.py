@@ -11,14 +11,16 @@ Each split is its own builder config, so the splits of one data set are built by
 into `data_dir/<name>/<split>/<version>/` and read back with `tfds.builder_from_directory` (no builder
 class needs importing). Records are written in example order (`disable_shuffling`), so record i of a
 Shapes split is `shapes.sample_spec(split, i, ...)` and two builds with the same inputs are
-byte-identical. The tfds writer stages into a temporary directory and renames it at the end, so an
-interrupted build leaves no partial data set.
+byte-identical. A split is built beside the old one (in `data_dir/<name>/<split>/.incoming`) and
+swapped in only when complete (sora_jax/atomic.py): an interrupted, failed or empty rebuild leaves the
+previous split as it was, and never a partial one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,11 +28,15 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from sora_jax import atomic
+
 VERSION = "1.0.0"
 VIDEO_KEYS = ("video", "caption", "num_frames", "height", "width", "fps", "labels", "source")
 LATENT_KEYS = ("latent_mean", "latent_std", "caption", "num_frames", "height", "width", "fps",
                "labels", "source")
 LATENT_STATS = "latent_stats.json"
+STAGING = ".incoming"  # beside the split's version directories: where a rebuild is written
+_VERSION_DIR = re.compile(r"\d+\.\d+\.\d+")
 
 
 def _tfds():
@@ -82,16 +88,18 @@ def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, feature
   """Writes `examples` (dicts matching `features`, in order) as split `split` of data set `name`.
 
   Returns the data set directory `data_dir/name/split/VERSION`. An existing build of the same split
-  is replaced when `overwrite`, else this raises.
+  is replaced when `overwrite` (only once the new one is complete), else this raises.
   """
   tfds = _tfds()
   if not name.isidentifier() or not split.isidentifier():
     raise ValueError(f"data set name {name!r} and split {split!r} must be identifiers")
   out = Path(data_dir) / name / split / VERSION
-  if out.exists():
-    if not overwrite:
-      raise FileExistsError(f"{out} exists; pass overwrite=True to rebuild it")
-    shutil.rmtree(out)
+  atomic.recover_dir(out)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True to rebuild it")
+  # tfds builds under its own data_dir layout: stage one of those beside `out`, on its file system.
+  staging = out.parent / STAGING
+  shutil.rmtree(staging, ignore_errors=True)  # a killed earlier build's leftovers
   examples_iter = iter(examples)
 
   class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -120,23 +128,24 @@ def write_dataset(data_dir: str | os.PathLike, *, name: str, split: str, feature
         yield i, dict(ex)
 
   _Builder.name = name
-  builder = _Builder(data_dir=str(data_dir), config=split, file_format="array_record")
-  with _deterministic_serialization(), tempfile.TemporaryDirectory() as downloads:
-    # Nothing is downloaded, but tfds creates a download dir: keep it out of data_dir.
-    # try_download_gcs=False: never look for a prebuilt copy on the network.
-    try:
+  try:
+    builder = _Builder(data_dir=str(staging), config=split, file_format="array_record")
+    with _deterministic_serialization(), tempfile.TemporaryDirectory() as downloads:
+      # Nothing is downloaded, but tfds creates a download dir: keep it out of data_dir.
+      # try_download_gcs=False: never look for a prebuilt copy on the network.
       builder.download_and_prepare(
           download_dir=downloads,
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except BaseException:
-      remove_incomplete(data_dir, name, split)
-      raise
+    atomic.replace_dir(staging / name / split / VERSION, out)
+  finally:
+    remove_incomplete(data_dir, name, split)
   return out
 
 
 def remove_incomplete(data_dir: str | os.PathLike, name: str, split: str) -> None:
   """Removes what a failed `write_dataset` of this split left behind (never a finished build)."""
   split_dir = Path(data_dir) / name / split
+  shutil.rmtree(split_dir / STAGING, ignore_errors=True)
   for p in split_dir.glob("*incomplete*"):
     shutil.rmtree(p, ignore_errors=True)
   if split_dir.is_dir() and not any(split_dir.iterdir()):
@@ -168,7 +177,9 @@ def find_dataset_dir(data_dir: str | os.PathLike, split: str, name: str | None =
   if (root / "dataset_info.json").is_file():
     return root
   pattern = f"{name or '*'}/{split}/*/dataset_info.json"
-  found = sorted(p.parent for p in root.glob(pattern))
+  # Only version directories: not a rebuild being staged, nor an old build being swapped out.
+  found = sorted((p.parent for p in root.glob(pattern) if _VERSION_DIR.fullmatch(p.parent.name)),
+                 key=lambda p: tuple(int(v) for v in p.name.split(".")))
   if not found:
     raise FileNotFoundError(f"no built split {split!r} under {root} (looked for {pattern}); "
                             "build it with data_pipelines/build_shapes.py or ingest_videos.py")
@@ -273,7 +284,7 @@ def write_latent_dataset(latents_dir: str | os.PathLike, split: str,
 def write_latent_stats(latents_dir: str | os.PathLike, stats: Mapping) -> None:
   path = Path(latents_dir) / LATENT_STATS
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(dict(stats), indent=2, sort_keys=True, default=_jsonable))
+  atomic.write_text(path, json.dumps(dict(stats), indent=2, sort_keys=True, default=_jsonable))
 
 
 def read_latent_stats(latents_dir: str | os.PathLike) -> dict:
