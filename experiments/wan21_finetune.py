@@ -36,7 +36,8 @@ from sora_jax.models import lora
 # size -> {topology: global batch in rows, remat, mesh, self-attention}; a 14B row holds one 720p 81-frame
 # video (75,776 tokens). On v6e (32 GB per chip) no chip can hold a whole row's activations (40 layers
 # of a [75,776, 5120] residual stream, even fully rematerialised): the `context` axis splits each row
-# over 2 chips, with all-to-all (Ulysses) attention (docs/context_parallel.md).
+# over 2 or 4 chips, with all-to-all (Ulysses) attention (docs/context_parallel.md); docs/benchmarks.md
+# ("Fine-tuning Wan 2.1") has which of these fit, full and LoRA.
 SLICES = {
     "1.3b": {
         "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
@@ -47,7 +48,7 @@ SLICES = {
         "v5p:2x2x2": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
         "v6e:2x4": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=4, context=2, tensor=1),
                         attention="ulysses"),
-        "v6e:4x4": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=8, context=2, tensor=1),
+        "v6e:4x8": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=8, context=4, tensor=1),
                         attention="ulysses"),
     },
 }
