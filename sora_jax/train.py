@@ -130,8 +130,8 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 def init_state(cfg, setup: Setup, model_fn=make_model, weights: dict | None = None) -> State:
   """A fresh state, created directly in its sharded layout (no full copy on any one device).
 
-  `weights` (a pure dict of some parameters, e.g. a bundle's: finetune.py) replace the random init of
-  those parameters; XLA drops the init they replace."""
+  `weights` (a pure dict of some parameters, e.g. a bundle's: finetune.py; consumed) replace the random
+  init of those parameters; XLA drops the init they replace."""
 
   def init(seed, weights):
     with nnx.use_eager_sharding(False):
@@ -145,7 +145,9 @@ def init_state(cfg, setup: Setup, model_fn=make_model, weights: dict | None = No
       state["frozen"] = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(setup.trainable))))
     return state
 
-  return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(int(cfg.seed)), weights)
+  # `weights` are donated: they become the params (or the frozen base) without a second copy in HBM.
+  return jax.jit(init, out_shardings=setup.shardings, donate_argnums=1)(jax.random.PRNGKey(int(cfg.seed)),
+                                                                         weights)
 
 
 # ---------------------------------------------------------------------------------------- train step
