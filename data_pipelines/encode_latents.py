@@ -1,12 +1,15 @@
 """Encodes a video data set into a latent data set with a trained VAE (docs/architecture.md).
 
     python data_pipelines/encode_latents.py --vae runs/demo/vae --data_dir D --out_dir L \
-        [--splits train,validation,test] [--shard_size 64] [--max_tile_pixels 0]
+        [--splits train,validation,test] [--shard_size 64] [--max_tile_pixels 0] [--latent_stats data]
 
 Records of L/latents/<split> hold `latent_mean` and `latent_std` float32 [t, h, w, c] (the posterior,
 unnormalised) and the video record's caption, num_frames, height, width, fps, labels and source.
 L/latent_stats.json holds {"shift": [c], "scale": [c], "vae": {...}}: the per-channel mean and std of
-the train split's latent means, so that models see z_norm = (z - shift) / scale.
+the train split's latent means, so that models see z_norm = (z - shift) / scale. With
+`--latent_stats bundle` they are instead the --vae bundle's own latent_stats.json: a DiT that is to be
+fine-tuned (a converted Wan 2.1: Wan's published latents_mean/std) must see its latents normalised as
+in its training, not by this data set's statistics (docs/finetune.md).
 
 The VAE is recorded as {"path", "step", "sha256" of its weights}: in latent_stats.json ("vae_source"),
 inside each latent split (vae.json) and beside the shards. A re-run with a different VAE (one trained
@@ -45,6 +48,9 @@ _SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "splits t
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "records per resumable shard", lower_bound=1)
 _MAX_TILE = flags.DEFINE_integer("max_tile_pixels", 0, "tile frames above this many pixels; 0 = never",
                                lower_bound=0)
+_LATENT_STATS = flags.DEFINE_enum("latent_stats", "data", ["data", "bundle"],
+                                  "shift/scale from the train split's latents, or the --vae bundle's "
+                                  "latent_stats.json (fine-tuning a converted model)")
 
 META_KEYS = ("caption", "num_frames", "height", "width", "fps", "labels", "source")
 
@@ -190,8 +196,16 @@ def main(argv):
     return
   if "train" not in splits:
     _fail("the train split is needed for the latent statistics")
-  shift, scale = channel_stats(splits["train"])
-  stats = {"shift": shift, "scale": scale, "vae": cfg.vae.to_dict(), "vae_source": record}
+  if _LATENT_STATS.value == "bundle":
+    given = Path(_VAE.value) / "latent_stats.json"
+    if not given.is_file():
+      _fail(f"--latent_stats=bundle: {given} does not exist (--vae must be a bundle)")
+    bundle_stats = json.loads(given.read_text())
+    shift, scale = bundle_stats["shift"], bundle_stats["scale"]
+  else:
+    shift, scale = channel_stats(splits["train"])
+  stats = {"shift": shift, "scale": scale, "vae": cfg.vae.to_dict(), "vae_source": record,
+           "stats_from": _LATENT_STATS.value}
   for split, paths in splits.items():
     try:
       done = (sources.latents_vae(out_dir, split, name="latents") or {}).get("sha256") == record["sha256"]

@@ -369,6 +369,27 @@ def check_manifest_fields(root: Path, manifest: Mapping, dit: Mapping, vae: Mapp
                       f"{sorted(floats)} (manifest edited after export); re-export the bundle")
 
 
+def load_text_encoder(path: str | os.PathLike, *, check: bool = True):
+  """(config, the frozen text encoder, tokenizer) of a bundle whose DiT reads a frozen encoder's features
+  (config.dit.text_encoder != "caption"), without reading the DiT's or the VAE's weights (a 14B DiT need
+  not be in memory to cache caption features: data_pipelines/encode_text.py)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.umt5 import UMT5Encoder  # pylint: disable=g-import-not-at-top
+  root = Path(path)
+  if check:
+    verify(root)
+  elif not (root / MANIFEST).is_file():
+    raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+  cfg = config_from_json((root / "config.json").read_text())
+  if cfg.dit.text_encoder == "caption":
+    raise BundleError(f"bundle {root}: its DiT trains its own caption encoder (dit.text_encoder='caption'); "
+                      "only a frozen encoder's features are cached")
+  params = _restore_tree(root / "weights" / "text_encoder")
+  encoder = build_model(lambda: UMT5Encoder(cfg.text, rngs=nnx.Rngs(0)), params, what=f"{root}: text encoder")
+  return cfg, encoder, Tokenizer(root / "tokenizer.model")
+
+
 def load(path: str | os.PathLike, *, check: bool = True) -> Bundle:
   """A bundle's models, tokenizer and latent statistics, after checking its files against the manifest
   and the manifest's own fields against the weights (BundleError, one line, when they do not match)."""

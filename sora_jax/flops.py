@@ -22,6 +22,15 @@ right. The comparison therefore compiles the step a second time with every scan 
 when `config.flops_check` is set, since unrolling multiplies compile time). `StepFlops.once` (each stack
 counted once) is logged beside the scanned compile's count as a rough cross-check only.
 
+LoRA (`cfg.lora.rank` > 0, models/lora.py): the base weights are frozen, so no matmul has a weight
+gradient but the adapters'; only activations that depend on the adapters get gradients (the residual
+stream through the blocks, attention, the output projection), not the time path, the text projection
+or the patch embedding; and each adapted block projection adds x A and (x A) B with their gradients.
+`model` then counts that work (forward, input gradients where needed, adapter weight gradients): MFU
+of a LoRA step is useful work over time, as for full training. Adapters are counted on the blocks'
+projections (lora.targets beyond `blocks/...` are left out of the count), for a DiT reading a frozen
+encoder's features (a caption encoder inside the DiT is counted as if it trained).
+
 Elementwise terms use per-element costs of XLA's cost model fitted on this CPU (see the constants);
 at the demo's width they are about 8% of `total`.
 
@@ -94,20 +103,20 @@ class _Counter:
     self.model = 0.0
     self.total = 0.0
 
-  def matmul(self, fwd: float, *, input_grad: bool = True, recompute: float = 0.0):
+  def matmul(self, fwd: float, *, input_grad: bool = True, weight_grad: bool = True, recompute: float = 0.0):
     """A matmul of `fwd` forward FLOPs; `recompute` = how many extra forwards remat adds (0 or 1)."""
-    passes = 3.0 if input_grad else 2.0
+    passes = 1.0 + input_grad + weight_grad
     self.model += passes * fwd
     self.total += (passes + recompute) * fwd
 
   def elementwise(self, flops: float):
     self.total += flops
 
-  def data_movement(self, fwd: float, *, recompute: float = 0.0):
+  def data_movement(self, fwd: float, *, grad: bool = True, recompute: float = 0.0):
     """A matmul that only moves data, written as a matmul for the MXU: the one-hot lookup of per-segment
     rows (models/dit.py `per_token_rows`) and RoPE's pair swap (layers.apply_rope). Forward and one gradient
-    (the table's, or the input's); executed work, not model FLOPs."""
-    self.total += (2.0 + recompute) * fwd
+    (the table's, or the input's; none when it is frozen); executed work, not model FLOPs."""
+    self.total += (1.0 + grad + recompute) * fwd
 
 
 def remat_recompute(remat: str) -> tuple[float, float]:
@@ -145,20 +154,43 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
   return c.model, c.total
 
 
-def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int) -> tuple[float, float]:
+def lora_targets(cfg) -> tuple[int, tuple[str, ...]]:
+  """(rank, target patterns) of a LoRA config; rank 0 when every parameter trains."""
+  section = cfg.get("lora", None) if hasattr(cfg, "get") else None
+  rank = int(section.get("rank", 0) or 0) if section is not None else 0
+  return rank, tuple(section.get("targets", ())) if rank else ()
+
+
+def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int, lora: tuple[int, tuple[str, ...]] = (0, ())
+                    ) -> tuple[float, float]:
+  """One block's FLOPs; `lora` = (rank, targets) freezes its weights and adds the adapters' matmuls."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
   c = _Counter()
   w = cfg_dit.width
   m = cfg_dit.ffn_dim
   k = lt  # cross-attention keys: the captions
+  rank, targets = lora
+  trains = not rank  # the block's own weights (and, in full training, the text keys' input) get gradients
   rw, ra = remat_recompute(cfg_dit.remat)
-  c.data_movement(2 * b * l * (s + 1) * 6 * w, recompute=rw)    # the six modulations looked up per token
+  c.data_movement(2 * b * l * (s + 1) * 6 * w, grad=trains, recompute=rw)  # the six modulations per token
   c.data_movement(2 * 2 * b * l * w * (w // cfg_dit.num_heads), recompute=rw)  # RoPE on q, k
-  c.matmul(4 * 2 * b * l * w * w, recompute=rw)                  # self-attention q, k, v, o
+  c.matmul(4 * 2 * b * l * w * w, weight_grad=trains, recompute=rw)  # self-attention q, k, v, o
   _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)
-  c.matmul(2 * 2 * b * l * w * w + 2 * 2 * b * k * w * w, recompute=rw)  # cross q, o; k, v
+  c.matmul(2 * 2 * b * l * w * w, weight_grad=trains, recompute=rw)  # cross q, o
+  c.matmul(2 * 2 * b * k * w * w, input_grad=trains, weight_grad=trains, recompute=rw)  # cross k, v
   _attention(c, b, l, k, w, cfg_dit.num_heads, rw, ra)
-  c.matmul(2 * 2 * b * l * w * m, recompute=rw)                  # MLP
+  c.matmul(2 * 2 * b * l * w * m, weight_grad=trains, recompute=rw)  # MLP
   c.elementwise(b * l * w * (BLOCK_ELEMWISE_FWD * (1 + rw) + BLOCK_ELEMWISE_BWD))
+  # Adapters: (rows, in, out, reads the captions) of each projection; x A needs no input gradient where x
+  # is the captions' projection (frozen under LoRA).
+  shapes = {"attn/q": (l, w, w, False), "attn/k": (l, w, w, False), "attn/v": (l, w, w, False),
+            "attn/o": (l, w, w, False), "cross/q": (l, w, w, False), "cross/k": (k, w, w, True),
+            "cross/v": (k, w, w, True), "cross/o": (l, w, w, False), "mlp/up": (l, w, m, False),
+            "mlp/down": (l, m, w, False)}
+  for name, (rows, din, dout, captions) in shapes.items():
+    if rank and any(fnmatch.fnmatchcase(f"blocks/{name}", t) for t in targets):
+      c.matmul(2 * b * rows * din * rank, input_grad=not captions, recompute=rw)  # x A
+      c.matmul(2 * b * rows * rank * dout, recompute=rw)                          # (x A) B
   return c.model, c.total
 
 
@@ -169,19 +201,21 @@ def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_se
   b, l, lt, s = batch, seq_len, text_len, num_segments
   w, din = d.width, d.in_dim
   text_depth, text_width, _ = caption_encoder(d)
+  lora = lora_targets(cfg)
+  trains = not lora[0]  # LoRA: no gradient reaches the frozen time and text paths or any base weight
   c = _Counter()
-  c.matmul(2 * b * l * din * w, input_grad=False)              # patch embedding
-  c.matmul(2 * b * l * (din + 1) * w, input_grad=False)        # conditioning path (always on in training)
-  c.matmul(2 * (b * s + 1) * d.time_freq_dim * w, input_grad=False)  # time MLP, per segment and t = 0
-  c.matmul(2 * (b * s + 1) * w * w)
-  c.matmul(2 * (b * s + 1) * w * 6 * w)                        # the shared time projection (modulations)
-  c.matmul(2 * b * lt * text_width * w, input_grad=text_depth > 0)  # text projection, two layers
-  c.matmul(2 * b * lt * w * w)
-  c.matmul(2 * b * l * w * din)                                # output projection
-  c.data_movement(2 * b * l * (s + 1) * 2 * w)                 # final modulation rows looked up per token
+  c.matmul(2 * b * l * din * w, input_grad=False, weight_grad=trains)  # patch embedding
+  c.matmul(2 * b * l * (din + 1) * w, input_grad=False, weight_grad=trains)  # conditioning path (always on)
+  c.matmul(2 * (b * s + 1) * d.time_freq_dim * w, input_grad=False, weight_grad=trains)  # time MLP, per
+  c.matmul(2 * (b * s + 1) * w * w, input_grad=trains, weight_grad=trains)  # segment and t = 0
+  c.matmul(2 * (b * s + 1) * w * 6 * w, input_grad=trains, weight_grad=trains)  # shared time projection
+  c.matmul(2 * b * lt * text_width * w, input_grad=text_depth > 0, weight_grad=trains)  # text projection,
+  c.matmul(2 * b * lt * w * w, input_grad=trains, weight_grad=trains)                  # two layers
+  c.matmul(2 * b * l * w * din, weight_grad=trains)            # output projection
+  c.data_movement(2 * b * l * (s + 1) * 2 * w, grad=trains)    # final modulation rows looked up per token
   c.elementwise(OPTIMIZER_PER_PARAM * num_params)
   text_m, text_t = text_layer_flops(d, b, lt)
-  dit_m, dit_t = dit_layer_flops(d, b, l, lt, s)
+  dit_m, dit_t = dit_layer_flops(d, b, l, lt, s, lora)
   model = c.model + text_depth * text_m + d.depth * dit_m
   total = c.total + text_depth * text_t + d.depth * dit_t
   dense_pairs = {"self": b * l * l, "cross": b * l * lt, "text": b * lt * lt}

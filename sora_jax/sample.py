@@ -27,7 +27,8 @@ A prompts file has one prompt per line, `caption` or `caption | num_frames | HxW
 starting with # are skipped. Defaults (frames, size, steps, guidance, sampler) come from the model's
 config `sample` section. Models come from an exported bundle (--bundle) or a training work directory
 (--workdir, laid out as runs/demo: vae/, dit/, data/; its config is --config, else the one saved in it,
-else experiments/shapes_demo.py's).
+else experiments/shapes_demo.py's). `--adapter A` puts a LoRA adapter (python -m sora_jax.adapter save) on
+the bundle's DiT without merging it: the videos of the bundle `python -m sora_jax.adapter merge` writes.
 
 Multi-host (launched as `train` is, docs/pods.md): every process loads the models, the prompts are split
 into one contiguous block per process, each samples its block on its own devices, and process 0 writes
@@ -53,6 +54,8 @@ from sora_jax import sampling
 from sora_jax import video_io
 
 _BUNDLE = config_lib.flag(flags.DEFINE_string, "bundle", None, "an exported inference bundle directory")
+_ADAPTER = config_lib.flag(flags.DEFINE_string, "adapter", None,
+                           "a LoRA adapter (python -m sora_jax.adapter save) applied, unmerged, to --bundle")
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "a training work directory (vae/, dit/, data/)")
 _PROMPT = config_lib.flag(flags.DEFINE_multi_string, "prompt", [], "a caption (repeatable)")
 _PROMPTS_FILE = config_lib.flag(flags.DEFINE_string, "prompts_file", None, "one prompt per line: caption [| frames | HxW]")
@@ -118,15 +121,23 @@ def read_prompts(path: str) -> list[tuple[str, int | None, int | None, int | Non
   return out
 
 
-def load_models(bundle: str | None, workdir: str | None, cfg=None) -> sampling.Pipeline:
-  """Models from an exported bundle, or from a training work directory: its config is `cfg`, else the
-  one saved in it, else the demo's (experiments/shapes_demo.py with data paths under it, as export)."""
+def load_models(bundle: str | None, workdir: str | None, cfg=None, adapter: str | None = None
+                ) -> sampling.Pipeline:
+  """Models from an exported bundle (with a LoRA `adapter` on its DiT, unmerged), or from a training
+  work directory: its config is `cfg`, else the one saved in it, else the demo's
+  (experiments/shapes_demo.py with data paths under it, as export)."""
   from pathlib import Path  # pylint: disable=g-import-not-at-top
   from sora_jax import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
   if bool(bundle) == bool(workdir):
     raise ValueError("give exactly one of --bundle or --workdir")
+  if adapter and not bundle:
+    raise ValueError("--adapter needs --bundle (the base bundle it was trained on)")
   if bundle:
-    return sampling.as_pipeline(bundle_lib.load(bundle))
+    loaded = bundle_lib.load(bundle)
+    if adapter:
+      from sora_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+      loaded = adapter_lib.apply(loaded, bundle, adapter)
+    return sampling.as_pipeline(loaded)
   if cfg is None and bundle_lib.WorkdirLayout(Path(workdir)).config_file() is None:
     from sora_jax import export  # pylint: disable=g-import-not-at-top
     cfg = export.demo_config(workdir)
@@ -265,7 +276,7 @@ def main(argv):
       prompts += read_prompts(_PROMPTS_FILE.value)
     start = time.time()
     cfg = config_lib.get_config() if "config" in flags.FLAGS and flags.FLAGS["config"].present else None
-    pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg)
+    pipe = load_models(_BUNDLE.value, _WORKDIR.value, cfg, _ADAPTER.value)
     loaded = time.time()
     reqs = build_requests(pipe, prompts)
     if _NOISE.value:

@@ -16,10 +16,14 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
   every save, stops naming that step, and writes no checkpoint.
 - Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
   `config.resume_from` (another run's checkpoint directory: everything, including the data position),
-  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0), then scratch.
+  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0: another run's
+  checkpoints, or an inference bundle such as a converted Wan 2.1, sora_jax/finetune.py), then scratch.
 - A run on the pipeline's latents records the VAE they came from (LATENTS_VAE) and refuses to resume on
   another VAE's (`pin_latents`); it logs a held-out loss on the validation latents (`val/loss`, every
   `val_every_steps`) and decodes its periodic sample videos through that VAE.
+- LoRA (`config.lora.rank` > 0, models/lora.py): "params", "ema" and the optimizer hold only the
+  adapters; the base weights ride in the state as "frozen" (read from the init_from bundle at every
+  start, no gradient, no optimizer state) and are left out of checkpoints (finetune.trained).
 - SIGTERM (preemption) finishes the current step, saves a checkpoint with the data position, exits 0;
   while the loop waits for data (which may never come), it saves and exits at once.
 - Config mistakes end the command with one line (exit 2) before any data is read or step compiled
@@ -44,7 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import atomic, checkpoint, flops, metrics, optim, sharding
+from sora_jax import atomic, checkpoint, finetune, flops, metrics, optim, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -58,8 +62,10 @@ LossFn = Callable[[nnx.Module, dict, jax.Array, ml_collections.ConfigDict], tupl
 
 # ----------------------------------------------------------------------------------- state, shardings
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
-  return DiT(cfg.dit, rngs=rngs)
+  model = DiT(cfg.dit, rngs=rngs)
+  return lora.apply(model, cfg.lora, rngs=rngs) if lora.enabled(cfg) else model
 
 
 def default_loss_fn() -> LossFn:
@@ -83,7 +89,9 @@ class Setup:
   schedule: optax.Schedule
   abstract_state: State        # jax.ShapeDtypeStruct leaves carrying their shardings
   shardings: State
-  num_params: int
+  num_params: int              # trained parameters (under LoRA: the adapters)
+  trainable: Any = nnx.Param   # the nnx filter of trained parameters; the other Params are "frozen"
+  num_frozen: int = 0
 
 
 def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -91,9 +99,11 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """Builds the model abstractly (no memory), and the shardings of the whole train state."""
   total = int(cfg.total_steps)
   tx = optim.make_optimizer(cfg.optim, total)
+  from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: model_fn(cfg, nnx.Rngs(0)))
-  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+  trainable = lora.trainable(cfg)
+  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable, nnx.Param, ...)
   if jax.tree.leaves(nnx.to_pure_dict(abs_rest)):
     raise ValueError("the model holds non-Param state "
                      f"({sorted(str(p) for p, _ in abs_rest.flat_state())}); this trainer carries "
@@ -110,23 +120,37 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               "rng": jax.ShapeDtypeStruct((2,), jnp.uint32), "bad_step": scalar_i32}
   shardings = {"step": rep, "params": param_sh, "ema": param_sh, "opt_state": opt_sh, "rng": rep,
                "bad_step": rep}
+  frozen = nnx.to_pure_dict(abs_frozen)
+  if jax.tree.leaves(frozen):  # LoRA: the base, sharded like the full model
+    abstract["frozen"], shardings["frozen"] = frozen, sharding.state_shardings(abs_frozen, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           shardings)
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, num_params)
+  count = lambda tree: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, count(params),
+               trainable, count(frozen))
 
 
-def init_state(cfg, setup: Setup, model_fn=make_model) -> State:
-  """A fresh state, created directly in its sharded layout (no full copy on any one device)."""
+def init_state(cfg, setup: Setup, model_fn=make_model, weights: dict | None = None) -> State:
+  """A fresh state, created directly in its sharded layout (no full copy on any one device).
 
-  def init(seed):
+  `weights` (a pure dict of some parameters, e.g. a bundle's: finetune.py; consumed) replace the random
+  init of those parameters; XLA drops the init they replace."""
+
+  def init(seed, weights):
     with nnx.use_eager_sharding(False):
       model = model_fn(cfg, nnx.Rngs(jax.random.fold_in(seed, 0)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.int32(0), "params": params, "ema": params, "opt_state": setup.tx.init(params),
-            "rng": jax.random.fold_in(seed, 1), "bad_step": jnp.int32(-1)}
+    if weights is not None:
+      nnx.update(model, weights)
+    params = nnx.to_pure_dict(nnx.state(model, setup.trainable))
+    state = {"step": jnp.int32(0), "params": params, "ema": params, "opt_state": setup.tx.init(params),
+             "rng": jax.random.fold_in(seed, 1), "bad_step": jnp.int32(-1)}
+    if "frozen" in setup.abstract_state:
+      state["frozen"] = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(setup.trainable))))
+    return state
 
-  return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(int(cfg.seed)))
+  # `weights` are donated: they become the params (or the frozen base) without a second copy in HBM.
+  return jax.jit(init, out_shardings=setup.shardings, donate_argnums=1)(jax.random.PRNGKey(int(cfg.seed)),
+                                                                         weights)
 
 
 # ---------------------------------------------------------------------------------------- train step
@@ -137,9 +161,10 @@ def make_train_step(cfg, setup: Setup, loss_fn: LossFn) -> Callable[[State, dict
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
+    frozen = (state["frozen"],) if "frozen" in state else ()  # LoRA's base: an input, never differentiated
 
     def loss_of(params):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, params, *frozen)
       return loss_fn(model, batch, rng, cfg)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
@@ -157,6 +182,7 @@ def make_train_step(cfg, setup: Setup, loss_fn: LossFn) -> Callable[[State, dict
         "rng": state["rng"],
         # Steps are counted from 1 in logs and checkpoints: the step that produced state step + 1.
         "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step + 1),
+        **({"frozen": state["frozen"]} if frozen else {}),
     }
     scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     scalars.update(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
@@ -204,7 +230,7 @@ def memory_report(compiled) -> dict:
 # --------------------------------------------------------------------------------------- resume policy
 @dataclasses.dataclass(frozen=True)
 class Start:
-  kind: str                    # "workdir" | "resume_from" | "init_from" | "scratch"
+  kind: str                    # "workdir" | "resume_from" | "init_from" | "bundle" | "scratch"
   directory: str | None = None
   step: int | None = None
 
@@ -218,6 +244,8 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
     path = cfg.get(kind, "")
     if not path:
       continue
+    if kind == "init_from" and finetune.is_bundle(path):  # an inference bundle: its DiT's weights
+      return Start("bundle", path)
     # A run's workdir or its checkpoints/ directory are both accepted.
     directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     other = checkpoint.Manager(directory)
@@ -233,22 +261,33 @@ def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_it
                model_fn=make_model) -> State:
   """The state to start from. A damaged newest checkpoint falls back to the newest one that restores
   (checkpoint.Manager.restore_newest: one warning line each, naming it and why); in this run's own
-  directory the damaged ones are set aside, another run's are left as they are."""
+  directory the damaged ones are set aside, another run's are left as they are. Under LoRA the frozen
+  base, which checkpoints do not hold, is read again from the init_from bundle (or the seeded init)."""
+  lora_base = "frozen" in setup.abstract_state
+  init_from = cfg.get("init_from", "")  # under LoRA a bundle or nothing (check_config)
+  workdir = os.path.dirname(own.directory)
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
+  if start.kind == "bundle":
+    return init_state(cfg, setup, model_fn, finetune.bundle_weights(cfg, setup, start.directory, workdir=workdir))
+  trained = finetune.trained(setup.abstract_state)
   if start.kind == "workdir":
-    return own.restore_newest(setup.abstract_state, data_iter)[1]
-  other = checkpoint.Manager(start.directory)
-  try:
-    if start.kind == "resume_from":
-      return other.restore_newest(setup.abstract_state, data_iter, set_aside=False)[1]
-    # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
-    loaded = other.restore_newest(setup.abstract_state, set_aside=False)[1]
-  finally:
-    other.close()
-  fresh = init_state(cfg, setup, model_fn)
-  fresh["params"], fresh["ema"] = loaded["params"], loaded["ema"]
-  return fresh
+    state = own.restore_newest(trained, data_iter)[1]
+  else:
+    other = checkpoint.Manager(start.directory)
+    try:
+      if start.kind == "resume_from":
+        state = other.restore_newest(trained, data_iter, set_aside=False)[1]
+      else:  # init_from: weights only. The source must have this model's parameter tree and optimizer chain.
+        loaded = other.restore_newest(trained, set_aside=False)[1]
+        state = init_state(cfg, setup, model_fn)
+        state["params"], state["ema"] = loaded["params"], loaded["ema"]
+    finally:
+      other.close()
+  if lora_base and "frozen" not in state:  # checkpoints do not hold the base: its bundle, or the seeded init
+    state["frozen"] = (finetune.bundle_weights(cfg, setup, init_from, workdir=workdir) if init_from
+                       else init_state(cfg, setup, model_fn)["frozen"])
+  return state
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -273,7 +312,7 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
   if make is None:
     log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
     return
-  model = nnx.merge(setup.graphdef, state["ema"])
+  model = nnx.merge(setup.graphdef, state["ema"], *([state["frozen"]] if "frozen" in state else []))
   t0 = time.time()
   try:
     videos = make(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
@@ -399,6 +438,18 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
         f"config.{key}={cfg_get(key)} leaves {budget} tokens per sample, below the smallest sample "
         f"({side}x{side} patches, data.min_patch_side={side}): every sample would be dropped; give at "
         f"least {side * side}")
+  rank = int(cfg.get("lora", {}).get("rank", 0) or 0)
+  if rank < 0:
+    raise fail("lora.rank", "must be >= 0 (0: every parameter trains)")
+  if rank and cfg.get("init_from", "") and not finetune.is_bundle(cfg.init_from):
+    raise fail("init_from", "a LoRA run's base must be a bundle (python -m sora_jax.export_finetune or "
+                            "sora_jax.convert.wan write one)")
+  if rank:  # the adapters' targets and rank, on the model built abstractly
+    try:
+      with nnx.use_eager_sharding(False):
+        nnx.eval_shape(lambda: make_model(cfg, nnx.Rngs(0)))
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.{e}") from None
   try:
     mesh = sharding.mesh_from_config(cfg.mesh, devices)
   except ValueError as e:
@@ -470,9 +521,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
       decode = sample_decoder(cfg, workdir) if int(cfg.get("sample_every_steps", 0)) else None
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
-    log.info("start: %s (step %d of %d); mesh %s; %.2fM params; param shardings: %s", start.kind, first,
-             int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
-             sharding.describe(setup.shardings["params"]))
+    log.info("start: %s (step %d of %d); mesh %s; %.2fM params trained, %.2fM frozen; param shardings: %s",
+             start.kind, first, int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
+             setup.num_frozen / 1e6, sharding.describe(setup.shardings["params"]))
     if first >= int(cfg.total_steps):
       log.info("already at total_steps=%d; nothing to do", int(cfg.total_steps))
       return state
@@ -563,7 +614,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
           batch = next(data_iter)
       except checkpoint.Preempted:  # the data position is that of the last step's batch
         _check_finite(state)
-        ckpt.save(step, state, data_iter=data_iter, force=True)
+        ckpt.save(step, finetune.trained(state), data_iter=data_iter, force=True)
         ckpt.wait()
         log.info("SIGTERM while waiting for data: saved step %d; exiting", step)
         break
@@ -603,7 +654,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
       t_last = time.time()
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:
       _check_finite(state)
-      if ckpt.save(step, state, data_iter=data_iter, force=preempt.flag or last):
+      if ckpt.save(step, finetune.trained(state), data_iter=data_iter, force=preempt.flag or last):
         log.info("step %d: checkpoint started", step)
     if preempt.flag:
       ckpt.wait()

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "attention": ["--what=cpu,memory"],
     "dit": [],
     "vae_memory": [],
+    "finetune_memory": [],
     "vae_conv": ["--config", "experiments/shapes_demo.py"],
     "sampling": ["--what=packed,minute"],
 }

@@ -4,7 +4,10 @@ Stages, in order (each a grain transformation, so the iterator state covers all 
   1. shuffle record indices with a seed (a new permutation every epoch; eval splits are not shuffled);
   2. shard per JAX process (process i takes global stream positions i, i + n, ...);
   3. load, sample z = mean + std * eps (or take the mean), normalise by latent_stats, size-fit, patchify;
-  4. tokenize the caption;
+  4. tokenize the caption, or (config.data.text_source = "features") take its cached frozen-encoder
+     features [n, d] (data_pipelines/encode_text.py) padded with zeros to config.data.max_text_tokens,
+     as Wan's pipeline pads UMT5's features to 512: the DiT then sees what it saw in pretraining and what
+     sampling gives it;
   5. pack into rows of L video tokens / Lt text tokens / S segments with grain's best-fit (or first-fit)
      packer; segment ids are shared by a sample's video tokens, its text tokens and its `seg_*` entries;
   6. batch config.data.batch_size // process_count rows;
@@ -43,6 +46,7 @@ from sora_jax import patching
 _SEG_COLS = ("nt", "nh", "nw", "fps", "is_image", "valid", "scale", "cropped", "dropped", "index")
 _C = {k: i for i, k in enumerate(_SEG_COLS)}
 SOURCES = ("latents", "shapes")
+TEXT_SOURCES = ("tokenizer", "features")
 PACKERS = ("best_fit", "first_fit")
 LONG_CLIPS = ("crop", "drop")
 
@@ -118,6 +122,7 @@ class Spec:
   long_clips: str
   sample_latents: bool
   stand_in_factors: tuple[int, int, int]
+  text_features: bool   # cached encoder features (text_features.py) instead of caption ids
   shift: tuple[float, ...]
   scale: tuple[float, ...]
   seed: int
@@ -182,6 +187,12 @@ def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
     raise ValueError(f"config.data.packer {packer!r} is unknown; accepted: {list(PACKERS)}")
   if d.long_clips not in LONG_CLIPS:
     raise ValueError(f"config.data.long_clips {d.long_clips!r} is unknown; accepted: {list(LONG_CLIPS)}")
+  text_source = d.get("text_source", "tokenizer")
+  if text_source not in TEXT_SOURCES:
+    raise ValueError(f"config.data.text_source {text_source!r} is unknown; accepted: {list(TEXT_SOURCES)}")
+  if text_source == "features" and int(d.text_len) < int(d.max_text_tokens):
+    raise ValueError(f"config.data.text_len {d.text_len} < max_text_tokens {d.max_text_tokens}: every "
+                     "caption's padded features must fit a row")
   return Spec(
       source=d.get("source", "latents"), patch=tuple(int(p) for p in d.get("patch", (1, 2, 2))),
       seq_len=int(d.seq_len), text_len=int(d.text_len), max_segments=int(d.max_segments),
@@ -189,6 +200,7 @@ def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
       min_patch_side=int(d.get("min_patch_side", 2)), long_clips=d.long_clips,
       sample_latents=bool(d.get("sample_latents", True)),
       stand_in_factors=tuple(int(f) for f in d.get("stand_in_factors", (4, 8, 8))),
+      text_features=text_source == "features",
       shift=tuple(float(v) for v in shift), scale=tuple(float(v) for v in scale),
       seed=int(d.shuffle_seed if seed is None else seed))
 
@@ -198,7 +210,8 @@ class PrepareSample:
   """(stream position g, record index i) -> one packable element, or a drop marker.
 
   Elements hold `_video` float32 [n, D + 4] (tokens, then positions t, h, w, then the loss mask),
-  `text_tokens` int32 [m] and `_seg` float64 [1, len(_SEG_COLS)]; fusing features keeps the packer's
+  `text_tokens` int32 [m] (or cached features float32 [max_text_tokens, d]) and `_seg` float64
+  [1, len(_SEG_COLS)]; fusing features keeps the packer's
   per-feature bookkeeping small. z's noise comes from (seed, record, epoch), so a resumed or re-sharded
   run draws the same latents for the same sample.
   """
@@ -237,7 +250,11 @@ class PrepareSample:
     n = tokens_nd.shape[0]
     video = np.concatenate([tokens_nd.astype(np.float32), positions_n3.astype(np.float32),
                             np.ones((n, 1), np.float32)], axis=1)
-    text = np.asarray(self.tokenize(record["caption"]), np.int32)[:spec.max_text_tokens]
+    if spec.text_features:
+      from sora_jax.data import text_features  # pylint: disable=g-import-not-at-top
+      text = text_features.pad(record["text_features"], spec.max_text_tokens)
+    else:
+      text = np.asarray(self.tokenize(record["caption"]), np.int32)[:spec.max_text_tokens]
     seg = np.zeros((1, len(_SEG_COLS)), np.float64)
     seg[0, [_C["nt"], _C["nh"], _C["nw"]]] = patching.patch_grid(z.shape, spec.patch)
     seg[0, _C["fps"]] = float(record.get("fps", 0.0))
@@ -314,7 +331,9 @@ class UnfuseRow:
         "positions": video[:, D:D + 3].astype(np.int32),
         "segment_ids": row["_video_segment_ids"].astype(np.int32),
         "loss_mask": np.ascontiguousarray(video[:, D + 3], np.float32),
-        "text_tokens": row["text_tokens"].astype(np.int32),
+        # Caption ids, or a frozen encoder's features (float, [Lt, d]).
+        "text_tokens": (row["text_tokens"] if row["text_tokens"].dtype.kind == "f"
+                        else row["text_tokens"].astype(np.int32)),
         "text_segment_ids": row["text_tokens_segment_ids"].astype(np.int32),
         "seg_grid": seg[:, [_C["nt"], _C["nh"], _C["nw"]]].astype(np.int32),
         "seg_fps": col("fps", np.float32),
@@ -348,6 +367,9 @@ def open_source(config, split: str, *, workdir: str | None = None):
   if source == "latents":
     latents_dir = _data_dir(config, "latents_dir", workdir, "latents")
     sources.check_latents(latents_dir, split)  # encoded by the VAE its statistics come from
+    if config.data.get("text_source", "tokenizer") == "features":
+      from sora_jax.data import text_features  # pylint: disable=g-import-not-at-top
+      return text_features.with_text_features(latents_dir, split)
     return sources.latent_source(latents_dir, split)
   if source == "shapes":
     return sources.video_source(_data_dir(config, "videos_dir", workdir, "shapes"), split)
@@ -375,7 +397,8 @@ def make_dataset(config, *, split: str = "train", seed: int | None = None, sourc
   import jax  # pylint: disable=g-import-not-at-top
   spec = make_spec(config, workdir=workdir, seed=seed, stats=stats)
   source = open_source(config, split, workdir=workdir) if source is None else source
-  tokenize = open_tokenizer(config, workdir=workdir) if tokenize is None else tokenize
+  if tokenize is None and not spec.text_features:  # cached features need no tokenizer
+    tokenize = open_tokenizer(config, workdir=workdir)
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   d = config.data
