@@ -364,8 +364,8 @@ def _kernel_counted_per_layer(cfg, key: str) -> float:
                       text_len=int(d.text_len), num_segments=int(d.max_segments)).in_flops_py_total
 
 
-def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow", scanned: Cost | None = None,
-              full_unroll: bool = False) -> tuple[Cost, dict]:
+def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow",
+              scanned: Cost | None = None) -> tuple[Cost, dict]:
   """Cost of the whole step with every layer counted, per chip, and how it was obtained.
 
   `scanned` is the real (scanned) step's own cost, which "scanned" and "one" start from: it counts the
@@ -376,9 +376,8 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow", scan
   FLOPs outside the kernels per layer, with the counted work's bytes and seconds per FLOP (approximate;
   no second compile). "shallow" compiles the step unrolled at depths (1, 1) and (2, 2) and extrapolates
   (the difference is one layer of each stack; identical layers make the cost affine in depth).
-  "unrolled" (or `full_unroll`) compiles the full-depth step unrolled.
+  "unrolled" compiles the full-depth step unrolled.
   """
-  method = "unrolled" if full_unroll else method
   if method not in COST_METHODS:
     raise ValueError(f"cost method {method!r} is unknown; accepted: {COST_METHODS}")
   depth, text_depth = int(cfg.dit.depth), flops.caption_encoder(cfg.dit)[0]
@@ -502,12 +501,12 @@ def memory(compiled) -> dict:
 
 
 def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned",
-          full_unroll: bool = False, kernel_efficiency: float = 0.5, num_slices: int = 1,
-          devices: Sequence | None = None, skip_cost: bool = False, real: Compiled | None = None) -> dict:
+          kernel_efficiency: float = 0.5, num_slices: int = 1, devices: Sequence | None = None,
+          skip_cost: bool = False, real: Compiled | None = None) -> dict:
   """Compiles cfg's train step for `topology` and returns the report (see the module docstring).
 
-  `cost`: how the step's cost is counted (COST_METHODS; `full_unroll` is "unrolled"). `real`: the real
-  step's compile when the caller has it already (the planner's chosen candidate), not compiled again.
+  `cost`: how the step's cost is counted (COST_METHODS). `real`: the real step's compile when the
+  caller has it already (the planner's chosen candidate), not compiled again.
   """
   if not cfg.dit.in_dim:
     raise ValueError("dit.in_dim=0: pod configs must set the token dim (pt*ph*pw*latent channels)")
@@ -547,7 +546,7 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned
          "compile_s": real.compile_s, "memory_gb": {k: v / 1e9 for k, v in mem.items()}}
   if not skip_cost:
     t0 = time.time()
-    step, how = step_cost(cfg, mesh, hand, method="unrolled" if full_unroll else cost, scanned=real.cost)
+    step, how = step_cost(cfg, mesh, hand, method=cost, scanned=real.cost)
     kern = kernel_flops(cfg, batch=batch, seq_len=seq_len, text_len=int(cfg.data.text_len),
                         num_segments=int(cfg.data.max_segments))
     kernel_s = kern.executed / chips / (peak * kernel_efficiency)
