@@ -10,24 +10,27 @@ the state and batch are `jax.ShapeDtypeStruct`s with their shardings (train.make
 train.make_train_step compiled by train.compile_step, the same function the trainer runs.
 
 It runs where users run it: a 2-core, 24 GB machine checks every pod preset (`make check-pods`). The
-host work is XLA's TPU compiler, minutes of CPU and gigabytes per compile whatever the depth, so the
-default needs two compiles, frees each before the next, logs a line per phase (tracing, lowering,
-compiling, memory, cost) with the host memory in use, and stops with a one-line error (exit status 4)
-rather than being killed when the machine's memory runs out.
+host work is XLA's TPU compiler (its low-level code generation), minutes of CPU and a few GB per
+compile, almost whatever the depth and the chip count. So each compile runs in a process of its own
+(`--jobs`, 2 at once by default: two cores, two programs), hands its memory back when it ends, and
+leaves only its memory and cost figures behind; a line is logged per phase (tracing, lowering,
+compiling, memory, cost) with the host memory in use, and the check stops with a one-line error (exit
+status 4) rather than being killed when the machine's memory runs out.
 
 The estimate, and what makes it honest (docs/pods.md has the long form):
 - Memory per chip is `memory_analysis()` of the real step (layers scanned, as trained): arguments +
   outputs - donated aliases + temporaries + code, against the chip's HBM. XLA itself refuses to compile a
   program larger than HBM, so "fits" is also the compiler's verdict.
 - `cost_analysis()` counts a `lax.scan` body once, not once per layer, while work on the stacked
-  per-layer arrays outside the loop counts in full. So the real step's cost is short of exactly
-  (depth - 1) layers, and the step compiled again with two layers per loop trip (`unrolled_scans(2)`)
-  counts one layer more: their difference is one layer of each stack (DiT, text encoder; split by
-  flops.py's per-layer ratio), added depth - 1 times (`--cost=scanned`, the default). `--cost=shallow`
-  is the older method (the step unrolled at depths (1, 1) and (2, 2), extrapolated; three compiles),
-  `--cost=unrolled` the full-depth unrolled step (slow; a check of both), and `--cost=one` prices the
-  missing layers from the real step alone, at flops.py's per-layer FLOPs and the counted work's time
-  and bytes per FLOP (one compile; for configs whose step takes most of the time limit to compile once).
+  per-layer arrays outside the loop counts in full, so the scanned count cannot be rescaled. The step is
+  compiled again with the layer stacks unrolled at depths (1, 1) and (2, 2) (DiT, text encoder); the
+  difference is one layer of each (split by flops.py's per-layer ratio), and FLOPs, bytes and the
+  compiler's time are extrapolated to the real depths (identical layers: cost is affine in depth).
+  `--cost` picks another way (step_cost): `unrolled` compiles the full-depth unrolled step (slow; a
+  check of the extrapolation), `scanned` adds depth - 1 layers to the real step's own count from one
+  compile with two layers per loop trip (it prices the loop as the trainer runs it, which the cost model
+  puts higher: 40.8% against 44.3% for sora_b), and `one` prices the missing layers from the real step
+  alone (approximate; for a step that takes most of the time limit to compile once).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
   for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls; backward
   5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq kernels, per call
@@ -47,15 +50,18 @@ not fit in HBM, 2 on bad input, 3 when the FLOP check fails, 4 when the host run
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import gc
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import resource
+import signal
 import sys
 import threading
 import time
@@ -72,14 +78,16 @@ from sora_jax.kernels import splash
 from sora_jax.models import layers
 
 # How the cost of the whole step is counted (module docstring), cheapest exact one first.
-COST_METHODS = ("scanned", "shallow", "unrolled", "one")
+COST_METHODS = ("shallow", "scanned", "unrolled", "one")
 
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5p:8x8x4 or v6e:16x16; "
                                 "default: the config's compile_check.topology")
 _PLAN = flags.DEFINE_bool("plan", False, "choose remat policy and FSDP/TP sizes that fit, then check")
 _COST = flags.DEFINE_enum("cost", None, COST_METHODS, "how the step's cost is counted (module docstring): "
-                          "scanned (2 compiles), shallow (3), unrolled (full depth, slow), one (1 compile, "
-                          "approximate); default: the config's compile_check.cost, else scanned")
+                          "shallow (3 compiles), scanned (2), unrolled (full depth, slow), one (1 compile, "
+                          "approximate); default: the config's compile_check.cost, else shallow")
+_JOBS = flags.DEFINE_integer("jobs", 2, "compiles run at once, each in its own process (about 3 GB each "
+                             "for sora_xl); 1: one after another in this process")
 _KERNEL_EFFICIENCY = flags.DEFINE_float("kernel_efficiency", 0.5, "fraction of peak assumed for Pallas "
                                         "attention kernels, whose cost XLA's model does not see")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice)")
@@ -128,24 +136,55 @@ HOST_MIN_START_BYTES = 3e9   # the smallest pod check here peaks near 3 GB: belo
 
 _START = time.time()
 _phase = ["starting"]        # what the process is doing, for the guard's error line
+_peak = [0.0]                # the most memory this process and its compile processes held together
+
+
+def _proc_rss(pid: int | str) -> float:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return float(line.split()[1]) * 1024
+  return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+  """The processes started by `pid` and by them (Linux /proc), e.g. compile_all's compile processes."""
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    try:
+      for task in os.listdir(f"/proc/{p}/task"):
+        with open(f"/proc/{p}/task/{task}/children") as f:
+          kids = [int(k) for k in f.read().split()]
+        out += kids
+        todo += kids
+    except OSError:
+      continue
+  return out
 
 
 def host_rss() -> float:
-  """This process's resident memory in bytes (its peak so far where /proc does not exist)."""
+  """Resident memory of this process and its compile processes, in bytes (this process's peak so far
+  where /proc does not exist)."""
   try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return float(line.split()[1]) * 1024
+    total = _proc_rss("self")
   except OSError:
-    pass
-  return host_peak()
+    return host_peak()
+  for pid in _descendants(os.getpid()):
+    try:
+      total += _proc_rss(pid)
+    except OSError:  # ended meanwhile
+      pass
+  _peak[0] = max(_peak[0], total)
+  return total
 
 
 def host_peak() -> float:
-  """The most resident memory this process has held, in bytes."""
-  peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-  return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+  """The most resident memory this check has held, in bytes: the guard's samples of this process and its
+  compile processes together, and at least the largest single process (getrusage)."""
+  scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+  single = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  return max(_peak[0], float(single) * scale)
 
 
 def host_available() -> float | None:
@@ -191,10 +230,10 @@ def log_phases() -> None:
 
 
 def guard_host_memory(limit: float = 0.0, *, interval_s: float = 0.25) -> float:
-  """Starts a thread that ends the process with one line on stderr and exit status EXIT_HOST_MEMORY
-  when its resident memory passes `limit` bytes, or the machine's available memory falls below
-  HOST_RESERVE_BYTES (another process grew). `limit` 0: this process's memory now plus what the
-  machine has available, less the reserve. Returns the limit."""
+  """Starts a thread that ends the check, its compile processes included, with one line on stderr and
+  exit status EXIT_HOST_MEMORY when their resident memory passes `limit` bytes, or the machine's
+  available memory falls below HOST_RESERVE_BYTES (another process grew). `limit` 0: what this process
+  holds now plus what the machine has available, less the reserve. Returns the limit."""
   available = host_available()
   if not limit:
     limit = host_rss() + available - HOST_RESERVE_BYTES if available is not None else math.inf
@@ -203,12 +242,17 @@ def guard_host_memory(limit: float = 0.0, *, interval_s: float = 0.25) -> float:
     while True:
       rss, left = host_rss(), host_available()
       if rss > limit or (left is not None and left < HOST_RESERVE_BYTES):
+        for pid in _descendants(os.getpid()):
+          try:
+            os.kill(pid, signal.SIGKILL)
+          except OSError:
+            pass
         left_s = f"{left / 1e9:.1f} GB" if left is not None else "unknown"
         sys.stderr.write(
             f"error: host memory: compile_check holds {rss / 1e9:.1f} GB (limit {limit / 1e9:.1f} GB) "
             f"and the machine has {left_s} left, while {_phase[0]}; stopped before the system runs out. "
             "Close other programs, run on a machine with more memory, or check less at once "
-            "(--memory_only compiles the real step only; --cost=one prices the cost from it too)\n")
+            "(--jobs=1 compiles one program at a time; --memory_only the real step only)\n")
         sys.stderr.flush()
         os._exit(EXIT_HOST_MEMORY)
       time.sleep(interval_s)
@@ -309,28 +353,79 @@ class Cost:
 @dataclasses.dataclass
 class Compiled:
   """What the report needs from one compile, kept instead of the executable, which holds gigabytes of
-  host memory until freed."""
+  host memory until freed. `refused`: the compiler's out-of-HBM error, where it refused the program."""
   memory: dict
   cost: Cost
   num_params: int
   compile_s: float
+  refused: str = ""
+
+
+@dataclasses.dataclass
+class Compile:
+  """One compile of cfg's step: `per_trip` None keeps the scans as trained, 0 unrolls them, k puts k
+  layers in each loop trip (flops.unrolled_scans)."""
+  label: str
+  cfg: ml_collections.ConfigDict
+  per_trip: int | None = None
 
 
 def compile_and_release(cfg, mesh, what: str, *, per_trip: int | None = None) -> Compiled:
-  """Compiles cfg's step (scans as trained, or `flops.unrolled_scans(per_trip)`: 0 unrolls fully),
-  reads its memory and cost, and frees it before returning."""
+  """Compiles cfg's step (see Compile), reads its memory and cost, and frees it before returning; the
+  compiler's refusal of a program larger than HBM comes back as `refused`, other errors are raised."""
   progress(f"{what}: starting")
   t0 = time.time()
-  if per_trip is None:
-    compiled, setup = compile_train_step(cfg, mesh)
-  else:
-    with flops.unrolled_scans(per_trip):
+  try:
+    if per_trip is None:
       compiled, setup = compile_train_step(cfg, mesh)
+    else:
+      with flops.unrolled_scans(per_trip):
+        compiled, setup = compile_train_step(cfg, mesh)
+  except Exception as e:  # pylint: disable=broad-except
+    if _oom_bytes(e) is None:
+      raise
+    release_host_memory()
+    progress(f"{what}: the compiler refused it after {time.time() - t0:.0f}s (larger than HBM)")
+    return Compiled({}, Cost(0.0, 0.0, 0.0), 0, time.time() - t0, refused=str(e))
   out = Compiled(memory(compiled), Cost.of(compiled), setup.num_params, time.time() - t0)
   del compiled
   release_host_memory()
   progress(f"{what}: done in {out.compile_s:.0f}s, {out.cost}")
   return out
+
+
+def _compile_in_child(job: Compile, topology: str, num_slices: int) -> Compiled:
+  """One compile in a spawned process: its own jax on the CPU platform and the slice's devices. Errors
+  come back as ValueError or RuntimeError with the message (not every jaxlib exception pickles)."""
+  jax.config.update("jax_platforms", "cpu")
+  logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{job.label.split(':')[0]}] %(message)s",
+                      stream=sys.stdout, force=True)
+  log.setLevel(logging.INFO)
+  log_phases()
+  try:
+    mesh = sharding.mesh_from_config(job.cfg.mesh, topology_devices(topology, num_slices))
+    return compile_and_release(job.cfg, mesh, job.label, per_trip=job.per_trip)
+  except ValueError as e:
+    raise ValueError(str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"{type(e).__name__}: {e}") from None
+
+
+def compile_all(jobs: list[Compile], mesh, *, topology: str = "", num_slices: int = 1,
+                processes: int = 1) -> list[Compiled]:
+  """Compiles `jobs` in order: in this process one after another, or (`processes` > 1, `topology` given)
+  in up to that many spawned processes at once, each a fresh process per compile, so a compile's
+  memory goes back to the system when it ends and two cores compile two programs. XLA's TPU compiler
+  works on one program at a time; most of a check's wall clock is its compiles."""
+  if processes <= 1 or len(jobs) == 1 or not topology:
+    return [compile_and_release(j.cfg, mesh, j.label, per_trip=j.per_trip) for j in jobs]
+  progress(f"compiling {len(jobs)} programs, {min(processes, len(jobs))} processes at a time: "
+           + "; ".join(j.label for j in jobs))
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=ctx,
+                                              max_tasks_per_child=1) as pool:
+    futures = [pool.submit(_compile_in_child, j, topology, num_slices) for j in jobs]
+    return [f.result() for f in futures]
 
 
 def _with_depths(cfg, depth: int, text_depth: int):
@@ -341,17 +436,40 @@ def _with_depths(cfg, depth: int, text_depth: int):
   return c
 
 
+def cost_jobs(cfg, method: str) -> dict:
+  """The compiles cost `method` needs besides the real step, by key (see step_cost)."""
+  if method not in COST_METHODS:
+    raise ValueError(f"cost method {method!r} is unknown; accepted: {COST_METHODS}")
+  if method == "unrolled":
+    return {"full": Compile("cost: the full-depth step unrolled", cfg, 0)}
+  if method == "shallow":
+    return {dd: Compile(f"cost: the step unrolled at depths ({dd}, {dd})", _with_depths(cfg, dd, dd), 0)
+            for dd in (1, 2)}
+  if method == "scanned" and _extra_layers(cfg)[1]:
+    trips = _extra_layers(cfg)[0]
+    return {"trip": Compile(f"cost: the step with {trips['dit']} layers per loop trip", cfg, 2)}
+  return {}
+
+
+def _extra_layers(cfg) -> tuple[dict, dict]:
+  """({stack: layers per loop trip}, {stack: layers more than the scanned step counts}) of the compile
+  with two layers per loop trip; stacks "dit" and "text"."""
+  depths = {"dit": int(cfg.dit.depth), "text": flops.caption_encoder(cfg.dit)[0]}
+  trips = {k: flops.iterations_per_trip(n, 2) for k, n in depths.items()}
+  return trips, {k: t - 1 for k, t in trips.items() if t > 1}
+
+
 def shallow_costs(cfg, mesh) -> dict[int, Cost]:
   """{1: cost, 2: cost} of the step with every scan unrolled at depths (1, 1) and (2, 2) (DiT, text
   encoder), compiled in that order; their difference is one layer of each."""
-  return {dd: compile_and_release(_with_depths(cfg, dd, dd), mesh, f"cost: the step unrolled at depth "
-                                  f"({dd}, {dd})", per_trip=0).cost for dd in (1, 2)}
+  return {k: compile_and_release(j.cfg, mesh, j.label, per_trip=j.per_trip).cost
+          for k, j in cost_jobs(cfg, "shallow").items()}
 
 
 def _split_layers(pair: Cost, hand: flops.StepFlops, extra: dict) -> tuple[Cost, Cost]:
   """(one DiT layer, one text layer) from `pair`, the cost of `extra[k]` more layers of each stack k
   ("dit", "text"), split in proportion to flops.py's per-layer FLOPs (with one stack, all of it)."""
-  w = {k: extra[k] * hand.per_layer[k] for k in ("dit", "text")}
+  w = {k: extra.get(k, 0) * hand.per_layer[k] for k in ("dit", "text")}
   total = w["dit"] + w["text"]
   return tuple(pair * (w[k] / total / extra[k]) if w[k] else Cost(0.0, 0.0, 0.0) for k in ("dit", "text"))
 
@@ -364,29 +482,14 @@ def _kernel_counted_per_layer(cfg, key: str) -> float:
                       text_len=int(d.text_len), num_segments=int(d.max_segments)).in_flops_py_total
 
 
-def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow",
-              scanned: Cost | None = None) -> tuple[Cost, dict]:
-  """Cost of the whole step with every layer counted, per chip, and how it was obtained.
-
-  `scanned` is the real (scanned) step's own cost, which "scanned" and "one" start from: it counts the
-  work outside the loops in full (the optimizer over the stacked layers included) and each loop body
-  once, so exactly depth - 1 layers of each stack are missing. "scanned" compiles the step once more
-  with two layers per loop trip (three for an odd depth, ...): the difference is one layer more of each
-  stack, split between them by flops.py's per-layer FLOPs. "one" prices the missing layers at flops.py's
-  FLOPs outside the kernels per layer, with the counted work's bytes and seconds per FLOP (approximate;
-  no second compile). "shallow" compiles the step unrolled at depths (1, 1) and (2, 2) and extrapolates
-  (the difference is one layer of each stack; identical layers make the cost affine in depth).
-  "unrolled" compiles the full-depth step unrolled.
-  """
-  if method not in COST_METHODS:
-    raise ValueError(f"cost method {method!r} is unknown; accepted: {COST_METHODS}")
+def combine_costs(cfg, hand: flops.StepFlops, method: str, scanned: Cost | None, costs: dict,
+                  chips: int) -> tuple[Cost, dict]:
+  """The whole step's cost per chip from the compiles of `cost_jobs(cfg, method)` (`costs`, by key) and
+  the real step's own (`scanned`), and how it was obtained (see step_cost)."""
   depth, text_depth = int(cfg.dit.depth), flops.caption_encoder(cfg.dit)[0]
-  depths = {"dit": depth, "text": text_depth}
   if method == "unrolled":
-    full = compile_and_release(cfg, mesh, "cost: the full-depth step unrolled", per_trip=0).cost
-    return full, {"method": "fully unrolled"}
+    return costs["full"], {"method": "fully unrolled"}
   if method == "shallow":
-    costs = shallow_costs(cfg, mesh)
     pair = costs[2] - costs[1]
     per_dit, per_text = _split_layers(pair, hand, {"dit": 1, "text": 1})
     outside = costs[1] - pair
@@ -396,25 +499,43 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow",
   if scanned is None:
     raise ValueError(f"cost method {method!r} needs the scanned step's cost (check() passes it)")
   if method == "one":
-    chips = mesh.devices.size
     per_flop = Cost(1.0, scanned.bytes / scanned.flops, scanned.seconds / scanned.flops)
     per = {k: per_flop * ((hand.per_layer[k] - _kernel_counted_per_layer(cfg, k)) / chips) if n
-           else Cost(0.0, 0.0, 0.0) for k, n in depths.items()}
+           else Cost(0.0, 0.0, 0.0) for k, n in (("dit", depth), ("text", text_depth))}
     total = scanned + per["dit"] * (depth - 1) + per["text"] * max(text_depth - 1, 0)
     return total, {"method": "the scanned step, with its depth - 1 uncounted layers at flops.py's FLOPs "
                              "and the counted work's bytes and seconds per FLOP (approximate)",
                    "scanned_tflops": scanned.flops / 1e12}
-  trips = {k: flops.iterations_per_trip(n, 2) for k, n in depths.items()}
-  extra = {k: trips[k] - 1 for k in trips}
-  if not any(extra.values()):  # every stack is one layer deep: the scanned count is complete
+  trips, extra = _extra_layers(cfg)
+  if not extra:  # every stack is one layer deep: the scanned count is complete
     return scanned, {"method": "scanned (every stack one layer deep)"}
-  two = compile_and_release(cfg, mesh, f"cost: the step with {trips['dit']} layers per loop trip",
-                            per_trip=2).cost
-  per_dit, per_text = _split_layers(two - scanned, hand, extra)
+  per_dit, per_text = _split_layers(costs["trip"] - scanned, hand, extra)
   total = scanned + per_dit * (depth - 1) + per_text * max(text_depth - 1, 0)
   return total, {"method": f"scanned, plus (depth - 1) x one layer ({trips['dit']} and {trips['text']} "
                            f"layers per loop trip, against 1), to ({depth},{text_depth})",
                  "per_dit_layer_tflops": per_dit.flops / 1e12, "scanned_tflops": scanned.flops / 1e12}
+
+
+def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow",
+              scanned: Cost | None = None) -> tuple[Cost, dict]:
+  """Cost of the whole step with every layer counted, per chip, and how it was obtained; the compiles
+  run here, one after another.
+
+  "shallow" (check()'s default) compiles the step unrolled at depths (1, 1) and (2, 2) and extrapolates:
+  the difference is one layer of each stack (identical layers make the cost affine in depth), split
+  between the DiT and the text encoder by flops.py's per-layer FLOPs. "unrolled" compiles the
+  full-depth step unrolled. `scanned`, the real (scanned) step's own cost, counts the work outside the
+  loops in full (the optimizer over the stacked layers included) and each loop body once, so exactly
+  depth - 1 layers of each stack are missing: "scanned" compiles the step once more with two layers per
+  loop trip (three for an odd depth, ...), and adds depth - 1 times the difference; it prices the loop
+  the trainer runs, whose per-layer traffic the cost model puts higher than the unrolled layers'
+  (docs/benchmarks.md). "one" prices the missing layers at flops.py's FLOPs outside the kernels per
+  layer, with the counted work's bytes and seconds per FLOP (approximate; no compile beyond the real one).
+  """
+  jobs = cost_jobs(cfg, method)
+  costs = {k: compile_and_release(j.cfg, mesh, j.label, per_trip=j.per_trip).cost for k, j in jobs.items()}
+  chips = mesh.devices.size if method == "one" else 0
+  return combine_costs(cfg, hand, method, scanned, costs, chips)
 
 
 @dataclasses.dataclass
@@ -500,13 +621,14 @@ def memory(compiled) -> dict:
   return parts
 
 
-def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned",
+def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "shallow",
           kernel_efficiency: float = 0.5, num_slices: int = 1, devices: Sequence | None = None,
-          skip_cost: bool = False, real: Compiled | None = None) -> dict:
+          skip_cost: bool = False, real: Compiled | None = None, processes: int = 1) -> dict:
   """Compiles cfg's train step for `topology` and returns the report (see the module docstring).
 
-  `cost`: how the step's cost is counted (COST_METHODS). `real`: the real step's compile when the
-  caller has it already (the planner's chosen candidate), not compiled again.
+  `cost`: how the step's cost is counted (COST_METHODS, step_cost). `real`: the real step's compile when
+  the caller has it already (the planner's chosen candidate), not compiled again. `processes`: compiles
+  run at once, each in its own process (compile_all); 1: here, one after another.
   """
   if not cfg.dit.in_dim:
     raise ValueError("dit.in_dim=0: pod configs must set the token dim (pt*ph*pw*latent channels)")
@@ -523,19 +645,22 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned
   peak = flops.published_peak(devices[0])
   t_start = time.time()
   host = lambda: {"host_peak_gb": host_peak() / 1e9, "wall_s": time.time() - t_start}
-  if real is None:
-    try:
-      real = compile_and_release(cfg, mesh, f"memory: the real step (layers scanned) for {topology}, "
-                                 f"{chips} chips, mesh {dict(mesh.shape)}")
-    except Exception as e:  # XLA refuses to compile a program larger than HBM
-      used = _oom_bytes(e)
-      if used is None:
-        raise
-      release_host_memory()
-      return {"fits": False, "memory_gb_per_chip": used / 1e9, "hbm_gb_per_chip": hbm / 1e9,
-              "chips": chips, "peak_flops_per_chip": peak, "flops_per_step": float("nan"),
-              "estimated_step_s": float("nan"), "estimated_mfu": float("nan"),
-              "compiler_error": str(e).splitlines()[0][:300], **host()}
+  jobs = [] if real is not None else [Compile(f"memory: the real step (layers scanned), {chips} chips, "
+                                              f"mesh {dict(mesh.shape)}", cfg)]
+  extra = cost_jobs(cfg, cost) if not skip_cost else {}
+  done = compile_all(jobs + list(extra.values()), mesh, topology=topology, num_slices=num_slices,
+                     processes=processes)
+  real = real or done[0]
+  costs = dict(zip(extra, done[len(jobs):]))
+  if real.refused:  # XLA refuses to compile a program larger than HBM
+    return {"fits": False, "memory_gb_per_chip": _oom_bytes(RuntimeError(real.refused)) / 1e9,
+            "hbm_gb_per_chip": hbm / 1e9, "chips": chips, "peak_flops_per_chip": peak,
+            "flops_per_step": float("nan"), "estimated_step_s": float("nan"),
+            "estimated_mfu": float("nan"), "compiler_error": real.refused.splitlines()[0][:300], **host()}
+  for k, c in costs.items():
+    if c.refused:
+      raise ValueError(f"{extra[k].label}: the compiler refused it ({c.refused.splitlines()[0][:200]}); "
+                       "count the cost another way (--cost=scanned or --cost=one)")
   mem = real.memory
   fits = mem["total"] <= hbm
   progress(f"memory: {mem['total'] / 1e9:.2f} GB per chip of {hbm / 1e9:.1f} "
@@ -545,8 +670,7 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned
   out = {"config_mesh": dict(mesh.shape), "remat": cfg.dit.remat, "params_b": real.num_params / 1e9,
          "compile_s": real.compile_s, "memory_gb": {k: v / 1e9 for k, v in mem.items()}}
   if not skip_cost:
-    t0 = time.time()
-    step, how = step_cost(cfg, mesh, hand, method=cost, scanned=real.cost)
+    step, how = combine_costs(cfg, hand, cost, real.cost, {k: c.cost for k, c in costs.items()}, chips)
     kern = kernel_flops(cfg, batch=batch, seq_len=seq_len, text_len=int(cfg.data.text_len),
                         num_segments=int(cfg.data.max_segments))
     kernel_s = kern.executed / chips / (peak * kernel_efficiency)
@@ -560,7 +684,8 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "scanned
     step_s = xla_s + kernel_s
     xla_flops = step.flops * chips
     agreement = xla_flops / (hand.total - kern.in_flops_py_total)
-    out.update(cost_compile_s=time.time() - t0, cost_method=how, xla_tflops_per_step=xla_flops / 1e12,
+    out.update(cost_compile_s=sum(c.compile_s for c in costs.values()), cost_method=how,
+               xla_tflops_per_step=xla_flops / 1e12,
                hand_total_tflops_per_step=hand.total / 1e12,
                kernel_tflops_counted=kern.in_flops_py_total / 1e12,
                kernel_tflops_executed=kern.executed / 1e12, kernel_efficiency=kernel_efficiency,
@@ -649,7 +774,7 @@ def main(argv):
   topology = _TOPOLOGY.value or cfg.get("compile_check", {}).get("topology", "")
   if not topology:
     config_lib._fail("--topology is required (or compile_check.topology in the config)")  # pylint: disable=protected-access
-  cost = _COST.value or cfg.get("compile_check", {}).get("cost", "scanned")
+  cost = _COST.value or cfg.get("compile_check", {}).get("cost", "shallow")
   available = host_available()
   if available is not None and available < HOST_MIN_START_BYTES:
     print(f"error: host memory: {available / 1e9:.1f} GB available, and a pod check needs about "
@@ -667,7 +792,8 @@ def main(argv):
       print(f"plan: chose --config.dit.remat={cfg.dit.remat} --config.mesh.fsdp={cfg.mesh.fsdp} "
             f"--config.mesh.tensor={cfg.mesh.tensor}")
     rep = check(cfg, topology, cost=cost, kernel_efficiency=_KERNEL_EFFICIENCY.value,
-                num_slices=_NUM_SLICES.value, skip_cost=_MEMORY_ONLY.value, real=real)
+                num_slices=_NUM_SLICES.value, skip_cost=_MEMORY_ONLY.value, real=real,
+                processes=_JOBS.value)
   except ValueError as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
   if "compiler_error" in rep:

@@ -51,7 +51,8 @@ def test_unusable_compiler_time_falls_back_to_the_roofline(monkeypatch):
   # libtpu's cost model reports negative seconds for v6e steps; the estimate then comes from the
   # roofline of the compiler's own FLOPs and bytes, and says so.
   cost = compile_check.Cost(flops=4.59e12, bytes=2765e9 * 3.0, seconds=-15.9)  # 0.01 s of FLOPs, 3 s of bytes
-  monkeypatch.setattr(compile_check, "step_cost", lambda *a, **k: (cost, {"method": "stub"}))
+  monkeypatch.setattr(compile_check, "cost_jobs", lambda *a: {})
+  monkeypatch.setattr(compile_check, "combine_costs", lambda *a: (cost, {"method": "stub"}))
   rep = compile_check.check(tiny_config(), TOPOLOGY)
   assert rep["xla_time_source"].startswith("roofline") and "-15.900" in rep["xla_time_source"]
   assert rep["xla_seconds"] == pytest.approx(3.0)
@@ -168,6 +169,17 @@ def test_planner_bisects_remat_policies_then_tries_tensor_parallelism(monkeypatc
     gb[t].update({r: 100 for r in compile_check.REMAT_ORDER if r != "none"})
   with pytest.raises(ValueError, match="nothing tried fits"):
     compile_check.plan(cfg, TOPOLOGY)
+
+
+def test_compiles_in_their_own_processes_give_what_compiles_here_give():
+  # compile_all's spawned processes (two at once) compile the same programs as this process.
+  cfg = tiny_config()
+  mesh = compile_check.sharding.mesh_from_config(cfg.mesh, compile_check.topology_devices(TOPOLOGY))
+  jobs = [compile_check.Compile("real", cfg), compile_check.Compile("unrolled", cfg, per_trip=0)]
+  here = compile_check.compile_all(jobs, mesh)
+  there = compile_check.compile_all(jobs, mesh, topology=TOPOLOGY, processes=2)
+  for a, b in zip(here, there):
+    assert (a.memory, a.cost, a.num_params) == (b.memory, b.cost, b.num_params) and not b.refused
 
 
 def test_iterations_per_trip_keep_the_trips_equal():
