@@ -134,7 +134,7 @@ EXIT_HOST_MEMORY = 4
 HOST_RESERVE_BYTES = 1e9     # left to the rest of the machine: below this much available, stop
 HOST_MIN_START_BYTES = 3e9   # the smallest pod check here peaks near 3 GB: below this, do not start
 
-_START = time.time()
+_START_TIME = [time.time()]  # when the check started, for the log lines' seconds
 _phase = ["starting"]        # what the process is doing, for the guard's error line
 _peak = [0.0]                # the most memory this process and its compile processes held together
 
@@ -202,7 +202,7 @@ def host_available() -> float | None:
 def progress(msg: str) -> None:
   """One log line: seconds since start, host memory in use, and what starts now."""
   _phase[0] = msg
-  log.info("[%5.0fs, host %4.1f GB] %s", time.time() - _START, host_rss() / 1e9, msg)
+  log.info("[%5.0fs, host %4.1f GB] %s", time.time() - _START_TIME[0], host_rss() / 1e9, msg)
 
 
 def _on_scalar(event: str, value: float, **kwargs) -> None:
@@ -364,10 +364,12 @@ class Compiled:
 @dataclasses.dataclass
 class Compile:
   """One compile of cfg's step: `per_trip` None keeps the scans as trained, 0 unrolls them, k puts k
-  layers in each loop trip (flops.unrolled_scans)."""
+  layers in each loop trip (flops.unrolled_scans). `label` names it in the log, `tag` the log lines
+  of its process."""
   label: str
   cfg: ml_collections.ConfigDict
   per_trip: int | None = None
+  tag: str = "compile"
 
 
 def compile_and_release(cfg, mesh, what: str, *, per_trip: int | None = None) -> Compiled:
@@ -394,11 +396,13 @@ def compile_and_release(cfg, mesh, what: str, *, per_trip: int | None = None) ->
   return out
 
 
-def _compile_in_child(job: Compile, topology: str, num_slices: int) -> Compiled:
-  """One compile in a spawned process: its own jax on the CPU platform and the slice's devices. Errors
-  come back as ValueError or RuntimeError with the message (not every jaxlib exception pickles)."""
+def _compile_in_child(job: Compile, topology: str, num_slices: int, start: float) -> Compiled:
+  """One compile in a spawned process: its own jax on the CPU platform and the slice's devices; its log
+  lines count seconds from `start`, the check's. Errors come back as ValueError or RuntimeError with
+  the message (not every jaxlib exception pickles)."""
+  _START_TIME[0] = start
   jax.config.update("jax_platforms", "cpu")
-  logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{job.label.split(':')[0]}] %(message)s",
+  logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{job.tag}] %(message)s",
                       stream=sys.stdout, force=True)
   log.setLevel(logging.INFO)
   log_phases()
@@ -424,7 +428,7 @@ def compile_all(jobs: list[Compile], mesh, *, topology: str = "", num_slices: in
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=ctx,
                                               max_tasks_per_child=1) as pool:
-    futures = [pool.submit(_compile_in_child, j, topology, num_slices) for j in jobs]
+    futures = [pool.submit(_compile_in_child, j, topology, num_slices, _START_TIME[0]) for j in jobs]
     return [f.result() for f in futures]
 
 
@@ -441,13 +445,14 @@ def cost_jobs(cfg, method: str) -> dict:
   if method not in COST_METHODS:
     raise ValueError(f"cost method {method!r} is unknown; accepted: {COST_METHODS}")
   if method == "unrolled":
-    return {"full": Compile("cost: the full-depth step unrolled", cfg, 0)}
+    return {"full": Compile("cost: the full-depth step unrolled", cfg, 0, tag="cost, unrolled")}
   if method == "shallow":
-    return {dd: Compile(f"cost: the step unrolled at depths ({dd}, {dd})", _with_depths(cfg, dd, dd), 0)
-            for dd in (1, 2)}
+    return {dd: Compile(f"cost: the step unrolled at depths ({dd}, {dd})", _with_depths(cfg, dd, dd), 0,
+                        tag=f"cost, depth {dd}") for dd in (1, 2)}
   if method == "scanned" and _extra_layers(cfg)[1]:
     trips = _extra_layers(cfg)[0]
-    return {"trip": Compile(f"cost: the step with {trips['dit']} layers per loop trip", cfg, 2)}
+    return {"trip": Compile(f"cost: the step with {trips['dit']} layers per loop trip", cfg, 2,
+                            tag="cost, 2 per trip")}
   return {}
 
 
@@ -646,7 +651,7 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "shallow
   t_start = time.time()
   host = lambda: {"host_peak_gb": host_peak() / 1e9, "wall_s": time.time() - t_start}
   jobs = [] if real is not None else [Compile(f"memory: the real step (layers scanned), {chips} chips, "
-                                              f"mesh {dict(mesh.shape)}", cfg)]
+                                              f"mesh {dict(mesh.shape)}", cfg, tag="memory")]
   extra = cost_jobs(cfg, cost) if not skip_cost else {}
   done = compile_all(jobs + list(extra.values()), mesh, topology=topology, num_slices=num_slices,
                      processes=processes)
@@ -806,8 +811,9 @@ def main(argv):
   print(f"memory per chip: arguments {gb['argument']:.2f} GB, outputs {gb['output']:.2f} (aliased "
         f"{gb['alias']:.2f}), temporaries {gb['temp']:.2f}, code {gb['generated_code']:.2f}; total "
         f"{gb['total']:.2f} of {rep['hbm_gb_per_chip']:.1f} GB HBM -> {'fits' if rep['fits'] else 'DOES NOT FIT'}")
+  cpu_s = sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
   host = (f"host: peak {rep['host_peak_gb']:.2f} GB resident, {rep['wall_s']:.0f}s of wall clock, "
-          f"{sum(resource.getrusage(resource.RUSAGE_SELF)[:2]):.0f}s of CPU")
+          f"{cpu_s:.0f}s of CPU (compile processes included)")
   if _MEMORY_ONLY.value:
     print(host)
     print(json.dumps({k: rep[k] for k in JSON_KEYS}))
