@@ -15,7 +15,17 @@ from sora_jax.config import parse_arg
 # 75,600 tokens padded to whole 512-token splash blocks.
 SEQ_LEN = 75_776
 SLICES = {
-    "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
+    # MaxDiffusion's v5p-8 shape: 4 chips, one video per chip. With float32 parameters the train state
+    # (parameters, EMA, AdamW's two moments: 16 bytes x 14.3B / 4 chips = 57 GB per chip) plus float32
+    # gradients (14 GB) and full remat's one bf16 residual per layer (40 x 75,776 x 5120 x 2 bytes =
+    # 31 GB) is over 95 GB by this arithmetic (docs/benchmarks.md, "Wan 2.1"). MaxDiffusion
+    # trains Wan in bfloat16 weights (weights_dtype=bfloat16), which halves all of it: the parameters,
+    # the EMA and the moments follow param_dtype here. The price: an update smaller than half a bf16
+    # step of its weight (2^-9 of it) rounds away, so lr 1e-5 moves only weights within ~500x of their
+    # update; the EMA at decay 0.9999 does not move in bf16 at all (it is kept only because the trainer's
+    # state always holds one).
+    "v5p:2x2x1": dict(batch_size=4, remat="full", param_dtype="bfloat16",
+                      mesh=dict(data=1, fsdp=-1, tensor=1)),
 }
 
 
@@ -32,7 +42,8 @@ def get_config(arg=None):
   c.data.text_len = 512
   c.data.batch_size = pod["batch_size"]
   c.mesh = ml_collections.ConfigDict(pod["mesh"])
-  c.dit.update(dict(width=5120, depth=40, num_heads=40, ffn_dim=13824, remat=pod["remat"]))
+  c.dit.update(dict(width=5120, depth=40, num_heads=40, ffn_dim=13824, remat=pod["remat"],
+                    param_dtype=pod["param_dtype"]))
   c.diffusion.shift_scale = 5.0
   c.sample.update(dict(height=720, width=1280))
   c.compile_check.topology = arg.topology

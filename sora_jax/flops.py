@@ -309,18 +309,33 @@ def peak_flops(devices, dtype: str = "bfloat16") -> tuple[float, str]:
   return peak * len(devices), f"published dense bf16 peak of {devices[0].device_kind}"
 
 
-@contextlib.contextmanager
-def unrolled_scans():
-  """Traces every `jax.lax.scan` fully unrolled, so `cost_analysis()` counts every layer.
+def iterations_per_trip(length: int, per_trip: int) -> int:
+  """Loop iterations `unrolled_scans(per_trip)` puts in one trip of a scan of `length` iterations: the
+  smallest divisor of `length` that is at least `per_trip` (so the trips are equal), `length` itself
+  when there is none (fully unrolled)."""
+  if per_trip <= 1 or length <= 1:
+    return max(min(per_trip, length), 1)
+  return next(k for k in range(per_trip, length + 1) if length % k == 0)
 
-  Only for the FLOP check: an unrolled step compiles several times slower (FACTS.md) but runs the same
-  arithmetic. nnx.scan looks `jax.lax.scan` up at call time, which is what this swaps.
+
+@contextlib.contextmanager
+def unrolled_scans(per_trip: int = 0):
+  """Traces every `jax.lax.scan` unrolled, so `cost_analysis()` counts its iterations: fully (the
+  default), or `iterations_per_trip(length, per_trip)` iterations per loop trip.
+
+  Only for cost estimates: an unrolled step compiles several times slower (FACTS.md) but runs the same
+  arithmetic. With two iterations per trip the loop body holds two layers, so the cost model's count of
+  the body (once, FACTS.md) grows by exactly one layer over the scanned step's (compile_check). nnx.scan
+  looks `jax.lax.scan` up at call time, which is what this swaps; `lax.map` (splash's rows and query
+  chunks) calls its own module's scan and stays a loop.
   """
   original = jax.lax.scan
 
   def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
     del unroll
-    return original(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
+    n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
+    k = iterations_per_trip(n, per_trip) if per_trip else True
+    return original(f, init, xs, length=length, reverse=reverse, unroll=k, **kwargs)
 
   jax.lax.scan = scan
   try:
