@@ -13,7 +13,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",                 # NNX: use_eager_sharding, Optimizer(wrt=), to_pure_dict
     "optax>=0.2.4",
     "orbax-checkpoint>=0.12.0",
-    "grain>=0.2.18",                # experimental packers, ArrayRecordDataSource (FACTS.md)
+    "grain>=0.2.18",                # experimental packers, ArrayRecordDataSource (docs/hazards.md)
     "array-record>=0.8.1",
     "tensorflow-datasets>=4.9.10",  # ArrayRecord data sets without TensorFlow (4.9.9 breaks on protobuf 7)
     "sentencepiece>=0.2.0",

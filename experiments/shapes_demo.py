@@ -38,7 +38,8 @@ def get_config(arg=None):
   c.data.max_text_tokens = 32    # per caption, after tokenization
   c.data.max_segments = 48       # per packed row
   c.data.batch_size = 2          # packed rows per global batch: 2 rows give twice the updates of 4 on the
-                                 # same tokens, and a better denoiser in the demo's minutes (benchmarks.md)
+                                 # same tokens, and a better denoiser in the demo's minutes
+                                 # (docs/history.md, Issue 7)
   c.data.long_clips = "crop"     # "crop" in time, or "drop" (counted and reported)
   c.data.num_workers = 0
   c.data.shuffle_seed = 0
@@ -68,7 +69,7 @@ def get_config(arg=None):
   c.sample.width = 32
   c.sample.fps = 8.0
   c.sample.row_len = 128         # packed inference rows (tokens); 0 = data.seq_len. Short rows in a batch
-                                 # beat long ones with dense-mask attention (docs/benchmarks.md, Issue 6)
+                                 # beat long ones with dense-mask attention (docs/history.md, Issue 6)
   c.sample.max_tile_pixels = 0   # VAE chunked decoding: tile frames above this many pixels; 0 = never
 
   # --- DiT (sora_jax/models/dit.py, models/text.py): 5.5M params (1.3M of them adaLN, applied per
@@ -113,7 +114,7 @@ def get_config(arg=None):
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
   c.total_steps = 1300           # colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%):
-                                 # docs/benchmarks.md, Issue 7
+                                 # docs/benchmarks.md, "Evaluation"
   c.max_train_seconds = 0.0      # wall-clock cap (checkpointed stop), for pod jobs; 0 = none: the demo trains
                                  # its steps on any machine and reports a slow stage (config.demo below)
   c.log_every_steps = 10
@@ -126,7 +127,7 @@ def get_config(arg=None):
   c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
   c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-3              # 5e-3 diverges in quality (docs/benchmarks.md, Issue 7, fourth session)
+  c.optim.lr = 2e-3              # 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session)
   c.optim.warmup_steps = 40
   c.optim.schedule = "cosine"    # "cosine" or "constant" after the linear warmup
   c.optim.end_lr_fraction = 0.1  # cosine floor, as a fraction of lr
@@ -152,7 +153,7 @@ def get_config(arg=None):
   c.vae.logvar_init = -6.0       # posterior starts narrow: the decoder is not trained on noise
   c.vae.norm = "none"            # Wan's per-position RMS norm learns ~2x slower at this width
 
-  # --- VAE training (sora_jax/train_vae.py): ~9-14 min of 2-core CPU (2500 steps: 30.4 dB); docs/benchmarks.md "Issue 3".
+  # --- VAE training (sora_jax/train_vae.py): ~9-14 min of 2-core CPU (2500 steps: 30.4 dB); docs/benchmarks.md "VAE".
   c.vae_train = ml_collections.ConfigDict()
   c.vae_train.total_steps = 2500
   c.vae_train.max_train_seconds = 0.0    # wall-clock cap (checkpointed stop); 0 = none, as for the DiT
@@ -164,7 +165,7 @@ def get_config(arg=None):
   c.vae_train.video_pixels = 17408
   c.vae_train.crop_tries = 4             # keep the busiest of this many random windows (vae_batches.py)
   c.vae_train.l1_weight = 0.0            # L1's gradient is the sign of the training noise near the
-  c.vae_train.l2_weight = 1.0            # optimum: MSE alone learns faster (docs/benchmarks.md)
+  c.vae_train.l2_weight = 1.0            # optimum: MSE alone learns faster (docs/history.md, Issue 3)
   c.vae_train.kl_weight = 1e-4           # per latent element, against per-pixel reconstruction
   c.vae_train.gan_weight = 0.0           # 3D patch discriminator (hinge); 0 = off
   c.vae_train.gan_start = 2000
@@ -204,7 +205,7 @@ def get_config(arg=None):
   c.eval.denoise_clips = 32      # test clips for the DiT's object-token error at t = 0.7, 0.9
 
   # --- The demo (sora_jax/demo.py): minutes each stage takes with the step counts above on an idle
-  # 2-core CPU (docs/benchmarks.md, fifth session: 34 min in all); the demo prints every stage's time
+  # 2-core CPU (docs/benchmarks.md, "Demo": 34 min in all); the demo prints every stage's time
   # against these and one line for a stage slower than slow_factor times them. Update them with the
   # step counts. 0 = no expectation.
   c.demo = ml_collections.ConfigDict()

@@ -5,8 +5,8 @@
 runs every stage as `make demo` does (data, tokenizer, VAE, latents, DiT, export, samples, evaluation);
 stages can be run alone as in experiments/shapes_demo.py. It renders the "small" mixture (frames up to
 128 px), trains the VAE ~5x and the DiT ~8x longer than the demo, with a wider, deeper DiT. Targets after
-it (issue 7): colour accuracy >= 97%, motion accuracy >= 90%; the measured figures are in
-docs/benchmarks.md.
+it (issue 7): colour accuracy >= 97%, motion accuracy >= 90%; not run yet (its DiT stage alone needs
+hours on the 2-core CPU: docs/history.md, Issue 7).
 """
 from experiments import shapes_demo
 from sora_jax.config import parse_arg

@@ -8,7 +8,7 @@ Train on a v5p-128 slice (64 chips, 16 hosts; scripts/tpu_vm.sh copies the repo 
     python -m sora_jax.train --config experiments/sora_b.py --workdir gs://BUCKET/runs/sora_b \\
         --config.data.latents_dir=gs://BUCKET/latents --config.data.tokenizer=gs://BUCKET/tok.model
 Other slices: `experiments/sora_b.py:topology=v6e:8x8` picks that slice's batch and remat.
-Expected (docs/benchmarks.md, Issue 8): fits in HBM; compiler-estimated MFU as recorded there.
+Expected (docs/benchmarks.md, "Pod compile checks"): fits in HBM; compiler-estimated MFU as recorded there.
 
 Head dim 128 (9 heads of 128 rather than STDiT3's 16 of 72) keeps the MXU and splash's lanes full.
 """
@@ -23,7 +23,7 @@ SLICES = {
     "v5p:4x4x4": dict(batch_size=128, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
     # `--plan`'s choice (3 compiles): 29.55 of 32 GB, 32.5% estimated MFU. Its XLA part is priced by the
     # roofline (libtpu's v6e estimate is unusable), where bytes, not FLOPs, bound it, so recomputing
-    # more does not help: full_save_attention 30.8% at 6.26 GB (docs/benchmarks.md, Issue 8, eighth session).
+    # more does not help: full_save_attention 30.8% at 6.26 GB (docs/history.md, Issue 8, eighth session).
     "v6e:8x8": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1)),
     "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1)),
 }

@@ -8,7 +8,7 @@ The low-resolution stage (rows of 16k at the same tokens per step): `experiments
 Train (v5p-512, 64 hosts; or GKE via XPK: scripts/xpk.sh, multi-slice with --num_slices):
     python -m sora_jax.train --config experiments/sora_xl.py --workdir gs://BUCKET/runs/sora_xl \\
         --config.data.latents_dir=gs://BUCKET/latents --config.data.tokenizer=gs://BUCKET/tok.model
-Expected (docs/benchmarks.md, Issue 8): fits in HBM; compiler-estimated MFU as recorded there.
+Expected (docs/benchmarks.md, "Pod compile checks"): fits in HBM; compiler-estimated MFU as recorded there.
 
 Shares everything but the sizes with sora_b (imported and mutated).
 """
@@ -20,7 +20,7 @@ from sora_jax.config import parse_arg
 SLICES = {
     # full_save_attention: the attention kernels' outputs are kept, so their forward runs once, and the
     # fused backward runs over 16 query chunks (7 kernel matmuls per call): 46.6% estimated MFU, 75.3 of
-    # 95 GB per chip (docs/benchmarks.md, Issue 8, seventh session).
+    # 95 GB per chip (docs/history.md, Issue 8, seventh session).
     "v5p:8x8x4": dict(batch_size=256, seq_len=65536, remat="full_save_attention",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
     # full_save_self_attention: only the self-attention kernels' outputs are kept (both would need 34.43G

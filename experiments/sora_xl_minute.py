@@ -11,7 +11,8 @@ self-attention runs as ring or all-to-all attention over it (dit.context_attenti
 Train (v5p-512 = 256 chips: 8 context groups of 32 chips, FSDP over the groups):
     python -m sora_jax.train --config experiments/sora_xl_minute.py --workdir gs://BUCKET/runs/minute \\
         --config.data.latents_dir=gs://BUCKET/minute_latents --config.data.tokenizer=gs://BUCKET/tok.model
-Expected (docs/benchmarks.md, Issue 11): what compiled on this CPU machine, and how, is recorded there.
+Expected (docs/benchmarks.md, "Pod compile checks"; how it was found: docs/history.md, Issue 11): what
+compiled on this CPU machine.
 
 `runlocal` is the same recipe at toy size on 8 fake CPU devices (context 4, fsdp 2).
 """
@@ -25,7 +26,7 @@ MINUTE_TOKENS = 361 * 45 * 80  # latent frames x (90 / 2) x (160 / 2)
 SLICES = {
     # 256 chips: 8 rows per step, each row's sequence over 32 chips (40.7k tokens per chip). Mesh axes
     # must be products of the torus dimensions (8, 8, 4): context 32 = 8 x 4, fsdp 8. Compiled on this
-    # machine: 92.4 of 95 GB per chip (docs/benchmarks.md, Issue 11); context 8 x fsdp 32 needs 144 GB.
+    # machine: 92.4 of 95 GB per chip (docs/history.md, Issue 11); context 8 x fsdp 32 needs 144 GB.
     "v5p:8x8x4": dict(batch_size=8, mesh=dict(data=1, fsdp=8, context=32, tensor=1)),
     # 512 chips (v5p-1024): 16 context groups of 32 (the same per-chip shapes; not compiled here).
     "v5p:8x8x8": dict(batch_size=16, mesh=dict(data=1, fsdp=16, context=32, tensor=1)),

@@ -14,7 +14,7 @@ converted from diffusers' `AutoencoderKLWan`:
 The converted run also holds Wan's published per-channel latent statistics (latent_stats.json). With the
 demo's (1, 2, 2) patches a token is 64-dimensional. Equality with diffusers (max abs error <= 1e-4 in
 float32 for images and 17-frame videos, random weights) is tested in tests/test_wan_interop.py and
-recorded in docs/benchmarks.md (Issue 10).
+recorded in docs/benchmarks.md ("Wan 2.1 interop").
 """
 import importlib.util
 import os

@@ -1,7 +1,8 @@
 """Reads Shapes videos (rendered or generated) and scores them against what their caption asks for.
 
-SHAPES.md's evaluator, written against the renderer's world (sora_jax/data/shapes.py) but reading only
-pixels and the caption's labels (`CaptionLabels`), so a generated video is judged exactly like a render:
+The evaluator of the Shapes spec (docs/data.md), written against the renderer's world
+(sora_jax/data/shapes.py) but reading only pixels and the caption's labels (`CaptionLabels`), so a
+generated video is judged exactly like a render:
 
 - Pixels. Each frame's background is its per-channel median (objects cover well under half a frame).
   A pixel is *foreground* when it differs from that background by more than 40/255 in some channel;
@@ -32,7 +33,7 @@ Scores, one Bernoulli trial per clip (a two-object clip is right only when both 
   of the wide shot; after a cut, only the close-up object);
 - shot consistency (captions with a cut): a cut is found, and the close-up object has the same colour
   and shape before (wide shot) and after it (largest component of the dominant colour);
-- shape (reported, not asked for by SHAPES.md): every object's majority shape matches.
+- shape (reported, not asked for by the spec): every object's majority shape matches.
 
 Two objects of one colour (they then differ in shape) are split into the two largest components,
 linked over frames by nearest centroid, and matched to the caption's objects by shape (then motion).
@@ -59,7 +60,7 @@ _MIN_MOTION_FRAMES = 4  # a wide shot shorter than this (0.375 s, 11% of the fra
 _MIN_AREA_FRAC = 0.01    # of min(H, W)^2
 _MIN_FILL = 0.3
 _MIN_SOLID = 0.15         # smallest render: 3 of 16 pixels survive; uniform noise: 99% of clusters < 0.1
-_STILL = 0.05             # SHAPES.md: still means displacement under 5% of the frame
+_STILL = 0.05             # the spec: still means displacement under 5% of the frame
 _TURN = 0.03              # a turn back by this much (of the frame) along the axis is a reversal
 _PERSIST = 0.9
 _CUT_SCORE = 0.9
@@ -231,7 +232,8 @@ def _shape_of(blobs: Sequence[Blob | None]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- motion
 def classify_motion(track_xy: np.ndarray) -> str | None:
-  """A SHAPES.md motion for a centroid track [n, 2] in frame fractions (x right, y down); None if n < 2."""
+  """A Shapes motion (docs/data.md) for a centroid track [n, 2] in frame fractions (x right, y down);
+  None if n < 2."""
   track_xy = np.asarray(track_xy, np.float64)
   if len(track_xy) < 2:
     return None

@@ -16,7 +16,7 @@ Where the process group comes from, first match wins:
 otherwise one process, and nothing is done. `--distributed=off` forces one process, `on` forces the
 auto-detecting `jax.distributed.initialize()`.
 
-CPU processes (tests, this machine) exchange collectives over gloo (FACTS.md).
+CPU processes (tests, this machine) exchange collectives over gloo (docs/hazards.md).
 
 Jobs that are not a jitted step over a global mesh (sampling, evaluation) split their work items between
 the processes with `map_shared`: each process runs its share on its own devices, and every process gets
@@ -91,7 +91,7 @@ def initialize() -> int:
   source, kwargs = ("forced", {}) if mode == "on" else detect()
   if not source:
     return 1
-  # CPU collectives across processes need an implementation; gloo ships with jaxlib (FACTS.md).
+  # CPU collectives across processes need an implementation; gloo ships with jaxlib (docs/hazards.md).
   # Harmless for TPU and GPU processes, whose collectives do not use it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -121,7 +121,7 @@ _barriers = itertools.count()
 
 def block_each_step() -> bool:
   """Whether a training loop should wait for each step before dispatching the next: on CPU, where fake
-  devices and gloo deadlock on collectives dispatched ahead (FACTS.md hazards) and the wait costs nothing."""
+  devices and gloo deadlock on collectives dispatched ahead (docs/hazards.md) and the wait costs nothing."""
   return jax.default_backend() == "cpu"
 
 

@@ -15,7 +15,7 @@ frequencies): no input gradient there. Attention is dense (the reference impleme
 (query, key) pair and masks), so its cost is 4 * L^2 * width per row whatever the packing.
 
 Scans: the DiT and its text encoder run their layers in `lax.scan`, and XLA's cost model counts a loop
-body once, not per trip (FACTS.md). Worse, work on the stacked per-layer tensors outside the loop (saved
+body once, not per trip (docs/hazards.md). Worse, work on the stacked per-layer tensors outside the loop (saved
 activations, stacked gradients) is counted in full, so no simple rescaling of the scanned count is
 right. The comparison therefore compiles the step a second time with every scan unrolled
 (`unrolled_scans`) and compares `total` with that compiled count (tests/test_flops.py; train.py does it
@@ -323,9 +323,9 @@ def unrolled_scans(per_trip: int = 0):
   """Traces every `jax.lax.scan` unrolled, so `cost_analysis()` counts its iterations: fully (the
   default), or `iterations_per_trip(length, per_trip)` iterations per loop trip.
 
-  Only for cost estimates: an unrolled step compiles several times slower (FACTS.md) but runs the same
+  Only for cost estimates: an unrolled step compiles several times slower (docs/hazards.md) but runs the same
   arithmetic. With two iterations per trip the loop body holds two layers, so the cost model's count of
-  the body (once, FACTS.md) grows by exactly one layer over the scanned step's (compile_check). nnx.scan
+  the body (once, docs/hazards.md) grows by exactly one layer over the scanned step's (compile_check). nnx.scan
   looks `jax.lax.scan` up at call time, which is what this swaps; `lax.map` (splash's rows and query
   chunks) calls its own module's scan and stays a loop.
   """

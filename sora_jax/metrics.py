@@ -88,7 +88,7 @@ class MetricWriter:
 
 
 def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
-  # PyAV writes gif with no system ffmpeg (FACTS.md); kept local so metrics does not depend on the
+  # PyAV writes gif with no system ffmpeg (docs/hazards.md); kept local so metrics does not depend on the
   # video_io module's formats.
   import av
   from fractions import Fraction

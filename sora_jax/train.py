@@ -9,7 +9,7 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
   `nnx.to_pure_dict`), sharded by sharding.state_shardings (FSDP by default, tensor parallel when the
   mesh has a `tensor` axis > 1); the batch is sharded over data x fsdp.
 - The step is one `jax.jit` with explicit in/out shardings and the state donated; the model is rebuilt
-  inside it with `nnx.merge` (FACTS.md: the functional form, not nnx.jit). Per-step randomness is
+  inside it with `nnx.merge` (docs/hazards.md: the functional form, not nnx.jit). Per-step randomness is
   `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted one would.
 - A non-finite loss or gradient never reaches the parameters: the step keeps the old params, optimizer
   and EMA and records the first bad step in `bad_step`; the loop checks it at every log step and before

@@ -141,7 +141,7 @@ def test_bf16_bundle_samples_within_tolerance_of_f32(tiny_bundle):
   b = sampling.generate(bundle_lib.load(tiny_bundle["bf16"]), reqs, seed=3, steps=3, guidance=2.0)
   for x, y in zip(a, b):
     d = np.abs(x.astype(np.int16) - y.astype(np.int16))
-    # The documented tolerance (docs/benchmarks.md, issue 7): mean |difference| <= 1 level of 255.
+    # The documented tolerance (docs/benchmarks.md, "Evaluation"): mean |difference| <= 1 level of 255.
     assert d.mean() <= 1.0, d.mean()
     assert x.std() > 1.0  # a real picture, not a constant
 

@@ -144,7 +144,7 @@ def test_lora_state_is_sharded_by_the_logical_rules_and_only_adapters_train():
   losses = []
   for i in range(4):
     state, scalars = step(state, tf.to_global(_feature_batch(i % 2, cfg), mesh))
-    jax.block_until_ready(state)  # several fake devices: block every step (FACTS.md)
+    jax.block_until_ready(state)  # several fake devices: block every step (docs/hazards.md)
     losses.append(float(scalars["loss"]))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["frozen"]), base0)
   b = jax.device_get(state["params"]["blocks"]["mlp"]["up"]["lora_b"])

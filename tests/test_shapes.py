@@ -1,4 +1,5 @@
-"""The Shapes data set: SHAPES.md's rules hold for every sampled clip, and builds are exact and repeatable."""
+"""The Shapes data set: the spec's rules (docs/data.md) hold for every sampled clip, and builds are exact
+and repeatable."""
 import dataclasses
 import hashlib
 import pickle

@@ -27,7 +27,7 @@ def _run_steps(cfg, devices, batches):
   losses = []
   for batch in batches:
     state, scalars = compiled(state, tf.to_global(batch, mesh))
-    jax.block_until_ready(state)  # several fake devices: block every step (FACTS.md)
+    jax.block_until_ready(state)  # several fake devices: block every step (docs/hazards.md)
     losses.append(float(scalars["loss"]))
   return losses, jax.device_get(state)
 

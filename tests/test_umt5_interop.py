@@ -49,7 +49,7 @@ def spm_proto():
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(spm_proto):
-  """transformers' T5Tokenizer over the same vocabulary and normalizer (FACTS.md: in transformers 5 it
+  """transformers' T5Tokenizer over the same vocabulary and normalizer (docs/hazards.md: in transformers 5 it
   does not read an spm file; published folders carry tokenizer.json, which holds both)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,5 @@
 """Peak host memory of a fine-tuning run on this CPU: LoRA against full fine-tuning (docs/benchmarks.md,
-"Fine-tuning Wan 2.1").
+"Fine-tuning and LoRA").
 
     python -m sora_jax.bench.finetune_memory [--width 256] [--depth 30] [--rank 16] [--steps 3]
 

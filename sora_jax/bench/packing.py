@@ -40,7 +40,7 @@ _CHANNELS = flags.DEFINE_integer("channels", 16, "latent channels c (token dim D
 _PACKERS = flags.DEFINE_list("packers", ["best_fit", "first_fit"], "grain packers to compare")
 _BINS = flags.DEFINE_list("bins", ["16", "64"], "num_packing_bins to compare")
 _MODEL_TPS = flags.DEFINE_float("model_tokens_per_s", 850.0,
-                                "processed tokens/s of the model (FACTS.md: demo-size DiT, 2-core CPU)")
+                                "processed tokens/s of the model (docs/hazards.md: demo-size DiT, 2-core CPU)")
 _THROUGHPUT = flags.DEFINE_bool("throughput", False, "measure tokens per CPU-second instead")
 _BATCHES = flags.DEFINE_integer("batches", 30, "batches timed for --throughput")
 _LATENTS_DIR = flags.DEFINE_string("latents_dir", "", "--throughput: write the records as a latent data "

@@ -54,7 +54,7 @@ def demo_pipeline() -> sampling.Pipeline:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
-  # The demo's VAE section when it exists; else a VAE of the same 4x8x8 grid at FACTS.md's calibration
+  # The demo's VAE section when it exists; else a VAE of the same 4x8x8 grid at docs/hazards.md's calibration
   # width (base 32, 16 latent channels).
   vae_cfg = cfg.get("vae", None) or dict(base_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=1, z_dim=16,
                                          temporal_downsample=(False, True, True))

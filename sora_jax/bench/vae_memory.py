@@ -1,4 +1,4 @@
-"""Peak memory of the VAE's chunked encode + decode against video length (docs/benchmarks.md, Issue 3).
+"""Peak memory of the VAE's chunked encode + decode against video length (docs/benchmarks.md, "VAE").
 
     python -m sora_jax.bench.vae_memory [--config experiments/shapes_demo.py] [--size 128]
         [--frames 17,65]

@@ -1,7 +1,7 @@
 """The Shapes world: structured labels, the renderer, the caption grammar and the deterministic sampler.
 
-This module is the single definition of the embedded benchmark (../shared/SHAPES.md; docs/data.md writes
-down every choice the spec leaves open). A clip is described by a `ClipSpec` (objects, background,
+This module is the single definition of the embedded benchmark (docs/data.md states the spec and writes
+down every choice it leaves open). A clip is described by a `ClipSpec` (objects, background,
 size, an optional cut to a close-up); `render_clip` turns it into `uint8 [T, H, W, 3]` frames,
 `caption` / `parse_caption` implement the caption grammar, and `sample_spec(split, index, seed,
 mixture)` draws the spec of example `index` of a split, so a data set is a pure function of
@@ -162,7 +162,7 @@ def _check(name: str, value, accepted: Sequence[str]) -> None:
 
 # ------------------------------------------------------------------------------------------- captions
 def caption(spec: ClipSpec) -> str:
-  """SHAPES.md's caption of a clip."""
+  """The spec's caption of a clip (docs/data.md, "The Shapes spec")."""
   parts = []
   for o in spec.objects:
     parts.append(f"a {o.colour} {o.shape}" + ("" if spec.is_image else f" {o.motion}"))
@@ -363,7 +363,7 @@ _CUT_P = 0.2
 
 
 def aspect_name(height: int, width: int) -> str | None:
-  """The SHAPES.md aspect ratio (width:height) that (height, width) rounds from, or None."""
+  """The spec's aspect ratio (width:height) that (height, width) rounds from, or None."""
   for name, r in _ASPECTS.items():
     for short in range(32, 257, 16):
       h, w = (short, short * r) if r >= 1 else (short / r, short)

@@ -262,7 +262,7 @@ def blocksparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_id
   count the work (cost_analysis counts a while-loop body once). Rows with a wider window return NaNs.
   `group`: blocks stepped together (smaller groups follow mixed segment lengths more closely, larger
   ones batch more work per step). 64-token blocks in groups of 4 were fastest on this CPU
-  (docs/benchmarks.md, issue 9).
+  (docs/history.md, Issue 9).
   """
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")

@@ -4,7 +4,7 @@ and the stacked-and-scanned layer helpers.
 
 Precision policy: parameters are stored in `param_dtype` (float32); matmul inputs are cast to the
 compute `dtype` (bfloat16 by default) and accumulate in float32 (`preferred_element_type`), which is
-both the fast path on TPU and, per FACTS.md, on this CPU; norms and softmax run in float32.
+both the fast path on TPU and, per docs/hazards.md, on this CPU; norms and softmax run in float32.
 """
 from __future__ import annotations
 

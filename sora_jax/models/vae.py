@@ -90,7 +90,7 @@ def conv3d(x, kernel, t_stride: int = 1):
   """A 3D conv, VALID (strided) in time and SAME in space: `[B, T, H, W, I] x [kt, kh, kw, I, O]`.
 
   XLA:CPU runs 3D convolutions several times slower than the same work done as one 2D conv per
-  temporal tap (docs/benchmarks.md, "3D convs on XLA:CPU"), so on CPU it is computed that way; TPU
+  temporal tap (docs/benchmarks.md, "VAE"), so on CPU it is computed that way; TPU
   and GPU get the native 3D conv. Both forms are the same sum, checked by tests/test_vae.py.
   """
   if jax.default_backend() != "cpu":
@@ -174,7 +174,7 @@ class RMSNorm(nnx.Module):
   `norm="none"` keeps the gamma (the same parameters, so weights convert either way) but skips the
   normalisation. A per-position norm throws away each pixel's feature magnitude: at a small width and
   a short budget the VAE then has to re-encode brightness in directions, and learns about twice as
-  slowly (docs/benchmarks.md, Issue 3). Zero-initialised residual branches keep a norm-free stack stable.
+  slowly (docs/history.md, Issue 3). Zero-initialised residual branches keep a norm-free stack stable.
   """
 
   def __init__(self, dim: int, norm: str = "rms", *, rngs: nnx.Rngs):
@@ -299,7 +299,7 @@ class Resample(nnx.Module):
     self.mode = mode
     # The temporal convs start as plain resampling in time: frame 0 bypasses them, so with a random
     # init every later frame would sit behind two random projections that frame 0 does not have, and
-    # the VAE learns later frames far more slowly (docs/benchmarks.md, Issue 3).
+    # the VAE learns later frames far more slowly (docs/history.md, Issue 3).
     eye = jnp.eye(dim, dtype=jnp.float32)
     if mode.startswith("down"):
       self.resample = Conv2d(dim, dim, 3, rngs=rngs)
