@@ -25,7 +25,6 @@ all results, in item order. Process 0 writes the outputs.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import itertools
 import json
@@ -38,6 +37,8 @@ from absl import flags
 from etils import epath
 import jax
 import numpy as np
+
+from sora_jax import platforms
 
 _MODE = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                           "multi-host start-up: auto-detect, force jax.distributed.initialize(), or none")
@@ -77,7 +78,7 @@ def detect(environ=None) -> tuple[str, dict]:
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu", {}
-  if environ is None and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+  if environ is None and platforms.tpu_device_present():
     return "tpu", {}  # a TPU VM: jax reads the worker list from the metadata server
   return "", {}
 
