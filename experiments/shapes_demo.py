@@ -106,6 +106,7 @@ def get_config(arg=None):
   c.diffusion.shift_rule = "tokens"   # "tokens" (a as above) or "constant" (a = shift_scale: SD3, Wan)
   c.diffusion.object_weight = 0.0     # extra loss weight on tokens far from their clip's mean token
   c.diffusion.loss_weight = "uniform"  # "uniform" (the velocity error) or "x0" (weighted by t^2: x0 error)
+  c.diffusion.frame_noise_share = 0.0  # noise variance shared by a video's latent frames (PYoCo); 0 = iid
   c.diffusion.text_drop = 0.1        # per-segment caption dropout for classifier-free guidance
   c.diffusion.cond_first_frame = 0.1   # image-to-video prompt (first latent frame given)
   c.diffusion.cond_first_frames = 0.05  # video continuation (first k latent frames given)

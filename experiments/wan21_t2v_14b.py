@@ -1,9 +1,9 @@
 """Wan 2.1 text-to-video, 14B: experiments/wan21_t2v_1_3b.py at the published 14B size (40 blocks of width
 5120, 40 heads of 128, FFN 13824), trained at MaxDiffusion's published shape: 81 frames of 720x1280
-(21 x 45 x 80 = 75,600 tokens, one video per row and per chip), Wan's 720p time shift of 5.
+(21 x 45 x 80 = 75,600 tokens, one video per row and per chip), Wan's 720p time shift of 5, on 8 v5p chips.
 
     python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-14B-Diffusers --out runs/wan21_14b/bundle
-    python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x1
+    python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x2
 Expected (docs/benchmarks.md, "Wan 2.1"): fits in HBM; the estimated MFU is recorded beside MaxDiffusion's
 measured 135.9 TFLOP/s per v5p chip (29.6% of 459).
 """
@@ -15,22 +15,22 @@ from sora_jax.config import parse_arg
 # 75,600 tokens padded to whole 512-token splash blocks.
 SEQ_LEN = 75_776
 SLICES = {
-    # MaxDiffusion's v5p-8 shape: 4 chips, one video per chip. With float32 parameters the train state
-    # (parameters, EMA, AdamW's two moments: 16 bytes x 14.3B / 4 chips = 57 GB per chip) plus float32
-    # gradients (14 GB) and full remat's one bf16 residual per layer (40 x 75,776 x 5120 x 2 bytes =
-    # 31 GB) is over 95 GB by this arithmetic (docs/benchmarks.md, "Wan 2.1"). MaxDiffusion
-    # trains Wan in bfloat16 weights (weights_dtype=bfloat16), which halves all of it: the parameters,
-    # the EMA and the moments follow param_dtype here. The price: an update smaller than half a bf16
-    # step of its weight (2^-9 of it) rounds away, so lr 1e-5 moves only weights within ~500x of their
-    # update; the EMA at decay 0.9999 does not move in bf16 at all (it is kept only because the trainer's
-    # state always holds one).
-    "v5p:2x2x1": dict(batch_size=4, remat="full", param_dtype="bfloat16",
+    # One video per chip. With float32 parameters the train state (parameters, EMA, AdamW's two moments:
+    # 16 bytes x 14.3B) plus float32 gradients is over a v5p chip's 95 GB on 4 chips by arithmetic.
+    # MaxDiffusion trains Wan in bfloat16 weights (weights_dtype=bfloat16), which halves it: the
+    # parameters, the EMA and the moments follow param_dtype here. The price: an update smaller than half
+    # a bf16 step of its weight (2^-9 of it) rounds away, so lr 1e-5 moves only weights within ~500x of
+    # their update; the EMA at decay 0.9999 does not move in bf16 at all (it is kept only because the
+    # trainer's state always holds one). Even so, 4 chips (v5p:2x2x1) compile to 98.2 GB per chip: 28.6
+    # GB of state and 69.5 GB of temporaries (full remat's residual stream alone is 40 x 75,776 x 5120 x
+    # 2 bytes = 31 GB); 8 chips halve the state (docs/benchmarks.md, "Wan 2.1").
+    "v5p:2x2x2": dict(batch_size=8, remat="full", param_dtype="bfloat16",
                       mesh=dict(data=1, fsdp=-1, tensor=1)),
 }
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, topology="v5p:2x2x1", runlocal=False)
+  arg = parse_arg(arg, topology="v5p:2x2x2", runlocal=False)
   if arg.topology not in SLICES:
     raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
   pod = SLICES[arg.topology]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 COND_MODES = ("none", "first_frame", "first_frames", "last_frames", "both_ends")
 
@@ -195,6 +196,39 @@ def sample_cond_mask(rng: jax.Array, positions_bl3: jax.Array, segment_ids_bl: j
 
 # --- The training loss --------------------------------------------------------------------------
 
+def frame_share(cfg) -> float:
+  """`diffusion.frame_noise_share` a in [0, 1): the fraction of the noise variance that a video's latent
+  frames share at each spatial position (eps = sqrt(1 - a) e_own + sqrt(a) e_shared: PYoCo's mixed noise,
+  a prior that neighbouring frames look alike). 0 (the default, and Wan's): independent noise."""
+  a = float(cfg.diffusion.get("frame_noise_share", 0.0))
+  if not 0.0 <= a < 1.0:
+    raise ValueError(f"diffusion.frame_noise_share={a} is outside [0, 1)")
+  return a
+
+
+def training_noise(rng: jax.Array, shape, segment_ids: jax.Array, positions: jax.Array, a: float
+                   ) -> jax.Array:
+  """Noise [B, L, D] for packed tokens: independent per token, with a part shared by the tokens of one
+  segment at one (h, w) position (every latent frame) when a > 0 (`frame_share`)."""
+  r_own, r_shared = jax.random.split(rng)
+  eps = jax.random.normal(r_own, shape, jnp.float32)
+  if not a:
+    return eps
+  # One key per (row, segment, h, w), folded in from the shared key: the same draw at every frame.
+  cell = (segment_ids.astype(jnp.int32) * 4096 + positions[..., 1]) * 4096 + positions[..., 2]
+  row = jnp.broadcast_to(jnp.arange(shape[0], dtype=jnp.int32)[:, None], cell.shape)
+  keys = jax.vmap(jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(r_shared, r), c)))(row, cell)
+  shared = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, shape[-1:], jnp.float32)))(keys)
+  return jnp.sqrt(1.0 - a) * eps + jnp.sqrt(a) * shared
+
+
+def mix_frame_noise(own_thwc: np.ndarray, shared_hwc: np.ndarray, a: float) -> np.ndarray:
+  """Sampling's initial noise [t, h, w, c] with the same frame-shared part as `training_noise`."""
+  if not a:
+    return own_thwc
+  return (np.sqrt(1.0 - a) * own_thwc + np.sqrt(a) * shared_hwc[None]).astype(np.float32)
+
+
 def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
   """The diffusion loss of `model` (a DiT or any callable with its signature) on a packed batch.
 
@@ -211,7 +245,7 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
 
   counts = segment_token_counts(seg, s)
   t_bs = time_shift(sample_time(r_t, counts.shape, cfg), counts, cfg)
-  eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
+  eps = training_noise(r_eps, x0.shape, seg, pos, frame_share(cfg))
   t_tok = per_token(t_bs, seg)
   x_t, target = noisy(x0, eps, t_tok, cfg)
 

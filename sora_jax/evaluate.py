@@ -57,6 +57,7 @@ from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import distributed
+from sora_jax import diffusion
 from sora_jax import report
 from sora_jax.data import shapes
 
@@ -417,7 +418,7 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   reqs = [sampling.Request(shapes.caption(s), s.num_frames, s.height, s.width) for s, _ in picked]
   row_len = int(pipe.sample_setting("row_len", None, 0) or pipe.cfg.data.seq_len)
   packed = sampling.pack_requests(reqs, g, [pipe.text(r.caption) for r in reqs], seed=seed, steps=1,
-                                  row_len=row_len)
+                                  row_len=row_len, frame_share=diffusion.frame_share(pipe.cfg))
   x0 = np.zeros_like(packed.noise)
   for z, p in zip(latents, packed.placements):
     x0[p.row, p.start:p.start + p.num_tokens] = patching.patchify(np.asarray(z, np.float32), g.patch)[0]

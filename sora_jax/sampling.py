@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import diffusion
 from sora_jax import patching
 from sora_jax import samplers
 
@@ -282,6 +283,9 @@ def request_key(seed: int, index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
+FRAME_SHARED_DRAW = 1 << 30  # the draw of the frame-shared noise part (steps' draws count from 1)
+
+
 def _draw(seed: int, index: int, draw: int, shape) -> np.ndarray:
   return np.asarray(jax.random.normal(jax.random.fold_in(request_key(seed, index), draw), shape, jnp.float32))
 
@@ -302,10 +306,11 @@ def _token_mask(cond_frames: np.ndarray, grid, patch) -> np.ndarray:
 def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequence[np.ndarray], *,
                   seed: int, steps: int, row_len: int, shift_fn: Callable | None = None,
                   index_offset: int = 0, grid: str = "uniform",
-                  negative_texts: Sequence[np.ndarray] | None = None) -> Packed:
+                  negative_texts: Sequence[np.ndarray] | None = None, frame_share: float = 0.0) -> Packed:
   """Packs requests (with their captions as the DiT reads them: ids [n], or features [n, text_dim] of a
   frozen encoder) into rows, with noise and per-segment schedules. `negative_texts` (one per request)
-  become the unconditional half's captions (`neg_text_tokens`), in the same row layout.
+  become the unconditional half's captions (`neg_text_tokens`), in the same row layout. `frame_share`:
+  the drawn noise's part shared by a video's latent frames (diffusion.frame_share, as in training).
 
   Request i draws its noise from `request_key(seed, index_offset + i)` unless it brings `Request.noise`.
   Each segment gets its own time grid (`time_schedule`: its token count sets its shift, its strength
@@ -346,7 +351,11 @@ def pack_requests(requests: Sequence[Request], geometry: Geometry, texts: Sequen
       z = getattr(r, name)
       if z is not None and tuple(z.shape) != shape:
         raise ValueError(f"{name} of shape {tuple(z.shape)} do not match the request's latents {shape}")
-    z = _draw(seed, index_offset + i, 0, shape) if r.noise is None else np.asarray(r.noise, np.float32)
+    if r.noise is None:
+      z = diffusion.mix_frame_noise(_draw(seed, index_offset + i, 0, shape),
+                                    _draw(seed, index_offset + i, FRAME_SHARED_DRAW, shape[1:]), frame_share)
+    else:
+      z = np.asarray(r.noise, np.float32)
     eps, pos = patching.patchify(z, geometry.patch)
     noise[sl] = eps
     b["positions"][sl] = pos
@@ -841,7 +850,8 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
     negatives = [neg] * len(reqs)
   packed = pack_requests(reqs, pipe.geometry, [pipe.text(r.caption) for r in reqs], seed=seed,
                          steps=steps, row_len=row_len, shift_fn=pipe.shift_fn, index_offset=index_offset,
-                         grid=pipe.time_grid, negative_texts=negatives)
+                         grid=pipe.time_grid, negative_texts=negatives,
+                         frame_share=diffusion.frame_share(pipe.cfg))
   out: list[np.ndarray | None] = [None] * len(reqs)
   for r0 in range(0, packed.num_rows, rows_per_call):
     part = packed.rows(r0, r0 + rows_per_call)
@@ -911,7 +921,7 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
   guidance = float(cfg.get("sample", {}).get("guidance", 1.0) or 1.0)
   grid = str(cfg.get("sample", {}).get("time_grid", "uniform") or "uniform")
   packed = pack_requests(reqs, geometry, ids, seed=seed, steps=steps, row_len=0, shift_fn=_shift_fn(cfg),
-                         grid=grid)
+                         grid=grid, frame_share=diffusion.frame_share(cfg))
   latents = denoise(model, packed, sampler=sched.samplers()[0], guidance=guidance, seed=seed,
                     schedule=sched)
   out = {}

@@ -228,3 +228,40 @@ def test_x0_loss_weight_is_the_clean_signal_error():
   assert float(loss) == pytest.approx(want, rel=1e-5)
   uniform, _ = diffusion.loss_fn(model, batch, jax.random.key(1), cfg(text_drop=0.0))
   assert float(uniform) > float(loss)  # t^2 < 1
+
+
+def test_frame_shared_noise_is_shared_across_frames_only():
+  # Two segments of a 4 x 3 x 3 token grid each in one row: with a = 0.5, tokens of one segment at one
+  # (h, w) correlate by 0.5 across frames; other cells and the other segment do not; variance stays 1.
+  from sora_jax import patching
+  pos = np.asarray(patching.grid_positions((4, 3, 3)))
+  positions = jnp.asarray(np.concatenate([pos, pos])[None])
+  seg = jnp.asarray(np.repeat([1, 2], len(pos))[None])
+  d, n = 4096, len(pos)
+  eps = np.asarray(diffusion.training_noise(jax.random.PRNGKey(0), (1, 2 * n, d), seg, positions, 0.5))[0]
+  corr = lambda i, j: float(np.corrcoef(eps[i], eps[j])[0, 1])
+  same_cell = [j for j in range(1, n) if tuple(pos[j][1:]) == tuple(pos[0][1:])]
+  other_cell = [j for j in range(1, n) if tuple(pos[j][1:]) != tuple(pos[0][1:])]
+  assert all(abs(corr(0, j) - 0.5) < 0.05 for j in same_cell) and len(same_cell) == 3
+  assert all(abs(corr(0, j)) < 0.05 for j in other_cell)
+  assert abs(corr(0, n)) < 0.05  # the same cell of the other segment
+  np.testing.assert_allclose(eps.var(axis=1), 1.0, atol=0.07)
+  iid = np.asarray(diffusion.training_noise(jax.random.PRNGKey(0), (1, 2 * n, d), seg, positions, 0.0))[0]
+  assert abs(float(np.corrcoef(iid[0], iid[same_cell[0]])[0, 1])) < 0.05
+  cfg = ml_collections.ConfigDict(dict(diffusion=dict(frame_noise_share=1.0)))
+  with pytest.raises(ValueError, match="frame_noise_share=1.0"):
+    diffusion.frame_share(cfg)
+
+
+def test_sampling_noise_shares_frames_as_training_does():
+  from sora_jax import sampling
+  geometry = sampling.Geometry(temporal=4, spatial=8, channels=8, patch=(1, 2, 2))
+  reqs = [sampling.Request("a", 17, 64, 64)]
+  noise = {a: sampling.pack_requests(reqs, geometry, [np.zeros(3, np.int32)], seed=0, steps=2, row_len=0,
+                                     frame_share=a).noise[0] for a in (0.0, 0.5)}
+  grid = geometry.grid(17, 64, 64)
+  per_frame = grid[1] * grid[2]
+  a, b = noise[0.5][:per_frame].ravel(), noise[0.5][per_frame:2 * per_frame].ravel()
+  assert abs(float(np.corrcoef(a, b)[0, 1]) - 0.5) < 0.1
+  a, b = noise[0.0][:per_frame].ravel(), noise[0.0][per_frame:2 * per_frame].ravel()
+  assert abs(float(np.corrcoef(a, b)[0, 1])) < 0.1
