@@ -57,6 +57,7 @@ from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import distributed
+from sora_jax import metrics
 from sora_jax import report
 from sora_jax.data import shapes
 
@@ -107,25 +108,6 @@ def settings(cfg, **overrides) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- VAE
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  """Peak signal-to-noise ratio in dB of two uint8 videos (over all pixels)."""
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return float("inf") if mse == 0 else float(10 * math.log10(255.0 ** 2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-  """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, 11 taps, K1 0.01, K2 0.03) over frames and
-  channels of two uint8 videos [T, H, W, C]."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  x, y = a.astype(np.float64), b.astype(np.float64)
-  blur = lambda v: ndimage.gaussian_filter(v, sigma=(0, 1.5, 1.5, 0), truncate=3.5, mode="reflect")
-  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-  mx, my = blur(x), blur(y)
-  sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-  return float(s.mean())
-
-
 def bootstrap_mean(values: Sequence[float], *, seed: int = 0, draws: int = 2000) -> dict:
   """Mean of `values` with a 95% percentile-bootstrap interval."""
   v = np.asarray([x for x in values if math.isfinite(x)], np.float64)
@@ -166,7 +148,7 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
     z = pipe.encode(x)
     y = pipe.decode(z)
     record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
-              "psnr": psnr(x, y), "ssim": ssim(x, y)}
+              "psnr": metrics.psnr(x, y), "ssim": metrics.ssim(x, y)}
     read = None
     if specs is not None:
       if x.shape != np.shape(frames):
@@ -452,7 +434,6 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
 
 # -------------------------------------------------------------------------------------------- report
 def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
-  from sora_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   out = []
   if not workdir:
     return out
@@ -460,7 +441,7 @@ def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
     path = os.path.join(workdir, run, "metrics.jsonl")
     if not os.path.isfile(path):
       continue
-    records = metrics_lib.read_metrics(path)
+    records = metrics.read_metrics(path)
     keys = sorted({k for r in records for k, v in r.items()
                    if "loss" in k and not k.startswith("compile/") and isinstance(v, (int, float))})
     series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
