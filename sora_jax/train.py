@@ -484,9 +484,12 @@ def pin_latents(cfg, workdir: str, *, resuming: bool) -> None:
     atomic.write_text(path, json.dumps(now, indent=2))
 
 
-def make_data(cfg, workdir: str):
+def make_data(cfg, start: Start):
+  """The training stream and its to_global; a resumed run continues its checkpoints' stream, also on
+  another number of processes (distributed.data_iterator)."""
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
+  resumed = start.directory if start.kind in ("workdir", "resume_from") else None
+  return distributed.data_iterator(cfg, resumed, split="train"), pipeline.to_global
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
@@ -499,7 +502,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   loss_fn = loss_fn or default_loss_fn()
   check_config(cfg, devices, pipeline=data is None)
   cfg = prepare_config(cfg, workdir)
-  data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main():  # what export and the sampler rebuild the model from (bundle.py)
@@ -514,6 +516,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
+    data_iter, to_global = data if data is not None else make_data(cfg, start)
     held_out, decode = None, None
     if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
       pin_latents(cfg, workdir, resuming=start.kind == "workdir")
