@@ -60,15 +60,14 @@ def own_clips(pipe: sampling.Pipeline, batch: dict, max_clips: int, seed: int) -
   patch = tuple(int(p) for p in pipe.cfg.data.patch)
   out = []
   for r in range(batch["tokens"].shape[0]):
-    for k, grid in enumerate(batch["seg_grid"][r]):
-      grid = tuple(int(g) for g in grid)
+    latents = patching.unpack_row(batch["tokens"][r], batch["segment_ids"][r], batch["seg_grid"][r], patch)
+    for k, z in enumerate(latents):
       resized = batch["seg_scale"][r, k] != 1 or batch["seg_cropped"][r, k]
-      if len(out) == max_clips or not any(grid) or resized:
+      if len(out) == max_clips or resized:
         continue
       ids = batch["text_tokens"][r][batch["text_segment_ids"][r] == k + 1]
       caption = pipe.tokenize.decode(int(i) for i in ids)
-      tokens = batch["tokens"][r][batch["segment_ids"][r] == k + 1]
-      truth = pipe.decode(patching.unpatchify(tokens, grid, patch))
+      truth = pipe.decode(z)
       (video,) = sampling.generate(pipe, [(caption, *truth.shape[:3])], seed=seed)
       score = detector.score_clip(video, caption)
       out.append(dict(caption=caption, frames=int(truth.shape[0]), psnr=metrics.psnr(video, truth),
