@@ -59,6 +59,7 @@ from sora_jax import detector
 from sora_jax import distributed
 from sora_jax import metrics
 from sora_jax import report
+from sora_jax import sampling
 from sora_jax.data import shapes
 
 FLAGS = flags.FLAGS
@@ -219,7 +220,6 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
   (seed, its index), not on the chunking.
   """
   if generate is None:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     generate = sampling.generate
   kw = {}
   if steps:
@@ -379,7 +379,6 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   normalised latents of the first specs' renders when they are at hand (vae_scores encodes the same clips).
   """
   from sora_jax import patching  # pylint: disable=g-import-not-at-top
-  from sora_jax import sampling  # pylint: disable=g-import-not-at-top
   g = pipe.geometry
   known = list(latents or [])
   picked = []
@@ -543,8 +542,6 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
     longs = gen["groups"].get(f"long clips (>= {LONG_CLIP} frames)")
     if longs:
       rows.append(("persistence (long clips)", report._pct(longs.get("persistence"))))  # pylint: disable=protected-access
-  elif gen is None:
-    rows.append(("generation", result.get("generation_skipped", "not run")))
   b = result.get("blobs_per_frame") or {}
   for key, label in (("generated", "generated"), ("ground_truth", "ground truth")):
     if b.get(key):
@@ -634,10 +631,6 @@ def sampling_used(bundle, s: dict) -> dict:
   """The steps, guidance and sampler that generation runs with (the settings' 0 means the bundle config's
   `sample` section): metrics.json's "sampling", and what the report's settings table shows."""
   try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
-  try:
     pipe = sampling.as_pipeline(bundle)
   except TypeError:  # a stand-in model with its own `generate`
     return {}
@@ -682,7 +675,6 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
   vae_examples = {}
   encoded = None  # the first prompts' latents, which vae_scores makes and the object-token error reuses
   if bundle.vae is not None:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     pipe = sampling.as_pipeline(bundle)
     specs = test_prompts(s["vae_clips"], seed=s["seed"], mixture=s["mixture"])
     sets = [("vae_shapes", "held-out Shapes clips", [(shapes.caption(x), shapes.render_clip(x)) for x in specs],
@@ -706,45 +698,33 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     print("[eval] the bundle has no VAE (DiT trained on pooled pixels): no VAE metrics", flush=True)
 
   t0 = time.time()
-  try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-    result["object_token_error"] = object_token_error(
-        sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
-        seed=s["seed"], latents=encoded)
-    print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
-  except ImportError as e:
-    result["object_token_error"] = None
-    print(f"[eval] object-token error skipped: sora_jax.sampling is not available ({e})", flush=True)
+  result["object_token_error"] = object_token_error(
+      sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
+      seed=s["seed"], latents=encoded)
+  print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
 
   gen_extra = None
   specs = test_prompts(s["num_prompts"], seed=s["seed"], mixture=s["mixture"])
-  try:
-    videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
-                             chunk=s["chunk"], generate=generate)
-  except ImportError as e:
-    videos = None
-    result["generation"] = None
-    result["generation_skipped"] = f"sora_jax.sampling is not available ({e})"
-    print(f"[eval] generation skipped: {result['generation_skipped']}", flush=True)
+  videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                           chunk=s["chunk"], generate=generate)
   vae_blobs = (result.get("vae_shapes") or {}).pop("blobs_per_frame", None)
   result["blobs_per_frame"] = {"prompts": "one object and no cut (images count as one frame)",
                                "generated": None, "ground_truth": None, "vae_reconstruction": vae_blobs}
-  if videos is not None:
-    gen = generation_scores(specs, videos, seed=s["seed"])
-    scores, kept = gen.pop("_scores"), gen.pop("_kept")
-    result["blobs_per_frame"].update(gen.pop("blobs_per_frame"))
-    result["generation"] = gen
-    rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
-             [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
-    if rows:
-      grid = distributed.write_on_main(lambda: report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))
-      gen_extra = {"grid": os.path.basename(grid)}
-    if compare is not None and kept:
-      n = min(compare_prompts, len(specs))
-      other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
-                              chunk=s["chunk"], generate=generate)
-      result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
-                              **compare_videos(videos[:n], other, specs[:n])}
+  gen = generation_scores(specs, videos, seed=s["seed"])
+  scores, kept = gen.pop("_scores"), gen.pop("_kept")
+  result["blobs_per_frame"].update(gen.pop("blobs_per_frame"))
+  result["generation"] = gen
+  rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
+           [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
+  if rows:
+    grid = distributed.write_on_main(lambda: report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))
+    gen_extra = {"grid": os.path.basename(grid)}
+  if compare is not None and kept:
+    n = min(compare_prompts, len(specs))
+    other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                            chunk=s["chunk"], generate=generate)
+    result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
+                            **compare_videos(videos[:n], other, specs[:n])}
   workdir = workdir or result["bundle_source"].get("workdir")
 
   def write():
@@ -779,8 +759,6 @@ def headline(result: dict) -> str:
       g = gen["groups"].get(group)
       if g:
         lines.append(f"[eval] {group}: " + _rates(g))
-  elif result.get("generation_skipped"):
-    lines.append(f"[eval] generation: {result['generation_skipped']}")
   for key in ("vae_shapes", "vae_ingested"):
     v = result.get(key)
     if v:

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import atomic, checkpoint, finetune, flops, metrics, optim, sharding
+from sora_jax import atomic, checkpoint, finetune, flops, metrics, optim, sampling, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -301,21 +301,12 @@ def _host(tree):
 
 def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter,
                    batch: dict, decode: Callable | None = None) -> None:
-  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present; decoded to pixels
-  by `decode` (`sample_decoder`), else latent previews."""
-  try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    log.info("step %d: sample videos skipped: sora_jax.sampling is not built yet", step)
-    return
-  make = getattr(sampling, "training_samples", None)
-  if make is None:
-    log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
-    return
+  """Periodic sample videos (sampling.training_samples), decoded to pixels by `decode`
+  (`sample_decoder`), else latent previews."""
   model = nnx.merge(setup.graphdef, state["ema"], *([state["frozen"]] if "frozen" in state else []))
   t0 = time.time()
   try:
-    videos = make(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
+    videos = sampling.training_samples(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
   except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
     log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
     return
@@ -330,7 +321,7 @@ def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | No
   """normalised latents [t, h, w, c] -> uint8 frames, through the VAE that encoded the training latents
   (latent_stats.json's record), for the periodic sample videos; None (latent previews) for the raw
   "shapes" source or when that VAE is not where the record says (one warning)."""
-  from sora_jax import bundle, sampling, train_vae  # pylint: disable=g-import-not-at-top
+  from sora_jax import bundle, train_vae  # pylint: disable=g-import-not-at-top
   from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   record = pipeline.latents_vae(cfg, workdir=workdir)
   if not record or not record.get("path"):
