@@ -113,7 +113,6 @@ def main(argv):
                                            f"--depth={_DEPTH.value}", f"--rank={_RANK.value}",
                                            f"--steps={_STEPS.value}", f"--seq_len={_SEQ_LEN.value}"],
         env, mode))
-    print(json.dumps(rows[-1]), flush=True)
   print("| mode | trained M | frozen M | peak RSS MiB | above baseline MiB | checkpoint MiB | seconds |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:

@@ -26,9 +26,11 @@ def peak_since(base_mib: float) -> dict:
 
 
 def run_child(module: str, args: list[str], env: dict, what: str) -> dict:
-  """The last JSON line printed by `python -m module args` (one measurement in a fresh process)."""
+  """The last JSON line printed by `python -m module args` (one measurement in a fresh process), also
+  printed here as it arrives."""
   out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
     raise RuntimeError(f"{what} failed: {out.stderr.strip().splitlines()[-3:]}")
+  print(lines[-1], flush=True)
   return json.loads(lines[-1])

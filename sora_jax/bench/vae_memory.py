@@ -66,7 +66,6 @@ def main(argv):
       rows.append(host_memory.run_child(
           "sora_jax.bench.vae_memory", [f"--config_file={_CONFIG.value}", f"--size={_SIZE.value}",
                                         f"--child={mode}:{frames}"], env, f"{mode}:{frames}"))
-      print(json.dumps(rows[-1]), flush=True)
   print("| mode | frames | size | peak RSS MiB | above baseline MiB | seconds |")
   print("| --- | --- | --- | --- | --- | --- |")
   for r in rows:
