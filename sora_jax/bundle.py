@@ -202,10 +202,9 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   cfg = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=_jsonable))
+  atomic.write_json(tmp / "config.json", cfg, sort_keys=True)
   shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-  (tmp / "latent_stats.json").write_text(json.dumps(dict(latent_stats), indent=2, sort_keys=True,
-                                                    default=_jsonable))
+  atomic.write_json(tmp / "latent_stats.json", dict(latent_stats), sort_keys=True)
   dit, text = split_text_encoder(dit_params)
   _save_tree(tmp / "weights" / "dit", _cast(dit, dtype))
   _save_tree(tmp / "weights" / "text_encoder", _cast(text, dtype))
@@ -224,19 +223,9 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
       "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in _files(tmp)},
   }
-  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+  atomic.write_json(tmp / MANIFEST, manifest, sort_keys=True)
   atomic.replace_dir(tmp, out)  # never a moment with neither the old bundle nor the new one
   return manifest
-
-
-def _jsonable(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, tuple):
-    return list(x)
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -729,19 +729,11 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
 
   def write():
     curves = _curves(workdir, out_dir)
-    atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2, default=_jsonable))
+    atomic.write_json(os.path.join(out_dir, "metrics.json"), result)
     return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves,
                         learning_curve=_learning_curve(learning_curve, out_dir))
   result["report"] = distributed.write_on_main(write)
   return result
-
-
-def _jsonable(x):
-  if isinstance(x, (np.generic,)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def _rates(g: dict) -> str:
