@@ -322,16 +322,22 @@ def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Ma
                 manifest, str(path), text_encoder)
 
 
-def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,
-                                                                       dict | None, dict]:
-  """(config, DiT params incl. caption encoder, VAE params or None, latent stats) of a bundle, as
-  stored (bfloat16 bundles stay bfloat16 here); checks the manifest first unless `check` is False."""
+def _open(path: str | os.PathLike, check: bool) -> tuple[Path, ml_collections.ConfigDict]:
+  """A bundle's root and config, after checking its files against the manifest (or, without `check`,
+  only that it has one)."""
   root = Path(path)
   if check:
     verify(root)
   elif not (root / MANIFEST).is_file():
     raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-  cfg = config_from_json((root / "config.json").read_text())
+  return root, config_from_json((root / "config.json").read_text())
+
+
+def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,
+                                                                       dict | None, dict]:
+  """(config, DiT params incl. caption encoder, VAE params or None, latent stats) of a bundle, as
+  stored (bfloat16 bundles stay bfloat16 here); checks the manifest first unless `check` is False."""
+  root, cfg = _open(path, check)
   dit = _restore_tree(root / "weights" / "dit")
   dit["text"] = _restore_tree(root / "weights" / "text_encoder")
   vae = _restore_tree(root / "weights" / "vae") if (root / "weights" / "vae").is_dir() else None
@@ -365,12 +371,7 @@ def load_text_encoder(path: str | os.PathLike, *, check: bool = True):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from sora_jax.models.umt5 import UMT5Encoder  # pylint: disable=g-import-not-at-top
-  root = Path(path)
-  if check:
-    verify(root)
-  elif not (root / MANIFEST).is_file():
-    raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-  cfg = config_from_json((root / "config.json").read_text())
+  root, cfg = _open(path, check)
   if cfg.dit.text_encoder == "caption":
     raise BundleError(f"bundle {root}: its DiT trains its own caption encoder (dit.text_encoder='caption'); "
                       "only a frozen encoder's features are cached")
