@@ -406,8 +406,8 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   for key in ("sample_every_steps", "val_every_steps", "max_train_seconds"):  # 0 = never / no cap
     if key in cfg and float(cfg_get(key)) < 0:
       raise fail(key, "must be >= 0 (0: off)")
-  if cfg.dit.remat not in layers.REMAT_POLICIES:
-    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
+  if cfg.dit.remat not in layers.REMAT:
+    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT)}")
   try:
     attention.resolve(cfg.dit.attention)
   except ValueError as e:
