@@ -9,9 +9,13 @@ leaves `<out>.previous`, which the next `replace_dir` (or `recover_dir`) moves b
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import shutil
+from typing import Any
+
+import numpy as np
 
 PREVIOUS = ".previous"
 
@@ -48,6 +52,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
+
+
+def _json_value(x):
+  """json.dumps' `default`: numpy arrays and scalars as lists and numbers, records by their to_dict()."""
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+  """`obj` as indented JSON (numpy values included), written as `write_bytes` writes."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_value))
 
 
 def recover_dir(out: str | os.PathLike) -> None:

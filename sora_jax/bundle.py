@@ -202,10 +202,9 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   cfg = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=_jsonable))
+  atomic.write_json(tmp / "config.json", cfg, sort_keys=True)
   shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-  (tmp / "latent_stats.json").write_text(json.dumps(dict(latent_stats), indent=2, sort_keys=True,
-                                                    default=_jsonable))
+  atomic.write_json(tmp / "latent_stats.json", dict(latent_stats), sort_keys=True)
   dit, text = split_text_encoder(dit_params)
   _save_tree(tmp / "weights" / "dit", _cast(dit, dtype))
   _save_tree(tmp / "weights" / "text_encoder", _cast(text, dtype))
@@ -224,19 +223,9 @@ def write(out: str | os.PathLike, *, config: ml_collections.ConfigDict | Mapping
       "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in _files(tmp)},
   }
-  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+  atomic.write_json(tmp / MANIFEST, manifest, sort_keys=True)
   atomic.replace_dir(tmp, out)  # never a moment with neither the old bundle nor the new one
   return manifest
-
-
-def _jsonable(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, tuple):
-    return list(x)
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -333,16 +322,22 @@ def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Ma
                 manifest, str(path), text_encoder)
 
 
-def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,
-                                                                       dict | None, dict]:
-  """(config, DiT params incl. caption encoder, VAE params or None, latent stats) of a bundle, as
-  stored (bfloat16 bundles stay bfloat16 here); checks the manifest first unless `check` is False."""
+def _open(path: str | os.PathLike, check: bool) -> tuple[Path, ml_collections.ConfigDict]:
+  """A bundle's root and config, after checking its files against the manifest (or, without `check`,
+  only that it has one)."""
   root = Path(path)
   if check:
     verify(root)
   elif not (root / MANIFEST).is_file():
     raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-  cfg = config_from_json((root / "config.json").read_text())
+  return root, config_from_json((root / "config.json").read_text())
+
+
+def load_parts(path: str | os.PathLike, *, check: bool = True) -> tuple[ml_collections.ConfigDict, dict,
+                                                                       dict | None, dict]:
+  """(config, DiT params incl. caption encoder, VAE params or None, latent stats) of a bundle, as
+  stored (bfloat16 bundles stay bfloat16 here); checks the manifest first unless `check` is False."""
+  root, cfg = _open(path, check)
   dit = _restore_tree(root / "weights" / "dit")
   dit["text"] = _restore_tree(root / "weights" / "text_encoder")
   vae = _restore_tree(root / "weights" / "vae") if (root / "weights" / "vae").is_dir() else None
@@ -376,12 +371,7 @@ def load_text_encoder(path: str | os.PathLike, *, check: bool = True):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from sora_jax.models.umt5 import UMT5Encoder  # pylint: disable=g-import-not-at-top
-  root = Path(path)
-  if check:
-    verify(root)
-  elif not (root / MANIFEST).is_file():
-    raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-  cfg = config_from_json((root / "config.json").read_text())
+  root, cfg = _open(path, check)
   if cfg.dit.text_encoder == "caption":
     raise BundleError(f"bundle {root}: its DiT trains its own caption encoder (dit.text_encoder='caption'); "
                       "only a frozen encoder's features are cached")

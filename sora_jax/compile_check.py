@@ -32,10 +32,10 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   puts higher: 40.8% against 44.3% for sora_b), and `one` prices the missing layers from the real step
   alone (approximate; for a step that takes most of the time limit to compile once).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
-  for them). Their FLOPs are counted here by hand from the kernel's algorithm (forward 2 matmuls; backward
-  5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq kernels, per call
-  as `splash.layout` decides from the call's shapes, always 7 for the GPU kernels; the forward
-  again under a remat policy that does not save the kernel's residuals), for rows holding one segment
+  for them). flops.kernel_flops counts their FLOPs by hand from the kernel's algorithm (forward 2
+  matmuls; backward 5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq
+  kernels, per call as `splash.layout` decides from the call's shapes, always 7 for the GPU kernels; the
+  forward again under a remat policy that does not save the kernel's residuals), for rows holding one segment
   each (the densest packing, where splash skips no block), and their time is those FLOPs at
   `--kernel_efficiency` of peak. Ring and all-to-all attention (context parallelism) run their local
   kernels as loops whose bodies the cost model counts once: they are counted the same way.
@@ -74,7 +74,6 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax import distributed, flops, sharding, train
-from sora_jax.kernels import splash
 from sora_jax.models import layers
 
 # How the cost of the whole step is counted (module docstring), cheapest exact one first.
@@ -117,13 +116,6 @@ HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
 FLOP_TOLERANCE = 0.10
 JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flops_per_chip",
              "flops_per_step", "estimated_step_s", "estimated_mfu", "host_peak_gb", "wall_s")
-# Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
-# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K; whole or
-# over query chunks) where `splash.layout` picks it, else separate dkv (QK^T, dO V^T, P^T dO,
-# dS^T Q) and dq (QK^T, dO V^T, dS K) kernels, as the GPU kernels always run. The forward runs again in
-# the backward pass unless the remat policy saves its residuals (layers.KERNEL_FORWARD_ONCE).
-KERNEL_FWD_MATMULS = 2
-KERNEL_BWD_MATMULS = {"fused": 5, "separate": 7}
 
 
 # ---------------------------------------------------------------------------- progress and host memory
@@ -483,8 +475,9 @@ def _kernel_counted_per_layer(cfg, key: str) -> float:
   """flops.py's FLOPs (whole slice) for the attention inside kernels of one layer of stack `key`."""
   depths = (1, 0) if key == "dit" else (0, 1)
   d = cfg.data
-  return kernel_flops(_with_depths(cfg, *depths), batch=int(d.batch_size), seq_len=int(d.seq_len),
-                      text_len=int(d.text_len), num_segments=int(d.max_segments)).in_flops_py_total
+  kern = flops.kernel_flops(_with_depths(cfg, *depths), batch=int(d.batch_size), seq_len=int(d.seq_len),
+                            text_len=int(d.text_len), num_segments=int(d.max_segments))
+  return kern.in_flops_py_total
 
 
 def combine_costs(cfg, hand: flops.StepFlops, method: str, scanned: Cost | None, costs: dict,
@@ -541,71 +534,6 @@ def step_cost(cfg, mesh, hand: flops.StepFlops, *, method: str = "shallow",
   costs = {k: compile_and_release(j.cfg, mesh, j.label, per_trip=j.per_trip).cost for k, j in jobs.items()}
   chips = mesh.devices.size if method == "one" else 0
   return combine_costs(cfg, hand, method, scanned, costs, chips)
-
-
-@dataclasses.dataclass
-class KernelFlops:
-  """Attention inside Pallas kernels, for the whole slice: flops.py's count of it, and what runs."""
-  in_flops_py_total: float  # what flops.py's `total` counts for these attentions (matmuls + softmax)
-  executed: float           # matmul FLOPs the kernels actually execute
-
-
-def _splash_layout(cfg, lq: int, lk: int, width: int, heads: int) -> splash.Layout:
-  """`splash.layout` of one attention call, with heads per device (the `tensor` mesh axis shards them)."""
-  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
-  local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
-  return splash.layout(lq, lk, local_heads, width // heads,
-                       itemsize=jax.numpy.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
-
-
-def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
-  """Backward matmuls of one attention-kernel call: 5 where splash runs its fused kernel for these
-  shapes (`splash.layout`), else 7 (the GPU kernels)."""
-  if cfg.dit.attention != "splash":
-    return KERNEL_BWD_MATMULS["separate"]
-  return KERNEL_BWD_MATMULS["fused" if _splash_layout(cfg, lq, lk, width, heads).fused else "separate"]
-
-
-def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int, int]:
-  """(queries, keys) an attention kernel computes with, padding included."""
-  if cfg.dit.attention == "gpu":
-    from sora_jax.kernels import gpu  # pylint: disable=g-import-not-at-top  (imports Triton)
-    return -(-lq // gpu.BLOCK) * gpu.BLOCK, -(-lk // gpu.BLOCK) * gpu.BLOCK
-  lay = _splash_layout(cfg, lq, lk, width, heads)
-  return lay.chunk_len * lay.chunks, lay.lk_padded
-
-
-# Attentions whose work XLA's cost model does not count: Pallas kernels (custom calls), and context
-# parallelism's ring and all-to-all attention, whose local kernels are loops counted once per body. The
-# latter are counted as splash calls of the same shapes (as bench/context_parallel.py first did): a
-# minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
-# cross-attention's local kernel is splash on a TPU host.
-KERNEL_ATTENTIONS = ("splash", "gpu", "ring", "ulysses")
-
-
-def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
-  """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
-  if cfg.dit.attention not in KERNEL_ATTENTIONS:
-    return KernelFlops(0.0, 0.0)
-  if cfg.dit.attention in ("ring", "ulysses"):
-    cfg = cfg.copy_and_resolve_references()
-    cfg.dit.attention = "splash"
-  d = cfg.dit
-  remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
-  calls = []  # (kind, layers, lq, lk, width, heads)
-  calls.append(("self", d.depth, seq_len, seq_len, d.width, d.num_heads))
-  calls.append(("cross", d.depth, seq_len, text_len, d.width, d.num_heads))
-  text_depth, text_width, text_heads = flops.caption_encoder(d)
-  calls.append(("self", text_depth, text_len, text_len, text_width, text_heads))
-  counted = executed = 0.0
-  for kind, n, lq, lk, w, h in calls:
-    rerun = 0.0 if d.remat in layers.KERNEL_FORWARD_ONCE[kind] else 1.0  # what the kernels recompute
-    unit = 2.0 * batch * lq * lk * w  # one of QK^T or PV, all heads
-    counted += n * ((3 + remat) * 2 * unit + batch * h * lq * lk * (
-        flops.SOFTMAX_FWD * (1 + remat) + flops.SOFTMAX_BWD))
-    unit_pad = 2.0 * batch * math.prod(_padded_lengths(cfg, lq, lk, w, h)) * w
-    executed += n * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + kernel_bwd_matmuls(cfg, lq, lk, w, h))
-  return KernelFlops(counted, executed)
 
 
 def _oom_bytes(e: Exception) -> float | None:
@@ -676,8 +604,8 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "shallow
          "compile_s": real.compile_s, "memory_gb": {k: v / 1e9 for k, v in mem.items()}}
   if not skip_cost:
     step, how = combine_costs(cfg, hand, cost, real.cost, {k: c.cost for k, c in costs.items()}, chips)
-    kern = kernel_flops(cfg, batch=batch, seq_len=seq_len, text_len=int(cfg.data.text_len),
-                        num_segments=int(cfg.data.max_segments))
+    kern = flops.kernel_flops(cfg, batch=batch, seq_len=seq_len, text_len=int(cfg.data.text_len),
+                              num_segments=int(cfg.data.max_segments))
     kernel_s = kern.executed / chips / (peak * kernel_efficiency)
     xla_s, xla_time_source = step.seconds, "compiler"
     if not xla_s > 0:  # the cost model gave no usable time: a roofline of its FLOPs and bytes instead
@@ -715,8 +643,7 @@ def check(cfg: ml_collections.ConfigDict, topology: str, *, cost: str = "shallow
 
 
 # ------------------------------------------------------------------------------------------- planner
-REMAT_ORDER = ("none", "dots_saveable", "dots", "full_save_attention", "full_save_self_attention",
-               "full")  # least recomputation first
+REMAT_ORDER = tuple(layers.REMAT)  # least recomputation first: the table's order
 
 
 def plan(cfg, topology: str, *, num_slices: int = 1,

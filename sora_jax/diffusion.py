@@ -112,13 +112,6 @@ def predict_eps(x_t: jax.Array, pred: jax.Array, t_tok: jax.Array, cfg) -> jax.A
   return jnp.sqrt(1 - ab) * x_t + jnp.sqrt(ab) * pred
 
 
-def predict_velocity(x_t: jax.Array, pred: jax.Array, t_tok: jax.Array, cfg) -> jax.Array:
-  """The rectified-flow velocity dx_t/dt = eps - x_0 implied by any prediction (for ODE samplers)."""
-  if cfg.diffusion.objective == "flow":
-    return pred
-  return predict_eps(x_t, pred, t_tok, cfg) - predict_x0(x_t, pred, t_tok, cfg)
-
-
 # --- Per-segment helpers ------------------------------------------------------------------------
 
 def per_token(values_bs: jax.Array, segment_ids_bl: jax.Array) -> jax.Array:

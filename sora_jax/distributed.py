@@ -291,7 +291,8 @@ def write_on_main(fn: Callable[[], Any]) -> Any:
 # The global batch of a step is the concatenation of the processes' host-local batches in process order
 # (pipeline.to_global places process p's rows before process p + 1's). A job restarted on M processes
 # can therefore continue the exact stream of a job of N processes (M divides N): process j reads the N/M
-# consecutive shards j*N/M, ... of the N-process stream and concatenates them.
+# consecutive shards j*N/M, ... of the N-process stream and concatenates them. The trainer does this on
+# its own when it resumes checkpoints written by another number of processes (`data_iterator`).
 
 class MergedShards:
   """Host-local batches of several stream shards, concatenated in shard order; checkpointable.
@@ -322,34 +323,66 @@ class MergedShards:
       it.set_state(s)
 
 
-def data_iterator(cfg, *, stream_processes: int | None = None, split: str = "train", **kwargs):
-  """This process's iterator of the packed stream as a job of `stream_processes` processes reads it.
+def _position_files(step_dir) -> tuple[epath.Path, int]:
+  """A checkpoint step's data_iter folder and the finest split its files hold (the job that wrote the
+  step, or an earlier reshard's source), or 0 when it holds none."""
+  d = epath.Path(step_dir) / "data_iter"
+  if not d.exists():
+    return d, 0
+  return d, max((int(f.name.split("-of-")[1].split(".")[0]) for f in d.glob("process_*-of-*.json")), default=0)
 
-  None or jax.process_count(): the pipeline's own per-process iterator. A multiple of the process count
-  (a job resumed on fewer hosts): the consecutive shards of the larger job, merged.
+
+def stream_processes(checkpoint_dir: str) -> int | None:
+  """How many processes' stream the newest data position in `checkpoint_dir` continues (the processes
+  that wrote it times the shards each merged), or None where no step holds one."""
+  root = epath.Path(checkpoint_dir)
+  if not root.exists():
+    return None
+  for step in sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True):
+    d, n = _position_files(root / str(step))
+    if n:
+      s = json.loads((d / f"process_0-of-{n}.json").read_text()).get("json")
+      return n * (len(s["shards"]) if isinstance(s, dict) and "shards" in s else 1)
+  return None
+
+
+def data_iterator(cfg, checkpoint_dir: str | None = None, *, split: str = "train", **kwargs):
+  """This process's iterator of the packed stream, continuing the data position saved in `checkpoint_dir`
+  (None: a fresh stream) on any number of processes that divides the number that began the stream.
+
+  On the processes that began it, the pipeline's own per-process iterator. On fewer (a job resumed on
+  fewer hosts): each process reads its consecutive shards of the larger job's stream, merged, and
+  process 0 first adds the position files for this many processes to every step that lacks them
+  (`reshard_data_position`; the originals stay), so that any of them restores. Extra keyword arguments
+  go to `pipeline.make_iterator`.
   """
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pc, pi = jax.process_count(), jax.process_index()
-  n = stream_processes or pc
+  n = (stream_processes(checkpoint_dir) if checkpoint_dir else None) or pc
   if n == pc:
     return pipeline.make_iterator(cfg, split=split, **kwargs)
   if n % pc:
-    raise ValueError(f"stream_processes={n} is not a multiple of the {pc} processes of this job")
+    raise ValueError(f"the checkpoints in {checkpoint_dir} continue the data stream of {n} processes; "
+                     f"this job has {pc}: resume on a number of processes that divides {n}")
+
+  def reshard_all():
+    for step_dir in epath.Path(checkpoint_dir).iterdir():
+      d, written = _position_files(step_dir)
+      if step_dir.name.isdigit() and written and not (d / f"process_0-of-{pc}.json").exists():
+        reshard_data_position(str(step_dir), pc)
+
+  write_on_main(reshard_all)
   k = n // pc
   return MergedShards([pipeline.make_iterator(cfg, split=split, process_index=pi * k + i,
                                               process_count=n, **kwargs) for i in range(k)])
 
 
 def reshard_data_position(step_dir: str, num_processes: int) -> None:
-  """Rewrites a checkpoint step's data position (`<step_dir>/data_iter/process_<i>-of-<n>.json`, see
+  """Writes a checkpoint step's data position (`<step_dir>/data_iter/process_<i>-of-<n>.json`, see
   checkpoint.py) for a job of `num_processes` processes reading it through `data_iterator`."""
-  import json  # pylint: disable=g-import-not-at-top
-  d = epath.Path(step_dir) / "data_iter"
-  files = sorted(d.glob("process_*-of-*.json"))
-  counts = {int(f.name.split("-of-")[1].split(".")[0]) for f in files}
-  if not counts:
+  d, n = _position_files(step_dir)
+  if not n:
     raise ValueError(f"{d} holds no data position files (process_<i>-of-<n>.json)")
-  n = max(counts)  # the finest split: the job that wrote the checkpoint, or an earlier reshard's source
   if n % num_processes:
     raise ValueError(f"{d} was written by {n} processes; num_processes={num_processes} must divide it")
   states = []

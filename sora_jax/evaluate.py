@@ -58,7 +58,9 @@ from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import distributed
 from sora_jax import diffusion
+from sora_jax import metrics
 from sora_jax import report
+from sora_jax import sampling
 from sora_jax.data import shapes
 
 FLAGS = flags.FLAGS
@@ -108,25 +110,6 @@ def settings(cfg, **overrides) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- VAE
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  """Peak signal-to-noise ratio in dB of two uint8 videos (over all pixels)."""
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return float("inf") if mse == 0 else float(10 * math.log10(255.0 ** 2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-  """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, 11 taps, K1 0.01, K2 0.03) over frames and
-  channels of two uint8 videos [T, H, W, C]."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  x, y = a.astype(np.float64), b.astype(np.float64)
-  blur = lambda v: ndimage.gaussian_filter(v, sigma=(0, 1.5, 1.5, 0), truncate=3.5, mode="reflect")
-  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-  mx, my = blur(x), blur(y)
-  sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-  return float(s.mean())
-
-
 def bootstrap_mean(values: Sequence[float], *, seed: int = 0, draws: int = 2000) -> dict:
   """Mean of `values` with a 95% percentile-bootstrap interval."""
   v = np.asarray([x for x in values if math.isfinite(x)], np.float64)
@@ -167,7 +150,7 @@ def vae_scores(pipe, clips: Sequence[tuple[str, np.ndarray]], *, seed: int = 0,
     z = pipe.encode(x)
     y = pipe.decode(z)
     record = {"name": name, "frames": int(x.shape[0]), "size": [int(x.shape[1]), int(x.shape[2])],
-              "psnr": psnr(x, y), "ssim": ssim(x, y)}
+              "psnr": metrics.psnr(x, y), "ssim": metrics.ssim(x, y)}
     read = None
     if specs is not None:
       if x.shape != np.shape(frames):
@@ -238,7 +221,6 @@ def generate_videos(bundle, specs: Sequence[shapes.ClipSpec], *, seed: int, step
   (seed, its index), not on the chunking.
   """
   if generate is None:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     generate = sampling.generate
   kw = {}
   if steps:
@@ -398,7 +380,6 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   normalised latents of the first specs' renders when they are at hand (vae_scores encodes the same clips).
   """
   from sora_jax import patching  # pylint: disable=g-import-not-at-top
-  from sora_jax import sampling  # pylint: disable=g-import-not-at-top
   g = pipe.geometry
   known = list(latents or [])
   picked = []
@@ -453,7 +434,6 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
 
 # -------------------------------------------------------------------------------------------- report
 def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
-  from sora_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   out = []
   if not workdir:
     return out
@@ -461,7 +441,7 @@ def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
     path = os.path.join(workdir, run, "metrics.jsonl")
     if not os.path.isfile(path):
       continue
-    records = metrics_lib.read_metrics(path)
+    records = metrics.read_metrics(path)
     keys = sorted({k for r in records for k, v in r.items()
                    if "loss" in k and not k.startswith("compile/") and isinstance(v, (int, float))})
     series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
@@ -563,8 +543,6 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
     longs = gen["groups"].get(f"long clips (>= {LONG_CLIP} frames)")
     if longs:
       rows.append(("persistence (long clips)", report._pct(longs.get("persistence"))))  # pylint: disable=protected-access
-  elif gen is None:
-    rows.append(("generation", result.get("generation_skipped", "not run")))
   b = result.get("blobs_per_frame") or {}
   for key, label in (("generated", "generated"), ("ground_truth", "ground truth")):
     if b.get(key):
@@ -654,10 +632,6 @@ def sampling_used(bundle, s: dict) -> dict:
   """The steps, guidance and sampler that generation runs with (the settings' 0 means the bundle config's
   `sample` section): metrics.json's "sampling", and what the report's settings table shows."""
   try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
-  try:
     pipe = sampling.as_pipeline(bundle)
   except TypeError:  # a stand-in model with its own `generate`
     return {}
@@ -702,7 +676,6 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
   vae_examples = {}
   encoded = None  # the first prompts' latents, which vae_scores makes and the object-token error reuses
   if bundle.vae is not None:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
     pipe = sampling.as_pipeline(bundle)
     specs = test_prompts(s["vae_clips"], seed=s["seed"], mixture=s["mixture"])
     sets = [("vae_shapes", "held-out Shapes clips", [(shapes.caption(x), shapes.render_clip(x)) for x in specs],
@@ -726,62 +699,42 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
     print("[eval] the bundle has no VAE (DiT trained on pooled pixels): no VAE metrics", flush=True)
 
   t0 = time.time()
-  try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-    result["object_token_error"] = object_token_error(
-        sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
-        seed=s["seed"], latents=encoded)
-    print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
-  except ImportError as e:
-    result["object_token_error"] = None
-    print(f"[eval] object-token error skipped: sora_jax.sampling is not available ({e})", flush=True)
+  result["object_token_error"] = object_token_error(
+      sampling.as_pipeline(bundle), test_prompts(s["denoise_clips"], seed=s["seed"], mixture=s["mixture"]),
+      seed=s["seed"], latents=encoded)
+  print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
 
   gen_extra = None
   specs = test_prompts(s["num_prompts"], seed=s["seed"], mixture=s["mixture"])
-  try:
-    videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
-                             chunk=s["chunk"], generate=generate)
-  except ImportError as e:
-    videos = None
-    result["generation"] = None
-    result["generation_skipped"] = f"sora_jax.sampling is not available ({e})"
-    print(f"[eval] generation skipped: {result['generation_skipped']}", flush=True)
+  videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                           chunk=s["chunk"], generate=generate)
   vae_blobs = (result.get("vae_shapes") or {}).pop("blobs_per_frame", None)
   result["blobs_per_frame"] = {"prompts": "one object and no cut (images count as one frame)",
                                "generated": None, "ground_truth": None, "vae_reconstruction": vae_blobs}
-  if videos is not None:
-    gen = generation_scores(specs, videos, seed=s["seed"])
-    scores, kept = gen.pop("_scores"), gen.pop("_kept")
-    result["blobs_per_frame"].update(gen.pop("blobs_per_frame"))
-    result["generation"] = gen
-    rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
-             [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
-    if rows:
-      grid = distributed.write_on_main(lambda: report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))
-      gen_extra = {"grid": os.path.basename(grid)}
-    if compare is not None and kept:
-      n = min(compare_prompts, len(specs))
-      other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
-                              chunk=s["chunk"], generate=generate)
-      result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
-                              **compare_videos(videos[:n], other, specs[:n])}
+  gen = generation_scores(specs, videos, seed=s["seed"])
+  scores, kept = gen.pop("_scores"), gen.pop("_kept")
+  result["blobs_per_frame"].update(gen.pop("blobs_per_frame"))
+  result["generation"] = gen
+  rows = [(f"{shapes.caption(sp)} [{sp.num_frames}x{sp.height}x{sp.width}] -- {_verdict(sc)}",
+           [v, shapes.render_clip(sp)]) for (sp, v), sc in list(zip(kept, scores))[:24]]
+  if rows:
+    grid = distributed.write_on_main(lambda: report.grid_png(os.path.join(out_dir, "samples_grid.png"), rows))
+    gen_extra = {"grid": os.path.basename(grid)}
+  if compare is not None and kept:
+    n = min(compare_prompts, len(specs))
+    other = generate_videos(compare, specs[:n], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                            chunk=s["chunk"], generate=generate)
+    result["comparison"] = {"bundle": compare.path, "dtype": compare.manifest.get("dtype", ""),
+                            **compare_videos(videos[:n], other, specs[:n])}
   workdir = workdir or result["bundle_source"].get("workdir")
 
   def write():
     curves = _curves(workdir, out_dir)
-    atomic.write_text(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2, default=_jsonable))
+    atomic.write_json(os.path.join(out_dir, "metrics.json"), result)
     return write_report(out_dir, result, gen_extra=gen_extra, vae_examples=vae_examples, curves=curves,
                         learning_curve=_learning_curve(learning_curve, out_dir))
   result["report"] = distributed.write_on_main(write)
   return result
-
-
-def _jsonable(x):
-  if isinstance(x, (np.generic,)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def _rates(g: dict) -> str:
@@ -799,8 +752,6 @@ def headline(result: dict) -> str:
       g = gen["groups"].get(group)
       if g:
         lines.append(f"[eval] {group}: " + _rates(g))
-  elif result.get("generation_skipped"):
-    lines.append(f"[eval] generation: {result['generation_skipped']}")
   for key in ("vae_shapes", "vae_ingested"):
     v = result.get(key)
     if v:

@@ -32,7 +32,11 @@ projections (lora.targets beyond `blocks/...` are left out of the count), for a 
 encoder's features (a caption encoder inside the DiT is counted as if it trained).
 
 Elementwise terms use per-element costs of XLA's cost model fitted on this CPU (see the constants);
-at the demo's width they are about 8% of `total`.
+at the demo's width they are about 8% of `total`. What a remat policy recomputes is read from its entry
+in models/layers.py's REMAT table.
+
+Attention kernels (Pallas, and context parallelism's local loops): XLA's cost model does not count them,
+so `kernel_flops` gives compile_check this count's share of them and the FLOPs they execute.
 
 Peaks: a published dense bf16 figure per accelerator kind (PEAK_FLOPS); on CPU a matmul peak measured in
 this process (`measure_cpu_peak`), since CPU throughput moves from run to run.
@@ -42,12 +46,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models import layers
 from sora_jax.models.text import MLP_RATIO as TEXT_MLP_RATIO
 
 # Dense bf16 FLOP/s per chip (vendor data sheets), matched as substrings of `device.device_kind`,
@@ -120,15 +126,47 @@ class _Counter:
 
 
 def remat_recompute(remat: str) -> tuple[float, float]:
-  """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy."""
-  return {"none": (0.0, 0.0), "full": (1.0, 1.0), "dots": (0.0, 1.0),
-          "dots_saveable": (0.0, 0.0), "full_save_attention": (1.0, 1.0),
-          "full_save_self_attention": (1.0, 1.0)}.get(remat, (0.0, 0.0))
+  """(extra forwards of weight matmuls, of attention score matmuls) per layer under a remat policy
+  (models/layers.py's REMAT table)."""
+  policy = layers.REMAT[remat]
+  return policy.weights_again, policy.scores_again
 
 
-def _attention(c: _Counter, b, lq, lk, width, heads, rw, ra):
-  c.matmul(2 * b * lq * lk * width * 2, recompute=ra)  # q k^T and p v
-  c.elementwise(b * heads * lq * lk * (SOFTMAX_FWD * (1 + ra) + SOFTMAX_BWD))
+def _attention(c: _Counter, pairs: int, width: int, heads: int, ra: float):
+  """Dense attention over `pairs` (query, key) pairs, all heads: q k^T and p v, and the masked softmax."""
+  c.matmul(2 * pairs * width * 2, recompute=ra)  # q k^T and p v
+  c.elementwise(heads * pairs * (SOFTMAX_FWD * (1 + ra) + SOFTMAX_BWD))
+
+
+def attention_flops(pairs: float, width: int, heads: int, scores_again: float = 0.0) -> tuple[float, float]:
+  """(model, total) FLOPs of dense attention over `pairs` (query, key) pairs, all heads and rows: q k^T
+  and p v forward and backward, the masked softmax, and what remat runs again (`scores_again`)."""
+  c = _Counter()
+  _attention(c, pairs, width, heads, scores_again)
+  return c.model, c.total
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+  """One attention in every layer of a stack."""
+  name: str       # "self" (video), "cross" (video to caption) or "text" (the caption encoder's own)
+  kind: str       # "self" or "cross": whose kernel residuals a remat policy saves (layers.Remat)
+  layers: int
+  width: int
+  heads: int
+
+  def lengths(self, seq_len: int, text_len: int) -> tuple[int, int]:
+    """(queries, keys) per row."""
+    return {"self": (seq_len, seq_len), "cross": (seq_len, text_len), "text": (text_len, text_len)}[self.name]
+
+
+def attention_calls(cfg_dit) -> list[AttentionCall]:
+  """The attentions of a train step: the DiT's self- and cross-attention, the caption encoder's."""
+  text_depth, text_width, text_heads = caption_encoder(cfg_dit)
+  depth, width, heads = cfg_dit.depth, cfg_dit.width, cfg_dit.num_heads
+  return [AttentionCall("self", "self", depth, width, heads),
+          AttentionCall("cross", "cross", depth, width, heads),
+          AttentionCall("text", "self", text_depth, text_width, text_heads)]
 
 
 def caption_encoder(cfg_dit) -> tuple[int, int, int]:
@@ -148,7 +186,7 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
   rw, ra = remat_recompute(cfg_dit.remat)
   c.matmul(4 * 2 * b * lt * wt * wt, recompute=rw)            # q, k, v, o
   c.data_movement(2 * 2 * b * lt * wt * (wt // heads), recompute=rw)  # RoPE on q, k
-  _attention(c, b, lt, lt, wt, heads, rw, ra)
+  _attention(c, b * lt * lt, wt, heads, ra)
   c.matmul(2 * 2 * b * lt * wt * mt, recompute=rw)            # MLP up, down
   c.elementwise(b * lt * wt * (BLOCK_ELEMWISE_FWD * (1 + rw) + BLOCK_ELEMWISE_BWD))
   return c.model, c.total
@@ -175,10 +213,10 @@ def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int, lora: tuple[int, t
   c.data_movement(2 * b * l * (s + 1) * 6 * w, grad=trains, recompute=rw)  # the six modulations per token
   c.data_movement(2 * 2 * b * l * w * (w // cfg_dit.num_heads), recompute=rw)  # RoPE on q, k
   c.matmul(4 * 2 * b * l * w * w, weight_grad=trains, recompute=rw)  # self-attention q, k, v, o
-  _attention(c, b, l, l, w, cfg_dit.num_heads, rw, ra)
+  _attention(c, b * l * l, w, cfg_dit.num_heads, ra)
   c.matmul(2 * 2 * b * l * w * w, weight_grad=trains, recompute=rw)  # cross q, o
   c.matmul(2 * 2 * b * k * w * w, input_grad=trains, weight_grad=trains, recompute=rw)  # cross k, v
-  _attention(c, b, l, k, w, cfg_dit.num_heads, rw, ra)
+  _attention(c, b * l * k, w, cfg_dit.num_heads, ra)
   c.matmul(2 * 2 * b * l * w * m, weight_grad=trains, recompute=rw)  # MLP
   c.elementwise(b * l * w * (BLOCK_ELEMWISE_FWD * (1 + rw) + BLOCK_ELEMWISE_BWD))
   # Adapters: (rows, in, out, reads the captions) of each projection; x A needs no input gradient where x
@@ -227,11 +265,7 @@ def dit_train_step_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_se
 def attention_model_flops(cfg, pairs: dict) -> float:
   """Model FLOPs (forward + backward) of the attention matmuls over `pairs` (query, key) pairs:
   {"self": video self-attention, "cross": video to text, "text": caption self-attention}."""
-  d = cfg.dit
-  per_pair = 3 * 2 * 2  # q k^T and p v, 2 flops per multiply-add, forward + 2x backward
-  text_depth, text_width, _ = caption_encoder(d)
-  return per_pair * (d.depth * d.width * (pairs["self"] + pairs["cross"])
-                     + text_depth * text_width * pairs["text"])
+  return sum(a.layers * attention_flops(pairs[a.name], a.width, a.heads)[0] for a in attention_calls(cfg.dit))
 
 
 def useful_attention_pairs(batch: dict) -> dict:
@@ -258,6 +292,81 @@ def compare_with_compiled(step: StepFlops, compiled_flops: float, num_devices: i
   """
   expected = (step.once if scanned else step.total) / num_devices
   return compiled_flops / expected if expected else float("nan")
+
+
+# ------------------------------------------------------------------------------------ attention kernels
+# XLA's cost model does not see inside Pallas kernels (custom calls), nor count the loops of context
+# parallelism's local kernels more than once, so compile_check adds the attention that runs in kernels
+# from this count: what `total` above counts for it (`in_flops_py_total`, to take out of the comparison
+# with the compiler) and the matmul FLOPs the kernels execute at their padded lengths (`executed`).
+# Matmuls an attention-kernel call executes, in units of one [L, L] x [L, d] product over all heads:
+# forward QK^T and PV; backward, splash's fused kernel (QK^T, dO V^T, P^T dO, dS^T Q, dS K; whole or
+# over query chunks) where `splash.layout` picks it, else separate dkv (QK^T, dO V^T, P^T dO,
+# dS^T Q) and dq (QK^T, dO V^T, dS K) kernels, as the GPU kernels always run. The forward runs again in
+# the backward pass unless the remat policy saves its residuals (layers.Remat.kernels_once).
+KERNEL_FWD_MATMULS = 2
+KERNEL_BWD_MATMULS = {"fused": 5, "separate": 7}
+
+
+@dataclasses.dataclass
+class KernelFlops:
+  """Attention inside kernels, for the whole slice: this module's count of it, and what runs."""
+  in_flops_py_total: float  # what `total` counts for these attentions (matmuls + softmax)
+  executed: float           # matmul FLOPs the kernels actually execute
+
+
+def _splash_layout(cfg, lq: int, lk: int, width: int, heads: int):
+  """`splash.layout` of one attention call, with heads per device (the `tensor` mesh axis shards them)."""
+  from sora_jax.kernels import splash  # pylint: disable=g-import-not-at-top  (Pallas TPU ops)
+  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
+  local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+  return splash.layout(lq, lk, local_heads, width // heads,
+                       itemsize=jnp.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
+
+
+def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
+  """Backward matmuls of one attention-kernel call: 5 where splash runs its fused kernel for these
+  shapes (`splash.layout`), else 7 (the GPU kernels)."""
+  if cfg.dit.attention != "splash":
+    return KERNEL_BWD_MATMULS["separate"]
+  return KERNEL_BWD_MATMULS["fused" if _splash_layout(cfg, lq, lk, width, heads).fused else "separate"]
+
+
+def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int, int]:
+  """(queries, keys) an attention kernel computes with, padding included."""
+  if cfg.dit.attention == "gpu":
+    from sora_jax.kernels import gpu  # pylint: disable=g-import-not-at-top  (imports Triton)
+    return -(-lq // gpu.BLOCK) * gpu.BLOCK, -(-lk // gpu.BLOCK) * gpu.BLOCK
+  lay = _splash_layout(cfg, lq, lk, width, heads)
+  return lay.chunk_len * lay.chunks, lay.lk_padded
+
+
+# Attentions whose work XLA's cost model does not count: Pallas kernels (custom calls), and context
+# parallelism's ring and all-to-all attention, whose local kernels are loops counted once per body. The
+# latter are counted as splash calls of the same shapes (as bench/context_parallel.py first did): a
+# minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
+# cross-attention's local kernel is splash on a TPU host.
+KERNEL_ATTENTIONS = ("splash", "gpu", "ring", "ulysses")
+
+
+def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
+  """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
+  del num_segments  # the kernels' keys are the caption's text_len (segments are not keys)
+  if cfg.dit.attention not in KERNEL_ATTENTIONS:
+    return KernelFlops(0.0, 0.0)
+  if cfg.dit.attention in ("ring", "ulysses"):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.dit.attention = "splash"
+  remat = layers.REMAT[cfg.dit.remat]
+  counted = executed = 0.0
+  for a in attention_calls(cfg.dit):
+    lq, lk = a.lengths(seq_len, text_len)
+    counted += a.layers * attention_flops(batch * lq * lk, a.width, a.heads, remat.scores_again)[1]
+    rerun = 0.0 if a.kind in remat.kernels_once else 1.0  # what the kernels recompute
+    unit_pad = 2.0 * batch * math.prod(_padded_lengths(cfg, lq, lk, a.width, a.heads)) * a.width
+    executed += a.layers * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) +
+                                       kernel_bwd_matmuls(cfg, lq, lk, a.width, a.heads))
+  return KernelFlops(counted, executed)
 
 
 # ------------------------------------------------------------------------------------------------ peaks

@@ -1,5 +1,7 @@
-"""Where training numbers and samples go: W/metrics.jsonl (one JSON object per call), TensorBoard
-(tensorboardX, under W/tb), and sample videos under W/samples.
+"""Training and evaluation numbers: the one PSNR and the one SSIM (the VAE trainer's validation, the
+evaluator's report, reconstruct and the benches all score with these), and where numbers and samples
+go: W/metrics.jsonl (one JSON object per call), TensorBoard (tensorboardX, under W/tb), and sample
+videos under W/samples.
 
 Only one process writes (process 0 by default); the others get a writer that does nothing, so the
 trainers call it unconditionally.
@@ -21,6 +23,51 @@ def _plain(v):
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)
   return v
+
+
+_SSIM_TAPS = 11
+_SSIM_SIGMA = 1.5
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  """Peak signal-to-noise ratio in dB of two uint8 images or videos, over all pixels (peak 255).
+
+  Identical inputs score inf (averages that must stay finite drop it, as `evaluate.bootstrap_mean` does).
+  """
+  mse = np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+  return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def _valid_filter(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
+  """Separable 'valid' filtering over the H and W axes (-3, -2) of `[..., H, W, C]`."""
+  k = len(taps)
+  h = sum(taps[i] * x[..., i:x.shape[-3] - k + 1 + i, :, :] for i in range(k))
+  return sum(taps[i] * h[..., :, i:h.shape[-2] - k + 1 + i, :] for i in range(k))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean SSIM of two uint8 videos `[T, H, W, C]` (or images `[H, W, C]`), over frames and channels.
+
+  Wang et al. 2004 as in their reference code (and skimage's `gaussian_weights=True`): an 11x11
+  Gaussian window of sigma 1.5 per channel, K1 = 0.01, K2 = 0.03, L = 255, averaged over the positions
+  where the window lies inside the frame.
+  """
+  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if x.shape != y.shape or x.ndim not in (3, 4):
+    raise ValueError(f"ssim of shapes {x.shape} and {y.shape}; accepted: two of one shape, "
+                     "[T, H, W, C] or [H, W, C]")
+  if min(x.shape[-3:-1]) < _SSIM_TAPS:
+    raise ValueError(f"ssim of {x.shape[-3]}x{x.shape[-2]} frames; accepted: frames of at least "
+                     f"{_SSIM_TAPS}x{_SSIM_TAPS} pixels (the window)")
+  taps = np.exp(-0.5 * ((np.arange(_SSIM_TAPS) - _SSIM_TAPS // 2) / _SSIM_SIGMA) ** 2)
+  taps /= taps.sum()
+  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+  mx, my = _valid_filter(x, taps), _valid_filter(y, taps)
+  sxx = _valid_filter(x * x, taps) - mx * mx
+  syy = _valid_filter(y * y, taps) - my * my
+  sxy = _valid_filter(x * y, taps) - mx * my
+  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+  return float(np.mean(s))
 
 
 class MetricWriter:

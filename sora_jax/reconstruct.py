@@ -79,8 +79,9 @@ def main(argv):
 
 
 def _run():
+  from sora_jax import metrics  # pylint: disable=g-import-not-at-top
   from sora_jax import video_io  # pylint: disable=g-import-not-at-top
-  from sora_jax.train_vae import load, psnr  # pylint: disable=g-import-not-at-top
+  from sora_jax.train_vae import load  # pylint: disable=g-import-not-at-top
   frames, fps = video_io.read_video(_INPUT.value)  # VideoReadError is a ValueError
   vae, _, step = load(_VAE.value)
   t0 = time.time()
@@ -89,7 +90,7 @@ def _run():
   s = vae.settings
   print(f"reconstructed {frames.shape[0]} frames at {frames.shape[1]}x{frames.shape[2]} "
         f"(grid {s.temporal_factor}x{s.spatial_factor}x{s.spatial_factor}, VAE step {step}) in "
-        f"{time.time() - t0:.1f}s: PSNR {psnr(frames, out):.2f} dB -> {_OUT.value}")
+        f"{time.time() - t0:.1f}s: PSNR {metrics.psnr(frames, out):.2f} dB -> {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sora_jax import atomic, checkpoint, finetune, flops, metrics, optim, sharding
+from sora_jax import atomic, checkpoint, finetune, flops, metrics, optim, sampling, sharding
 from sora_jax import config as config_lib
 from sora_jax import distributed
 
@@ -301,21 +301,12 @@ def _host(tree):
 
 def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.MetricWriter,
                    batch: dict, decode: Callable | None = None) -> None:
-  """Periodic sample videos, when sora_jax.sampling (the sampling issue) is present; decoded to pixels
-  by `decode` (`sample_decoder`), else latent previews."""
-  try:
-    from sora_jax import sampling  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    log.info("step %d: sample videos skipped: sora_jax.sampling is not built yet", step)
-    return
-  make = getattr(sampling, "training_samples", None)
-  if make is None:
-    log.info("step %d: sample videos skipped: sora_jax.sampling has no training_samples()", step)
-    return
+  """Periodic sample videos (sampling.training_samples), decoded to pixels by `decode`
+  (`sample_decoder`), else latent previews."""
   model = nnx.merge(setup.graphdef, state["ema"], *([state["frozen"]] if "frozen" in state else []))
   t0 = time.time()
   try:
-    videos = make(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
+    videos = sampling.training_samples(model, cfg, batch, jax.random.PRNGKey(step), decode=decode)
   except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
     log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
     return
@@ -330,7 +321,7 @@ def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | No
   """normalised latents [t, h, w, c] -> uint8 frames, through the VAE that encoded the training latents
   (latent_stats.json's record), for the periodic sample videos; None (latent previews) for the raw
   "shapes" source or when that VAE is not where the record says (one warning)."""
-  from sora_jax import bundle, sampling, train_vae  # pylint: disable=g-import-not-at-top
+  from sora_jax import bundle, train_vae  # pylint: disable=g-import-not-at-top
   from sora_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   record = pipeline.latents_vae(cfg, workdir=workdir)
   if not record or not record.get("path"):
@@ -415,8 +406,8 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   for key in ("sample_every_steps", "val_every_steps", "max_train_seconds"):  # 0 = never / no cap
     if key in cfg and float(cfg_get(key)) < 0:
       raise fail(key, "must be >= 0 (0: off)")
-  if cfg.dit.remat not in layers.REMAT_POLICIES:
-    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT_POLICIES)}")
+  if cfg.dit.remat not in layers.REMAT:
+    raise fail("dit.remat", f"accepted: {sorted(layers.REMAT)}")
   try:
     attention.resolve(cfg.dit.attention)
   except ValueError as e:
@@ -484,9 +475,12 @@ def pin_latents(cfg, workdir: str, *, resuming: bool) -> None:
     atomic.write_text(path, json.dumps(now, indent=2))
 
 
-def make_data(cfg, workdir: str):
+def make_data(cfg, start: Start):
+  """The training stream and its to_global; a resumed run continues its checkpoints' stream, also on
+  another number of processes (distributed.data_iterator)."""
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return iter(pipeline.make_iterator(cfg, split="train")), pipeline.to_global
+  resumed = start.directory if start.kind in ("workdir", "resume_from") else None
+  return distributed.data_iterator(cfg, resumed, split="train"), pipeline.to_global
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
@@ -499,7 +493,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   loss_fn = loss_fn or default_loss_fn()
   check_config(cfg, devices, pipeline=data is None)
   cfg = prepare_config(cfg, workdir)
-  data_iter, to_global = data if data is not None else make_data(cfg, workdir)
   mesh = sharding.mesh_from_config(cfg.mesh, devices)
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main():  # what export and the sampler rebuild the model from (bundle.py)
@@ -514,6 +507,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
   try:
     setup = make_setup(cfg, mesh, model_fn)
     start = resolve_start(cfg, ckpt_dir, ckpt)
+    data_iter, to_global = data if data is not None else make_data(cfg, start)
     held_out, decode = None, None
     if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
       pin_latents(cfg, workdir, resuming=start.kind == "workdir")

@@ -188,35 +188,6 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
 
 
 # ------------------------------------------------------------------------------------- validation
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  """PSNR in dB between uint8 arrays."""
-  mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
-  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-
-
-def _gauss_filter(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
-  """Separable 'valid' filtering over axes -3, -2 (H, W) of `[..., H, W, C]`."""
-  k = len(taps)
-  h = sum(taps[i] * x[..., i:x.shape[-3] - k + 1 + i, :, :] for i in range(k))
-  return sum(taps[i] * h[..., :, i:h.shape[-2] - k + 1 + i, :] for i in range(k))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-  """Mean SSIM (Gaussian window 11, sigma 1.5, per channel) of uint8 frames `[T, H, W, 3]`."""
-  taps = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
-  taps /= taps.sum()
-  if min(a.shape[1:3]) < 11:
-    taps = taps[3:-3] / taps[3:-3].sum()  # tiny frames: a 5-tap window
-  x, y = a.astype(np.float64), b.astype(np.float64)
-  c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-  mx, my = _gauss_filter(x, taps), _gauss_filter(y, taps)
-  sxx = _gauss_filter(x * x, taps) - mx * mx
-  syy = _gauss_filter(y * y, taps) - my * my
-  sxy = _gauss_filter(x * y, taps) - mx * my
-  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-  return float(np.mean(s))
-
-
 def validation_clips(cfg, data_dir: str) -> list[dict]:
   """Noise-free renders of the validation split's specs (or its stored videos for other data), cut
   to at most val_frames frames (1 + ft*k) and val_size^2 pixels."""
@@ -272,9 +243,9 @@ def validate(reconstruct, params, clips: list[dict], cfg, *, batch: int = 4) -> 
       recons.append(r[:f, :h, :w])
   scores = {"psnr": [], "ssim": [], "image_psnr": [], "video_psnr": []}
   for c, r in zip(clips, recons):
-    p = psnr(c["video"], r)
+    p = metrics.psnr(c["video"], r)
     scores["psnr"].append(p)
-    scores["ssim"].append(ssim(c["video"], r))
+    scores["ssim"].append(metrics.ssim(c["video"], r))
     scores["image_psnr" if c["video"].shape[0] == 1 else "video_psnr"].append(p)
   return {k: float(np.mean(v)) for k, v in scores.items() if v}, recons
 

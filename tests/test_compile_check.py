@@ -63,7 +63,7 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
   from sora_jax.kernels import splash
   cfg = tiny_config(attention="splash", remat="none")
   kw = dict(batch=4, seq_len=256, text_len=32, num_segments=4)
-  k = compile_check.kernel_flops(cfg, **kw)
+  k = flops.kernel_flops(cfg, **kw)
   d = cfg.dit
   # DiT self-attention alone: 2 layers x (2 forward + 5 fused-backward matmuls) of 2 * B * L^2 * width.
   self_attn = d.depth * 7 * 2 * 4 * 256 * 256 * d.width
@@ -71,26 +71,26 @@ def test_kernel_flops_count_splash_calls_and_vanish_for_xla_attention(monkeypatc
   assert k.executed < 1.2 * self_attn + d.depth * 7 * 2 * 4 * 256 * 128 * d.width + \
       d.text_depth * 7 * 2 * 4 * 128 * 128 * d.text_width
   # "full" reruns the forward kernel in the backward pass; "dots" saves its residuals and does not.
-  remat = compile_check.kernel_flops(tiny_config(attention="splash", remat="full"), **kw)
+  remat = flops.kernel_flops(tiny_config(attention="splash", remat="full"), **kw)
   assert remat.executed / k.executed == pytest.approx(9 / 7)
-  dots = compile_check.kernel_flops(tiny_config(attention="splash", remat="dots"), **kw)
+  dots = flops.kernel_flops(tiny_config(attention="splash", remat="dots"), **kw)
   assert dots.executed == k.executed and dots.in_flops_py_total == remat.in_flops_py_total
   # "full_save_self_attention" reruns only the cross-attention kernels' forward: 2 of its matmuls per layer.
-  own = compile_check.kernel_flops(tiny_config(attention="splash", remat="full_save_self_attention"), **kw)
+  own = flops.kernel_flops(tiny_config(attention="splash", remat="full_save_self_attention"), **kw)
   cross_fwd = d.depth * 2 * 2 * 4 * 256 * 128 * d.width  # keys: 32 text tokens + 4 segments, padded to 128
   assert own.executed == pytest.approx(k.executed + cross_fwd)
   assert own.in_flops_py_total == remat.in_flops_py_total
   # The GPU kernels: separate dq and dkv kernels (7 backward matmuls), lengths padded to 64-row blocks.
-  gpu = compile_check.kernel_flops(tiny_config(attention="gpu", remat="none"), **kw)
+  gpu = flops.kernel_flops(tiny_config(attention="gpu", remat="none"), **kw)
   per = lambda n, lq, lk, w: n * 2 * 4 * lq * lk * w * (2 + 7)
   assert gpu.executed == pytest.approx(per(d.depth, 256, 256, d.width) + per(d.depth, 256, 64, d.width) +
                                        per(d.text_depth, 64, 64, d.text_width))
   # Splash takes separate dkv and dq kernels too where its partial-dq buffer would be large.
   monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 0)
-  separate = compile_check.kernel_flops(cfg, **kw)
+  separate = flops.kernel_flops(cfg, **kw)
   assert separate.executed / k.executed == pytest.approx(9 / 7)
   assert separate.in_flops_py_total == k.in_flops_py_total
-  assert compile_check.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
+  assert flops.kernel_flops(tiny_config(attention="reference"), **kw).executed == 0
 
 
 def test_kernel_flops_count_the_keys_the_kernel_pads_to():
@@ -103,7 +103,7 @@ def test_kernel_flops_count_the_keys_the_kernel_pads_to():
   d = cfg.dit
   per = lambda lq, lk, w: 2 * 2 * lq * lk * w * (2 + 5)  # 2 forward and 5 fused-backward matmuls ("dots")
   want = per(16384, 16384, d.width) + per(16384, 640, d.width) + per(1024, 640, d.text_width)
-  assert compile_check.kernel_flops(cfg, **kw).executed == pytest.approx(want)
+  assert flops.kernel_flops(cfg, **kw).executed == pytest.approx(want)
 
 
 def test_kernel_backward_matmuls_follow_splash_fused_backward(monkeypatch):
@@ -113,19 +113,19 @@ def test_kernel_backward_matmuls_follow_splash_fused_backward(monkeypatch):
   from experiments import sora_b, sora_xl
   from sora_jax.kernels import splash
   b, xl = sora_b.get_config(), sora_xl.get_config()
-  assert [compile_check.kernel_bwd_matmuls(b, lq, lk, 1152, 9) for lq, lk in
+  assert [flops.kernel_bwd_matmuls(b, lq, lk, 1152, 9) for lq, lk in
           [(16384, 16384), (16384, 576)]] == [5, 5]
-  assert compile_check.kernel_bwd_matmuls(b, 512, 512, 1024, 8) == 5
-  assert [compile_check.kernel_bwd_matmuls(xl, lq, lk, 4096, 32) for lq, lk in
+  assert flops.kernel_bwd_matmuls(b, 512, 512, 1024, 8) == 5
+  assert [flops.kernel_bwd_matmuls(xl, lq, lk, 4096, 32) for lq, lk in
           [(65536, 65536), (65536, 640)]] == [5, 5]
   monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 1 << 30)  # one block's 64k-key partial dq: 0.5 GiB
-  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
+  assert flops.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
   monkeypatch.setattr(splash, "FUSED_BWD_MAX_BYTES", 256 << 20)
-  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 7
+  assert flops.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 7
   xl.mesh.tensor = 4  # 8 heads per device: one block's partial dq is 128 MiB again
-  assert compile_check.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
+  assert flops.kernel_bwd_matmuls(xl, 65536, 65536, 4096, 32) == 5
   xl.mesh.tensor, xl.dit.attention = 1, "gpu"
-  assert compile_check.kernel_bwd_matmuls(xl, 65536, 640, 4096, 32) == 7
+  assert flops.kernel_bwd_matmuls(xl, 65536, 640, 4096, 32) == 7
 
 
 def test_out_of_memory_errors_are_read():

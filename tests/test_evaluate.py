@@ -146,15 +146,7 @@ def test_bf16_bundle_samples_within_tolerance_of_f32(tiny_bundle):
     assert x.std() > 1.0  # a real picture, not a constant
 
 
-def test_psnr_and_ssim():
-  rng = np.random.default_rng(0)
-  a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-  assert evaluate.psnr(a, a) == float("inf") and evaluate.ssim(a, a) == pytest.approx(1.0)
-  b = np.clip(a.astype(np.int16) + 10, 0, 255).astype(np.uint8)
-  mse = np.mean((a.astype(float) - b) ** 2)
-  assert evaluate.psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / mse))
-  smooth = np.repeat(np.repeat(a[:, ::4, ::4], 4, 1), 4, 2)
-  assert evaluate.ssim(a, smooth) < 0.9 and evaluate.ssim(a, smooth) == pytest.approx(evaluate.ssim(smooth, a))
+def test_bootstrap_mean():
   m = evaluate.bootstrap_mean([1.0, 2.0, 3.0, 4.0])
   assert m["mean"] == 2.5 and m["ci95"][0] < 2.5 < m["ci95"][1]
 

@@ -65,6 +65,42 @@ def test_reshard_data_position_continues_every_shard(tmp_path):
     distributed.reshard_data_position(str(tmp_path / "7"), 3)
 
 
+def test_data_iterator_continues_the_checkpoints_stream_on_fewer_processes(tmp_path, monkeypatch):
+  from sora_jax.data import pipeline
+  monkeypatch.setattr(pipeline, "make_iterator",
+                      lambda cfg, *, split, process_index=0, process_count=1: _Counting(process_index))
+  assert isinstance(distributed.data_iterator(None, None), _Counting)  # a fresh stream: the pipeline's own
+  assert isinstance(distributed.data_iterator(None, str(tmp_path)), _Counting)  # no checkpoint yet
+  for step, n0 in ((2, 10), (4, 20)):  # two steps written by 4 processes
+    d = tmp_path / str(step) / "data_iter"
+    d.mkdir(parents=True)
+    for i in range(4):
+      (d / f"process_{i}-of-4.json").write_text(json.dumps({"json": {"n": n0 + i}}))
+  assert distributed.stream_processes(str(tmp_path)) == 4
+  # This 1-process job reads all 4 shards, and either step restores (files for 1 process were added).
+  it = distributed.data_iterator(None, str(tmp_path))
+  assert isinstance(it, distributed.MergedShards) and len(it.iterators) == 4
+  for step, n0 in ((2, 10), (4, 20)):
+    d = tmp_path / str(step) / "data_iter"
+    assert (d / "process_3-of-4.json").exists()  # the originals stay
+    it.set_state(json.loads((d / "process_0-of-1.json").read_text())["json"])
+    np.testing.assert_array_equal(next(it)["x"], [[i, n0 + i + 1] for i in range(4)])
+  # What this job saves still continues the 4-process stream.
+  (tmp_path / "6" / "data_iter").mkdir(parents=True)
+  (tmp_path / "6" / "data_iter" / "process_0-of-1.json").write_text(json.dumps({"json": it.get_state()}))
+  assert distributed.stream_processes(str(tmp_path)) == 4
+
+
+def test_the_trainer_continues_the_stream_of_the_checkpoints_it_resumes(monkeypatch):
+  from sora_jax import train
+  seen = []
+  monkeypatch.setattr(distributed, "data_iterator", lambda cfg, directory, **kw: seen.append(directory))
+  for kind in ("workdir", "resume_from", "init_from", "bundle", "scratch"):
+    train.make_data(None, train.Start(kind, f"/{kind}", 2))
+  # Weights-only starts (init_from, a bundle) and scratch begin a fresh stream.
+  assert seen == ["/workdir", "/resume_from", None, None, None]
+
+
 # ---------------------------------------------------------------------------------- the 2-process job
 def tiny_config(stats_dir: str, workdir_total_steps: int = 4) -> ml_collections.ConfigDict:
   from experiments import shapes_demo
@@ -205,13 +241,13 @@ def check_one_process_resume(stats, work2, out, tmp_path):
   for k, v in _flat(restored["params"]).items():
     np.testing.assert_array_equal(v, saved[k], err_msg=k)
 
-  # Resume from step 2 on that mesh, reading both shards of the 2-process stream: steps 3 and 4 see
-  # the same global batches, and the parameters end where the 2-process run's did.
+  # Resume from step 2 on that mesh, reading both shards of the 2-process stream (the trainer's
+  # data_iterator): steps 3 and 4 see the same global batches, and the parameters end where the
+  # 2-process run's did.
   work1 = tmp_path / "one"
   shutil.copytree(ckpt2 / "2", work1 / "checkpoints" / "2")
-  distributed.reshard_data_position(str(work1 / "checkpoints" / "2"), 1)
   records, tokenize = records_and_tokenizer()
-  rec = Recorder(distributed.data_iterator(cfg, stream_processes=2, source=records, tokenize=tokenize),
+  rec = Recorder(distributed.data_iterator(cfg, str(work1 / "checkpoints"), source=records, tokenize=tokenize),
                  pipeline.to_global)
   state = train.train(cfg, str(work1), data=(rec, rec.to_global))
   assert int(state["step"]) == 4

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from sora_jax import patching
 from sora_jax.data import pipeline, sources
 
 
@@ -59,6 +60,12 @@ def expected_latents(cfg, record, index, epoch=0):
   return pipeline.pool_space(z[:fit.keep_t], fit.scale)
 
 
+def unpack(batch, patch=(1, 2, 2)):
+  """Every row's samples as latents [t, h, w, c] (normalised, after size fitting), in segment order."""
+  return [patching.unpack_row(batch["tokens"][b], batch["segment_ids"][b], batch["seg_grid"][b], patch)
+          for b in range(batch["tokens"].shape[0])]
+
+
 def check_batch_consistency(batch, cfg):
   """Segment ids, positions, text segment ids and seg_* entries must describe the same samples."""
   for b in range(batch["tokens"].shape[0]):
@@ -92,7 +99,7 @@ def test_round_trip_random_size_mixtures(stats_dir, sizes, packer):
   seen = []
   for batch in it:
     check_batch_consistency(batch, cfg)
-    for b, row in enumerate(pipeline.unpack(batch)):
+    for b, row in enumerate(unpack(batch)):
       for k, z in enumerate(row):
         i = int(batch["seg_index"][b, k])
         np.testing.assert_array_equal(z, expected_latents(cfg, records[i], i))
@@ -137,7 +144,7 @@ def test_long_clips_are_cropped_or_dropped_and_counted(stats_dir):
                     sum(int(b["seg_dropped"].sum()) for b in batches))
     if mode == "crop":
       for b in batches:
-        for row_b, row in enumerate(pipeline.unpack(b)):
+        for row_b, row in enumerate(unpack(b)):
           for k, z in enumerate(row):
             i = int(b["seg_index"][row_b, k])
             full = expected_latents(make_config(stats_dir), records[i], i)
@@ -261,7 +268,7 @@ def test_shapes_source_end_to_end(shapes_dir):
   seen = 0
   for batch in batches:
     check_batch_consistency(batch, cfg)
-    for b, row in enumerate(pipeline.unpack(batch)):
+    for b, row in enumerate(unpack(batch)):
       for k, z in enumerate(row):
         i = int(batch["seg_index"][b, k])
         spec = shapes.sample_spec("validation", i)

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from sora_jax import patching
+from sora_jax.metrics import psnr
 from sora_jax import sampling as S
 
 MU, SIGMA = 0.7, 0.5
@@ -286,11 +287,6 @@ def test_packed_inference_equals_one_by_one(dit, objective, sampler):
 # Run after `make demo`:
 #   SORA_BUNDLE=runs/demo/bundle .venv/bin/python -m pytest -q -m slow tests/test_sampling.py -k trained
 # (or SORA_WORKDIR=runs/demo). Each test prints what it measured.
-
-
-def psnr(a, b) -> float:
-  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
 @pytest.fixture(scope="module")

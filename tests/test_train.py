@@ -56,7 +56,9 @@ def test_sharded_step_matches_single_device():
 
 
 def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
-  cfg = tf.tiny_config(total_steps=6, checkpoint_every_steps=1, log_every_steps=1)
+  # Also the periodic sample videos (latent previews of 3 channels here), written before the bad step.
+  cfg = tf.tiny_config(total_steps=6, checkpoint_every_steps=1, log_every_steps=1, sample_every_steps=2,
+                       **{"dit.in_dim": 12, "sample.steps": 2})
   data = (tf.SyntheticBatches(cfg, nan_at=3), tf.to_global)
   with pytest.raises(train.NonFiniteLoss, match="at step 3;"):
     train.train(cfg, str(tmp_path), data=data)
@@ -65,6 +67,7 @@ def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
   mgr.close()
   logged = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert max(logged) == 2
+  assert sorted(os.listdir(tmp_path / "samples")) == [f"samples_latent_preview_{k}_00000002.gif" for k in (0, 1)]
   # The resolved config is saved beside the checkpoints, for export.
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["dit"]["width"] == cfg.dit.width and saved["total_steps"] == 6

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sora_jax import metrics
 from sora_jax import video_io
 from sora_jax.data import shapes
 
@@ -12,11 +13,6 @@ from sora_jax.data import shapes
 def clip():
   o = shapes.ObjectSpec("circle", "red", "moving right", size=0.3, x=0.3, y=0.5)
   return shapes.render_clip(shapes.ClipSpec(objects=(o,), num_frames=17, height=48, width=64))
-
-
-def _psnr(a, b):
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
 def test_lossless_formats_are_exact(clip, tmp_path):
@@ -40,7 +36,7 @@ def test_lossy_formats_keep_length_rate_and_content(clip, tmp_path, suffix, min_
   frames, fps = video_io.read_video(path)
   assert frames.shape == clip.shape and frames.dtype == np.uint8
   assert fps == pytest.approx(8.0, rel=0.01)
-  assert _psnr(frames, clip) > min_psnr
+  assert metrics.psnr(frames, clip) > min_psnr
   rate, stream = video_io.iter_frames(path)
   times = [t for t, _ in stream]
   np.testing.assert_allclose(np.diff(times), 1 / 8, atol=0.011)  # GIF delays are centiseconds

@@ -45,9 +45,9 @@ def _hand(cfg, num_params: int):
   hand = flops.dit_train_step_flops(cfg, batch=batch, seq_len=seq_len, text_len=text_len,
                                     num_segments=segs, num_params=num_params)
   as_kernels = cfg.copy_and_resolve_references()
-  as_kernels.dit.attention = "splash"  # compile_check's hand count of attention "kernels"
-  kern = compile_check.kernel_flops(as_kernels, batch=batch, seq_len=seq_len, text_len=text_len,
-                                    num_segments=segs)
+  as_kernels.dit.attention = "splash"  # flops.py's hand count of attention "kernels"
+  kern = flops.kernel_flops(as_kernels, batch=batch, seq_len=seq_len, text_len=text_len,
+                            num_segments=segs)
   return hand, kern
 
 

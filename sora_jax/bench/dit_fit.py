@@ -28,7 +28,7 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
-from sora_jax import detector, patching, sampling, train
+from sora_jax import detector, metrics, patching, sampling, train
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where the trainer writes")
 _BUNDLE = flags.DEFINE_string("bundle", None, "inference bundle: VAE, tokenizer and latent stats")
@@ -55,28 +55,22 @@ class _Repeat:
     del state
 
 
-def _psnr(a, b) -> float:
-  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-
-
 def own_clips(pipe: sampling.Pipeline, batch: dict, max_clips: int, seed: int) -> list[dict]:
   """Samples the batch's unresized clips from their captions and scores them against themselves."""
   patch = tuple(int(p) for p in pipe.cfg.data.patch)
   out = []
   for r in range(batch["tokens"].shape[0]):
-    for k, grid in enumerate(batch["seg_grid"][r]):
-      grid = tuple(int(g) for g in grid)
+    latents = patching.unpack_row(batch["tokens"][r], batch["segment_ids"][r], batch["seg_grid"][r], patch)
+    for k, z in enumerate(latents):
       resized = batch["seg_scale"][r, k] != 1 or batch["seg_cropped"][r, k]
-      if len(out) == max_clips or not any(grid) or resized:
+      if len(out) == max_clips or resized:
         continue
       ids = batch["text_tokens"][r][batch["text_segment_ids"][r] == k + 1]
       caption = pipe.tokenize.decode(int(i) for i in ids)
-      tokens = batch["tokens"][r][batch["segment_ids"][r] == k + 1]
-      truth = pipe.decode(patching.unpatchify(tokens, grid, patch))
+      truth = pipe.decode(z)
       (video,) = sampling.generate(pipe, [(caption, *truth.shape[:3])], seed=seed)
       score = detector.score_clip(video, caption)
-      out.append(dict(caption=caption, frames=int(truth.shape[0]), psnr=_psnr(video, truth),
+      out.append(dict(caption=caption, frames=int(truth.shape[0]), psnr=metrics.psnr(video, truth),
                       colour=score.colour, motion=score.motion))
   return out
 

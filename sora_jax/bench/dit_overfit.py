@@ -28,7 +28,7 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import config as config_lib
-from sora_jax import detector, evaluate, patching, sampling, train
+from sora_jax import detector, evaluate, metrics, patching, sampling, train
 from sora_jax.data import shapes
 
 _WORKDIR = config_lib.flag(flags.DEFINE_string, "workdir", None, "where the trainer writes")
@@ -108,9 +108,8 @@ def main(argv):
     truth = pipe.decode(z)
     (video,) = sampling.generate(pipe, [(rec["caption"], *truth.shape[:3])], seed=_SEED.value)
     score = detector.score_clip(video, rec["caption"])
-    mse = np.mean((video.astype(np.float64) - truth.astype(np.float64)) ** 2)
     clips.append(dict(caption=rec["caption"], frames=int(truth.shape[0]), size=list(truth.shape[1:3]),
-                      psnr=float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10))), colour=score.colour,
+                      psnr=metrics.psnr(video, truth), colour=score.colour,
                       motion=score.motion, blobs=evaluate.blobs_per_frame(video),
                       truth_blobs=evaluate.blobs_per_frame(truth)))
     tokens_list.append(patching.patchify(z, patch))

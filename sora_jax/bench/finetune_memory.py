@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,20 +23,14 @@ import time
 from absl import app, flags
 import numpy as np
 
+from sora_jax.bench import host_memory
+
 _WIDTH = flags.DEFINE_integer("width", 256, "DiT width (heads of 128)")
 _DEPTH = flags.DEFINE_integer("depth", 30, "DiT blocks (Wan 2.1 1.3B: 30)")
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank")
 _STEPS = flags.DEFINE_integer("steps", 3, "train steps (a checkpoint at the last)")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "packed row length")
 _CHILD = flags.DEFINE_string("child", "", "internal: 'full' or 'lora', measured in this process")
-
-
-def _rss_mib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
 
 class Batches:
@@ -95,7 +87,7 @@ def _measure(mode: str) -> dict:
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   cfg = config(mode, _WIDTH.value, _DEPTH.value, _RANK.value, _STEPS.value, _SEQ_LEN.value)
   data = (Batches(cfg), pipeline.to_global)
-  base = _rss_mib()
+  base = host_memory.rss_mib()
   t0 = time.time()
   with tempfile.TemporaryDirectory() as work:
     train.train(cfg, work, data=data, devices=jax.devices()[:1])
@@ -103,10 +95,8 @@ def _measure(mode: str) -> dict:
     setup = train.make_setup(cfg, mesh)
     ckpt = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(work, "checkpoints"))
                for f in fs)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return {"mode": mode, "trained_params_m": round(setup.num_params / 1e6, 3),
-          "frozen_params_m": round(setup.num_frozen / 1e6, 3), "peak_rss_mib": round(peak, 1),
-          "baseline_rss_mib": round(base, 1), "peak_above_baseline_mib": round(peak - base, 1),
+          "frozen_params_m": round(setup.num_frozen / 1e6, 3), **host_memory.peak_since(base),
           "checkpoint_mib": round(ckpt / 2**20, 1), "seconds": round(time.time() - t0, 1)}
 
 
@@ -118,15 +108,11 @@ def main(argv):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device in each process
   rows = []
   for mode in ("full", "lora"):
-    out = subprocess.run([sys.executable, "-m", "sora_jax.bench.finetune_memory", f"--child={mode}",
-                          f"--width={_WIDTH.value}", f"--depth={_DEPTH.value}", f"--rank={_RANK.value}",
-                          f"--steps={_STEPS.value}", f"--seq_len={_SEQ_LEN.value}"],
-                         capture_output=True, text=True, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    if out.returncode or not lines:
-      raise RuntimeError(f"{mode} failed: {out.stderr.strip().splitlines()[-3:]}")
-    rows.append(json.loads(lines[-1]))
-    print(json.dumps(rows[-1]), flush=True)
+    rows.append(host_memory.run_child(
+        "sora_jax.bench.finetune_memory", [f"--child={mode}", f"--width={_WIDTH.value}",
+                                           f"--depth={_DEPTH.value}", f"--rank={_RANK.value}",
+                                           f"--steps={_STEPS.value}", f"--seq_len={_SEQ_LEN.value}"],
+        env, mode))
   print("| mode | trained M | frozen M | peak RSS MiB | above baseline MiB | checkpoint MiB | seconds |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:

@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 from absl import app, flags
+
+from sora_jax.bench import host_memory
 
 _CONFIG = flags.DEFINE_string("config_file", "experiments/shapes_demo.py", "config module with `vae`")
 _SIZE = flags.DEFINE_integer("size", 128, "frame height and width")
 _FRAMES = flags.DEFINE_list("frames", ["17", "65"], "clip lengths (1 + ft*k)")
 _CHILD = flags.DEFINE_string("child", "", "internal: 'chunked:T' or 'full:T' measured in this process")
-
-
-def _rss_mib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
 
 def _measure(config_file: str, mode: str, frames: int, size: int) -> dict:
@@ -46,7 +37,7 @@ def _measure(config_file: str, mode: str, frames: int, size: int) -> dict:
   spec.loader.exec_module(module)
   cfg = module.get_config()
   vae = VAE(cfg.vae, rngs=nnx.Rngs(0))
-  base = _rss_mib()
+  base = host_memory.rss_mib()
   x = jax.random.uniform(jax.random.key(0), (1, frames, size, size, 3), minval=-1.0, maxval=1.0)
   t0 = time.time()
   if mode == "chunked":
@@ -57,9 +48,7 @@ def _measure(config_file: str, mode: str, frames: int, size: int) -> dict:
     dec = nnx.jit(lambda m, z: m.decode(z))
     y = dec(vae, enc(vae, x))
   jax.block_until_ready(y)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return {"mode": mode, "frames": frames, "size": size, "peak_rss_mib": round(peak, 1),
-          "baseline_rss_mib": round(base, 1), "peak_above_baseline_mib": round(peak - base, 1),
+  return {"mode": mode, "frames": frames, "size": size, **host_memory.peak_since(base),
           "seconds": round(time.time() - t0, 1), "latent_shape": list(mean.shape) if mode == "chunked"
           else None}
 
@@ -74,14 +63,9 @@ def main(argv):
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   for mode in ("chunked", "full"):
     for frames in _FRAMES.value:
-      out = subprocess.run([sys.executable, "-m", "sora_jax.bench.vae_memory",
-                            f"--config_file={_CONFIG.value}", f"--size={_SIZE.value}",
-                            f"--child={mode}:{frames}"], capture_output=True, text=True, env=env)
-      lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-      if out.returncode or not lines:
-        raise RuntimeError(f"{mode}:{frames} failed: {out.stderr.strip().splitlines()[-1:]}")
-      rows.append(json.loads(lines[-1]))
-      print(json.dumps(rows[-1]), flush=True)
+      rows.append(host_memory.run_child(
+          "sora_jax.bench.vae_memory", [f"--config_file={_CONFIG.value}", f"--size={_SIZE.value}",
+                                        f"--child={mode}:{frames}"], env, f"{mode}:{frames}"))
   print("| mode | frames | size | peak RSS MiB | above baseline MiB | seconds |")
   print("| --- | --- | --- | --- | --- | --- |")
   for r in rows:

@@ -464,9 +464,3 @@ def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict:
     spec = sharding.logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1))
     out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), x)
   return out
-
-
-def unpack(batch: Mapping[str, np.ndarray], patch: Sequence[int] = (1, 2, 2)) -> list[list[np.ndarray]]:
-  """Every row's samples as latents [t, h, w, c] (normalised, after size fitting), in segment order."""
-  return [patching.unpack_row(batch["tokens"][b], batch["segment_ids"][b], batch["seg_grid"][b], patch)
-          for b in range(batch["tokens"].shape[0])]

@@ -59,9 +59,6 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
 )
 HELD_OUT_TEST_FRACTION = 0.5
 
-_ASPECTS = {"1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "16:9": 16 / 9, "9:16": 9 / 16, "2:1": 2.0, "1:2": 0.5}
-
-
 @dataclasses.dataclass(frozen=True)
 class ObjectSpec:
   """One object. Positions are fractions of the frame at frame 0; `direction` (+1/-1) is the initial
@@ -360,16 +357,6 @@ MIXTURES: dict[str, tuple[SizeBucket, ...]] = {
 _SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
 _TWO_OBJECTS_P = 0.35
 _CUT_P = 0.2
-
-
-def aspect_name(height: int, width: int) -> str | None:
-  """The spec's aspect ratio (width:height) that (height, width) rounds from, or None."""
-  for name, r in _ASPECTS.items():
-    for short in range(32, 257, 16):
-      h, w = (short, short * r) if r >= 1 else (short / r, short)
-      if (int(round(h / 16) * 16), int(round(w / 16) * 16)) == (height, width):
-        return name
-  return None
 
 
 def allowed_motions(num_frames: int, fps: float = FPS) -> tuple[str, ...]:

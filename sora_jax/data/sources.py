@@ -291,7 +291,7 @@ def write_latent_dataset(latents_dir: str | os.PathLike, split: str,
 def write_latent_stats(latents_dir: str | os.PathLike, stats: Mapping) -> None:
   path = Path(latents_dir) / LATENT_STATS
   path.parent.mkdir(parents=True, exist_ok=True)
-  atomic.write_text(path, json.dumps(dict(stats), indent=2, sort_keys=True, default=_jsonable))
+  atomic.write_json(path, dict(stats), sort_keys=True)
 
 
 def read_latent_stats(latents_dir: str | os.PathLike) -> dict:
@@ -344,13 +344,3 @@ def check_latents(latents_dir: str | os.PathLike, split: str, *, name: str | Non
         f"data_pipelines/encode_latents.py --vae {stats['vae_source'].get('path', 'VAE_RUN')} "
         f"--data_dir VIDEOS --out_dir {latents_dir}")
   return stats
-
-
-def _jsonable(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")

@@ -102,9 +102,6 @@ class Tokenizer:
     keep = [int(i) for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id)]
     return self._sp.decode(keep)
 
-  def serialized(self) -> bytes:
-    return self._proto
-
 
 def train_tokenizer(captions: Iterable[str], out: str | os.PathLike | None, vocab_size: int, *,
                     model_type: str = "bpe") -> Tokenizer:

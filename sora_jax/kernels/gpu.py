@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 from sora_jax.kernels import RESIDUAL_NAME, blocksparse
 
 _NEG = -1e30
-BLOCK = 64  # gpu_attention's default query and key block (rows); compile_check pads its FLOP count to it
+BLOCK = 64  # gpu_attention's default query and key block (rows); flops.kernel_flops pads its FLOP count to it
 # Contract the last dim of both operands (a @ b.T) and the first of both (a.T @ b).
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))

@@ -89,8 +89,8 @@ class Layout(NamedTuple):
 
 def layout(lq: int, lk: int, heads: int, head_dim: int, *, block_q: int = 512, block_kv: int = 512,
            itemsize: int = 2) -> Layout:
-  """The Layout of splash_attention (same arguments, heads per device); compile_check counts the kernels'
-  FLOPs at its padded lengths, chunk_len * chunks queries by lk_padded keys."""
+  """The Layout of splash_attention (same arguments, heads per device); flops.kernel_flops counts the
+  kernels' FLOPs at its padded lengths, chunk_len * chunks queries by lk_padded keys."""
   chunks = query_chunks(lq, lk, heads, head_dim, block_q=block_q, block_kv=block_kv, itemsize=itemsize)
   bq, bkv = block_sizes(lq, lk, block_q, block_kv)
   n = max(chunks, 1)

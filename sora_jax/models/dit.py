@@ -42,8 +42,7 @@ What packing adds (each segment's output is the same as when it is run alone; te
 Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), width, depth, num_heads, ffn_dim,
 time_freq_dim, rope_theta, qk_norm, text_encoder ("caption": also vocab_size, text_width, text_depth,
 text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention implementation), remat
-(a name in layers.REMAT_POLICIES: "none" | "full" | "dots" | "dots_saveable" | "full_save_attention" |
-"full_save_self_attention"), dtype (compute), param_dtype.
+(a policy of layers.REMAT, the table of them), dtype (compute), param_dtype.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ both the fast path on TPU and, per docs/hazards.md, on this CPU; norms and softm
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -22,31 +23,46 @@ from sora_jax.models.attention import segment_attention
 
 Names = tuple[str | None, ...]
 
-# Remat policies by config name: "none" keeps every activation, "full" recomputes the whole block in
-# the backward pass, "dots" saves only the matmul outputs that have no batch dims (the weights' matmuls),
-# "dots_saveable" every matmul output. "dots" and "dots_saveable" also save the attention kernels' output
-# and logsumexp (`kernels.RESIDUAL_NAME` and `CROSS_RESIDUAL_NAME`; one [L, heads, head_dim] plus
-# [heads, L] f32 per attention), so the Pallas forward kernel is not run again in the backward pass;
-# "full" keeps the least memory; "full_save_attention" recomputes everything but the attention kernels
-# (their residuals are saved): at long rows, where attention is most of the work, nearly "full"'s memory
-# for far less recomputation. "full_save_self_attention" saves only the self-attention kernels' residuals
-# and runs the cross-attention kernels again: half the saved bytes (a cross-attention output is as large
-# as a self-attention one), for a second forward of kernels whose keys are only the short caption.
+
+@dataclasses.dataclass(frozen=True)
+class Remat:
+  """A remat policy (`dit.remat`, `text.remat`): what the backward pass finds saved, and so what it runs
+  again. flops.py counts the recomputation from `weights_again` and `scores_again`; compile_check from
+  `kernels_once` too, and its memory planner tries the policies in REMAT's order."""
+  policy: Callable | None          # jax.checkpoint policy of each scanned layer; None: no remat at all
+  weights_again: float             # extra forwards of the weight matmuls and the elementwise work
+  scores_again: float              # extra forwards of XLA attention's score matmuls and softmax
+  kernels_once: tuple[str, ...]    # attention kernels ("self", "cross") whose forward runs once
+
+
+# The attention kernels name their forward residuals, one [L, heads, head_dim] output and one [heads, L]
+# f32 logsumexp per call (`kernels.RESIDUAL_NAME`, `CROSS_RESIDUAL_NAME` for cross-attention); a policy
+# that saves them does not run the Pallas forward kernel again in the backward pass.
 _kernel_residuals = jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME, CROSS_RESIDUAL_NAME)
 _save_kernel_residuals = functools.partial(jax.checkpoint_policies.save_from_both_policies, _kernel_residuals)
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": _save_kernel_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-    "dots_saveable": _save_kernel_residuals(jax.checkpoint_policies.dots_saveable),
-    "full_save_attention": _kernel_residuals,
-    "full_save_self_attention": jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME),
+_BOTH = ("self", "cross")
+
+# The remat policies by config name, least recomputation first: memory falls along this order.
+REMAT: dict[str, Remat] = {
+    # Keeps every activation.
+    "none": Remat(None, 0.0, 0.0, _BOTH),
+    # Saves every matmul output and the kernels' residuals.
+    "dots_saveable": Remat(_save_kernel_residuals(jax.checkpoint_policies.dots_saveable), 0.0, 0.0, _BOTH),
+    # Saves the matmul outputs without batch dims (the weights' matmuls, not XLA attention's scores, which
+    # are recomputed) and the kernels' residuals.
+    "dots": Remat(_save_kernel_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+                  0.0, 1.0, _BOTH),
+    # Recomputes everything but the attention kernels, whose residuals are saved: at long rows, where
+    # attention is most of the work, nearly "full"'s memory for far less recomputation.
+    "full_save_attention": Remat(_kernel_residuals, 1.0, 1.0, _BOTH),
+    # Saves only the self-attention kernels' residuals and runs the cross-attention kernels again: half
+    # the saved bytes (a cross-attention output is as large as a self-attention one), for a second
+    # forward of kernels whose keys are only the short caption.
+    "full_save_self_attention": Remat(jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME),
+                                      1.0, 1.0, ("self",)),
+    # Recomputes the whole block: the least memory.
+    "full": Remat(jax.checkpoint_policies.nothing_saveable, 1.0, 1.0, ()),
 }
-# Policies under which the self- and the cross-attention kernels' forward runs once per step (the rest
-# run it again in the backward pass; compile_check's FLOP count).
-KERNEL_FORWARD_ONCE = {"self": ("none", "dots", "dots_saveable", "full_save_attention",
-                                "full_save_self_attention"),
-                       "cross": ("none", "dots", "dots_saveable", "full_save_attention")}
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32) -> nnx.Param:
@@ -249,14 +265,14 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs:
 
 def scan_layers(layers: nnx.Module, x, step: Callable, remat: str):
   """Runs `x = step(layer, x)` through stacked `layers` with nnx.scan, remat per layer by policy name."""
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat={remat!r} is unknown; accepted: {sorted(REMAT_POLICIES)}")
+  if remat not in REMAT:
+    raise ValueError(f"remat={remat!r} is unknown; accepted: {sorted(REMAT)}")
 
   def body(x, layer):
     return step(layer, x)
 
   if remat != "none":
-    body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    body = nnx.remat(body, policy=REMAT[remat].policy, prevent_cse=False)
   body = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
   return body(x, layers)

@@ -99,26 +99,26 @@ def _delta(module, x: jax.Array) -> jax.Array:
   return module.lora_scale * y
 
 
-class LoRADense(layers.Dense):
-  """A `layers.Dense` (its own kernel and bias, same paths) plus a low-rank adapter on its output."""
+class _Adapted:
+  """Takes over a projection's kernel and bias (same paths) and adds a low-rank adapter on its output;
+  `N_IN` is how many leading kernel axes the projection contracts."""
+  N_IN = 1
 
-  def __init__(self, base: layers.Dense, *, rank: int, scale: float, rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
+  def __init__(self, base, *, rank: int, scale: float, rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
     self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
-    _add_adapter(self, self.kernel, n_in=1, rank=rank, scale=scale, rngs=rngs)
+    _add_adapter(self, self.kernel, n_in=self.N_IN, rank=rank, scale=scale, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return (super().__call__(x).astype(jnp.float32) + _delta(self, x)).astype(self.dtype)
 
 
-class LoRADenseIn(layers.DenseIn):
+class LoRADense(_Adapted, layers.Dense):
+  """A `layers.Dense` plus a low-rank adapter."""
+
+
+class LoRADenseIn(_Adapted, layers.DenseIn):
   """A `layers.DenseIn` ([..., heads, head_dim] -> [..., out]) plus a low-rank adapter."""
-
-  def __init__(self, base: layers.DenseIn, *, rank: int, scale: float, rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
-    self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
-    _add_adapter(self, self.kernel, n_in=2, rank=rank, scale=scale, rngs=rngs)
-
-  def __call__(self, x_blhd: jax.Array) -> jax.Array:
-    return (super().__call__(x_blhd).astype(jnp.float32) + _delta(self, x_blhd)).astype(self.dtype)
+  N_IN = 2
 
 
 _WRAPPERS = {layers.Dense: LoRADense, layers.DenseIn: LoRADenseIn}

@@ -137,10 +137,8 @@ class _Stream:
   def __init__(self, past: list | None, first: bool):
     self.past, self.first, self.out = past, first, []
 
-  def take(self, x=None):
-    """The past of the calling layer; `x` is its input chunk (a context-parallel stream sends the tail
-    of it to the next device, sora_jax/models/vae_cp.py)."""
-    del x
+  def take(self):
+    """The past of the calling layer."""
     return None if self.past is None else self.past[len(self.out)]
 
   def give(self, cache) -> None:
@@ -208,7 +206,7 @@ class CausalConv3d(nnx.Module):
     if kt > 1:
       if stream is None:  # a stand-alone full-sequence call
         stream = _Stream(None, True)
-      past = stream.take(x)
+      past = stream.take()
       if past is None:
         past = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
       x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
@@ -320,7 +318,7 @@ class Resample(nnx.Module):
     if stream.first:
       head, past = x[:, :1], None
     else:
-      head, past = x[:, :0], stream.take(x)
+      head, past = x[:, :0], stream.take()
     stream.give(x[:, -1:])
     seq = x if past is None else jnp.concatenate([past.astype(x.dtype), x], axis=1)
     if seq.shape[1] < 3:
@@ -334,7 +332,7 @@ class Resample(nnx.Module):
 
   def _time_up(self, x, stream: _Stream):
     head, rest = (x[:, :1], x[:, 1:]) if stream.first else (x[:, :0], x)
-    past = stream.take(rest)
+    past = stream.take()
     if past is None:
       past = jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype)
     if rest.shape[1] == 0:
