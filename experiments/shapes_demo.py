@@ -45,7 +45,6 @@ def get_config(arg=None):
   c.data.shuffle_seed = 0
   # Packed stream (sora_jax/data/pipeline.py; its docstring explains size fitting).
   c.data.source = "latents"      # "latents" (VAE latents) or "shapes" (pooled raw frames, no VAE)
-  c.data.patch = (1, 2, 2)       # spacetime patch (pt, ph, pw) in latents; D = pt*ph*pw*c
   c.data.token_budget = 576      # max tokens per sample before downscale/crop; 0 = seq_len. The widest
                                  # segment sets blocksparse's step time: 576 = the largest short clip
   c.data.min_patch_side = 2      # spatial downscale stops at this many patches on a side
@@ -75,6 +74,7 @@ def get_config(arg=None):
   # --- DiT (sora_jax/models/dit.py, models/text.py): 5.5M params (1.3M of them adaLN, applied per
   # segment so nearly free in FLOPs); ~1300 steps, 21 min of 2-core CPU (measured).
   c.dit = ml_collections.ConfigDict()
+  c.dit.patch = (1, 2, 2)        # spacetime patch (pt, ph, pw) in latents; D = pt*ph*pw*c
   c.dit.in_dim = 0               # token dim D = pt*ph*pw*latent channels; 0 = the data's (train.py fills it)
   c.dit.vocab_size = c.data.get_ref("vocab_size")  # sentencepiece ids of the caption encoder
   c.dit.width = 192
@@ -88,7 +88,8 @@ def get_config(arg=None):
   c.dit.text_width = 128
   c.dit.text_depth = 2
   c.dit.text_heads = 4
-  c.dit.attention = "auto"       # segment_attention implementation (models/attention.py)
+  c.dit.attention = "auto"       # segment_attention's local kernel (models/attention.py)
+  c.dit.context = "none"         # context parallelism over the `context` mesh axis: none|ring|ulysses
   c.dit.remat = "none"           # "none" | "full" | "dots" | "dots_saveable"
   c.dit.dtype = "float32"        # compute: on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16
   c.dit.param_dtype = "float32"
@@ -113,30 +114,31 @@ def get_config(arg=None):
   c.diffusion.cond_both_ends = 0.05     # interpolation (first and last latent frame given)
 
   # --- DiT training (sora_jax/train.py, optim.py, checkpoint.py): steps, logging, checkpoints, resume.
-  c.total_steps = 1300           # colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%):
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 1300           # colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%):
                                  # docs/benchmarks.md, "Evaluation"
-  c.max_train_seconds = 0.0      # wall-clock cap (checkpointed stop), for pod jobs; 0 = none: the demo trains
+  c.train.max_train_seconds = 0.0      # wall-clock cap (checkpointed stop), for pod jobs; 0 = none: the demo trains
                                  # its steps on any machine and reports a slow stage (config.demo below)
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 100
-  c.keep_checkpoints = 3
-  c.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
-  c.val_every_steps = 100        # held-out loss (EMA weights, validation latents, fixed noise); 0 = never
-  c.val_batches = 4              # validation batches it averages
-  c.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
-  c.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
-  c.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-3              # 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session)
-  c.optim.warmup_steps = 40
-  c.optim.schedule = "cosine"    # "cosine" or "constant" after the linear warmup
-  c.optim.end_lr_fraction = 0.1  # cosine floor, as a fraction of lr
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.01    # matrices only
-  c.optim.grad_clip = 1.0        # global norm; 0 = off
-  c.optim.ema_decay = 0.999      # EMA of the weights (warmed up: min(decay, (1+n)/(10+n)))
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 100
+  c.train.keep_checkpoints = 3
+  c.train.sample_every_steps = 200     # sample videos during training (needs sora_jax.sampling); 0 = never
+  c.train.val_every_steps = 100        # held-out loss (EMA weights, validation latents, fixed noise); 0 = never
+  c.train.val_batches = 4              # validation batches it averages
+  c.train.resume_from = ""             # another run's workdir or checkpoint dir: continue it (all state)
+  c.train.init_from = ""               # another run's workdir or checkpoint dir: its weights, fresh optimizer
+  c.train.flops_check = False          # also compile the step unrolled to check flops.py against XLA (slow)
+  c.train.optim = ml_collections.ConfigDict()
+  c.train.optim.lr = 2e-3              # 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session)
+  c.train.optim.warmup_steps = 40
+  c.train.optim.schedule = "cosine"    # "cosine" or "constant" after the linear warmup
+  c.train.optim.end_lr_fraction = 0.1  # cosine floor, as a fraction of lr
+  c.train.optim.b1 = 0.9
+  c.train.optim.b2 = 0.99
+  c.train.optim.eps = 1e-8
+  c.train.optim.weight_decay = 0.01    # matrices only
+  c.train.optim.grad_clip = 1.0        # global norm; 0 = off
+  c.train.optim.ema_decay = 0.999      # EMA of the weights (warmed up: min(decay, (1+n)/(10+n)))
 
   # --- VAE (sora_jax/models/vae.py): Wan 2.1's layout at toy width; 4x time, 4x space (8x cannot
   # reach 30 dB in the demo's minutes), 8 latent channels. Wan 2.1 itself: base_dim=96,
@@ -222,10 +224,10 @@ def get_config(arg=None):
     c.vae_train.total_steps = 10
     c.vae_train.num_val = 4
     c.vae_train.checkpoint_every_steps = 5
-    c.total_steps = 10
-    c.log_every_steps = 5
-    c.checkpoint_every_steps = 5
-    c.sample_every_steps = 0
+    c.train.total_steps = 10
+    c.train.log_every_steps = 5
+    c.train.checkpoint_every_steps = 5
+    c.train.sample_every_steps = 0
     c.sample.steps = 4
     c.eval.num_prompts = 4
     c.eval.vae_clips = 4

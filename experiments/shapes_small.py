@@ -31,16 +31,16 @@ def get_config(arg=None):
   c.dit.depth = 8
   c.dit.num_heads = 8
   c.dit.ffn_dim = 1024
-  c.total_steps = 3000
-  c.max_train_seconds = 3 * 3600.0
-  c.checkpoint_every_steps = 250
-  c.sample_every_steps = 1000
-  c.optim.warmup_steps = 200
-  c.optim.lr = 6e-4
+  c.train.total_steps = 3000
+  c.train.max_train_seconds = 3 * 3600.0
+  c.train.checkpoint_every_steps = 250
+  c.train.sample_every_steps = 1000
+  c.train.optim.warmup_steps = 200
+  c.train.optim.lr = 6e-4
 
   c.eval.num_prompts = 256
   c.eval.vae_clips = 128
   if arg.runlocal:
     c.data.num_train = 64
-    c.vae_train.total_steps = c.total_steps = 10
+    c.vae_train.total_steps = c.train.total_steps = 10
   return c

@@ -42,7 +42,6 @@ def get_config(arg=None):
   c.data.latents_dir = "data/sora/latents"
   c.data.tokenizer = "data/sora/tokenizer.model"
   c.data.vocab_size = 32000
-  c.data.patch = (1, 2, 2)
   c.data.seq_len = arg.seq_len
   c.data.text_len = 512
   c.data.max_text_tokens = 256
@@ -56,6 +55,7 @@ def get_config(arg=None):
 
   c.mesh = ml_collections.ConfigDict(pod["mesh"])
 
+  c.dit.patch = (1, 2, 2)
   c.dit.in_dim = 1 * 2 * 2 * 16
   c.dit.width = 1152
   c.dit.depth = 28
@@ -74,15 +74,15 @@ def get_config(arg=None):
 
   c.diffusion.shift_ref_tokens = 4096
 
-  c.total_steps = 200_000
-  c.max_train_seconds = 0.0       # no wall-clock cap (the demo's would stop a pod job after 30 min)
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.sample_every_steps = 0
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 2000
-  c.optim.b2 = 0.999
-  c.optim.ema_decay = 0.9999
+  c.train.total_steps = 200_000
+  c.train.max_train_seconds = 0.0       # no wall-clock cap (the demo's would stop a pod job after 30 min)
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000
+  c.train.sample_every_steps = 0
+  c.train.optim.lr = 1e-4
+  c.train.optim.warmup_steps = 2000
+  c.train.optim.b2 = 0.999
+  c.train.optim.ema_decay = 0.9999
 
   # --- Pod checks (sora_jax/compile_check.py).
   c.compile_check = ml_collections.ConfigDict()

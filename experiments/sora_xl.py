@@ -62,6 +62,6 @@ def get_config(arg=None):
   c.dit.text_depth = 12
   c.dit.text_heads = 8
   c.dit.remat = pod["remat"]
-  c.optim.lr = 5e-5
+  c.train.optim.lr = 5e-5
   c.compile_check.topology = arg.topology
   return c

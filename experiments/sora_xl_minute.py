@@ -5,7 +5,7 @@ A minute is 1 + 1440 frames; the 4x8x8 VAE makes 361 x 90 x 160 latents and 1x2x
 361 x 45 x 80 = 1,299,600 tokens, one sequence per row (rows are padded to 1,302,528 = 32 x 318 x 128 so
 each of the 32 context shards is a whole number of 128-token blocks). No chip holds that
 sequence's activations: the `context` mesh axis shards the sequence of every activation (act_seq) and
-self-attention runs as ring or all-to-all attention over it (dit.context_attention).
+self-attention runs as ring or all-to-all attention over it (dit.context).
 
     python -m sora_jax.compile_check --config experiments/sora_xl_minute.py --topology v5p:8x8x4
 Train (v5p-512 = 256 chips: 8 context groups of 32 chips, FSDP over the groups):
@@ -34,9 +34,9 @@ SLICES = {
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, topology="v5p:8x8x4", context_attention="ring", runlocal=False)
-  if arg.context_attention not in ("ring", "ulysses"):
-    raise ValueError(f"context_attention={arg.context_attention!r}; accepted: 'ring', 'ulysses'")
+  arg = parse_arg(arg, topology="v5p:8x8x4", context="ring", runlocal=False)
+  if arg.context not in ("ring", "ulysses"):
+    raise ValueError(f"context={arg.context!r}; accepted: 'ring', 'ulysses'")
   if arg.runlocal:
     c = sora_xl.get_config("runlocal=True")
     c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 2, 128
@@ -59,8 +59,8 @@ def get_config(arg=None):
     # step and counted by hand, and the layers the scan's count leaves out are priced at the counted
     # work's rate (docs/benchmarks.md, "Pod checks within a laptop's memory").
     c.compile_check.cost = "one"
-  # Self-attention over the sharded sequence (sora_jax/models/attention.py "ring" | "ulysses"); the
-  # attention key follows this one (a --config.dit.context_attention override carries over).
-  c.dit.context_attention = arg.context_attention
-  c.dit.attention = c.dit.get_ref("context_attention")
+  # Attention over the sharded sequence (sora_jax/models/attention.py: "ring" | "ulysses"), around the
+  # backend's local kernel (the same whatever the choice here).
+  c.dit.context = arg.context
+  c.dit.attention = "auto"
   return c

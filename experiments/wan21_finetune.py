@@ -40,16 +40,16 @@ from sora_jax.models import lora
 # ("Fine-tuning Wan 2.1") has which of these fit, full and LoRA.
 SLICES = {
     "1.3b": {
-        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
-        "v5p:4x4x4": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
+        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash", context="none"),
+        "v5p:4x4x4": dict(batch_size=64, remat="dots", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash", context="none"),
     },
     "14b": {
-        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
-        "v5p:2x2x2": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash"),
+        "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash", context="none"),
+        "v5p:2x2x2": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=-1, tensor=1), attention="splash", context="none"),
         "v6e:2x4": dict(batch_size=4, remat="full", mesh=dict(data=1, fsdp=4, context=2, tensor=1),
-                        attention="ulysses"),
+                        attention="auto", context="ulysses"),
         "v6e:4x8": dict(batch_size=8, remat="full", mesh=dict(data=1, fsdp=8, context=4, tensor=1),
-                        attention="ulysses"),
+                        attention="auto", context="ulysses"),
     },
 }
 DEFAULT_TOPOLOGY = {"1.3b": "v5p:2x2x1", "14b": "v5p:2x2x1"}
@@ -69,7 +69,7 @@ def get_config(arg=None):
   c = base.get_config("runlocal" if arg.runlocal else None)
   pod = SLICES[arg.size][topology]
 
-  c.init_from = ""                      # the converted bundle (required for a meaningful run)
+  c.train.init_from = ""                      # the converted bundle (required for a meaningful run)
   c.data.latents_dir = "data/ft/latents"
   c.data.text_source = "features"       # data_pipelines/encode_text.py's cached UMT5 features
   c.data.max_text_tokens = 512          # every caption padded to 512 features, as Wan's pipeline pads
@@ -81,14 +81,14 @@ def get_config(arg=None):
   c.lora.alpha = float(arg.lora)        # scale alpha / rank = 1
   c.lora.targets = lora.DEFAULT_TARGETS  # fnmatch patterns over the DiT's projections (models/lora.py)
 
-  c.total_steps = 2_000
-  c.checkpoint_every_steps = 250
-  c.keep_checkpoints = 2
-  c.optim.lr = 1e-4 if arg.lora else 1e-5
-  c.optim.warmup_steps = 50
-  c.optim.schedule = "constant"
-  c.optim.weight_decay = 0.0 if arg.lora else 0.01
-  c.optim.ema_decay = 0.999
+  c.train.total_steps = 2_000
+  c.train.checkpoint_every_steps = 250
+  c.train.keep_checkpoints = 2
+  c.train.optim.lr = 1e-4 if arg.lora else 1e-5
+  c.train.optim.warmup_steps = 50
+  c.train.optim.schedule = "constant"
+  c.train.optim.weight_decay = 0.0 if arg.lora else 0.01
+  c.train.optim.ema_decay = 0.999
   c.diffusion.text_drop = 0.1           # keep classifier-free guidance working
 
   if arg.runlocal:
@@ -100,15 +100,15 @@ def get_config(arg=None):
     c.data.update(dict(seq_len=64, max_segments=4, max_text_tokens=512, text_len=512 * 4, batch_size=2,
                        min_patch_side=2, packing_bins=4))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 20, 1, 10
-    c.optim.warmup_steps = 2
-    c.optim.lr = 3e-3 if arg.lora else 3e-4
-    c.optim.ema_decay = 0.9
+    c.train.total_steps, c.train.log_every_steps, c.train.checkpoint_every_steps = 20, 1, 10
+    c.train.optim.warmup_steps = 2
+    c.train.optim.lr = 3e-3 if arg.lora else 3e-4
+    c.train.optim.ema_decay = 0.9
     c.compile_check.topology = topology
     return c
   c.data.batch_size = pod["batch_size"]
   c.dit.remat = pod["remat"]
-  c.dit.attention = pod["attention"]
+  c.dit.attention, c.dit.context = pod["attention"], pod["context"]
   c.mesh = ml_collections.ConfigDict(pod["mesh"])
   c.compile_check.topology = topology
   return c

@@ -37,7 +37,6 @@ def get_config(arg=None):
 
   c.data.source = "latents"
   c.data.latents_dir = "data/wan21/latents"   # encode_latents.py with the converted Wan VAE
-  c.data.patch = (1, 2, 2)
   c.data.seq_len = 32768
   c.data.max_segments = 16
   c.data.text_len = 512 * 16           # every caption's 512 UMT5 features (zero past its tokens)
@@ -48,8 +47,8 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(pod["mesh"])
 
   c.dit = ml_collections.ConfigDict(dict(
-      in_dim=64, width=1536, depth=30, num_heads=12, ffn_dim=8960, time_freq_dim=256, rope_theta=10000.0,
-      qk_norm=True, text_encoder="umt5", text_dim=4096, attention="splash", remat=pod["remat"],
+      patch=(1, 2, 2), in_dim=64, width=1536, depth=30, num_heads=12, ffn_dim=8960, time_freq_dim=256, rope_theta=10000.0,
+      qk_norm=True, text_encoder="umt5", text_dim=4096, attention="splash", context="none", remat=pod["remat"],
       dtype="bfloat16", param_dtype="float32"))
   c.text = ml_collections.ConfigDict(UMT5_XXL)
   c.vae.update(dict(base_dim=96, decoder_base_dim=0, dim_mult=(1, 2, 4, 4), num_res_blocks=2, z_dim=16,
@@ -63,17 +62,17 @@ def get_config(arg=None):
   c.sample.update(dict(sampler="unipc", time_grid="unipc", steps=50, guidance=5.0, num_frames=81,
                        height=480, width=832, fps=16.0, row_len=0))
 
-  c.total_steps = 10_000
-  c.max_train_seconds = 0.0
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 500
-  c.sample_every_steps = 0
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 100
-  c.optim.schedule = "constant"
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.01
-  c.optim.ema_decay = 0.9999
+  c.train.total_steps = 10_000
+  c.train.max_train_seconds = 0.0
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 500
+  c.train.sample_every_steps = 0
+  c.train.optim.lr = 1e-5
+  c.train.optim.warmup_steps = 100
+  c.train.optim.schedule = "constant"
+  c.train.optim.b2 = 0.999
+  c.train.optim.weight_decay = 0.01
+  c.train.optim.ema_decay = 0.9999
 
   c.compile_check = ml_collections.ConfigDict()
   c.compile_check.topology = arg.topology

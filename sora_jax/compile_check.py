@@ -37,8 +37,8 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   as `splash.layout` decides from the call's shapes, always 7 for the GPU kernels; the forward
   again under a remat policy that does not save the kernel's residuals), for rows holding one segment
   each (the densest packing, where splash skips no block), and their time is those FLOPs at
-  `--kernel_efficiency` of peak. Ring and all-to-all attention (context parallelism) run their local
-  kernels as loops whose bodies the cost model counts once: they are counted the same way.
+  `--kernel_efficiency` of peak. Ring and all-to-all attention (context parallelism, `dit.context`) run
+  their local kernels as loops whose bodies the cost model counts once: they are counted the same way.
 - The compiler's FLOPs (XLA-counted part, times chips) must agree with flops.py's count of the same
   work (flops.py's total minus the kernels' share) within 10%; the run fails otherwise.
 - MFU = flops.py's model FLOPs (no remat, dense attention = one segment per row) / (step time x chips x
@@ -576,20 +576,20 @@ def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int,
 
 
 # Attentions whose work XLA's cost model does not count: Pallas kernels (custom calls), and context
-# parallelism's ring and all-to-all attention, whose local kernels are loops counted once per body. The
-# latter are counted as splash calls of the same shapes (as bench/context_parallel.py first did): a
-# minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
+# parallelism's ring and all-to-all attention (dit.context), whose local kernels are loops counted once
+# per body. The latter are counted as splash calls of the same shapes (as bench/context_parallel.py first
+# did): a minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
 # cross-attention's local kernel is splash on a TPU host.
-KERNEL_ATTENTIONS = ("splash", "gpu", "ring", "ulysses")
+KERNEL_ATTENTIONS = ("splash", "gpu")
 
 
 def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
   """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
+  if cfg.dit.get("context", "none") != "none":
+    cfg = cfg.copy_and_resolve_references()
+    cfg.dit.attention, cfg.dit.context = "splash", "none"
   if cfg.dit.attention not in KERNEL_ATTENTIONS:
     return KernelFlops(0.0, 0.0)
-  if cfg.dit.attention in ("ring", "ulysses"):
-    cfg = cfg.copy_and_resolve_references()
-    cfg.dit.attention = "splash"
   d = cfg.dit
   remat = flops.remat_recompute(d.remat)[1]  # flops.py's count: XLA attention recomputed or not
   calls = []  # (kind, layers, lq, lk, width, heads)

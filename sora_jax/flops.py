@@ -19,7 +19,7 @@ body once, not per trip (docs/hazards.md). Worse, work on the stacked per-layer 
 activations, stacked gradients) is counted in full, so no simple rescaling of the scanned count is
 right. The comparison therefore compiles the step a second time with every scan unrolled
 (`unrolled_scans`) and compares `total` with that compiled count (tests/test_flops.py; train.py does it
-when `config.flops_check` is set, since unrolling multiplies compile time). `StepFlops.once` (each stack
+when `config.train.flops_check` is set, since unrolling multiplies compile time). `StepFlops.once` (each stack
 counted once) is logged beside the scanned compile's count as a rough cross-check only.
 
 LoRA (`cfg.lora.rank` > 0, models/lora.py): the base weights are frozen, so no matmul has a weight
