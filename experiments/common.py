@@ -6,17 +6,19 @@ that it reads on its own and carries nothing it does not use; experiments never 
 module is the only one they share, and it imports none of them). Defaults here are the library's usual
 settings, not any one experiment's recipe.
 
-    section      read by                                          builder
-    data         sora_jax/data (the packed stream), train.py      data(), with shapes_data() for Shapes
-    dit          models/dit.py, models/text.py                     dit() with caption_encoder() or umt5()
-    diffusion    diffusion.py (objective, timesteps, prompts)     diffusion()
-    train        train.py, optim.py, checkpoint.py                trainer() with optim()
-    mesh         sharding.py                                      mesh()
-    sample       sampling.py, sample.py (their defaults)          sample()
-    vae          models/vae.py                                    vae(), wan21_vae()
-    vae_train    train_vae.py                                     vae_trainer() with optim()
-    eval         evaluate.py                                      evaluation()
-    demo         demo.py                                          demo()
+    section        read by                                        builder
+    data           sora_jax/data (the packed stream), train.py    data(), with shapes_data() for Shapes
+    dit            models/dit.py, models/text.py                  dit() with caption_encoder() or umt5()
+    text           models/umt5.py (a frozen encoder)              UMT5_XXL
+    diffusion      diffusion.py (objective, timesteps, prompts)   diffusion(), wan21_diffusion()
+    train          train.py, optim.py, checkpoint.py              trainer() with optim()
+    mesh           sharding.py                                    mesh()
+    sample         sampling.py, sample.py (their defaults)        sample(), wan21_sample()
+    vae            models/vae.py                                  vae(), wan21_vae()
+    vae_train      train_vae.py                                   vae_trainer() with optim()
+    lora           models/lora.py (adapters)                      wan21_finetune.py's own
+    eval           evaluate.py                                    evaluation()
+    demo           demo.py                                        demo()
     compile_check  compile_check.py                               compile_check()
 """
 import ml_collections
