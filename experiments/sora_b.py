@@ -11,10 +11,9 @@ Other slices: `experiments/sora_b.py:topology=v6e:8x8` picks that slice's batch 
 Expected (docs/benchmarks.md, "Pod compile checks"): fits in HBM; compiler-estimated MFU as recorded there.
 
 Head dim 128 (9 heads of 128 rather than STDiT3's 16 of 72) keeps the MXU and splash's lanes full.
+Sections and keys: experiments/common.py.
 """
-import ml_collections
-
-from experiments import shapes_demo
+from experiments import common
 from sora_jax.config import parse_arg
 
 # Per slice: (global batch in rows, remat policy, mesh). Rows are 16k tokens; the batch is a multiple of
@@ -34,62 +33,38 @@ def get_config(arg=None):
   if arg.topology not in SLICES:
     raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
   pod = SLICES[arg.topology]
-  c = shapes_demo.get_config()
+  c = common.ConfigDict()
+  c.seed = 0
 
   # Latents of real videos (data_pipelines/ingest_videos.py then encode_latents.py with a 16-channel
   # 4x8x8 VAE); paths are overridden on the command line (docs/pods.md).
-  c.data.source = "latents"
-  c.data.latents_dir = "data/sora/latents"
-  c.data.tokenizer = "data/sora/tokenizer.model"
-  c.data.vocab_size = 32000
-  c.data.patch = (1, 2, 2)
-  c.data.seq_len = arg.seq_len
-  c.data.text_len = 512
-  c.data.max_text_tokens = 256
-  c.data.max_segments = 64        # 256 px images are 256 tokens: up to 64 per row
-  c.data.batch_size = pod["batch_size"]
-  c.data.min_patch_side = 8
-  c.data.token_budget = 0         # a sample may fill a row (the demo caps its own at 576)
-  c.data.num_workers = 4
-  c.data.packing_bins = 128
-  c.data.read_threads = 8
+  c.data = common.data(
+      latents_dir="data/sora/latents", tokenizer="data/sora/tokenizer.model", vocab_size=32000,
+      seq_len=arg.seq_len, text_len=512, max_text_tokens=256,
+      max_segments=64,               # 256 px images are 256 tokens: up to 64 per row
+      batch_size=pod["batch_size"],
+      token_budget=0,                # a sample may fill a row (the demo caps its own at 576)
+      min_patch_side=8, num_workers=4, packing_bins=128, read_threads=8)
+  c.mesh = common.mesh(**pod["mesh"])
+  # The defaults of `python -m sora_jax.sample` on an exported bundle (the demo's sizes).
+  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, row_len=128)
 
-  c.mesh = ml_collections.ConfigDict(pod["mesh"])
-
-  c.dit.in_dim = 1 * 2 * 2 * 16
-  c.dit.width = 1152
-  c.dit.depth = 28
-  c.dit.num_heads = 9             # head_dim 128
-  c.dit.ffn_dim = 4608
-  c.dit.text_width = 1024
-  c.dit.text_depth = 8
-  c.dit.text_heads = 8
-  c.dit.attention = "splash"      # TPU Pallas; "gpu" on GPU clusters (scripts/slurm_gpu.sh sets it)
-  c.dit.remat = pod["remat"]
-  c.dit.dtype = "bfloat16"        # bf16 matmul inputs, f32 accumulation (the demo computes in f32 on CPU)
-
-  # The 16-channel 4x8x8 VAE whose latents the data holds: Wan 2.1's layout (experiments/wan21_vae.py).
-  c.vae.update(dict(base_dim=96, decoder_base_dim=0, dim_mult=(1, 2, 4, 4), num_res_blocks=2, z_dim=16,
-                    temporal_downsample=(False, True, True), patch_size=1, norm="rms"))
-
-  c.diffusion.shift_ref_tokens = 4096
-
-  c.total_steps = 200_000
-  c.max_train_seconds = 0.0       # no wall-clock cap (the demo's would stop a pod job after 30 min)
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
-  c.sample_every_steps = 0
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 2000
-  c.optim.b2 = 0.999
-  c.optim.ema_decay = 0.9999
-
-  # --- Pod checks (sora_jax/compile_check.py).
-  c.compile_check = ml_collections.ConfigDict()
-  c.compile_check.topology = arg.topology
+  c.dit = common.dit(
+      "B", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=1024, depth=8, heads=8),
+      in_dim=1 * 2 * 2 * 16,         # 1x2x2 patches of 16 channels
+      attention="splash",            # TPU Pallas; "gpu" on GPU clusters (scripts/slurm_gpu.sh sets it)
+      remat=pod["remat"],
+      dtype="bfloat16")              # bf16 matmul inputs, f32 accumulation (the demo computes in f32 on CPU)
+  c.diffusion = common.diffusion(shift_ref_tokens=4096)
+  c.train = common.trainer(
+      total_steps=200_000, log_every_steps=50, checkpoint_every_steps=1000,
+      optim=common.optim(lr=1e-4, warmup_steps=2000, b2=0.999, ema_decay=0.9999))
+  # The 16-channel 4x8x8 VAE whose latents the data holds: Wan 2.1's (experiments/wan21_vae.py).
+  c.vae = common.wan21_vae()
+  c.compile_check = common.compile_check(arg.topology)
 
   if arg.runlocal:  # the same shapes but tiny, for a smoke run on one CPU host
     c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 8, 128
     c.dit.depth, c.dit.width, c.dit.num_heads, c.dit.text_depth, c.dit.ffn_dim = 2, 256, 2, 1, 1024
-    c.dit.attention, c.mesh = "auto", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.dit.attention, c.mesh = "auto", common.mesh(data=1, fsdp=-1)
   return c

@@ -10,11 +10,10 @@ Train (v5p-512, 64 hosts; or GKE via XPK: scripts/xpk.sh, multi-slice with --num
         --config.data.latents_dir=gs://BUCKET/latents --config.data.tokenizer=gs://BUCKET/tok.model
 Expected (docs/benchmarks.md, "Pod compile checks"): fits in HBM; compiler-estimated MFU as recorded there.
 
-Shares everything but the sizes with sora_b (imported and mutated).
+Everything but the sizes, rows and learning rate is sora-B's (experiments/sora_b.py); sections and
+keys: experiments/common.py.
 """
-import ml_collections
-
-from experiments import sora_b
+from experiments import common
 from sora_jax.config import parse_arg
 
 SLICES = {
@@ -47,21 +46,36 @@ def get_config(arg=None):
     if arg.seq_len not in STAGE_SEQ_LENS:
       raise ValueError(f"seq_len={arg.seq_len} is not a stage row length; accepted: {STAGE_SEQ_LENS}")
     pod.update(batch_size=pod["seq_len"] * pod["batch_size"] // arg.seq_len, seq_len=arg.seq_len)
-  c = sora_b.get_config("runlocal" if arg.runlocal else None)
-  if arg.runlocal:
-    return c
-  c.data.seq_len = pod["seq_len"]
-  c.data.batch_size = pod["batch_size"]
-  c.data.max_segments = 128
-  c.mesh = ml_collections.ConfigDict(pod["mesh"])
-  c.dit.width = 4096
-  c.dit.depth = 30
-  c.dit.num_heads = 32
-  c.dit.ffn_dim = 16384
-  c.dit.text_width = 1024
-  c.dit.text_depth = 12
-  c.dit.text_heads = 8
-  c.dit.remat = pod["remat"]
-  c.optim.lr = 5e-5
-  c.compile_check.topology = arg.topology
+  c = common.ConfigDict()
+  c.seed = 0
+
+  # Latents of real videos (data_pipelines/ingest_videos.py then encode_latents.py with a 16-channel
+  # 4x8x8 VAE); paths are overridden on the command line (docs/pods.md).
+  c.data = common.data(
+      latents_dir="data/sora/latents", tokenizer="data/sora/tokenizer.model", vocab_size=32000,
+      seq_len=pod["seq_len"], text_len=512, max_text_tokens=256, max_segments=128,
+      batch_size=pod["batch_size"], token_budget=0, min_patch_side=8, num_workers=4, packing_bins=128,
+      read_threads=8)
+  c.mesh = common.mesh(**pod["mesh"])
+  # The defaults of `python -m sora_jax.sample` on an exported bundle (the demo's sizes).
+  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, row_len=128)
+
+  c.dit = common.dit(
+      "XL",
+      text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=1024, depth=12, heads=8),
+      in_dim=1 * 2 * 2 * 16, attention="splash", remat=pod["remat"], dtype="bfloat16")
+  c.diffusion = common.diffusion(shift_ref_tokens=4096)
+  c.train = common.trainer(
+      total_steps=200_000, log_every_steps=50, checkpoint_every_steps=1000,
+      optim=common.optim(lr=5e-5, warmup_steps=2000, b2=0.999, ema_decay=0.9999))
+  c.vae = common.wan21_vae()         # the VAE whose latents the data holds
+  c.compile_check = common.compile_check(arg.topology)
+
+  if arg.runlocal:  # sora-B's toy model (experiments/sora_b.py:runlocal): a smoke run on one CPU host
+    c.data.update(dict(seq_len=1024, batch_size=8, text_len=128, max_segments=64))
+    c.dit.update(dict(depth=2, width=256, num_heads=2, text_depth=1, ffn_dim=1024, remat="dots",
+                      attention="auto"))
+    c.train.optim.lr = 1e-4
+    c.mesh = common.mesh(data=1, fsdp=-1)
+    c.compile_check.topology = "v5p:4x4x4"
   return c

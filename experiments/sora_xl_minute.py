@@ -5,7 +5,7 @@ A minute is 1 + 1440 frames; the 4x8x8 VAE makes 361 x 90 x 160 latents and 1x2x
 361 x 45 x 80 = 1,299,600 tokens, one sequence per row (rows are padded to 1,302,528 = 32 x 318 x 128 so
 each of the 32 context shards is a whole number of 128-token blocks). No chip holds that
 sequence's activations: the `context` mesh axis shards the sequence of every activation (act_seq) and
-self-attention runs as ring or all-to-all attention over it (dit.context_attention).
+self-attention runs as ring or all-to-all attention over it (dit.context).
 
     python -m sora_jax.compile_check --config experiments/sora_xl_minute.py --topology v5p:8x8x4
 Train (v5p-512 = 256 chips: 8 context groups of 32 chips, FSDP over the groups):
@@ -14,11 +14,10 @@ Train (v5p-512 = 256 chips: 8 context groups of 32 chips, FSDP over the groups):
 Expected (docs/benchmarks.md, "Pod compile checks"; how it was found: docs/history.md, Issue 11): what
 compiled on this CPU machine.
 
-`runlocal` is the same recipe at toy size on 8 fake CPU devices (context 4, fsdp 2).
+`runlocal` is the same recipe at toy size on 8 fake CPU devices (context 4, fsdp 2). Everything but the
+rows, the mesh and the attention is sora-XL's; sections and keys: experiments/common.py.
 """
-import ml_collections
-
-from experiments import sora_xl
+from experiments import common
 from sora_jax.config import parse_arg
 
 MINUTE_TOKENS = 361 * 45 * 80  # latent frames x (90 / 2) x (160 / 2)
@@ -34,33 +33,54 @@ SLICES = {
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, topology="v5p:8x8x4", context_attention="ring", runlocal=False)
-  if arg.context_attention not in ("ring", "ulysses"):
-    raise ValueError(f"context_attention={arg.context_attention!r}; accepted: 'ring', 'ulysses'")
-  if arg.runlocal:
-    c = sora_xl.get_config("runlocal=True")
-    c.data.seq_len, c.data.batch_size, c.data.text_len = 1024, 2, 128
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=2, context=4, tensor=1))
+  arg = parse_arg(arg, topology="v5p:8x8x4", context="ring", runlocal=False)
+  if arg.context not in ("ring", "ulysses"):
+    raise ValueError(f"context={arg.context!r}; accepted: 'ring', 'ulysses'")
+  if not arg.runlocal and arg.topology not in SLICES:
+    raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
+  if arg.runlocal:  # sora-B's toy rows (experiments/sora_b.py:runlocal), over 4 context shards
+    rows = dict(seq_len=1024, batch_size=2, text_len=128, max_segments=64)
+    mesh = dict(data=1, fsdp=2, context=4, tensor=1)
   else:
-    if arg.topology not in SLICES:
-      raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
     pod = SLICES[arg.topology]
-    c = sora_xl.get_config()
     # Each context shard must hold whole 128-token blocks: 1,302,528 tokens = 32 x 318 x 128.
     unit = 128 * pod["mesh"]["context"]
-    c.data.seq_len = -(-MINUTE_TOKENS // unit) * unit
-    c.data.batch_size = pod["batch_size"]
-    c.data.max_segments = 4     # one minute-long video per row (short clips may share its padding)
-    c.mesh = ml_collections.ConfigDict(pod["mesh"])
-    c.dit.remat = "full"
-    c.compile_check.topology = arg.topology
+    rows = dict(seq_len=-(-MINUTE_TOKENS // unit) * unit, batch_size=pod["batch_size"], text_len=512,
+                max_segments=4)  # one minute-long video per row (short clips may share its padding)
+    mesh = pod["mesh"]
+  c = common.ConfigDict()
+  c.seed = 0
+
+  # Latents of real videos (data_pipelines/ingest_videos.py then encode_latents.py with a 16-channel
+  # 4x8x8 VAE); paths are overridden on the command line (docs/pods.md).
+  c.data = common.data(
+      latents_dir="data/sora/latents", tokenizer="data/sora/tokenizer.model", vocab_size=32000,
+      max_text_tokens=256, token_budget=0, min_patch_side=8, num_workers=4, packing_bins=128, read_threads=8,
+      **rows)
+  c.mesh = common.mesh(**mesh)
+  # The defaults of `python -m sora_jax.sample` on an exported bundle (the demo's sizes).
+  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, row_len=128)
+
+  # Attention over the sharded sequence (sora_jax/models/attention.py: "ring" | "ulysses"), around the
+  # backend's local kernel.
+  c.dit = common.dit(
+      "XL",
+      text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=1024, depth=12, heads=8),
+      in_dim=1 * 2 * 2 * 16, attention="auto", context=arg.context, remat="full", dtype="bfloat16")
+  c.diffusion = common.diffusion(shift_ref_tokens=4096)
+  c.train = common.trainer(
+      total_steps=200_000, log_every_steps=50, checkpoint_every_steps=1000,
+      optim=common.optim(lr=5e-5, warmup_steps=2000, b2=0.999, ema_decay=0.9999))
+  c.vae = common.wan21_vae()         # the VAE whose latents the data holds
+
+  if arg.runlocal:  # sora-B's toy model
+    c.dit.update(dict(depth=2, width=256, num_heads=2, text_depth=1, ffn_dim=1024, remat="dots"))
+    c.train.optim.lr = 1e-4
+    c.compile_check = common.compile_check("v5p:4x4x4")
+  else:
     # One compile of this step takes most of compile_check's time on a 2-core machine (the ring's
     # hundreds of loops per layer), so its cost comes from that compile alone: attention is 97% of the
     # step and counted by hand, and the layers the scan's count leaves out are priced at the counted
     # work's rate (docs/benchmarks.md, "Pod checks within a laptop's memory").
-    c.compile_check.cost = "one"
-  # Self-attention over the sharded sequence (sora_jax/models/attention.py "ring" | "ulysses"); the
-  # attention key follows this one (a --config.dit.context_attention override carries over).
-  c.dit.context_attention = arg.context_attention
-  c.dit.attention = c.dit.get_ref("context_attention")
+    c.compile_check = common.compile_check(arg.topology, cost="one")
   return c

@@ -5,11 +5,10 @@
     python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-14B-Diffusers --out runs/wan21_14b/bundle
     python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x2
 Measured (docs/benchmarks.md, "Wan 2.1 interop"): 84.1 GB per chip of 95, estimated MFU 36.0% (165
-TFLOP/s per chip) beside MaxDiffusion's measured 135.9 TFLOP/s per v5p chip (29.6% of 459).
+TFLOP/s per chip) beside MaxDiffusion's measured 135.9 TFLOP/s per v5p chip (29.6% of 459). Training settings are the 1.3B's; sections and keys:
+experiments/common.py.
 """
-import ml_collections
-
-from experiments import wan21_t2v_1_3b
+from experiments import common
 from sora_jax.config import parse_arg
 
 # 75,600 tokens padded to whole 512-token splash blocks.
@@ -34,21 +33,35 @@ def get_config(arg=None):
   if arg.topology not in SLICES:
     raise ValueError(f"topology={arg.topology!r} has no preset; accepted: {sorted(SLICES)}")
   pod = SLICES[arg.topology]
-  c = wan21_t2v_1_3b.get_config("runlocal" if arg.runlocal else None)
-  if arg.runlocal:
-    return c
-  c.data.seq_len = SEQ_LEN
-  c.data.max_segments = 1
-  c.data.text_len = 512
-  c.data.batch_size = pod["batch_size"]
-  c.mesh = ml_collections.ConfigDict(pod["mesh"])
-  c.dit.update(dict(width=5120, depth=40, num_heads=40, ffn_dim=13824, remat=pod["remat"],
-                    param_dtype=pod["param_dtype"]))
-  c.diffusion.shift_scale = 5.0
-  c.sample.update(dict(height=720, width=1280))
-  c.compile_check.topology = arg.topology
+  c = common.ConfigDict()
+  c.seed = 0
+  c.data = common.data(
+      latents_dir="data/wan21/latents",   # encode_latents.py with the converted Wan VAE
+      tokenizer="runs/demo/data/tokenizer.model",
+      seq_len=SEQ_LEN, max_segments=1, text_len=512, max_text_tokens=512, batch_size=pod["batch_size"],
+      token_budget=0, min_patch_side=8)
+  c.mesh = common.mesh(**pod["mesh"])
+  c.sample = common.wan21_sample(height=720, width=1280)
+
+  c.dit = common.dit("wan2.1-14B", text=common.umt5(), in_dim=64, attention="splash", remat=pod["remat"],
+                     dtype="bfloat16", param_dtype=pod["param_dtype"])
+  c.text = common.ConfigDict(common.UMT5_XXL)
+  c.vae = common.wan21_vae()
+  c.diffusion = common.wan21_diffusion(shift_scale=5.0)  # Wan at 720p
+  c.train = common.trainer(
+      total_steps=10_000, checkpoint_every_steps=500,
+      optim=common.optim(lr=1e-5, warmup_steps=100, schedule="constant", b2=0.999, ema_decay=0.9999))
   # The scanned step alone takes about 3 minutes of one core to compile for 8 chips, each unrolled cost
-  # compile (the default method's two) about 8: its cost comes from the one compile (docs/benchmarks.md,
-  # "Wan 2.1 interop").
-  c.compile_check.cost = "one"
+  # compile (the default method's two) about 8: its cost comes from the one compile.
+  c.compile_check = common.compile_check(arg.topology, cost="one")
+
+  if arg.runlocal:  # experiments/wan21_t2v_1_3b.py:runlocal's tiny model and rows (480p): a smoke run
+    c.data.seq_len, c.data.batch_size, c.data.max_segments, c.data.text_len = 1024, 2, 4, 512 * 4
+    c.dit.update(dict(width=128, depth=2, num_heads=1, ffn_dim=256, text_dim=64, attention="auto",
+                      remat="full", dtype="float32", param_dtype="float32"))
+    c.text.update(dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                       dtype="float32"))
+    c.mesh = common.mesh()
+    c.sample = common.wan21_sample(height=480, width=832)
+    c.diffusion = common.wan21_diffusion(shift_scale=3.0)
   return c

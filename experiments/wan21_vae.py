@@ -14,37 +14,38 @@ converted from diffusers' `AutoencoderKLWan`:
 The converted run also holds Wan's published per-channel latent statistics (latent_stats.json). With the
 demo's (1, 2, 2) patches a token is 64-dimensional. Equality with diffusers (max abs error <= 1e-4 in
 float32 for images and 17-frame videos, random weights) is tested in tests/test_wan_interop.py and
-recorded in docs/benchmarks.md ("Wan 2.1 interop").
+recorded in docs/benchmarks.md ("Wan 2.1 interop"). Everything but the VAE and the latents is the demo's
+(experiments/shapes_demo.py); sections and keys: experiments/common.py.
 """
-import importlib.util
-import os
-
-import ml_collections
-
-_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_demo.py")
-
-
-def _demo_config(arg):
-  spec = importlib.util.spec_from_file_location("shapes_demo", _DEMO)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from experiments import common
+from sora_jax.config import parse_arg
 
 
 def get_config(arg=None):
-  c = _demo_config(arg)
-  if "vae" not in c:
-    c.vae = ml_collections.ConfigDict()
-  # Wan 2.1's VAE (diffusers' AutoencoderKLWan defaults); keys the VAE owner adds keep the demo's values.
-  c.vae.base_dim = 96
-  c.vae.decoder_base_dim = 0      # 0 = base_dim (Wan 2.1 decodes at the encoder's widths)
-  c.vae.dim_mult = (1, 2, 4, 4)   # three 2x spatial downsamplings: 8x
-  c.vae.num_res_blocks = 2
-  c.vae.z_dim = 16
-  c.vae.temporal_downsample = (False, True, True)  # 4x in time: T = 1 + 4k frames -> 1 + k
-  c.vae.patch_size = 1
-  c.vae.in_channels = 3
-  c.vae.dtype = "float32"
-  c.vae.norm = "rms"              # Wan's per-position RMS norm (the demo VAE trains without one)
-  c.data.latents_dir = "runs/wan21/data/latents"
+  arg = parse_arg(arg, runlocal=False)
+  c = common.ConfigDict()
+  c.seed = 0
+  c.data = common.data(
+      latents_dir="runs/wan21/data/latents", tokenizer="runs/demo/data/tokenizer.model",
+      mixture="demo",                # evaluate.py's Shapes prompts
+      vocab_size=128, seq_len=1024, text_len=384, max_text_tokens=32, max_segments=48, batch_size=2,
+      token_budget=576, min_patch_side=2)
+  c.mesh = common.mesh()
+  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, steps=4 if arg.runlocal else 30,
+                           row_len=128)
+
+  c.dit = common.dit("demo", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=128,
+                                                         depth=2, heads=4))
+  c.diffusion = common.diffusion()
+  c.train = common.trainer(total_steps=1300, sample_every_steps=200,
+                           optim=common.optim(lr=2e-3, warmup_steps=40))
+  # diffusers' AutoencoderKLWan defaults: decodes at the encoder's widths, 4x in time (T = 1 + 4k frames
+  # -> 1 + k), three 2x spatial downsamplings (8x).
+  c.vae = common.wan21_vae(in_channels=3)
+  c.eval = common.evaluation()
+
+  if arg.runlocal:  # a few steps: a smoke test
+    c.train.total_steps, c.train.log_every_steps, c.train.checkpoint_every_steps = 10, 5, 5
+    c.train.sample_every_steps = 0
+    c.eval.num_prompts = c.eval.vae_clips = c.eval.denoise_clips = 4
   return c

@@ -65,7 +65,7 @@ def save(workdir: str | Path, out: str | Path) -> dict:
     raise AdapterError(f"--workdir {run} trained every parameter (lora.rank={rank}); export it as a bundle "
                        "with python -m sora_jax.export instead")
   params, step, key = bundle_lib.restore_ema(run)
-  init_from = cfg.get("init_from", "")
+  init_from = cfg.train.get("init_from", "")
   base = base_identity(init_from) if init_from and finetune.is_bundle(init_from) else None
   out = Path(out)
   tmp = out.with_name(out.name + ".tmp-adapter")
@@ -122,8 +122,8 @@ def check_base(meta: dict, bundle: str | Path, adapter: str | Path) -> None:
   """Refuses an adapter trained on another base than `bundle` (compared by manifest SHA-256)."""
   want = (meta.get("base") or {}).get("manifest_sha256")
   if want is None:
-    raise AdapterError(f"adapter {adapter} was trained from a random base (no init_from bundle); it belongs "
-                       "to no bundle")
+    raise AdapterError(f"adapter {adapter} was trained from a random base (no train.init_from bundle); it "
+                       "belongs to no bundle")
   got = base_identity(bundle)["manifest_sha256"]
   if got != want:
     raise AdapterError(f"adapter {adapter} was trained on bundle {meta['base']['path']} (manifest "

@@ -492,12 +492,10 @@ def restore_ema(run_dir: Path, step: int | None = None) -> tuple[dict, int, str]
 
 
 def resolve_config(cfg: ml_collections.ConfigDict, latent_stats: Mapping) -> ml_collections.ConfigDict:
-  """A plain copy of `cfg` with the values the trainer derives filled in (dit.in_dim)."""
-  from sora_jax import patching  # pylint: disable=g-import-not-at-top
+  """A plain copy of `cfg` with the values the trainer derives filled in (dit.in_dim, models/dit.py)."""
+  from sora_jax.models import dit  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  if not cfg.dit.get("in_dim", 0):
-    patch = tuple(cfg.data.get("patch", (1, 2, 2)))
-    cfg.dit.in_dim = int(patching.token_dim(len(latent_stats["shift"]), patch))
+  cfg.dit.in_dim = dit.resolve_in_dim(cfg.dit, lambda: len(latent_stats["shift"]))
   return cfg
 
 

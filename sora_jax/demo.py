@@ -6,8 +6,8 @@ Stages run in order as separate processes, exactly as a user would run them by h
 is printed first); each one resumes or skips finished work, so re-running the demo after an interruption
 continues where it stopped.
 
-The demo trains a fixed number of steps (`vae_train.total_steps`, `total_steps`), so what it produces does
-not depend on the machine; its configs set no wall-clock cap (`max_train_seconds` = 0; caps are a safety
+The demo trains a fixed number of steps (`vae_train.total_steps`, `train.total_steps`), so what it produces
+does not depend on the machine; its configs set no wall-clock cap (`max_train_seconds` = 0; caps are a safety
 net for pod jobs). Each stage's time is printed against the time it takes on an idle 2-core CPU
 (`config.demo.expected_minutes`), with one line when it is slower than `config.demo.slow_factor` times
 that; a trainer that stopped before its steps (a cap set by hand) is named too. Layout of the work
@@ -118,7 +118,7 @@ def stopped_early(cfg, name: str, w: str) -> str | None:
   elif name == "dit":
     from sora_jax import bundle  # pylint: disable=g-import-not-at-top
     steps = bundle.checkpoint_steps(os.path.join(w, "dit"))
-    step, total, cap = (steps[-1] if steps else 0), int(cfg.total_steps), "max_train_seconds"
+    step, total, cap = (steps[-1] if steps else 0), int(cfg.train.total_steps), "train.max_train_seconds"
   else:
     return None
   if step >= total:
@@ -137,7 +137,7 @@ def main(argv):
   unknown = set(_ONLY.value) - {s.name for s in todo}
   if unknown:
     config_lib._fail(f"--only {sorted(unknown)}: unknown stage; accepted: {[s.name for s in todo]}")
-  for key in ("vae_train.max_train_seconds", "max_train_seconds"):
+  for key in ("vae_train.max_train_seconds", "train.max_train_seconds"):
     cap = float(functools.reduce(lambda node, k: node[k], key.split("."), cfg))
     if cap > 0:
       print(f"[demo] note: config.{key}={cap:.0f} may stop training before its steps on a slow machine",

@@ -2,7 +2,7 @@
 
     python -m sora_jax.export_finetune --workdir runs/ft_14b --out runs/ft_14b/bundle [--dtype bfloat16]
 
-The run's config.json names its base (`init_from`, a bundle: a converted Wan 2.1 or an exported run);
+The run's config.json names its base (`train.init_from`, a bundle: a converted Wan 2.1 or an exported run);
 the newest checkpoint's EMA weights become the bundle's DiT: as they are after full fine-tuning, folded
 into the base's kernels after LoRA (models/lora.merge, the same as `python -m sora_jax.adapter merge`).
 Everything else (frozen text encoder, VAE, latent statistics, tokenizer, sampler settings) is the
@@ -28,10 +28,10 @@ def export(workdir: str | Path, out: str | Path, *, dtype: str | None = None) ->
   if not (run / "config.json").is_file():
     raise ValueError(f"--workdir {run}: no config.json (not a training run's workdir)")
   cfg = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-  base = cfg.get("init_from", "")
+  base = cfg.train.get("init_from", "")
   if not base or not finetune.is_bundle(base):
-    raise ValueError(f"--workdir {run}: config init_from={base!r} is not a bundle (a fine-tuning run starts "
-                     "from one; export other runs with python -m sora_jax.export)")
+    raise ValueError(f"--workdir {run}: config train.init_from={base!r} is not a bundle (a fine-tuning run "
+                     "starts from one; export other runs with python -m sora_jax.export)")
   weights, step, key = bundle_lib.restore_ema(run)
   manifest = bundle_lib.verify(base)
   bcfg, dit, vae, stats = bundle_lib.load_parts(base, check=False)

@@ -3,15 +3,15 @@
 
 train.py's resume policy calls this module; it is not an entry point (docs/finetune.md has the recipe).
 
-- `--config.init_from=BUNDLE` starts a run from the bundle's DiT weights (params and EMA; a fresh
+- `--config.train.init_from=BUNDLE` starts a run from the bundle's DiT weights (params and EMA; a fresh
   optimizer at step 0). The weights are restored straight into the run's sharded layout (each process
   reads its own shards, cast to the parameter dtype), and the bundle's DiT architecture and latent
   normalisation must be the run's: a mismatch is one line naming the key, not a silently broken model.
 - Under LoRA (`lora.rank` > 0) the bundle's weights are the *frozen base*: the train state carries them
   under "frozen" (sharded like the full model, never donated into an update, no optimizer state, no EMA),
   and checkpoints hold only what trains (`trained(state)`: adapters, their EMA and optimizer state, step,
-  rng). Every start of a LoRA run, resumes included, reads the base from `init_from` again; without
-  `init_from` the base is the seeded random init (benchmarks, compile checks).
+  rng). Every start of a LoRA run, resumes included, reads the base from `train.init_from` again; without
+  it the base is the seeded random init (benchmarks, compile checks).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def check_latent_stats(cfg, path: str | Path, workdir: str | None) -> None:
     return
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
-    shift, scale, _ = pipeline.latent_stats(cfg, workdir=workdir)
+    shift, scale = pipeline.latent_stats(cfg, workdir=workdir)
   except (FileNotFoundError, ValueError):
     return
   theirs = json.loads((Path(path) / "latent_stats.json").read_text())

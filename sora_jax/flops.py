@@ -19,7 +19,7 @@ body once, not per trip (docs/hazards.md). Worse, work on the stacked per-layer 
 activations, stacked gradients) is counted in full, so no simple rescaling of the scanned count is
 right. The comparison therefore compiles the step a second time with every scan unrolled
 (`unrolled_scans`) and compares `total` with that compiled count (tests/test_flops.py; train.py does it
-when `config.flops_check` is set, since unrolling multiplies compile time). `StepFlops.once` (each stack
+when `config.train.flops_check` is set, since unrolling multiplies compile time). `StepFlops.once` (each stack
 counted once) is logged beside the scanned compile's count as a rough cross-check only.
 
 LoRA (`cfg.lora.rank` > 0, models/lora.py): the base weights are frozen, so no matmul has a weight
@@ -342,21 +342,22 @@ def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int,
 
 
 # Attentions whose work XLA's cost model does not count: Pallas kernels (custom calls), and context
-# parallelism's ring and all-to-all attention, whose local kernels are loops counted once per body. The
+# parallelism's ring and all-to-all attention (dit.context), whose local kernels are loops counted once
+# per body. The
 # latter are counted as splash calls of the same shapes (as bench/context_parallel.py first did): a
 # minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
 # cross-attention's local kernel is splash on a TPU host.
-KERNEL_ATTENTIONS = ("splash", "gpu", "ring", "ulysses")
+KERNEL_ATTENTIONS = ("splash", "gpu")
 
 
 def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
   """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
   del num_segments  # the kernels' keys are the caption's text_len (segments are not keys)
+  if cfg.dit.get("context", "none") != "none":
+    cfg = cfg.copy_and_resolve_references()
+    cfg.dit.attention, cfg.dit.context = "splash", "none"
   if cfg.dit.attention not in KERNEL_ATTENTIONS:
     return KernelFlops(0.0, 0.0)
-  if cfg.dit.attention in ("ring", "ulysses"):
-    cfg = cfg.copy_and_resolve_references()
-    cfg.dit.attention = "splash"
   remat = layers.REMAT[cfg.dit.remat]
   counted = executed = 0.0
   for a in attention_calls(cfg.dit):

@@ -1,7 +1,7 @@
 """Optimizers shared by the trainers: AdamW with warmup, a cosine or constant schedule, global-norm
 clipping, and the exponential moving average of weights used for sampling.
 
-The config section (`cfg.optim` in experiments/*.py) holds:
+The config section (`train.optim` for the DiT, `vae_train.optim` for the VAE in experiments/*.py) holds:
   lr, warmup_steps, schedule ("cosine" | "constant"), end_lr_fraction (cosine floor, fraction of lr),
   b1, b2, eps, weight_decay (applied to matrices only, not to biases, norms or embeddings' scales),
   grad_clip (global norm; 0 disables), ema_decay (used by the trainers, not by the optimizer).

@@ -586,7 +586,7 @@ class Pipeline:
 
   @property
   def geometry(self) -> Geometry:
-    patch = tuple(int(p) for p in self.cfg.data.get("patch", (1, 2, 2)))
+    patch = tuple(int(p) for p in self.cfg.dit.get("patch", (1, 2, 2)))
     if self.vae is None:
       ft, fh, fw = (int(f) for f in self.cfg.data.stand_in_factors)
       if fh != fw:
@@ -902,7 +902,7 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
   grids = np.asarray(jax.device_get(batch["seg_grid"]))[0]
   text = np.asarray(jax.device_get(batch["text_tokens"]))[0]
   text_seg = np.asarray(jax.device_get(batch["text_segment_ids"]))[0]
-  patch = tuple(int(p) for p in cfg.data.get("patch", (1, 2, 2)))
+  patch = tuple(int(p) for p in cfg.dit.get("patch", (1, 2, 2)))
   stand_in = cfg.data.get("source", "latents") == "shapes"
   channels = 3 if stand_in else int(cfg.dit.in_dim) // math.prod(patch)
   geometry = Geometry(1, 1, channels, patch)  # latent units: the grid is all that sampling needs here

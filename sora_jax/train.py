@@ -15,12 +15,13 @@ FLOPs vs the compiler's count), then the loop (metrics, checkpoints, samples, pr
   and EMA and records the first bad step in `bad_step`; the loop checks it at every log step and before
   every save, stops naming that step, and writes no checkpoint.
 - Resume precedence (`resolve_start`, the one place it is decided): this workdir's own checkpoints, then
-  `config.resume_from` (another run's checkpoint directory: everything, including the data position),
-  then `config.init_from` (weights only: params and EMA; fresh optimizer, step 0: another run's
-  checkpoints, or an inference bundle such as a converted Wan 2.1, sora_jax/finetune.py), then scratch.
+  `config.train.resume_from` (another run's checkpoint directory: everything, including the data
+  position), then `config.train.init_from` (weights only: params and EMA; fresh optimizer, step 0:
+  another run's checkpoints, or an inference bundle such as a converted Wan 2.1, sora_jax/finetune.py),
+  then scratch.
 - A run on the pipeline's latents records the VAE they came from (LATENTS_VAE) and refuses to resume on
   another VAE's (`pin_latents`); it logs a held-out loss on the validation latents (`val/loss`, every
-  `val_every_steps`) and decodes its periodic sample videos through that VAE.
+  `train.val_every_steps`) and decodes its periodic sample videos through that VAE.
 - LoRA (`config.lora.rank` > 0, models/lora.py): "params", "ema" and the optimizer hold only the
   adapters; the base weights ride in the state as "frozen" (read from the init_from bundle at every
   start, no gradient, no optimizer state) and are left out of checkpoints (finetune.trained).
@@ -76,7 +77,7 @@ def default_loss_fn() -> LossFn:
 def _ema_decay(cfg, step):
   # Warm the EMA up ((1 + n) / (10 + n) caps the decay early on) so that short runs, like the demo's,
   # get an EMA that has forgotten the random init.
-  decay = float(cfg.optim.get("ema_decay", 0.999))
+  decay = float(cfg.train.optim.get("ema_decay", 0.999))
   n = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
@@ -97,8 +98,8 @@ class Setup:
 def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                model_fn: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module] = make_model) -> Setup:
   """Builds the model abstractly (no memory), and the shardings of the whole train state."""
-  total = int(cfg.total_steps)
-  tx = optim.make_optimizer(cfg.optim, total)
+  total = int(cfg.train.total_steps)
+  tx = optim.make_optimizer(cfg.train.optim, total)
   from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   with nnx.use_eager_sharding(False):
     abstract_model = nnx.eval_shape(lambda: model_fn(cfg, nnx.Rngs(0)))
@@ -126,8 +127,8 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                           shardings)
   count = lambda tree: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
-  return Setup(graphdef, tx, optim.make_schedule(cfg.optim, total), abstract, shardings, count(params),
-               trainable, count(frozen))
+  return Setup(graphdef, tx, optim.make_schedule(cfg.train.optim, total), abstract, shardings,
+               count(params), trainable, count(frozen))
 
 
 def init_state(cfg, setup: Setup, model_fn=make_model, weights: dict | None = None) -> State:
@@ -241,7 +242,7 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
   if step is not None:
     return Start("workdir", ckpt_dir, step)
   for kind in ("resume_from", "init_from"):
-    path = cfg.get(kind, "")
+    path = cfg.train.get(kind, "")
     if not path:
       continue
     if kind == "init_from" and finetune.is_bundle(path):  # an inference bundle: its DiT's weights
@@ -252,7 +253,7 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
     step = other.latest_step()
     other.close()
     if step is None:
-      raise ValueError(f"config.{kind}={path!r} holds no finished checkpoint")
+      raise ValueError(f"config.train.{kind}={path!r} holds no finished checkpoint")
     return Start(kind, directory, step)
   return Start("scratch")
 
@@ -264,7 +265,7 @@ def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_it
   directory the damaged ones are set aside, another run's are left as they are. Under LoRA the frozen
   base, which checkpoints do not hold, is read again from the init_from bundle (or the seeded init)."""
   lora_base = "frozen" in setup.abstract_state
-  init_from = cfg.get("init_from", "")  # under LoRA a bundle or nothing (check_config)
+  init_from = cfg.train.get("init_from", "")  # under LoRA a bundle or nothing (check_config)
   workdir = os.path.dirname(own.directory)
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
@@ -336,32 +337,34 @@ def sample_decoder(cfg, workdir: str) -> Callable[[np.ndarray], np.ndarray] | No
   if record.get("sha256") and bundle.params_sha256(weights) != record["sha256"]:
     log.warning("sample videos are latent previews: %s now holds other weights", sources.describe_vae(record))
     return None
-  shift, scale, _ = pipeline.latent_stats(cfg, workdir=workdir)
+  shift, scale = pipeline.latent_stats(cfg, workdir=workdir)
   return sampling.Pipeline(cfg, None, vae, None, shift, scale).decode
 
 
 def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Callable[[State], float] | None:
-  """state -> the loss of its EMA weights on the first `val_batches` batches of the validation split, with
-  timesteps and noise fixed by the seed (comparable from step to step); None when val_every_steps is 0.
+  """state -> the loss of its EMA weights on the first `train.val_batches` batches of the validation split,
+  with timesteps and noise fixed by the seed (comparable from step to step); None when
+  train.val_every_steps is 0.
   Without a validation split the run says so now, before training, and trains without a held-out loss
   (a stale split, one of another VAE, stops it: sources.StaleLatents)."""
-  if int(cfg.get("val_every_steps", 0)) <= 0:
+  if int(cfg.train.get("val_every_steps", 0)) <= 0:
     return None
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     it = pipeline.make_iterator(cfg, split="validation", workdir=workdir)
   except FileNotFoundError as e:
     log.warning("no held-out loss: %s (encode a validation split with data_pipelines/encode_latents.py, "
-                "or set --config.val_every_steps=0)", str(e).splitlines()[0])
+                "or set --config.train.val_every_steps=0)", str(e).splitlines()[0])
     return None
   batches = []
   for batch in it:
     if np.any(batch["segment_ids"] > 0):  # the split's last batch is padded with empty rows
       batches.append(batch)
-    if len(batches) == int(cfg.get("val_batches", 4)):
+    if len(batches) == int(cfg.train.get("val_batches", 4)):
       break
   if not batches:
-    raise config_lib.ConfigError("config.val_every_steps: the validation split holds no sample that fits a row")
+    raise config_lib.ConfigError("config.train.val_every_steps: the validation split holds no sample that "
+                                 "fits a row")
   graphdef = setup.graphdef
 
   @jax.jit
@@ -382,11 +385,12 @@ def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Cal
 
 
 def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A resolved copy of the config with `dit.in_dim` = 0 filled in from the data's token dimension."""
+  """A resolved copy of the config with `dit.in_dim` = 0 filled in from the data's latent channels."""
+  from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import dit  # pylint: disable=g-import-not-at-top
   cfg = cfg.copy_and_resolve_references()
-  if not cfg.dit.in_dim:
-    from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    cfg.dit.in_dim = int(pipeline.latent_stats(cfg, workdir=workdir)[2])
+  channels = lambda: len(pipeline.latent_stats(cfg, workdir=workdir)[0])
+  cfg.dit.in_dim = dit.resolve_in_dim(cfg.dit, channels)
   return cfg
 
 
@@ -396,15 +400,16 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   sora_jax.data.pipeline (not a caller's stream), so its size-fitting settings are checked too."""
   from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
   cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
+  given = lambda key: key.rsplit(".", 1)[-1] in cfg_get(key.rsplit(".", 1)[0])
   fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
-  if int(cfg.total_steps) < 1:
-    raise fail("total_steps", "must be >= 1")
-  for key in ("data.batch_size", "data.seq_len", "log_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "val_batches"):
-    if key.split(".")[0] in cfg and int(cfg_get(key)) < 1:
+  if int(cfg.train.total_steps) < 1:
+    raise fail("train.total_steps", "must be >= 1")
+  for key in ("data.batch_size", "data.seq_len", "train.log_every_steps", "train.checkpoint_every_steps",
+              "train.keep_checkpoints", "train.val_batches"):
+    if given(key) and int(cfg_get(key)) < 1:
       raise fail(key, "must be >= 1")
-  for key in ("sample_every_steps", "val_every_steps", "max_train_seconds"):  # 0 = never / no cap
-    if key in cfg and float(cfg_get(key)) < 0:
+  for key in ("train.sample_every_steps", "train.val_every_steps", "train.max_train_seconds"):  # 0 = off
+    if given(key) and float(cfg_get(key)) < 0:
       raise fail(key, "must be >= 0 (0: off)")
   if cfg.dit.remat not in layers.REMAT:
     raise fail("dit.remat", f"accepted: {sorted(layers.REMAT)}")
@@ -412,10 +417,15 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
     attention.resolve(cfg.dit.attention)
   except ValueError as e:
     raise fail("dit.attention", str(e).split("; ")[-1]) from None
+  if "context" in cfg.dit:
+    try:
+      attention.check_context(cfg.dit.context)
+    except ValueError as e:
+      raise fail("dit.context", str(e).split("; ")[-1]) from None
   try:
-    optim.make_optimizer(cfg.optim, int(cfg.total_steps))
+    optim.make_optimizer(cfg.train.optim, int(cfg.train.total_steps))
   except ValueError as e:
-    raise config_lib.ConfigError(f"config.{e}") from None
+    raise config_lib.ConfigError(f"config.train.{e}") from None
   d = cfg.data
   budget = int(d.get("token_budget", 0)) or int(d.seq_len)
   if pipeline and budget > int(d.seq_len):
@@ -432,9 +442,9 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   rank = int(cfg.get("lora", {}).get("rank", 0) or 0)
   if rank < 0:
     raise fail("lora.rank", "must be >= 0 (0: every parameter trains)")
-  if rank and cfg.get("init_from", "") and not finetune.is_bundle(cfg.init_from):
-    raise fail("init_from", "a LoRA run's base must be a bundle (python -m sora_jax.export_finetune or "
-                            "sora_jax.convert.wan write one)")
+  if rank and cfg.train.get("init_from", "") and not finetune.is_bundle(cfg.train.init_from):
+    raise fail("train.init_from", "a LoRA run's base must be a bundle (python -m sora_jax.export_finetune "
+                                  "or sora_jax.convert.wan write one)")
   if rank:  # the adapters' targets and rank, on the model built abstractly
     try:
       with nnx.use_eager_sharding(False):
@@ -485,7 +495,7 @@ def make_data(cfg, start: Start):
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
           loss_fn: LossFn | None = None, data=None, devices=None) -> State:
-  """Trains to cfg.total_steps (or until preempted) and returns the final state.
+  """Trains to cfg.train.total_steps (or until preempted) and returns the final state.
 
   `data` is (host-local batch iterator with get_state/set_state, to_global(batch, mesh)); by default the
   Grain pipeline of sora_jax.data.pipeline.
@@ -499,8 +509,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.get("keep_checkpoints", 3)),
-                            save_interval_steps=max(int(cfg.checkpoint_every_steps), 1))
+  ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.train.get("keep_checkpoints", 3)),
+                            save_interval_steps=max(int(cfg.train.checkpoint_every_steps), 1))
   writer = metrics.MetricWriter(workdir)
   # Installed before the (long) compile: a SIGTERM then ends the run cleanly at the first step boundary.
   preempt = checkpoint.Preemption()
@@ -512,14 +522,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
       pin_latents(cfg, workdir, resuming=start.kind == "workdir")
       held_out = held_out_loss(cfg, setup, loss_fn, mesh, workdir)
-      decode = sample_decoder(cfg, workdir) if int(cfg.get("sample_every_steps", 0)) else None
+      decode = sample_decoder(cfg, workdir) if int(cfg.train.get("sample_every_steps", 0)) else None
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params trained, %.2fM frozen; param shardings: %s",
-             start.kind, first, int(cfg.total_steps), dict(mesh.shape), setup.num_params / 1e6,
+             start.kind, first, int(cfg.train.total_steps), dict(mesh.shape), setup.num_params / 1e6,
              setup.num_frozen / 1e6, sharding.describe(setup.shardings["params"]))
-    if first >= int(cfg.total_steps):
-      log.info("already at total_steps=%d; nothing to do", int(cfg.total_steps))
+    if first >= int(cfg.train.total_steps):
+      log.info("already at total_steps=%d; nothing to do", int(cfg.train.total_steps))
       return state
     try:
       with preempt.waiting():
@@ -561,7 +571,7 @@ def _compile_and_report(cfg, setup: Setup, step_fn, batch: dict, mesh, writer, s
     log.info("dit.attention=%r: the hand count is of dense attention, and a kernel's loops are counted "
              "once by cost_analysis(); the FLOP comparison holds for attention='reference'",
              cfg.dit.attention)
-  if cfg.get("flops_check", False):
+  if cfg.train.get("flops_check", False):
     # cost_analysis() counts a scan body once: compare the hand count with an unrolled compile.
     t1 = time.time()
     with flops.unrolled_scans():  # a new function object, or jit's trace cache returns the scanned one
@@ -585,10 +595,10 @@ def _check_finite(state: State) -> None:
 def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, writer, setup,
           step_flops: flops.StepFlops, peak: float, preempt, *, held_out=None, decode=None) -> State:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  total = int(cfg.total_steps)
+  total = int(cfg.train.total_steps)
   block_every_step = distributed.block_each_step()
-  log_every = max(int(cfg.log_every_steps), 1)
-  sample_every = int(cfg.get("sample_every_steps", 0))
+  log_every = max(int(cfg.train.log_every_steps), 1)
+  sample_every = int(cfg.train.get("sample_every_steps", 0))
   bar = tqdm(total=total, initial=first, disable=jax.process_index() != 0, dynamic_ncols=True)
   pending: list[dict] = []
   t_last, steps_since, model_flops = time.time(), 0, 0.0
@@ -596,7 +606,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
   non_attention = step_flops.model - step_flops.model_attention
   step = first
   # A wall-clock budget (the demo's): stop at a step boundary with a checkpoint, as at total_steps.
-  budget = float(cfg.get("max_train_seconds", 0) or 0)
+  budget = float(cfg.train.get("max_train_seconds", 0) or 0)
   deadline = time.time() + budget if budget > 0 else float("inf")
   if preempt.flag:  # SIGTERM during the compile: nothing new to save
     log.info("SIGTERM before the first step; exiting")
@@ -643,7 +653,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
     if sample_every and step % sample_every == 0:
       _maybe_samples(cfg, step, state, setup, writer, last_batch, decode)
       t_last = time.time()  # sampling time is not step time
-    if held_out is not None and (step % int(cfg.val_every_steps) == 0 or last):
+    if held_out is not None and (step % int(cfg.train.val_every_steps) == 0 or last):
       writer.write_scalars(step, {"val/loss": held_out(state)})
       t_last = time.time()
     if preempt.flag or last or step % ckpt.save_interval_steps == 0:

@@ -19,11 +19,11 @@ CAPTIONS = ("a red fox jumps over the lazy dog", "a red fox jumps over the lazy 
 def umt5_bundle_config(*, width: int = 32) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       seed=0,
-      dit=dict(in_dim=8, width=width, depth=2, num_heads=2, ffn_dim=2 * width, time_freq_dim=16,
-               rope_theta=10000.0, qk_norm=True, text_encoder="umt5", text_dim=UMT5["d_model"],
-               attention="reference", remat="none", dtype="float32", param_dtype="float32"),
+      dit=dict(in_dim=8, patch=[1, 2, 2], width=width, depth=2, num_heads=2, ffn_dim=2 * width,
+               time_freq_dim=16, rope_theta=10000.0, qk_norm=True, text_encoder="umt5",
+               text_dim=UMT5["d_model"], attention="reference", remat="none", dtype="float32", param_dtype="float32"),
       text=UMT5,
-      data=dict(source="shapes", patch=[1, 2, 2], seq_len=64, max_text_tokens=UMT5["max_len"],
+      data=dict(source="shapes", seq_len=64, max_text_tokens=UMT5["max_len"],
                 stand_in_factors=[4, 8, 8]),
       diffusion=dict(objective="flow", time_shift=True, shift_rule="constant", shift_scale=3.0,
                      shift_ref_tokens=1),

@@ -27,28 +27,28 @@ def _inputs(ids, heads, dim, seed=0):
   return q, k, v, w
 
 
-def _loss(q, k, v, w, ids, *, implementation):
-  out = segment_attention(q, k, v, ids, ids, implementation=implementation)
+def _loss(q, k, v, w, ids, *, implementation, context):
+  out = segment_attention(q, k, v, ids, ids, implementation=implementation, context=context)
   return jnp.sum(out * w), out
 
 
-def _value_and_grads(q, k, v, w, ids, implementation):
-  fn = jax.value_and_grad(functools.partial(_loss, implementation=implementation), argnums=(0, 1, 2),
-                          has_aux=True)
+def _value_and_grads(q, k, v, w, ids, implementation, context):
+  fn = jax.value_and_grad(functools.partial(_loss, implementation=implementation, context=context),
+                          argnums=(0, 1, 2), has_aux=True)
   (_, out), grads = fn(q, k, v, w, ids)
   return out, grads
 
 
-def _check(implementation, mesh_shape, ids, heads, dim=8):
+def _check(context, mesh_shape, ids, heads, dim=8):
   q, k, v, w = _inputs(ids, heads, dim)
-  want_out, want_grads = jax.jit(functools.partial(_value_and_grads, implementation="reference"))(
-      q, k, v, w, ids)
+  want_out, want_grads = jax.jit(functools.partial(_value_and_grads, implementation="reference",
+                                                   context="none"))(q, k, v, w, ids)
   mesh = sharding.make_mesh(mesh_shape)
   with sharding.use_mesh(mesh):
-    step = jax.jit(functools.partial(_value_and_grads, implementation=implementation))
+    step = jax.jit(functools.partial(_value_and_grads, implementation="auto", context=context))
     hlo = step.lower(q, k, v, w, ids).as_text()
     # The sequence really is sharded: the attention talks along the ring / all-to-all, no fallback.
-    assert {"ring": "collective_permute", "ulysses": "all_to_all"}[implementation] in hlo
+    assert {"ring": "collective_permute", "ulysses": "all_to_all"}[context] in hlo
     got_out, got_grads = jax.block_until_ready(step(q, k, v, w, ids))  # >2 fake devices: block
   np.testing.assert_allclose(got_out, want_out, atol=2e-5, rtol=2e-5)
   for got, want, name in zip(got_grads, want_grads, "qkv"):
@@ -63,20 +63,20 @@ def _check(implementation, mesh_shape, ids, heads, dim=8):
 ROWS = [[100, 7, 60, 50], [256], [30, 30, 3, 120]]
 
 
-@pytest.mark.parametrize("implementation", ["ring", "ulysses"])
-def test_context_4_matches_reference(implementation):
+@pytest.mark.parametrize("context", ["ring", "ulysses"])
+def test_context_4_matches_reference(context):
   ids = _packed_ids(ROWS[:2], 256)
-  _check(implementation, {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, ids, heads=4)
+  _check(context, {"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, ids, heads=4)
 
 
-@pytest.mark.parametrize("implementation", ["ring", "ulysses"])
-def test_context_8_matches_reference(implementation):
+@pytest.mark.parametrize("context", ["ring", "ulysses"])
+def test_context_8_matches_reference(context):
   ids = _packed_ids(ROWS[2:], 256)
-  _check(implementation, {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}, ids, heads=8)
+  _check(context, {"data": 1, "fsdp": 1, "context": 8, "tensor": 1}, ids, heads=8)
 
 
-@pytest.mark.parametrize("implementation", ["ring", "ulysses"])
-def test_dit_with_context_axis_matches_reference(implementation):
+@pytest.mark.parametrize("context", ["ring", "ulysses"])
+def test_dit_with_context_axis_matches_reference(context):
   """The whole DiT with its activations sharded over `context` (act_seq) equals the unsharded model:
   norms, modulation gathers, RoPE and cross-attention to the unsharded caption row all see a sharded
   sequence; the self-attention runs over the ring / all-to-all inside the jitted forward."""
@@ -96,12 +96,12 @@ def test_dit_with_context_axis_matches_reference(implementation):
   # 4 heads: Ulysses splits the heads of every attention (text encoder included) over the 4 devices.
   cfg = dict(width=48, num_heads=4, text_heads=4)
   want = nnx.jit(forward)(random_model(tiny_cfg(**cfg)), row)
-  model = random_model(tiny_cfg(attention=implementation, **cfg))
+  model = random_model(tiny_cfg(attention="auto", context=context, **cfg))
   with sharding.use_mesh(sharding.make_mesh({"data": 1, "fsdp": 2, "context": 4})):
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda s, r: forward(nnx.merge(graphdef, s), r))
     hlo = step.lower(state, row).as_text()
     got = jax.block_until_ready(step(state, row))
-  assert {"ring": "collective_permute", "ulysses": "all_to_all"}[implementation] in hlo
+  assert {"ring": "collective_permute", "ulysses": "all_to_all"}[context] in hlo
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   assert np.abs(np.asarray(want)).max() > 1e-2

@@ -30,7 +30,7 @@ def test_a_stage_slower_than_expected_is_named_with_its_times():
   from experiments import shapes_demo
   from sora_jax import demo
   cfg = shapes_demo.get_config()
-  assert cfg.max_train_seconds == 0 and cfg.vae_train.max_train_seconds == 0  # fixed steps, no caps
+  assert cfg.train.max_train_seconds == 0 and cfg.vae_train.max_train_seconds == 0  # fixed steps, no caps
   expected = demo.expected_seconds(cfg, "dit")
   assert expected > 0 and demo.expected_seconds(cfg, "data-train") > 0
   assert demo.timing_lines(cfg, "dit", expected) == [

@@ -21,9 +21,10 @@ C = 4  # latent channels
 def tiny_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(source="latents", patch=(1, 2, 2), max_text_tokens=12, seq_len=64, vocab_size=64,
+  c.data = dict(source="latents", max_text_tokens=12, seq_len=64, vocab_size=64,
                 tokenizer="", latents_dir="", videos_dir="", stand_in_factors=(4, 8, 8))
-  c.dit = dict(in_dim=0, vocab_size=64, width=32, depth=1, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
+  c.dit = dict(in_dim=0, patch=(1, 2, 2), vocab_size=64, width=32, depth=1, num_heads=2, ffn_dim=64,
+               text_encoder="caption", time_freq_dim=32,
                rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=1, text_heads=2,
                attention="reference", remat="none", dtype="float32", param_dtype="float32")
   c.diffusion = dict(objective="flow", prediction="v", cosine_s=0.008, time_shift=True, shift_scale=1.0,

@@ -275,8 +275,8 @@ def test_sigterm_while_waiting_for_the_first_batch_exits(tmp_path):
 def test_sigterm_while_waiting_for_data_saves_and_exits(tmp_path):
   import signal
   import time
-  proc = _start_tiny_train(tmp_path, stall_at=3, total_steps=100, checkpoint_every_steps=100,
-                           log_every_steps=1)
+  proc = _start_tiny_train(tmp_path, stall_at=3, **{"train.total_steps": 100, "train.checkpoint_every_steps": 100,
+                                                    "train.log_every_steps": 1})
   try:
     _wait_for_line(proc, r"compiled in")
     while not (tmp_path / "metrics.jsonl").exists() or '"step": 3' not in (
@@ -394,7 +394,7 @@ def test_dit_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(tmp
   import jax
   from sora_jax import train
   import train_fixtures as tf
-  cfg = tf.tiny_config(total_steps=4, checkpoint_every_steps=2, log_every_steps=1)
+  cfg = tf.tiny_config(**{"train.total_steps": 4, "train.checkpoint_every_steps": 2, "train.log_every_steps": 1})
   cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.tensor = 1
   run = lambda: train.train(cfg, str(tmp_path), data=(tf.SyntheticBatches(cfg), tf.to_global),
                             devices=jax.devices()[:1])
@@ -440,13 +440,13 @@ DEMO = f"--config={ROOT / 'experiments' / 'shapes_demo.py'}"
 
 @pytest.mark.parametrize("flag,named", [
     ("--config.dit.remat=bogus", "config.dit.remat='bogus'"),
-    ("--config.total_steps=-5", "config.total_steps=-5"),
+    ("--config.train.total_steps=-5", "config.train.total_steps=-5"),
     ("--config.data.token_budget=2048", "config.data.token_budget=2048"),
     ("--config.data.batch_size=3", "config.data.batch_size=3"),
     ("--config.mesh.data=16", "needs 16 devices; 8 are present"),
-    ("--config.optim.schedule=linear", "config.optim.schedule 'linear' is unknown"),
-    ("--config.keep_checkpoints=0", "config.keep_checkpoints=0: must be >= 1"),
-    ("--config.max_train_seconds=-60", "config.max_train_seconds=-60.0: must be >= 0"),
+    ("--config.train.optim.schedule=linear", "config.train.optim.schedule 'linear' is unknown"),
+    ("--config.train.keep_checkpoints=0", "config.train.keep_checkpoints=0: must be >= 1"),
+    ("--config.train.max_train_seconds=-60", "config.train.max_train_seconds=-60.0: must be >= 0"),
 ])
 def test_train_config_mistakes_are_one_line(command, tmp_path, flag, named):
   from sora_jax import train

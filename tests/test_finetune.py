@@ -46,7 +46,8 @@ def wan(tmp_path_factory):
 def _args(wan, workdir, arg="size=1.3b,runlocal", **over):
   bundle, latents = wan
   args = ["-m", "sora_jax.train", f"--config=experiments/wan21_finetune.py:{arg}",
-          f"--config.init_from={bundle}", f"--config.data.latents_dir={latents}", f"--workdir={workdir}"]
+          f"--config.train.init_from={bundle}", f"--config.data.latents_dir={latents}",
+          f"--workdir={workdir}"]
   return args + [f"--config.{k}={v}" for k, v in over.items()]
 
 
@@ -78,7 +79,7 @@ def _losses(workdir):
 def test_full_finetune_from_a_bundle_resumes_exactly_after_sigkill(wan, tmp_path):
   """Killed (SIGKILL) after checkpoint 2 of 6, resumed: the same parameters, EMA, optimizer state and
   loss, bitwise, as one uninterrupted run; both started from the bundle's weights."""
-  over = dict(total_steps=6, checkpoint_every_steps=2)
+  over = {"train.total_steps": 6, "train.checkpoint_every_steps": 2}
   whole = tmp_path / "whole"
   p = _start(_args(wan, whole, **over))
   out = p.communicate(timeout=900)[0]
@@ -137,8 +138,8 @@ def test_lora_finetune_trains_only_adapters_and_merges_into_a_bundle(wan, tmp_pa
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   bundle, latents = wan
   cfg = ff.finetune_config("size=1.3b,runlocal,lora=8")
-  cfg.init_from, cfg.data.latents_dir = str(bundle), str(latents)
-  cfg.total_steps = 30
+  cfg.train.init_from, cfg.data.latents_dir = str(bundle), str(latents)
+  cfg.train.total_steps = 30
   work = tmp_path / "lora"
   state = train.train(cfg, str(work), devices=jax.devices()[:2])
   assert int(state["step"]) == 30

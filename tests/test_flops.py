@@ -73,7 +73,7 @@ def test_matmul_count_equals_traced_matmuls(monkeypatch, remat):
                "OPTIMIZER_PER_PARAM"):
     monkeypatch.setattr(flops, name, 0.0)
   cfg = _demo_config(**{"data.seq_len": 128, "data.text_len": 32, "data.max_segments": 8,
-                        "data.batch_size": 2, "dit.remat": remat, "total_steps": 10})
+                        "data.batch_size": 2, "dit.remat": remat, "train.total_steps": 10})
   mesh, setup, batch = _step_inputs(cfg)
   traced = _traced_matmul_flops(train.make_train_step(cfg, setup, diffusion.loss_fn), setup.abstract_state,
                                 batch)
@@ -90,14 +90,14 @@ def _unrolled_ratio(cfg):
 def test_within_5_percent_of_cost_analysis_short_rows():
   """The demo DiT on rows of 256 tokens, 2 layers (compiles unrolled in seconds)."""
   cfg = _demo_config(**{"data.seq_len": 256, "data.text_len": 64, "data.batch_size": 2, "dit.depth": 2,
-                        "total_steps": 10})
+                        "train.total_steps": 10})
   assert abs(_unrolled_ratio(cfg) - 1) < 0.05
 
 
 @pytest.mark.slow
 def test_within_5_percent_of_cost_analysis_demo_config():
   """experiments/shapes_demo.py's DiT and rows exactly (4 x 1024 tokens, 6 layers), unrolled."""
-  assert abs(_unrolled_ratio(_demo_config(**{"total_steps": 10})) - 1) < 0.05
+  assert abs(_unrolled_ratio(_demo_config(**{"train.total_steps": 10})) - 1) < 0.05
 
 
 def test_peaks():
@@ -129,7 +129,7 @@ def test_lora_matmul_count_equals_traced_matmuls(monkeypatch):
                "OPTIMIZER_PER_PARAM"):
     monkeypatch.setattr(flops, name, 0.0)
   cfg = _demo_config(**{"data.seq_len": 128, "data.text_len": 32, "data.max_segments": 8,
-                        "data.batch_size": 2, "total_steps": 10})
+                        "data.batch_size": 2, "train.total_steps": 10})
   cfg.dit.update(dict(text_encoder="umt5", text_dim=24))
   cfg.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0, targets=lora.DEFAULT_TARGETS))
   mesh, setup, batch = _step_inputs(cfg)

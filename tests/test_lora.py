@@ -98,7 +98,7 @@ def _train_cfg(rank=4):
   cfg.data.text_len = 16
   cfg.dit.vocab_size = 32  # synthetic_batch draws caption ids (replaced by features in _feature_batch)
   cfg.lora = ml_collections.ConfigDict(dict(rank=rank, alpha=float(rank), targets=lora.DEFAULT_TARGETS))
-  cfg.optim.lr = 1e-2
+  cfg.train.optim.lr = 1e-2
   cfg.data.latents_dir = ""  # no latent data set: the demo's (runs/demo, where one was made) is not this run's
   return cfg
 
@@ -160,7 +160,7 @@ def test_a_run_starts_from_a_bundle_exactly(tmp_path):
   mesh = sharding.mesh_from_config(ml_collections.ConfigDict(dict(data=1, fsdp=2, tensor=1)), jax.devices()[:2])
   for rank in (0, 4):
     cfg = _train_cfg(rank)
-    cfg.init_from = str(path)
+    cfg.train.init_from = str(path)
     setup = train.make_setup(cfg, mesh)
     state = train.init_state(cfg, setup, weights=finetune.bundle_weights(cfg, setup, path))
     got = jax.device_get(state["frozen"] if rank else state["params"])
@@ -189,7 +189,8 @@ def test_lora_config_mistakes_are_one_line_before_anything_runs(tmp_path):
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
   train.check_config(cfg, jax.devices()[:1], pipeline=False)
   for key, value, match in (("lora.rank", -1, r"config.lora.rank=-1: must be >= 0"),
-                            ("init_from", str(tmp_path), r"config.init_from=.*: a LoRA run's base must be a bundle"),
+                            ("train.init_from", str(tmp_path),
+                             r"config.train.init_from=.*: a LoRA run's base must be a bundle"),
                             ("lora.targets", ("blocks/nope",), r"config.lora.targets pattern 'blocks/nope' matches")):
     bad = _train_cfg()
     bad.mesh.data, bad.mesh.fsdp, bad.mesh.tensor = 1, 1, 1

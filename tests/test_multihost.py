@@ -111,11 +111,11 @@ def tiny_config(stats_dir: str, workdir_total_steps: int = 4) -> ml_collections.
   c.data.vocab_size = 300  # byte-level test tokenizer: ids 1..256
   c.dit.update(dict(in_dim=16, width=32, depth=2, num_heads=2, ffn_dim=64, text_width=16, text_depth=1,
                     text_heads=2, attention="reference"))
-  c.total_steps = workdir_total_steps
-  c.checkpoint_every_steps = 2
-  c.log_every_steps = 1
-  c.sample_every_steps = 0
-  c.optim.warmup_steps = 1
+  c.train.total_steps = workdir_total_steps
+  c.train.checkpoint_every_steps = 2
+  c.train.log_every_steps = 1
+  c.train.sample_every_steps = 0
+  c.train.optim.warmup_steps = 1
   return c
 
 

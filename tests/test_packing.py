@@ -28,12 +28,12 @@ def text_ids(caption: str) -> np.ndarray:
 
 
 def config(**data):
-  d = dict(source="latents", patch=(1, 2, 2), seq_len=32, text_len=12, max_text_tokens=12,
+  d = dict(source="latents", seq_len=32, text_len=12, max_text_tokens=12,
            max_segments=5, batch_size=2, long_clips="crop", num_workers=0, shuffle_seed=0,
            token_budget=0, min_patch_side=1, sample_latents=False, stand_in_factors=(4, 8, 8),
            packer="best_fit", packing_bins=3)
   d.update(data)
-  return ml_collections.ConfigDict(dict(data=d))
+  return ml_collections.ConfigDict(dict(data=d, dit=dict(patch=(1, 2, 2))))
 
 
 STATS = (np.zeros(1, np.float32), np.ones(1, np.float32))

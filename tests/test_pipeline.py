@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sora_jax import patching
 from sora_jax.data import pipeline, sources
+from sora_jax.models import dit
 
 
 def tokenize(text: str) -> np.ndarray:
@@ -36,12 +37,12 @@ class LatentRecords:
 
 
 def make_config(stats_dir, **data):
-  d = dict(source="latents", latents_dir=str(stats_dir), videos_dir="", tokenizer="", patch=(1, 2, 2),
+  d = dict(source="latents", latents_dir=str(stats_dir), videos_dir="", tokenizer="",
            seq_len=64, text_len=48, max_text_tokens=8, max_segments=8, batch_size=2,
            long_clips="crop", num_workers=0, shuffle_seed=0, token_budget=0, min_patch_side=1,
            sample_latents=False, stand_in_factors=(4, 8, 8), packer="best_fit", packing_bins=4)
   d.update(data)
-  return ml_collections.ConfigDict(dict(data=d))
+  return ml_collections.ConfigDict(dict(data=d, dit=dict(patch=(1, 2, 2))))
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_shapes_source_end_to_end(shapes_dir):
                     max_text_tokens=80, max_segments=6)
   batches = list(pipeline.make_iterator(cfg, split="validation", tokenize=tokenize))
   src = sources.video_source(tmp_path, "validation")
-  assert pipeline.latent_stats(cfg)[2] == 12
+  assert dit.resolve_in_dim(cfg.dit, lambda: len(pipeline.latent_stats(cfg)[0])) == 12  # 3 channels x 1x2x2
   seen = 0
   for batch in batches:
     check_batch_consistency(batch, cfg)

@@ -73,7 +73,7 @@ def _config(latents):
   cfg.dit = ff.umt5_bundle_config().dit
   cfg.dit.in_dim = 0  # filled in from the data
   cfg.data = ml_collections.ConfigDict(dict(
-      source="latents", latents_dir=str(latents), text_source="features", patch=(1, 2, 2), seq_len=32,
+      source="latents", latents_dir=str(latents), text_source="features", seq_len=32,
       text_len=3 * ff.UMT5["max_len"], max_text_tokens=ff.UMT5["max_len"], max_segments=3, batch_size=2,
       token_budget=0, min_patch_side=2, long_clips="crop", sample_latents=True, packer="best_fit",
       packing_bins=4, num_workers=0, shuffle_seed=0))
@@ -116,11 +116,12 @@ def test_a_train_step_on_cached_features(cached, tmp_path):
 
 def train_config_base():
   """The trainer's own keys (experiments/shapes_demo.py's values for a 2-step run)."""
-  return dict(seed=0, total_steps=2, max_train_seconds=0.0, log_every_steps=1, checkpoint_every_steps=2,
-              keep_checkpoints=1, sample_every_steps=0, resume_from="", init_from="", flops_check=False,
-              mesh=dict(data=1, fsdp=1, tensor=1),
-              optim=dict(lr=1e-3, warmup_steps=1, schedule="constant", b1=0.9, b2=0.99, eps=1e-8,
-                         weight_decay=0.0, grad_clip=1.0, ema_decay=0.99),
+  return dict(seed=0, mesh=dict(data=1, fsdp=1, tensor=1),
+              train=dict(total_steps=2, max_train_seconds=0.0, log_every_steps=1, checkpoint_every_steps=2,
+                         keep_checkpoints=1, sample_every_steps=0, resume_from="", init_from="",
+                         flops_check=False,
+                         optim=dict(lr=1e-3, warmup_steps=1, schedule="constant", b1=0.9, b2=0.99, eps=1e-8,
+                                    weight_decay=0.0, grad_clip=1.0, ema_decay=0.99)),
               diffusion=dict(objective="flow", prediction="v", cosine_s=0.008, t_mean=0.0, t_std=1.0,
                              time_shift=True, shift_scale=3.0, shift_ref_tokens=1, shift_rule="constant",
                              object_weight=0.0, text_drop=0.1, cond_first_frame=0.0, cond_first_frames=0.0,

@@ -57,8 +57,8 @@ def test_sharded_step_matches_single_device():
 
 def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
   # Also the periodic sample videos (latent previews of 3 channels here), written before the bad step.
-  cfg = tf.tiny_config(total_steps=6, checkpoint_every_steps=1, log_every_steps=1, sample_every_steps=2,
-                       **{"dit.in_dim": 12, "sample.steps": 2})
+  cfg = tf.tiny_config(**{"train.total_steps": 6, "train.checkpoint_every_steps": 1, "train.log_every_steps": 1,
+                          "train.sample_every_steps": 2, "dit.in_dim": 12, "sample.steps": 2})
   data = (tf.SyntheticBatches(cfg, nan_at=3), tf.to_global)
   with pytest.raises(train.NonFiniteLoss, match="at step 3;"):
     train.train(cfg, str(tmp_path), data=data)
@@ -70,7 +70,7 @@ def test_non_finite_loss_stops_and_saves_nothing_bad(tmp_path):
   assert sorted(os.listdir(tmp_path / "samples")) == [f"samples_latent_preview_{k}_00000002.gif" for k in (0, 1)]
   # The resolved config is saved beside the checkpoints, for export.
   saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["dit"]["width"] == cfg.dit.width and saved["total_steps"] == 6
+  assert saved["dit"]["width"] == cfg.dit.width and saved["train"]["total_steps"] == 6
 
 
 def test_resume_precedence(tmp_path):
@@ -83,16 +83,16 @@ def test_resume_precedence(tmp_path):
     m.close()
   own = checkpoint.Manager(str(own_dir))
   assert train.resolve_start(cfg, str(own_dir), own) == train.Start("scratch")
-  cfg.init_from = str(other)
+  cfg.train.init_from = str(other)
   assert train.resolve_start(cfg, str(own_dir), own) == train.Start(
       "init_from", str(other / "checkpoints"), 5)
-  cfg.resume_from = str(other / "checkpoints")
+  cfg.train.resume_from = str(other / "checkpoints")
   assert train.resolve_start(cfg, str(own_dir), own).kind == "resume_from"
   own.save(2, {"w": jnp.zeros(2)}, force=True)
   own.wait()
   assert train.resolve_start(cfg, str(own_dir), own) == train.Start("workdir", str(own_dir), 2)
   own.close()
-  cfg.resume_from, cfg.init_from = str(tmp_path / "empty"), ""
+  cfg.train.resume_from, cfg.train.init_from = str(tmp_path / "empty"), ""
   os.makedirs(tmp_path / "empty")
   with pytest.raises(ValueError, match="holds no finished checkpoint"):
     train.resolve_start(cfg, str(tmp_path / "x"), checkpoint.Manager(str(tmp_path / "x")))
@@ -132,7 +132,7 @@ def _final(workdir):
 def test_resume_after_sigkill_is_bitwise(tmp_path):
   """Killed (SIGKILL) after checkpoint 2, resumed to step 6: the same loss and parameters, bitwise, as
   one uninterrupted run (same program, same devices, step-folded rngs, restored data position)."""
-  over = {"total_steps": 6, "checkpoint_every_steps": 2, "log_every_steps": 1}
+  over = {"train.total_steps": 6, "train.checkpoint_every_steps": 2, "train.log_every_steps": 1}
   whole = tmp_path / "whole"
   p = _start(whole, **over)
   out = p.communicate(timeout=900)[0]
@@ -158,7 +158,8 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   work = tmp_path / "w"
-  p = _start(work, total_steps=10_000, checkpoint_every_steps=10_000, log_every_steps=1)
+  p = _start(work, **{"train.total_steps": 10_000, "train.checkpoint_every_steps": 10_000,
+                      "train.log_every_steps": 1})
   t0 = time.time()
   while not (work / "metrics.jsonl").exists() or sum(
       1 for l in open(work / "metrics.jsonl") if '"loss"' in l) < 2:

@@ -21,9 +21,9 @@ def tiny_config(**overrides):
   d.in_dim, d.width, d.depth, d.num_heads, d.time_freq_dim, d.ffn_dim = 8, 32, 2, 2, 16, 64
   d.text_width, d.text_depth, d.text_heads, d.vocab_size = 16, 1, 2, 32
   d.dtype = "float32"
-  cfg.total_steps, cfg.log_every_steps, cfg.checkpoint_every_steps = 6, 2, 2
-  cfg.sample_every_steps = 0
-  cfg.optim.warmup_steps = 2
+  cfg.train.total_steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps = 6, 2, 2
+  cfg.train.sample_every_steps = 0
+  cfg.train.optim.warmup_steps = 2
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   for key, value in overrides.items():
     node = cfg

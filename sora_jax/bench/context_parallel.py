@@ -3,7 +3,7 @@ MFU? compile_check's method, with ring / all-to-all attention counted like a ker
 
     python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py
     python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py --skip_cost
-    python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py:context_attention=ulysses
+    python -m sora_jax.bench.context_parallel --config experiments/sora_xl_minute.py:context=ulysses
 
 Memory ("fits") is compile_check.check on the real step (layers scanned, as trained). The cost follows
 compile_check.step_cost (unrolled at depths 1 and 2, extrapolated) for everything XLA's cost model sees.
@@ -45,7 +45,7 @@ def _hand(cfg, num_params: int):
   hand = flops.dit_train_step_flops(cfg, batch=batch, seq_len=seq_len, text_len=text_len,
                                     num_segments=segs, num_params=num_params)
   as_kernels = cfg.copy_and_resolve_references()
-  as_kernels.dit.attention = "splash"  # flops.py's hand count of attention "kernels"
+  as_kernels.dit.attention, as_kernels.dit.context = "splash", "none"  # flops.py's hand count of kernels
   kern = flops.kernel_flops(as_kernels, batch=batch, seq_len=seq_len, text_len=text_len,
                             num_segments=segs)
   return hand, kern
@@ -125,8 +125,8 @@ def main(argv):
       rep = estimate(cfg, topology, skip_cost=_SKIP_COST.value, kernel_efficiency=_EFFICIENCY.value)
   except ValueError as e:
     config_lib._fail(str(e))  # pylint: disable=protected-access
-  rep.update(topology=topology, attention=cfg.dit.attention, depth=int(cfg.dit.depth),
-             seq_len=int(cfg.data.seq_len))
+  rep.update(topology=topology, attention=cfg.dit.attention, context=cfg.dit.context,
+             depth=int(cfg.dit.depth), seq_len=int(cfg.data.seq_len))
   print(json.dumps(rep, default=str))
   sys.exit(0 if rep.get("fits") else 1)
 

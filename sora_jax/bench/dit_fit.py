@@ -2,7 +2,7 @@
 
     python -m sora_jax.bench.dit_fit --config experiments/shapes_demo.py --bundle runs/demo/bundle \\
         --workdir /tmp/fit --config.data.latents_dir=runs/demo/data/latents \\
-        --config.data.tokenizer=runs/demo/data/tokenizer.model --config.total_steps=300 [--config.dit.*]
+        --config.data.tokenizer=runs/demo/data/tokenizer.model --config.train.total_steps=300 [--config.dit.*]
 
 1. train.train on the first packed batch of the configured latents, the same batch every step (a model
    that can learn anything memorises it; its loss curve is in W/metrics.jsonl);
@@ -57,7 +57,7 @@ class _Repeat:
 
 def own_clips(pipe: sampling.Pipeline, batch: dict, max_clips: int, seed: int) -> list[dict]:
   """Samples the batch's unresized clips from their captions and scores them against themselves."""
-  patch = tuple(int(p) for p in pipe.cfg.data.patch)
+  patch = tuple(int(p) for p in pipe.cfg.dit.patch)
   out = []
   for r in range(batch["tokens"].shape[0]):
     latents = patching.unpack_row(batch["tokens"][r], batch["segment_ids"][r], batch["seg_grid"][r], patch)

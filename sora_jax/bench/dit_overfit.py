@@ -2,11 +2,11 @@
 
     python -m sora_jax.bench.dit_overfit --config experiments/shapes_demo.py --workdir W \\
         --vae runs/demo/vae --clips 8 --config.data.latents_dir=runs/demo/data/latents \\
-        --config.data.tokenizer=runs/demo/data/tokenizer.model --config.total_steps=1500
+        --config.data.tokenizer=runs/demo/data/tokenizer.model --config.train.total_steps=1500
 
 1. The first `clips` training records that are short one-object videos with motion (no cut) become the
    whole training set: the ordinary pipeline packs them (repeated epochs, fresh noise and timesteps
-   every step) and train.train trains on them for total_steps.
+   every step) and train.train trains on them for train.total_steps.
 2. The EMA DiT then samples each clip from its own caption, size and a fixed seed; the video is scored
    against the clip itself (PSNR of the decoded latents against the decoded truth) and against its
    caption (detector colour and motion, blobs per frame). A DiT that can learn should reproduce clips it
@@ -97,9 +97,9 @@ def main(argv):
   vae_params, _, _ = bundle_lib.restore_ema(bundle_lib.Path(_VAE.value))
   vae = bundle_lib.build_model(lambda: VAE(cfg.vae, rngs=nnx.Rngs(0)), vae_params, what="VAE")
   tok = tokenizer.Tokenizer(cfg.data.tokenizer)
-  shift, scale, _ = pipeline.latent_stats(cfg)
+  shift, scale = pipeline.latent_stats(cfg)
   pipe = sampling.Pipeline(cfg, dit, vae, tok, shift, scale)
-  patch = tuple(int(p) for p in cfg.data.patch)
+  patch = tuple(int(p) for p in cfg.dit.patch)
 
   clips, tokens_list, texts = [], [], []
   for i in picked:

@@ -77,7 +77,7 @@ def config(mode: str, width: int, depth: int, rank: int, steps: int, seq_len: in
                       dtype="float32"))
   cfg.data.update(dict(seq_len=seq_len, max_segments=4, text_len=4 * 512, batch_size=1))
   cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
-  cfg.update(dict(total_steps=steps, checkpoint_every_steps=steps, log_every_steps=1))
+  cfg.train.update(dict(total_steps=steps, checkpoint_every_steps=steps, log_every_steps=1))
   return cfg
 
 

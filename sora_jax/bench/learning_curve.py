@@ -20,10 +20,10 @@ evaluated again, so an interrupted curve resumes. Then:
 - E/report.html: the plot and the table. `python -m sora_jax.evaluate --out_dir E ...` (or with
   --learning_curve E/learning_curve.json) shows them in a bundle's report too.
 
-Which steps exist: a run keeps a checkpoint every `checkpoint_every_steps` and only its newest
-`keep_checkpoints` (experiments/shapes_demo.py: 100 and 3, so a finished demo run holds its last three
-hundreds). For a curve at 325, 650, 1300 and 2600 train with --config.checkpoint_every_steps=325
---config.keep_checkpoints=8. A requested step that is not on disk fails with one line listing the steps
+Which steps exist: a run keeps a checkpoint every `train.checkpoint_every_steps` and only its newest
+`train.keep_checkpoints` (experiments/shapes_demo.py: 100 and 3, so a finished demo run holds its last three
+hundreds). For a curve at 325, 650, 1300 and 2600 train with --config.train.checkpoint_every_steps=325
+--config.train.keep_checkpoints=8. A requested step that is not on disk fails with one line listing the steps
 that are; without --steps every step on disk is evaluated.
 
 Training compute comes from W/dit/metrics.jsonl: `compile/model_tflops_per_step` (flops.py's hand count of
@@ -189,8 +189,8 @@ def learning_curve(workdir: str, out_dir: str, *, checkpoint_steps: Sequence[int
   missing = [s for s in steps if s not in on_disk]
   if missing:
     raise bundle_lib.BundleError(f"{layout.dit} has no checkpoint at step(s) {missing}; it has steps "
-                                 f"{on_disk} (a run keeps its newest keep_checkpoints, every "
-                                 "checkpoint_every_steps)")
+                                 f"{on_disk} (a run keeps its newest train.keep_checkpoints, every "
+                                 "train.checkpoint_every_steps)")
   if cfg is None and layout.config_file() is None:
     cfg = export.demo_config(workdir)
   cfg, _, vae, stats, tok, source = bundle_lib.read_workdir(workdir, cfg)

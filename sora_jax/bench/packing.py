@@ -97,8 +97,8 @@ def on_disk(records: LatentRecords, latents_dir: str, channels: int):
 def data_config(seq_len: int, packer: str, bins: int, batch_size: int = 4) -> ml_collections.ConfigDict:
   """Row shapes scale with L: Lt = 3L / 8 text tokens and S = 3L / 64 segments (the demo's 384 and 48
   at L = 1024)."""
-  return ml_collections.ConfigDict(dict(data=dict(
-      source="latents", latents_dir="", patch=PATCH, seq_len=seq_len, text_len=3 * seq_len // 8,
+  return ml_collections.ConfigDict(dict(dit=dict(patch=PATCH), data=dict(
+      source="latents", latents_dir="", seq_len=seq_len, text_len=3 * seq_len // 8,
       max_text_tokens=24, max_segments=3 * seq_len // 64, batch_size=batch_size, long_clips="crop",
       num_workers=0, shuffle_seed=0, token_budget=0, min_patch_side=2, sample_latents=True,
       stand_in_factors=FACTORS, packer=packer, packing_bins=bins)))

@@ -46,7 +46,7 @@ def demo_pipeline() -> sampling.Pipeline:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  from sora_jax import patching  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
   from sora_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
   from sora_jax.models.vae import VAE  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "shapes_demo.py")
@@ -59,7 +59,7 @@ def demo_pipeline() -> sampling.Pipeline:
   vae_cfg = cfg.get("vae", None) or dict(base_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=1, z_dim=16,
                                          temporal_downsample=(False, True, True))
   vae = VAE(vae_cfg, rngs=nnx.Rngs(1))
-  cfg.dit.in_dim = patching.token_dim(vae.settings.z_dim, tuple(cfg.data.patch))
+  cfg.dit.in_dim = dit_lib.resolve_in_dim(cfg.dit, lambda: vae.settings.z_dim)
   if _ATTENTION.value:
     cfg.dit.attention = _ATTENTION.value
   dit = DiT(cfg.dit, rngs=nnx.Rngs(0))

@@ -76,8 +76,8 @@ def dit_config(diffusers_cfg: Mapping[str, Any], *, dtype: str = "bfloat16") -> 
   dit = dict(
       in_dim=int(np.prod(patch)) * int(c["in_channels"]), width=heads * head_dim, depth=int(c["num_layers"]),
       num_heads=heads, ffn_dim=int(c["ffn_dim"]), time_freq_dim=int(c["freq_dim"]), rope_theta=10000.0,
-      qk_norm=True, text_encoder="umt5", text_dim=int(c["text_dim"]), attention="auto", remat="none",
-      dtype=dtype, param_dtype="float32")
+      qk_norm=True, text_encoder="umt5", text_dim=int(c["text_dim"]), attention="auto", context="none",
+      remat="none", dtype=dtype, param_dtype="float32")
   return dit, patch
 
 
@@ -220,8 +220,8 @@ def pipeline_config(root: Path, *, dtype: str) -> dict:
                                                "the scheduler's config"))
   sample.update(SAMPLE_DEFAULTS, row_len=0, max_tile_pixels=0)
   seq_len = (1 + (sample["num_frames"] - 1) // 4) * (sample["height"] // 16) * (sample["width"] // 16)
-  return dict(seed=0, dit=dit, text=text, diffusion=diffusion, sample=sample,
-              data=dict(source="latents", patch=list(patch), seq_len=int(seq_len)))
+  return dict(seed=0, dit=dict(dit, patch=list(patch)), text=text, diffusion=diffusion, sample=sample,
+              data=dict(source="latents", seq_len=int(seq_len)))
 
 
 def run(pipeline_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
@@ -240,7 +240,7 @@ def run(pipeline_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
   if not spiece.is_file():
     raise ConversionError(f"{spiece}: no such file (the UMT5 tokenizer's sentencepiece model, which the "
                           "published Wan 2.1 folders ship; tokenizer.json alone is not read)")
-  dit = dit_params(safetensors_io.read(root / "transformer"), cfg["dit"], tuple(cfg["data"]["patch"]))
+  dit = dit_params(safetensors_io.read(root / "transformer"), cfg["dit"], tuple(cfg["dit"]["patch"]))
   _, dit["text"] = umt5.convert(root / "text_encoder", dtype=dtype)
   vae_tensors = {k: np.asarray(v, np.float32) for k, v in safetensors_io.read(root / "vae").items()}
   vae_settings = wan_vae.infer_settings(vae_tensors)
@@ -253,10 +253,10 @@ def run(pipeline_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
   if vae_settings.temporal_factor != 4 or vae_settings.spatial_factor != 8:
     raise ConversionError(f"the VAE compresses {vae_settings.temporal_factor}x{vae_settings.spatial_factor}"
                           "x; Wan 2.1's is 4x8x8")
-  if cfg["dit"]["in_dim"] != vae_settings.z_dim * int(np.prod(cfg["data"]["patch"])):
+  if cfg["dit"]["in_dim"] != vae_settings.z_dim * int(np.prod(cfg["dit"]["patch"])):
     raise ConversionError(f"the transformer reads {cfg['dit']['in_dim']} values per token; the VAE's "
-                          f"{vae_settings.z_dim} channels in patches of {cfg['data']['patch']} give "
-                          f"{vae_settings.z_dim * int(np.prod(cfg['data']['patch']))}")
+                          f"{vae_settings.z_dim} channels in patches of {cfg['dit']['patch']} give "
+                          f"{vae_settings.z_dim * int(np.prod(cfg['dit']['patch']))}")
   vae = wan_vae.convert(vae_tensors, vae_settings)
   source = {"format": "diffusers WanPipeline (Wan 2.1 text-to-video)", "pipeline": str(root.absolute()),
             "latent_stats": stats["source"]}

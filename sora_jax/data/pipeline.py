@@ -112,7 +112,7 @@ def stand_in_latents(video_thw3: np.ndarray, factors: Sequence[int] = (4, 8, 8))
 class Spec:
   """Everything the per-sample and per-row stages need, resolved from config.data (picklable)."""
   source: str
-  patch: tuple[int, int, int]
+  patch: tuple[int, int, int]   # config.dit.patch: the DiT's tokens are these spacetime patches
   seq_len: int
   text_len: int
   max_segments: int
@@ -146,12 +146,11 @@ def _data_dir(config, key: str, workdir: str | None, default_name: str) -> Path:
   return Path(workdir).parent / "data" / default_name
 
 
-def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-  """(shift [c], scale [c], token dim D) of the configured source; models see (z - shift) / scale.
+def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(shift [c], scale [c]) of the configured source; models see (z - shift) / scale.
 
   For the raw "shapes" source the stand-in latents are already in [-1, 1]: shift 0, scale 1, c = 3.
   """
-  patch = tuple(config.data.get("patch", (1, 2, 2)))
   source = config.data.get("source", "latents")
   if source == "shapes":
     shift, scale = np.zeros(3, np.float32), np.ones(3, np.float32)
@@ -162,7 +161,7 @@ def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.
     scale = np.asarray(stats["scale"], np.float32)
   else:
     raise ValueError(f"config.data.source {source!r} is unknown; accepted: {list(SOURCES)}")
-  return shift, scale, patching.token_dim(len(shift), patch)
+  return shift, scale
 
 
 def latents_vae(config, *, workdir: str | None = None) -> dict | None:
@@ -178,7 +177,7 @@ def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
               stats: tuple[np.ndarray, np.ndarray] | None = None) -> Spec:
   """The resolved stream spec; `stats` = (shift, scale) overrides latent_stats (in-memory sources)."""
   d = config.data
-  shift, scale = latent_stats(config, workdir=workdir)[:2] if stats is None else stats
+  shift, scale = latent_stats(config, workdir=workdir) if stats is None else stats
   budget = int(d.get("token_budget", 0)) or int(d.seq_len)
   if budget > d.seq_len:
     raise ValueError(f"config.data.token_budget {budget} exceeds seq_len {d.seq_len}: a sample must fit a row")
@@ -194,7 +193,7 @@ def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
     raise ValueError(f"config.data.text_len {d.text_len} < max_text_tokens {d.max_text_tokens}: every "
                      "caption's padded features must fit a row")
   return Spec(
-      source=d.get("source", "latents"), patch=tuple(int(p) for p in d.get("patch", (1, 2, 2))),
+      source=d.get("source", "latents"), patch=tuple(int(p) for p in config.dit.get("patch", (1, 2, 2))),
       seq_len=int(d.seq_len), text_len=int(d.text_len), max_segments=int(d.max_segments),
       max_text_tokens=int(d.max_text_tokens), token_budget=budget,
       min_patch_side=int(d.get("min_patch_side", 2)), long_clips=d.long_clips,

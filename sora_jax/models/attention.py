@@ -1,7 +1,9 @@
 """Segment-respecting attention: a token attends only to keys of its own packed segment.
 
 `segment_attention` is the single dispatch point for every implementation; models call nothing else.
-Implementations (all equal to "reference" within float rounding, forward and gradients):
+Two independent choices (config `dit.attention` and `dit.context`): the local kernel, and how a sequence
+sharded over the `context` mesh axis is attended. Local kernels (all equal to "reference" within float
+rounding, forward and gradients):
 - "reference": dense mask, O(Lq * Lk) memory; the ground truth.
 - "blocksparse": plain JAX, computes only query/key blocks that share a segment (any backend; the CPU
   path). sora_jax/kernels/blocksparse.py.
@@ -9,12 +11,15 @@ Implementations (all equal to "reference" within float rounding, forward and gra
   sora_jax/kernels/splash.py.
 - "gpu": GPU Pallas (Triton) flash attention that walks only the key blocks sharing a segment.
   sora_jax/kernels/gpu.py.
-- "ring", "ulysses": context parallelism (issue 11) for sequences sharded over the `context` mesh axis:
-  ring attention rotates key/value shards around the axis (sora_jax/kernels/ring.py, block-sparse local
-  kernel); all-to-all attention swaps sequence for head sharding around the "auto" local kernel
-  (sora_jax/kernels/ulysses.py). Without a context axis (or for cross-attention, whose keys are not
-  sharded) they run the "auto" kernel on each device's query shard against all keys.
 - "auto": "splash" on TPU, "gpu" on GPU, "blocksparse" elsewhere (decided by jax.default_backend()).
+Context parallelism (issue 11), for sequences sharded over the `context` mesh axis:
+- "none": the sequence is whole on every device (the local kernel alone).
+- "ring": ring attention rotates key/value shards around the axis (sora_jax/kernels/ring.py, its own
+  block-sparse kernel per pair of shards).
+- "ulysses": all-to-all attention swaps sequence for head sharding around the local kernel
+  (sora_jax/kernels/ulysses.py).
+Without a context axis (or for cross-attention, whose keys are not sharded) "ring" and "ulysses" run the
+local kernel on each device's query shard against all keys.
 """
 from __future__ import annotations
 
@@ -74,11 +79,11 @@ def _local_kernel(name: str, residual_name: str = RESIDUAL_NAME):
   return {"reference": _reference, "blocksparse": _blocksparse}[name]
 
 
-def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
-  """Ring or all-to-all attention over the `context` axis of the current mesh (see the docstring)."""
+def _context_parallel(kind, local, q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
+  """Ring or all-to-all attention over the `context` axis of the current mesh around the resolved local
+  kernel `local` (see the docstring)."""
   from sora_jax.kernels import ring, ulysses
   mesh = sharding.current_mesh()
-  local = resolve("auto")
   n = mesh.shape.get("context", 1) if mesh is not None else 1
   if n == 1:
     return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids, residual_name)
@@ -103,10 +108,9 @@ def _context_parallel(kind, q, k, v, q_segment_ids, kv_segment_ids, residual_nam
                        check_vma=False)(*args)
 
 
-_IMPLEMENTATIONS = {"reference": _reference, "blocksparse": _blocksparse, "splash": _splash,
-                    "gpu": _gpu, "ring": functools.partial(_context_parallel, "ring"),
-                    "ulysses": functools.partial(_context_parallel, "ulysses")}
+_IMPLEMENTATIONS = {"reference": _reference, "blocksparse": _blocksparse, "splash": _splash, "gpu": _gpu}
 _AUTO = {"tpu": "splash", "gpu": "gpu"}
+CONTEXT = ("none", "ring", "ulysses")
 
 
 def resolve(implementation: str) -> str:
@@ -119,12 +123,23 @@ def resolve(implementation: str) -> str:
   return implementation
 
 
+def check_context(context: str) -> str:
+  """`context` if it names a context parallelism (CONTEXT), else ValueError naming what is accepted."""
+  if context not in CONTEXT:
+    raise ValueError(f"context parallelism {context!r} is unknown; accepted: {list(CONTEXT)}")
+  return context
+
+
 def segment_attention(q, k, v, q_segment_ids, kv_segment_ids, *, implementation: str = "reference",
-                      residual_name: str = RESIDUAL_NAME):
-  """Attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` restricted to equal segment ids.
+                      context: str = "none", residual_name: str = RESIDUAL_NAME):
+  """Attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` restricted to equal segment ids, by the local
+  kernel `implementation`, over a sequence sharded by `context` ("none": not sharded).
 
   Segment id 0 is padding: its queries return zeros and its keys are never attended to. The Pallas
   kernels name their forward residuals `residual_name` (kernels.RESIDUAL_NAME or CROSS_RESIDUAL_NAME)
   for remat policies to save.
   """
-  return _IMPLEMENTATIONS[resolve(implementation)](q, k, v, q_segment_ids, kv_segment_ids, residual_name)
+  local = resolve(implementation)
+  if check_context(context) != "none":
+    return _context_parallel(context, local, q, k, v, q_segment_ids, kv_segment_ids, residual_name)
+  return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids, residual_name)

@@ -39,25 +39,37 @@ What packing adds (each segment's output is the same as when it is run alone; te
   explicitly: `nnx.get_partition_spec(nnx.state(model))` -> `sharding.logical_to_spec` -> device_put/jit
   out_shardings.
 
-Config keys (cfg.dit): in_dim (token dim D = pt*ph*pw*latent channels), width, depth, num_heads, ffn_dim,
+Config keys (cfg.dit): patch (the spacetime patch (pt, ph, pw) a token covers, in latents), in_dim (token
+dim D = pt*ph*pw*latent channels; 0 = the data's, `resolve_in_dim`), width, depth, num_heads, ffn_dim,
 time_freq_dim, rope_theta, qk_norm, text_encoder ("caption": also vocab_size, text_width, text_depth,
-text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention implementation), remat
-(a policy of layers.REMAT, the table of them), dtype (compute), param_dtype.
+text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention's local kernel), context
+(its context parallelism: "none" | "ring" | "ulysses"; absent = "none"), remat (a policy of layers.REMAT,
+the table of them), dtype (compute), param_dtype.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax import sharding
+from sora_jax import patching, sharding
 from sora_jax.models import layers
 from sora_jax.models.text import TextEncoder
 
 ACT = ("act_batch", "act_seq", "act_embed")
 TEXT_ENCODERS = ("caption", "umt5")
+
+
+def resolve_in_dim(cfg, latent_channels: Callable[[], int]) -> int:
+  """The token dim of the DiT of config section `cfg` (cfg.dit): `in_dim` as configured, or, when 0 (the
+  data's), pt*ph*pw*c for `latent_channels()` = c channels in `patch` patches. The one place it is
+  derived (the trainer from its data's statistics, export from the bundle's); `latent_channels` is called
+  only then, since it may read files."""
+  given = int(cfg.get("in_dim", 0) or 0)
+  return given or patching.token_dim(int(latent_channels()), tuple(cfg.get("patch", (1, 2, 2))))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -107,10 +119,10 @@ class DiTBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     w = cfg.width
     self.norm1 = layers.LayerNorm(w, affine=False, **kw)
-    self.attn = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention, **kw)
+    attend = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention, context=cfg.get("context", "none"))
+    self.attn = layers.Attention(w, cfg.num_heads, **attend, **kw)
     self.norm_cross = layers.LayerNorm(w, **kw)
-    self.cross = layers.Attention(w, cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention,
-                                  cross=True, **kw)
+    self.cross = layers.Attention(w, cfg.num_heads, cross=True, **attend, **kw)
     self.norm2 = layers.LayerNorm(w, affine=False, **kw)
     self.mlp = layers.MLP(w, cfg.ffn_dim, **kw)
     # Zero, with the zero-initialised time projection: every block starts as the identity (adaLN-Zero).

@@ -208,8 +208,8 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None, qk_norm: bool = True,
-               implementation: str = "reference", cross: bool = False, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               implementation: str = "reference", context: str = "none", cross: bool = False,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % heads:
       raise ValueError(f"width {dim} is not divisible by num_heads={heads}")
     head_dim = dim // heads
@@ -222,7 +222,7 @@ class Attention(nnx.Module):
     # QK-norm across heads (one RMS over heads x head_dim, Wan 2.1's "rms_norm_across_heads").
     self.q_norm = RMSNorm((heads, head_dim), ("heads", "head_dim"), **kw) if qk_norm else None
     self.k_norm = RMSNorm((heads, head_dim), ("heads", "head_dim"), **kw) if qk_norm else None
-    self.implementation = implementation
+    self.implementation, self.context = implementation, context
     self.residual_name = CROSS_RESIDUAL_NAME if cross else RESIDUAL_NAME  # for remat policies
 
   def __call__(self, x_bld, q_segment_ids, kv_bmd, kv_segment_ids, *, q_angles=None, kv_angles=None):
@@ -235,7 +235,7 @@ class Attention(nnx.Module):
     if q_angles is not None:
       q, k = apply_rope(q, q_angles), apply_rope(k, kv_angles)
     out = segment_attention(q, k, v, q_segment_ids, kv_segment_ids, implementation=self.implementation,
-                            residual_name=self.residual_name)
+                            context=self.context, residual_name=self.residual_name)
     return self.o(sharding.constrain(out, names))
 
 

@@ -19,10 +19,11 @@ MLP_RATIO = 4  # the caption encoder's MLP width, in multiples of text_width
 class TextBlock(nnx.Module):
   """Pre-norm transformer block: segment-restricted self-attention with 1-D RoPE, then an MLP."""
 
-  def __init__(self, dim: int, heads: int, *, implementation: str, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, heads: int, *, implementation: str, context: str = "none", dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = layers.RMSNorm(dim, **kw)
-    self.attn = layers.Attention(dim, heads, implementation=implementation, **kw)
+    self.attn = layers.Attention(dim, heads, implementation=implementation, context=context, **kw)
     self.norm2 = layers.RMSNorm(dim, **kw)
     self.mlp = layers.MLP(dim, MLP_RATIO * dim, **kw)
 
@@ -37,7 +38,7 @@ class TextEncoder(nnx.Module):
   """text_tokens [B, Lt] int32, text_segment_ids [B, Lt] -> features [B, Lt, text_width] (compute dtype).
 
   Config keys read from cfg.dit: vocab_size, text_width, text_depth, text_heads, rope_theta,
-  attention, remat, dtype, param_dtype.
+  attention, context, remat, dtype, param_dtype.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -47,7 +48,7 @@ class TextEncoder(nnx.Module):
                                 ("vocab", "embed"), param_dtype)
       self.blocks = layers.stack_layers(
           lambda r: TextBlock(cfg.text_width, cfg.text_heads, implementation=cfg.attention,
-                              dtype=dtype, param_dtype=param_dtype, rngs=r),
+                              context=cfg.get("context", "none"), dtype=dtype, param_dtype=param_dtype, rngs=r),
           cfg.text_depth, rngs)
       self.norm = layers.RMSNorm(cfg.text_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.head_dim = cfg.text_width // cfg.text_heads
