@@ -64,7 +64,7 @@ SLICES = {
                         **ULYSSES),
     },
 }
-DEFAULT_TOPOLOGY = {"1.3b": "v5p:2x2x1", "14b": "v5p:2x2x1"}
+DEFAULT_TOPOLOGY = {"1.3b": "v5p:2x2x1", "14b": "v5p:2x2x2"}  # the t2v presets' slices
 
 
 def get_config(arg=None):

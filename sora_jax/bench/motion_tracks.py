@@ -18,15 +18,18 @@ from absl import app, flags
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
+from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.data import shapes
 
-_BUNDLE = flags.DEFINE_string("bundle", None, "inference bundle", required=True)
-_NUM = flags.DEFINE_integer("num_clips", 24, "clips to generate", lower_bound=1)
-_MIXTURE = flags.DEFINE_string("mixture", "single", "Shapes mixture whose test split gives the prompts")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+# Shared names (--bundle, --seed, ...) are defined once per process (config_lib.flag).
+_BUNDLE = config_lib.flag(flags.DEFINE_string, "bundle", None, "inference bundle")
+_NUM = config_lib.flag(flags.DEFINE_integer, "num_clips", 24, "clips to generate", lower_bound=1)
+_MIXTURE = config_lib.flag(flags.DEFINE_string, "mixture", "single",
+                           "Shapes mixture whose test split gives the prompts")
+_SEED = config_lib.flag(flags.DEFINE_integer, "seed", 0, "sampling seed")
 
 
 def straight_specs(mixture: str, n: int, temporal: int) -> list[shapes.ClipSpec]:
@@ -64,6 +67,8 @@ def step_sizes(track: np.ndarray, temporal: int) -> tuple[float, float]:
 
 def main(argv):
   del argv
+  if not _BUNDLE.value:
+    raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
   b = bundle_lib.load(_BUNDLE.value)
   temporal = sampling.as_pipeline(b).geometry.temporal
   specs = straight_specs(_MIXTURE.value, _NUM.value, temporal)
