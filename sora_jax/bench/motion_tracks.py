@@ -18,18 +18,21 @@ from absl import app, flags
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
-from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.data import shapes
 
-# Shared names (--bundle, --seed, ...) are defined once per process (config_lib.flag).
-_BUNDLE = config_lib.flag(flags.DEFINE_string, "bundle", None, "inference bundle")
-_NUM = config_lib.flag(flags.DEFINE_integer, "num_clips", 24, "clips to generate", lower_bound=1)
-_MIXTURE = config_lib.flag(flags.DEFINE_string, "mixture", "single",
-                           "Shapes mixture whose test split gives the prompts")
-_SEED = config_lib.flag(flags.DEFINE_integer, "seed", 0, "sampling seed")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command: tests import this module beside
+  entry points that define --bundle and --seed themselves."""
+  flags.DEFINE_string("bundle", None, "inference bundle")
+  flags.DEFINE_integer("num_clips", 24, "clips to generate", lower_bound=1)
+  flags.DEFINE_string("mixture", "single", "Shapes mixture whose test split gives the prompts")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
 def straight_specs(mixture: str, n: int, temporal: int) -> list[shapes.ClipSpec]:
@@ -67,17 +70,17 @@ def step_sizes(track: np.ndarray, temporal: int) -> tuple[float, float]:
 
 def main(argv):
   del argv
-  if not _BUNDLE.value:
+  if not FLAGS.bundle:
     raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
-  b = bundle_lib.load(_BUNDLE.value)
+  b = bundle_lib.load(FLAGS.bundle)
   temporal = sampling.as_pipeline(b).geometry.temporal
-  specs = straight_specs(_MIXTURE.value, _NUM.value, temporal)
-  videos = evaluate.generate_videos(b, specs, seed=_SEED.value, steps=0, guidance=0)
+  specs = straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
+  videos = evaluate.generate_videos(b, specs, seed=FLAGS.seed, steps=0, guidance=0)
   rows = {"generated": [], "truth": []}
   for spec, video in zip(specs, videos):
     rows["generated"].append(step_sizes(axis_track(video, spec), temporal))
     rows["truth"].append(step_sizes(axis_track(shapes.render_clip(spec), spec), temporal))
-  out = {"bundle": _BUNDLE.value, "clips": len(specs), "mixture": _MIXTURE.value}
+  out = {"bundle": FLAGS.bundle, "clips": len(specs), "mixture": FLAGS.mixture}
   for name, r in rows.items():
     r = np.asarray(r)
     out[name] = {"inside_latent_frames": float(np.nanmean(r[:, 0])),
@@ -86,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
