@@ -24,7 +24,14 @@ SLICES = {
     # GB of state and 69.5 GB of temporaries (full remat's residual stream alone is 40 x 75,776 x 5120 x
     # 2 bytes = 31 GB); 8 chips halve the state (docs/benchmarks.md, "Wan 2.1 interop").
     "v5p:2x2x2": dict(batch_size=8, remat="full", param_dtype="bfloat16",
-                      mesh=dict(data=1, fsdp=-1, tensor=1)),
+                      mesh=dict(data=1, fsdp=-1, tensor=1), context="none"),
+    # MaxDiffusion's own shape: one video per step on 4 chips. The `sequence` mesh axis (sora_jax/
+    # sharding.py; MaxDiffusion shards activation_length over fsdp) splits the row's 75,776 tokens 4
+    # ways and shards the parameters as fsdp does; self-attention is all-to-all (Ulysses: 10 of the 40
+    # heads per chip over the whole row, the splash kernel unchanged). A quarter of a row's activations
+    # per chip leaves room to save the attention kernels' outputs instead of running them again.
+    "v5p:2x2x1": dict(batch_size=1, remat="full_save_attention", param_dtype="bfloat16",
+                      mesh=dict(data=1, fsdp=1, sequence=4, tensor=1), context="ulysses"),
 }
 
 
@@ -43,8 +50,8 @@ def get_config(arg=None):
   c.mesh = common.mesh(**pod["mesh"])
   c.sample = common.wan21_sample(height=720, width=1280)
 
-  c.dit = common.dit("wan2.1-14B", text=common.umt5(), in_dim=64, attention="splash", remat=pod["remat"],
-                     dtype="bfloat16", param_dtype=pod["param_dtype"])
+  c.dit = common.dit("wan2.1-14B", text=common.umt5(), in_dim=64, attention="splash", context=pod["context"],
+                     remat=pod["remat"], dtype="bfloat16", param_dtype=pod["param_dtype"])
   c.text = common.ConfigDict(common.UMT5_XXL)
   c.vae = common.wan21_vae()
   c.diffusion = common.wan21_diffusion(shift_scale=5.0)  # Wan at 720p
@@ -58,7 +65,7 @@ def get_config(arg=None):
   if arg.runlocal:  # experiments/wan21_t2v_1_3b.py:runlocal's tiny model and rows (480p): a smoke run
     c.data.seq_len, c.data.batch_size, c.data.max_segments, c.data.text_len = 1024, 2, 4, 512 * 4
     c.dit.update(dict(width=128, depth=2, num_heads=1, ffn_dim=256, text_dim=64, attention="auto",
-                      remat="full", dtype="float32", param_dtype="float32"))
+                      context="none", remat="full", dtype="float32", param_dtype="float32"))
     c.text.update(dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                        dtype="float32"))
     c.mesh = common.mesh()
