@@ -1,11 +1,15 @@
 """Wan 2.1 text-to-video, 14B: experiments/wan21_t2v_1_3b.py at the published 14B size (40 blocks of width
 5120, 40 heads of 128, FFN 13824), trained at MaxDiffusion's published shape: 81 frames of 720x1280
-(21 x 45 x 80 = 75,600 tokens, one video per row and per chip), Wan's 720p time shift of 5, on 8 v5p chips.
+(21 x 45 x 80 = 75,600 tokens, one video per row), Wan's 720p time shift of 5: one video per chip on 8
+v5p chips (the default), or MaxDiffusion's v5p-8 shape, one video per step over 4 chips
+(`topology=v5p:2x2x1`).
 
     python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-14B-Diffusers --out runs/wan21_14b/bundle
     python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x2
-Measured (docs/benchmarks.md, "Wan 2.1 interop"): 84.1 GB per chip of 95, estimated MFU 36.0% (165
-TFLOP/s per chip) beside MaxDiffusion's measured 135.9 TFLOP/s per v5p chip (29.6% of 459). Training settings are the 1.3B's; sections and keys:
+    python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py:topology=v5p:2x2x1
+Measured (docs/benchmarks.md, "Wan 2.1 interop"), beside MaxDiffusion's measured 135.9 TFLOP/s per v5p
+chip (29.6% of 459): v5p:2x2x2, 84.1 GB per chip of 95, estimated MFU 36.0% (165 TFLOP/s per chip);
+v5p:2x2x1, 74.0 GB, 40.6% (186 TFLOP/s per chip). Training settings are the 1.3B's; sections and keys:
 experiments/common.py.
 """
 from experiments import common
@@ -29,7 +33,8 @@ SLICES = {
     # sharding.py; MaxDiffusion shards activation_length over fsdp) splits the row's 75,776 tokens 4
     # ways and shards the parameters as fsdp does; self-attention is all-to-all (Ulysses: 10 of the 40
     # heads per chip over the whole row, the splash kernel unchanged). A quarter of a row's activations
-    # per chip leaves room to save the attention kernels' outputs instead of running them again.
+    # per chip leaves room to save the attention kernels' outputs instead of running them again: 74.0
+    # GB and 40.6% estimated MFU, against full remat's 55.7 GB and 33.7% (attention is 2/3 of the work).
     "v5p:2x2x1": dict(batch_size=1, remat="full_save_attention", param_dtype="bfloat16",
                       mesh=dict(data=1, fsdp=1, sequence=4, tensor=1), context="ulysses"),
 }
