@@ -24,9 +24,9 @@ SLICES = {
     # parameters, the EMA and the moments follow param_dtype here. The price: an update smaller than half
     # a bf16 step of its weight (2^-9 of it) rounds away, so lr 1e-5 moves only weights within ~500x of
     # their update; the EMA at decay 0.9999 does not move in bf16 at all (it is kept only because the
-    # trainer's state always holds one). Even so, 4 chips (v5p:2x2x1) compile to 98.2 GB per chip: 28.6
-    # GB of state and 69.5 GB of temporaries (full remat's residual stream alone is 40 x 75,776 x 5120 x
-    # 2 bytes = 31 GB); 8 chips halve the state (docs/benchmarks.md, "Wan 2.1 interop").
+    # trainer's state always holds one). Even so, a video per chip on 4 chips compiles to 98.2 GB per
+    # chip: 28.6 GB of state and 69.5 GB of temporaries (full remat's residual stream alone is 40 x
+    # 75,776 x 5120 x 2 bytes = 31 GB); 8 chips halve the state (docs/benchmarks.md, "Wan 2.1 interop").
     "v5p:2x2x2": dict(batch_size=8, remat="full", param_dtype="bfloat16",
                       mesh=dict(data=1, fsdp=-1, tensor=1), context="none"),
     # MaxDiffusion's own shape: one video per step on 4 chips. The `sequence` mesh axis (sora_jax/
