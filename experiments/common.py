@@ -94,7 +94,8 @@ def dit(size: str, *, text: dict, patch=(1, 2, 2), in_dim: int = 0, attention: s
       rope_theta=10000.0,
       qk_norm=True,
       attention=attention,           # segment_attention's local kernel (models/attention.py)
-      context=context,               # context parallelism over the `context` mesh axis: none|ring|ulysses
+      context=context,               # attention over a sequence-sharding mesh axis (`context` or
+                                     # `sequence`, sharding.py): none|ring|ulysses
       remat=remat,                   # a name in models/layers.REMAT_POLICIES
       dtype=dtype,                   # compute
       param_dtype=param_dtype,
@@ -173,7 +174,8 @@ def trainer(*, total_steps: int, optim: ConfigDict, log_every_steps: int = 10,
 
 
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, **more) -> ConfigDict:
-  """`mesh` (sora_jax/sharding.py): devices per axis, -1 = the remaining devices; `more`: `context`."""
+  """`mesh` (sora_jax/sharding.py): devices per axis, -1 = the remaining devices; `more`: the optional
+  `context` (splits each row's sequence) or `sequence` (splits it and shards the parameters like fsdp)."""
   return ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, **more))
 
 

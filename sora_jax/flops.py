@@ -353,21 +353,36 @@ KERNEL_ATTENTIONS = ("splash", "gpu")
 def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: int) -> KernelFlops:
   """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
   del num_segments  # the kernels' keys are the caption's text_len (segments are not keys)
+  ulysses = _ulysses_shards(cfg)
   if cfg.dit.get("context", "none") != "none":
     cfg = cfg.copy_and_resolve_references()
     cfg.dit.attention, cfg.dit.context = "splash", "none"
   if cfg.dit.attention not in KERNEL_ATTENTIONS:
     return KernelFlops(0.0, 0.0)
   remat = layers.REMAT[cfg.dit.remat]
+  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
   counted = executed = 0.0
   for a in attention_calls(cfg.dit):
     lq, lk = a.lengths(seq_len, text_len)
     counted += a.layers * attention_flops(batch * lq * lk, a.width, a.heads, remat.scores_again)[1]
     rerun = 0.0 if a.kind in remat.kernels_once else 1.0  # what the kernels recompute
-    unit_pad = 2.0 * batch * math.prod(_padded_lengths(cfg, lq, lk, a.width, a.heads)) * a.width
-    executed += a.layers * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) +
-                                       kernel_bwd_matmuls(cfg, lq, lk, a.width, a.heads))
+    # Ulysses runs the local kernel over the whole row for heads / n of the heads on each of n devices
+    # (self-attentions whose heads per device it divides, as models/attention.py decides): the kernel's
+    # layout (query chunks, padding) is that of the fewer heads; the FLOPs per head are the same.
+    local_heads = a.heads // tensor if a.heads % tensor == 0 else a.heads
+    split = ulysses if lq == lk and a.kind == "self" and local_heads % ulysses == 0 else 1
+    shape = (lq, lk, a.width // split, a.heads // split)
+    unit_pad = 2.0 * batch * math.prod(_padded_lengths(cfg, *shape)) * a.width
+    executed += a.layers * unit_pad * (KERNEL_FWD_MATMULS * (1 + rerun) + kernel_bwd_matmuls(cfg, *shape))
   return KernelFlops(counted, executed)
+
+
+def _ulysses_shards(cfg) -> int:
+  """The devices one row's sequence is split over when its attention is all-to-all (dit.context =
+  "ulysses"; the `sequence` or `context` mesh axis, sora_jax/sharding.py), else 1."""
+  if cfg.dit.get("context", "none") != "ulysses" or "mesh" not in cfg:
+    return 1
+  return max(max(int(cfg.mesh.get(a, 1)), 1) for a in ("sequence", "context"))
 
 
 # ------------------------------------------------------------------------------------------------ peaks

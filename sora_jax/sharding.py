@@ -5,10 +5,16 @@ below map them onto the physical axes `data`, `fsdp`, `tensor`. The trainers ask
 shardings of parameters (`state_shardings`), of batches (`batch_sharding`) and of replicated values.
 
 Parameters: FSDP by default (`embed` over `fsdp`), tensor parallelism when the `tensor` axis is > 1
-(`mlp` and `heads` over `tensor`). Context parallelism (issue 11): the optional `context` axis shards the
-sequence of activations (`act_seq`); attention across it is sora_jax/kernels/ring.py or ulysses.py. The
-axis exists only in meshes that name it, so three-axis meshes are unchanged. A dimension that the mesh axis does not divide stays replicated
-(tiny test models, odd vocabularies), and a mesh axis is used at most once per array.
+(`mlp` and `heads` over `tensor`). Two optional axes shard the sequence of activations (`act_seq`), and
+attention across them is sora_jax/kernels/ring.py or ulysses.py (`dit.context`):
+- `context` (issue 11): the sequence only; parameters are replicated along it (sharded over `fsdp`).
+- `sequence` (MaxText's name; MaxDiffusion's `activation_length` over `fsdp`): the sequence, and the
+  parameters like `fsdp` (`embed` over fsdp x sequence, all-gathered per layer), but never the batch. A
+  batch smaller than the devices that shard the parameters then trains: one 75k-token video over 4 chips
+  (experiments/wan21_t2v_14b.py:topology=v5p:2x2x1).
+Each exists only in meshes that name it, so three-axis meshes are unchanged. A dimension that the mesh
+axis does not divide stays replicated (tiny test models, odd vocabularies), and a mesh axis is used at
+most once per array.
 """
 from __future__ import annotations
 
@@ -20,18 +26,18 @@ from flax import nnx
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "context", "tensor")
 # Present in a mesh only when its shape names it (make_mesh).
-OPTIONAL_AXES = ("context",)
+OPTIONAL_AXES = ("sequence", "context")
 
 # Logical name -> physical mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_batch", ("data", "fsdp")),
-    ("act_seq", "context"),
+    ("act_seq", ("sequence", "context")),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
@@ -108,6 +114,17 @@ def _in_mesh(axes, mesh: Mesh):
   return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
+def sequence_axis(mesh: Mesh | None) -> str | None:
+  """The mesh axis that shards the sequence of activations (`act_seq`) in `mesh`, for the collectives of
+  context-parallel attention; None when the sequence is whole on every device."""
+  if mesh is None:
+    return None
+  axes = [a for a in _axes_tuple(dict(LOGICAL_AXIS_RULES)["act_seq"]) if mesh.shape.get(a, 1) > 1]
+  if len(axes) > 1:
+    raise ValueError(f"mesh {dict(mesh.shape)} shards the sequence over {axes}; give one of them size > 1")
+  return axes[0] if axes else None
+
+
 def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
   """`fn(*args)` run on each device's block of `args` (split by logical `names`, one tuple per arg);
   the output is laid out like the first arg. Outside `use_mesh` it is `fn(*args)`.
@@ -123,7 +140,8 @@ def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
 
 
 def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh of a config's `mesh` section ({data, fsdp, [context,] tensor}, -1 = the remaining devices)."""
+  """The mesh of a config's `mesh` section ({data, fsdp, [sequence,] [context,] tensor}, -1 = the remaining
+  devices)."""
   return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES
                     if a not in OPTIONAL_AXES or a in cfg_mesh}, devices)
 
@@ -180,7 +198,8 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """The leading (batch) axis over data x fsdp; the rest replicated."""
+  """The leading (batch) axis over data x fsdp; the rest replicated (along `sequence` and `context` too:
+  the model's first constraint splits the rows' sequence)."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 

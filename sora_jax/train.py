@@ -453,8 +453,13 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
       raise config_lib.ConfigError(f"config.{e}") from None
   try:
     mesh = sharding.mesh_from_config(cfg.mesh, devices)
+    seq_axis = sharding.sequence_axis(mesh)
   except ValueError as e:
     raise config_lib.ConfigError(f"config.{e}") from None
+  if seq_axis and cfg.dit.get("context", "none") == "none":
+    # Each local kernel would gather the whole sequence onto every device and compute all of it there.
+    raise fail("dit.context", f"the mesh shards the sequence over `{seq_axis}` "
+                              f"(mesh {dict(mesh.shape)}): accepted: 'ring', 'ulysses'")
   n = sharding.batch_size_multiple(mesh)
   if int(d.batch_size) % n:
     raise fail("data.batch_size", f"must be a multiple of the mesh's data x fsdp = {n} devices "

@@ -106,6 +106,26 @@ def test_kernel_flops_count_the_keys_the_kernel_pads_to():
   assert flops.kernel_flops(cfg, **kw).executed == pytest.approx(want)
 
 
+def test_kernel_flops_under_ulysses_lay_out_a_devices_heads():
+  # Wan 2.1 14B, one 75,776-token row over a 4-chip `sequence` axis: Ulysses runs splash over the whole
+  # row with 10 of the 40 heads per chip, in 7 query chunks of 11,264 (40 heads: 30 of 2,560), so its
+  # padded queries, not the FLOPs per head, differ from the unsharded kernel's.
+  from experiments import wan21_t2v_14b
+  from sora_jax.kernels import splash
+  cfg = wan21_t2v_14b.get_config("topology=v5p:2x2x1")
+  whole = cfg.copy_and_resolve_references()
+  whole.dit.context = "none"
+  l, w, depth = int(cfg.data.seq_len), cfg.dit.width, cfg.dit.depth
+  kw = dict(batch=1, seq_len=l, text_len=512, num_segments=1)
+  def queries(heads):  # the padded queries a kernel call computes
+    lay = splash.layout(l, l, heads, 128, itemsize=2)
+    return lay.chunks * lay.chunk_len
+  assert queries(10) == 7 * 11264 and queries(40) == 30 * 2560
+  per_query = 2 * l * w * depth * (2 + 5)  # full_save_attention: 2 forward, 5 fused backward matmuls
+  got = flops.kernel_flops(cfg, **kw).executed - flops.kernel_flops(whole, **kw).executed
+  assert got == pytest.approx(per_query * (queries(10) - queries(40)))
+
+
 def test_kernel_backward_matmuls_follow_splash_fused_backward(monkeypatch):
   # Per call, as splash_attention decides: the fused kernel (5), whole or in query chunks, everywhere in
   # sora_b and sora_xl (64k-token self-attention in 16 chunks); separate dkv and dq kernels (7) only

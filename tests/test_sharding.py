@@ -67,3 +67,19 @@ def test_dit_state_shardings_are_fsdp_and_tensor_parallel(mesh222):
 def test_batch_sharding(mesh222):
   assert sharding.batch_sharding(mesh222, 3).spec == P(("data", "fsdp"), None, None)
   assert sharding.batch_size_multiple(mesh222) == 4
+
+
+def test_sequence_axis_shards_rows_and_parameters_not_the_batch():
+  """`sequence` (optional, like `context`) splits act_seq and, beside fsdp, the parameters; the batch
+  stays over data x fsdp. Meshes that do not name it keep their specs (the tests above)."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "sequence": 4})
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 4, "tensor": 1}
+  assert sharding.spec_for_shape(("embed", "mlp"), (8, 6), mesh) == P(("fsdp", "sequence"), None)
+  assert sharding.spec_for_shape(("act_batch", "act_seq", "act_embed"), (2, 64, 8), mesh) == P(
+      "fsdp", "sequence", None)
+  assert sharding.batch_size_multiple(mesh) == 2
+  assert sharding.sequence_axis(mesh) == "sequence"
+  assert sharding.sequence_axis(sharding.make_mesh({"fsdp": 2, "context": 4})) == "context"
+  assert sharding.sequence_axis(sharding.make_mesh({"data": 8})) is None
+  with pytest.raises(ValueError, match=r"shards the sequence over \['sequence', 'context'\]"):
+    sharding.sequence_axis(sharding.make_mesh({"fsdp": 2, "sequence": 2, "context": 2}))

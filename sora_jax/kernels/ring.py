@@ -1,4 +1,5 @@
-"""Ring attention over the `context` mesh axis: segment attention of a sequence sharded over devices.
+"""Ring attention over a sequence mesh axis (`context` or `sequence`): segment attention of a sequence
+sharded over devices.
 
 Each of the n devices along the axis holds one contiguous 1/n of the queries, keys and values. The key
 and value blocks (with their segment ids) travel around the ring with `lax.ppermute`; at hop t device i

@@ -1,4 +1,4 @@
-"""All-to-all (DeepSpeed-Ulysses) attention over the `context` mesh axis.
+"""All-to-all (DeepSpeed-Ulysses) attention over a sequence mesh axis (`context` or `sequence`).
 
 The sequence is sharded over the n devices of the axis everywhere but in attention. Here one all-to-all
 trades the sequence sharding for a head sharding: each device then holds the whole sequence for H/n of

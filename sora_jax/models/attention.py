@@ -12,13 +12,14 @@ rounding, forward and gradients):
 - "gpu": GPU Pallas (Triton) flash attention that walks only the key blocks sharing a segment.
   sora_jax/kernels/gpu.py.
 - "auto": "splash" on TPU, "gpu" on GPU, "blocksparse" elsewhere (decided by jax.default_backend()).
-Context parallelism (issue 11), for sequences sharded over the `context` mesh axis:
+Context parallelism (issue 11), for sequences sharded over a mesh axis (`context`, or `sequence`, which
+also shards the parameters; sharding.sequence_axis):
 - "none": the sequence is whole on every device (the local kernel alone).
 - "ring": ring attention rotates key/value shards around the axis (sora_jax/kernels/ring.py, its own
   block-sparse kernel per pair of shards).
 - "ulysses": all-to-all attention swaps sequence for head sharding around the local kernel
   (sora_jax/kernels/ulysses.py).
-Without a context axis (or for cross-attention, whose keys are not sharded) "ring" and "ulysses" run the
+Without such an axis (or for cross-attention, whose keys are not sharded) "ring" and "ulysses" run the
 local kernel on each device's query shard against all keys.
 """
 from __future__ import annotations
@@ -80,19 +81,20 @@ def _local_kernel(name: str, residual_name: str = RESIDUAL_NAME):
 
 
 def _context_parallel(kind, local, q, k, v, q_segment_ids, kv_segment_ids, residual_name=RESIDUAL_NAME):
-  """Ring or all-to-all attention over the `context` axis of the current mesh around the resolved local
+  """Ring or all-to-all attention over the sequence axis of the current mesh around the resolved local
   kernel `local` (see the docstring)."""
   from sora_jax.kernels import ring, ulysses
   mesh = sharding.current_mesh()
-  n = mesh.shape.get("context", 1) if mesh is not None else 1
-  if n == 1:
+  axis = sharding.sequence_axis(mesh)
+  if axis is None:
     return _IMPLEMENTATIONS[local](q, k, v, q_segment_ids, kv_segment_ids, residual_name)
+  n = mesh.shape[axis]
   args = (q, k, v, q_segment_ids, kv_segment_ids)
   specs = [sharding.spec_for_shape(nm, x.shape, mesh) for nm, x in zip(_CONTEXT_NAMES, args)]
-  if specs[0][1] != "context":
-    raise ValueError(f"{kind} attention: query length {q.shape[1]} is not divisible by the context "
+  if specs[0][1] != axis:
+    raise ValueError(f"{kind} attention: query length {q.shape[1]} is not divisible by the {axis} "
                      f"axis size {n}")
-  if specs[1][1] != "context" or q.shape[1] != k.shape[1]:
+  if specs[1][1] != axis or q.shape[1] != k.shape[1]:
     # Keys not sharded like the queries (cross-attention to a short caption row): every device attends
     # its query shard to all keys.
     specs = specs[:1] + [P(s[0], None, *s[2:]) for s in specs[1:3]] + [specs[3], P(specs[4][0], None)]
@@ -100,9 +102,9 @@ def _context_parallel(kind, local, q, k, v, q_segment_ids, kv_segment_ids, resid
   elif kind == "ring" or (q.shape[2] // (mesh.shape["tensor"] if specs[0][2] else 1)) % n:
     # Ulysses needs each device's heads divisible by n; other attentions (a text encoder with fewer
     # heads) take the ring.
-    body = functools.partial(ring.ring_attention_shard, axis_name="context", axis_size=n)
+    body = functools.partial(ring.ring_attention_shard, axis_name=axis, axis_size=n)
   else:
-    body = functools.partial(ulysses.ulysses_attention_shard, axis_name="context", axis_size=n,
+    body = functools.partial(ulysses.ulysses_attention_shard, axis_name=axis, axis_size=n,
                              local_fn=_local_kernel(local, residual_name))
   return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0],
                        check_vma=False)(*args)
