@@ -78,9 +78,12 @@ def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh(tuple(sizes), axes, axis_types=axis_types, devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None]) -> P:
+def logical_to_spec(names: Sequence[str | None], mesh: Mesh | None = None) -> P:
+  """The PartitionSpec of logical `names` by LOGICAL_AXIS_RULES; with `mesh`, without the optional axes
+  (`sequence`, `context`) that the mesh does not name."""
   rules = dict(LOGICAL_AXIS_RULES)
-  return P(*(rules.get(n) if n is not None else None for n in names))
+  spec = [rules.get(n) if n is not None else None for n in names]
+  return P(*(_in_mesh(a, mesh) for a in spec)) if mesh is not None else P(*spec)
 
 
 @contextlib.contextmanager
@@ -104,7 +107,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   if _current_mesh is None:
     return x
-  spec = P(*(_in_mesh(a, _current_mesh) for a in logical_to_spec(names)))
+  spec = logical_to_spec(names, _current_mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(_current_mesh, spec))
 
 

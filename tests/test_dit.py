@@ -193,7 +193,7 @@ def test_params_are_annotated_and_shard_on_a_mesh():
   want = jax.jit(fwd)(state, batch)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   with sharding.use_mesh(mesh):
-    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(s)), specs)
+    shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(s, mesh)), specs)
     sharded = jax.device_put(state, shardings)
     got = jax.block_until_ready(jax.jit(fwd)(sharded, batch))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

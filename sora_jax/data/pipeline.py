@@ -460,6 +460,6 @@ def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict:
   out = {}
   for k, x in batch.items():
     x = np.asarray(x)
-    spec = sharding.logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1))
+    spec = sharding.logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1), mesh)
     out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), x)
   return out
