@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sora_jax import config as config_lib
 from sora_jax import diffusion
 
 S = 4
@@ -18,7 +19,7 @@ def cfg(**kw):
       shift_scale=1.0, shift_ref_tokens=16, text_drop=0.1, cond_first_frame=0.0, cond_first_frames=0.0,
       cond_last_frames=0.0, cond_both_ends=0.0))
   c.diffusion.update(kw)
-  return c
+  return config_lib.complete(c)
 
 
 def grid_positions(nt, nh, nw):
