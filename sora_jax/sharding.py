@@ -124,7 +124,7 @@ def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
 
 def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of a config's `mesh` section ({data, fsdp, [context,] tensor}, -1 = the remaining devices)."""
-  return make_mesh({a: cfg_mesh[a] for a in MESH_AXES
+  return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES
                     if a not in OPTIONAL_AXES or a in cfg_mesh}, devices)
 
 

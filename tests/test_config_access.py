@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (path under sora_jax/, function): settings constructors allowed to read a config with `.get`.
 ALLOWED = {
     ("evaluate.py", "settings"),  # flags > the `eval` section > evaluate.DEFAULTS, for configs with none
+    ("sharding.py", "mesh_from_config"),  # a `mesh` section names the axes it sizes; the others are 1
 }
 
 
