@@ -118,13 +118,7 @@ _VAE_RUN = r"""
 import json, sys
 import test_train_vae
 from sora_jax import train_vae
-cfg = test_train_vae._tiny_config(sys.argv[1])
-for key, value in json.loads(sys.argv[3]).items():
-  node = cfg
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
+cfg = test_train_vae.set_keys(test_train_vae._tiny_config(sys.argv[1]), json.loads(sys.argv[3]))
 try:
   train_vae.train(cfg, sys.argv[2])
 except train_vae.NonFiniteLoss as e:
@@ -157,13 +151,10 @@ def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_videos, tmp_pat
 
 
 def _tiny_vae_flags(shapes_videos, workdir, **overrides) -> list:
-  """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE, on one CPU device."""
-  values = {"data.videos_dir": str(shapes_videos), "vae.base_dim": 4, "vae.dim_mult": "(1, 2)",
-            "vae.num_res_blocks": 1, "vae.z_dim": 4, "vae.temporal_downsample": "(True,)",
-            "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256, "vae_train.video_frames": 5,
-            "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280, "vae_train.num_val": 2,
-            "vae_train.val_frames": 5, "vae_train.val_size": 16, "vae_train.recon_videos": 1,
-            "vae_train.max_train_seconds": 0.0, "vae_train.optim.warmup_steps": 1, **overrides}
+  """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE (its TINY_VAE keys as flags), on one CPU
+  device."""
+  import test_train_vae
+  values = {**test_train_vae.TINY_VAE, "data.videos_dir": str(shapes_videos), **overrides}
   return ([sys.executable, "-m", "sora_jax.train_vae", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()])
 

@@ -20,17 +20,34 @@ def _demo_config():
   return module.get_config()
 
 
+# The tiny VAE run over experiments/shapes_demo.py, as dotted keys: _tiny_config sets them in this process,
+# test_faults.py hands them to `python -m sora_jax.train_vae` as --config.KEY=VALUE flags.
+# 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
+TINY_VAE = {
+    "vae.base_dim": 4, "vae.dim_mult": (1, 2), "vae.num_res_blocks": 1, "vae.z_dim": 4,
+    "vae.temporal_downsample": (True,),
+    "vae_train.total_steps": 4, "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256,
+    "vae_train.video_frames": 5, "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280,
+    "vae_train.log_every_steps": 2, "vae_train.checkpoint_every_steps": 2, "vae_train.num_val": 2,
+    "vae_train.val_frames": 5, "vae_train.val_size": 16, "vae_train.recon_videos": 1,
+    "vae_train.max_train_seconds": 0.0, "vae_train.optim.warmup_steps": 1,
+}
+
+
+def set_keys(cfg, values: dict):
+  """Sets each dotted key of `values` in `cfg` (as --config.KEY=VALUE does), in place; returns `cfg`."""
+  for key, value in values.items():
+    *path, last = key.split(".")
+    node = cfg
+    for name in path:
+      node = node[name]
+    node[last] = value
+  return cfg
+
+
 def _tiny_config(data_dir):
-  cfg = _demo_config()
+  cfg = set_keys(_demo_config(), TINY_VAE)
   cfg.data.videos_dir = str(data_dir)
-  cfg.vae.update(dict(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, z_dim=4,
-                      temporal_downsample=(True,)))
-  # 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
-  cfg.vae_train.update(dict(total_steps=4, image_crop=16, image_pixels=8 * 256, video_frames=5,
-                            video_crop=16, video_pixels=8 * 1280, log_every_steps=2,
-                            checkpoint_every_steps=2, num_val=2, val_frames=5, val_size=16,
-                            recon_videos=1, max_train_seconds=0.0))
-  cfg.vae_train.optim.warmup_steps = 1
   return cfg
 
 
