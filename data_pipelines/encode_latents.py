@@ -39,6 +39,7 @@ import numpy as np
 from sora_jax import atomic
 from sora_jax import config as config_lib
 from sora_jax import distributed  # defines --coordinator/--num_processes/--process_id
+from sora_jax.data import shards
 
 _VAE = flags.DEFINE_string("vae", None, "VAE workdir or inference bundle")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "video data set directory (tfds data_dir)")
@@ -58,10 +59,6 @@ META_KEYS = ("caption", "num_frames", "height", "width", "fps", "labels", "sourc
 def _fail(msg: str) -> None:
   print(f"error: {msg}", file=sys.stderr)
   sys.exit(2)
-
-
-def shard_path(out_dir: Path, split: str, k: int, n: int) -> Path:
-  return out_dir / "_shards" / split / f"shard-{k:05d}-of-{n:05d}.npz"
 
 
 def encode_shard(vae_per_device, src, indices, path: Path, *, max_tile_pixels: int) -> None:
@@ -91,10 +88,7 @@ def encode_shard(vae_per_device, src, indices, path: Path, *, max_tile_pixels: i
   arrays["channel_sum"], arrays["channel_sq"] = channel_sum, channel_sq
   arrays["count"] = np.asarray(count)
   arrays["meta"] = np.asarray(json.dumps(meta))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # atomic: a shard file that exists is complete
+  shards.write_npz(path, arrays)
 
 
 def shard_examples(paths: list[Path]):
@@ -166,30 +160,16 @@ def main(argv):
   if nproc > 1:  # no process encodes into the shard folder before process 0 has emptied it
     multihost_utils.sync_global_devices("encode_latents stale shards")
 
+  def encode(src, idx, path) -> int:
+    encode_shard(per_device, src, idx, path, max_tile_pixels=_MAX_TILE.value)
+    return len(idx)
+
   t0 = time.time()
-  splits = {}
-  for split in _SPLITS.value:
-    try:
-      src = sources.video_source(_DATA_DIR.value, split)
-    except (FileNotFoundError, ValueError) as e:
-      if split == "train":
-        _fail(f"--data_dir {_DATA_DIR.value}: no train split ({str(e).splitlines()[0]})")
-      print(f"encode_latents: skipping split {split!r}: {str(e).splitlines()[0]}")
-      continue
-    n = len(src)
-    n_shards = max(1, -(-n // _SHARD_SIZE.value))
-    paths = [shard_path(out_dir, split, k, n_shards) for k in range(n_shards)]
-    splits[split] = paths
-    done_before = sum(p.exists() for p in paths)
-    for k in range(pid, n_shards, nproc):
-      if paths[k].exists():
-        continue
-      idx = range(k * _SHARD_SIZE.value, min(n, (k + 1) * _SHARD_SIZE.value))
-      encode_shard(per_device, src, idx, paths[k], max_tile_pixels=_MAX_TILE.value)
-      print(f"encode_latents: {split} shard {k + 1}/{n_shards} ({len(idx)} clips) "
-            f"{time.time() - t0:.0f}s", flush=True)
-    print(f"encode_latents: {split}: {n} clips in {n_shards} shards ({done_before} were done "
-          f"before this run)", flush=True)
+  splits = shards.encode_splits(
+      "encode_latents", _SPLITS.value, lambda split: sources.video_source(_DATA_DIR.value, split),
+      out_dir / "_shards", _SHARD_SIZE.value, encode, unit="clips",
+      summary="{split}: {n} clips in {shards} shards ({done_before} were done before this run)",
+      source=f"--data_dir {_DATA_DIR.value}", fail=_fail)
   if nproc > 1:
     multihost_utils.sync_global_devices("encode_latents shards")
   if pid != 0:

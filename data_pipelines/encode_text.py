@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from absl import app, flags
 import numpy as np
 
 from sora_jax import distributed  # defines --coordinator/--num_processes/--process_id
+from sora_jax.data import shards
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "a bundle with a frozen text encoder (convert.wan's)")
 _LATENTS_DIR = flags.DEFINE_string("latents_dir", None, "the latent data set (encode_latents.py --out_dir)")
@@ -43,10 +43,6 @@ def _fail(msg: str) -> None:
   sys.exit(2)
 
 
-def shard_path(out_dir: Path, split: str, k: int, n: int) -> Path:
-  return out_dir / "_text_shards" / split / f"shard-{k:05d}-of-{n:05d}.npz"
-
-
 def encode_shard(encoder, tokenize, max_len: int, src, indices, path: Path) -> int:
   """Features of records `indices`' captions, one encoder run per distinct caption, written atomically.
   Returns how many captions were encoded."""
@@ -57,10 +53,7 @@ def encode_shard(encoder, tokenize, max_len: int, src, indices, path: Path) -> i
                                              for c in distinct])))
   arrays = {f"f_{j}": feats[c] for j, c in enumerate(captions)}
   arrays["captions"] = np.asarray(json.dumps(captions))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # atomic: a shard file that exists is complete
+  shards.write_npz(path, arrays)
   return len(distinct)
 
 
@@ -99,28 +92,12 @@ def main(argv):
   pid, nproc = jax.process_index(), jax.process_count()
 
   t0 = time.time()
-  splits = {}
-  for split in _SPLITS.value:
-    try:
-      src = sources.latent_source(out_dir, split)
-    except (FileNotFoundError, ValueError) as e:
-      if split == "train":
-        _fail(f"--latents_dir {out_dir}: no train split ({str(e).splitlines()[0]})")
-      print(f"encode_text: skipping split {split!r}: {str(e).splitlines()[0]}")
-      continue
-    n = len(src)
-    n_shards = max(1, -(-n // _SHARD_SIZE.value))
-    paths = [shard_path(out_dir, split, k, n_shards) for k in range(n_shards)]
-    splits[split] = paths
-    encoded = 0
-    for k in range(pid, n_shards, nproc):
-      if paths[k].exists():
-        continue
-      idx = range(k * _SHARD_SIZE.value, min(n, (k + 1) * _SHARD_SIZE.value))
-      encoded += encode_shard(encoder, tokenize, max_len, src, idx, paths[k])
-      print(f"encode_text: {split} shard {k + 1}/{n_shards} ({len(idx)} records) {time.time() - t0:.0f}s",
-            flush=True)
-    print(f"encode_text: {split}: {n} records, {encoded} captions encoded by this run", flush=True)
+  splits = shards.encode_splits(
+      "encode_text", _SPLITS.value, lambda split: sources.latent_source(out_dir, split),
+      out_dir / "_text_shards", _SHARD_SIZE.value,
+      lambda src, idx, path: encode_shard(encoder, tokenize, max_len, src, idx, path), unit="records",
+      summary="{split}: {n} records, {encoded} captions encoded by this run", source=f"--latents_dir {out_dir}",
+      fail=_fail)
   if nproc > 1:
     multihost_utils.sync_global_devices("encode_text shards")
   if pid != 0:

@@ -20,6 +20,9 @@ settings, not any one experiment's recipe.
     eval           evaluate.py                                    evaluation()
     demo           demo.py                                        demo()
     compile_check  compile_check.py                               compile_check()
+
+The demo's own sections (demo_sample(), demo_dit(), demo_trainer(), demo_vae(), demo_vae_trainer()) and its
+smoke-run settings (runlocal()) serve the experiments built on it.
 """
 import ml_collections
 
@@ -278,6 +281,47 @@ def evaluation(**over) -> ConfigDict:
       denoise_clips=32))             # test clips for the DiT's object-token error at t = 0.7, 0.9
   e.update(over)
   return e
+
+
+# The demo's recipe (experiments/shapes_demo.py explains its choices), which the experiments built on it
+# share: shapes_small.py, own_videos.py, wan21_vae.py.
+
+def demo_sample(**over) -> ConfigDict:
+  """The demo's `sample`: 17 frames of 32x32 at 8 fps, in short packed rows; `over`: sample()'s other keys."""
+  return sample(num_frames=17, height=32, width=32, fps=8.0, row_len=128, **over)
+
+
+def demo_dit(data: ConfigDict, size: str = "demo") -> ConfigDict:
+  """The demo's `dit`: DIT_SIZES[size] with a small caption encoder over `data`'s vocabulary."""
+  return dit(size, text=caption_encoder(vocab_size=data.get_ref("vocab_size"), width=128, depth=2, heads=4))
+
+
+def demo_trainer(**over) -> ConfigDict:
+  """The demo's `train`: 1300 steps at lr 2e-3; `over`: trainer()'s other keys (or these)."""
+  return trainer(**{**dict(total_steps=1300, sample_every_steps=200, optim=optim(lr=2e-3, warmup_steps=40)),
+                    **over})
+
+
+def demo_vae() -> ConfigDict:
+  """The demo's `vae`: Wan 2.1's layout at toy width, 4x in time and space, 8 latent channels."""
+  return vae(base_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, z_dim=8, temporal_downsample=(True, True),
+             norm="none")
+
+
+def demo_vae_trainer(**over) -> ConfigDict:
+  """The demo's `vae_train`: 2500 steps at lr 1e-3; `over`: vae_trainer()'s other keys (or these)."""
+  return vae_trainer(**{**dict(total_steps=2500, optim=optim(lr=1e-3, warmup_steps=30, end_lr_fraction=0.05,
+                                                              weight_decay=0.0, ema_decay=0.99)), **over})
+
+
+def runlocal(c: ConfigDict) -> None:
+  """A few steps of each stage `c` has (train_vae, train, sample, evaluate): `runlocal` smoke runs."""
+  if "vae_train" in c:
+    c.vae_train.total_steps, c.vae_train.num_val, c.vae_train.checkpoint_every_steps = 10, 4, 5
+  c.train.total_steps, c.train.log_every_steps, c.train.checkpoint_every_steps = 10, 5, 5
+  c.train.sample_every_steps = 0
+  c.sample.steps = 4
+  c.eval.num_prompts = c.eval.vae_clips = c.eval.denoise_clips = 4
 
 
 def demo(*, expected_minutes: dict, slow_factor: float = 1.5) -> ConfigDict:

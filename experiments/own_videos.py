@@ -35,25 +35,13 @@ def get_config(arg=None):
       max_text_tokens=64,            # real captions are longer than Shapes' (at most 30 tokens)
       max_segments=48, batch_size=2, token_budget=576, min_patch_side=2)
   c.mesh = common.mesh()
-  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, steps=4 if arg.runlocal else 30,
-                           row_len=128)
-
-  c.dit = common.dit("demo", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=128,
-                                                         depth=2, heads=4))
+  c.sample = common.demo_sample()
+  c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion()
-  c.train = common.trainer(total_steps=1300, sample_every_steps=200,
-                           optim=common.optim(lr=2e-3, warmup_steps=40))
-
-  c.vae = common.vae(base_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, z_dim=8,
-                     temporal_downsample=(True, True), norm="none")
-  c.vae_train = common.vae_trainer(
-      total_steps=2500,
-      optim=common.optim(lr=1e-3, warmup_steps=30, end_lr_fraction=0.05, weight_decay=0.0, ema_decay=0.99))
+  c.train = common.demo_trainer()
+  c.vae = common.demo_vae()
+  c.vae_train = common.demo_vae_trainer()
   c.eval = common.evaluation()
-
-  if arg.runlocal:  # a few steps of each stage
-    c.vae_train.total_steps, c.vae_train.num_val, c.vae_train.checkpoint_every_steps = 10, 4, 5
-    c.train.total_steps, c.train.log_every_steps, c.train.checkpoint_every_steps = 10, 5, 5
-    c.train.sample_every_steps = 0
-    c.eval.num_prompts = c.eval.vae_clips = c.eval.denoise_clips = 4
+  if arg.runlocal:
+    common.runlocal(c)
   return c

@@ -35,33 +35,26 @@ def get_config(arg=None):
       min_patch_side=2)
   c.mesh = common.mesh()
 
-  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0,
-                           row_len=128)  # short rows in a batch beat long ones with dense-mask attention
-                                         # (docs/history.md, Issue 6)
+  # Short rows in a batch beat long ones with dense-mask attention (docs/history.md, Issue 6).
+  c.sample = common.demo_sample()
 
   # 5.5M params (1.3M of them adaLN, applied per segment so nearly free in FLOPs); ~1300 steps, 21 min of
   # 2-core CPU (measured). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
   # on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16.
-  c.dit = common.dit("demo", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=128,
-                                                         depth=2, heads=4))
+  c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion(
       shift_ref_tokens=64)           # about the demo mixture's mean tokens per sample (68.6): a ~ 1 there
 
   # Colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%): docs/benchmarks.md,
   # "Evaluation". No wall-clock cap: the demo trains its steps on any machine and reports a slow stage.
-  c.train = common.trainer(
-      total_steps=1300, sample_every_steps=200,
-      optim=common.optim(lr=2e-3,    # 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session)
-                         warmup_steps=40))
+  # lr 2e-3: 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session).
+  c.train = common.demo_trainer()
 
   # Wan 2.1's layout at toy width; 4x time, 4x space (8x cannot reach 30 dB in the demo's minutes), 8
   # latent channels; without Wan's per-position RMS norm, which learns ~2x slower at this width.
-  c.vae = common.vae(base_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, z_dim=8,
-                     temporal_downsample=(True, True), norm="none")
+  c.vae = common.demo_vae()
   # ~9-14 min of 2-core CPU (2500 steps: 30.4 dB); docs/benchmarks.md "VAE".
-  c.vae_train = common.vae_trainer(
-      total_steps=2500,
-      optim=common.optim(lr=1e-3, warmup_steps=30, end_lr_fraction=0.05, weight_decay=0.0, ema_decay=0.99))
+  c.vae_train = common.demo_vae_trainer()
 
   c.eval = common.evaluation()
 
@@ -73,17 +66,7 @@ def get_config(arg=None):
   if arg.runlocal:  # every stage in a minute or two: for smoke tests of the whole demo
     c.data.num_train = 64
     c.data.num_validation = c.data.num_test = 8
-    c.vae_train.total_steps = 10
-    c.vae_train.num_val = 4
-    c.vae_train.checkpoint_every_steps = 5
-    c.train.total_steps = 10
-    c.train.log_every_steps = 5
-    c.train.checkpoint_every_steps = 5
-    c.train.sample_every_steps = 0
-    c.sample.steps = 4
-    c.eval.num_prompts = 4
-    c.eval.vae_clips = 4
-    c.eval.denoise_clips = 4
+    common.runlocal(c)
     for stage in c.demo.expected_minutes:  # smoke tests: no expectation to report against
       c.demo.expected_minutes[stage] = 0.0
   return c

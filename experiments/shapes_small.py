@@ -21,23 +21,18 @@ def get_config(arg=None):
       num_test=256, vocab_size=128, seq_len=1024, text_len=384, max_text_tokens=32, max_segments=48,
       batch_size=2, token_budget=576, min_patch_side=2)
   c.mesh = common.mesh()
-  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, steps=4 if arg.runlocal else 30,
-                           row_len=128)
-
-  c.dit = common.dit("small", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=128,
-                                                          depth=2, heads=4))
+  c.sample = common.demo_sample(steps=4 if arg.runlocal else 30)
+  c.dit = common.demo_dit(c.data, "small")
   c.diffusion = common.diffusion()
   c.train = common.trainer(
       total_steps=10 if arg.runlocal else 3000, max_train_seconds=3 * 3600.0,
       log_every_steps=5 if arg.runlocal else 10, checkpoint_every_steps=250, sample_every_steps=1000,
       optim=common.optim(lr=6e-4, warmup_steps=200))
 
-  c.vae = common.vae(base_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, z_dim=8,
-                     temporal_downsample=(True, True), norm="none")
-  c.vae_train = common.vae_trainer(
+  c.vae = common.demo_vae()
+  c.vae_train = common.demo_vae_trainer(
       total_steps=10 if arg.runlocal else 4000, max_train_seconds=3600.0, video_crop=48,
-      checkpoint_every_steps=5 if arg.runlocal else 200, num_val=4 if arg.runlocal else 32,
-      optim=common.optim(lr=1e-3, warmup_steps=30, end_lr_fraction=0.05, weight_decay=0.0, ema_decay=0.99))
+      checkpoint_every_steps=5 if arg.runlocal else 200, num_val=4 if arg.runlocal else 32)
 
   c.eval = common.evaluation(num_prompts=256, vae_clips=128, denoise_clips=4 if arg.runlocal else 32)
   # The demo's stage times (experiments/shapes_demo.py), not yet measured for this recipe.

@@ -31,21 +31,15 @@ def get_config(arg=None):
       vocab_size=128, seq_len=1024, text_len=384, max_text_tokens=32, max_segments=48, batch_size=2,
       token_budget=576, min_patch_side=2)
   c.mesh = common.mesh()
-  c.sample = common.sample(num_frames=17, height=32, width=32, fps=8.0, steps=4 if arg.runlocal else 30,
-                           row_len=128)
-
-  c.dit = common.dit("demo", text=common.caption_encoder(vocab_size=c.data.get_ref("vocab_size"), width=128,
-                                                         depth=2, heads=4))
+  c.sample = common.demo_sample()
+  c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion()
-  c.train = common.trainer(total_steps=1300, sample_every_steps=200,
-                           optim=common.optim(lr=2e-3, warmup_steps=40))
+  c.train = common.demo_trainer()
   # diffusers' AutoencoderKLWan defaults: decodes at the encoder's widths, 4x in time (T = 1 + 4k frames
   # -> 1 + k), three 2x spatial downsamplings (8x).
   c.vae = common.wan21_vae(in_channels=3)
   c.eval = common.evaluation()
 
-  if arg.runlocal:  # a few steps: a smoke test
-    c.train.total_steps, c.train.log_every_steps, c.train.checkpoint_every_steps = 10, 5, 5
-    c.train.sample_every_steps = 0
-    c.eval.num_prompts = c.eval.vae_clips = c.eval.denoise_clips = 4
+  if arg.runlocal:
+    common.runlocal(c)
   return c

@@ -59,13 +59,13 @@ def save(workdir: str | Path, out: str | Path) -> dict:
   config = run / "config.json"
   if not config.is_file():
     raise AdapterError(f"--workdir {run}: no config.json (not a training run's workdir)")
-  cfg = ml_collections.ConfigDict(json.loads(config.read_text()))
-  rank = int(cfg.get("lora", {}).get("rank", 0) or 0)
+  cfg = bundle_lib.config_from_json(config.read_text())
+  rank = int(cfg.lora.rank or 0) if "lora" in cfg else 0
   if rank <= 0:
     raise AdapterError(f"--workdir {run} trained every parameter (lora.rank={rank}); export it as a bundle "
                        "with python -m sora_jax.export instead")
   params, step, key = bundle_lib.restore_ema(run)
-  init_from = cfg.train.get("init_from", "")
+  init_from = cfg.train.init_from
   base = base_identity(init_from) if init_from and finetune.is_bundle(init_from) else None
   out = Path(out)
   tmp = out.with_name(out.name + ".tmp-adapter")
@@ -76,8 +76,7 @@ def save(workdir: str | Path, out: str | Path) -> dict:
   meta = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "lora": {"rank": rank, "alpha": float(cfg.lora.get("alpha", 0.0) or rank),
-               "targets": list(cfg.lora.get("targets", ()))},
+      "lora": {"rank": rank, "alpha": float(cfg.lora.alpha or rank), "targets": list(cfg.lora.targets)},
       "base": base, "source": {"workdir": str(run.absolute()), "step": step, "weights": key},
       "parameters": int(sum(np.asarray(x).size for x in _leaves(params))),
       "files": {str(p.relative_to(tmp)): {"sha256": _sha(p), "bytes": p.stat().st_size} for p in files},

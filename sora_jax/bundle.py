@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sora_jax import atomic
+from sora_jax import atomic, config as config_lib
 
 FORMAT = "sora-jax-bundle"
 FORMAT_VERSION = 2  # 2: the Wan 2.1-aligned DiT (docs/architecture.md); text encoder beside or inside it
@@ -296,7 +296,9 @@ def _unflatten_like(like, flat, prefix=""):
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
+  """A config.json written by a training run or a bundle, of any age (config.complete fills the keys an
+  older one lacks)."""
+  return config_lib.complete(ml_collections.ConfigDict(json.loads(text)))
 
 
 def assemble(cfg: ml_collections.ConfigDict, dit_params: Mapping, vae_params: Mapping | None,
@@ -418,11 +420,11 @@ class WorkdirLayout:
     return None
 
   def tokenizer(self, cfg) -> Path:
-    given = cfg.data.get("tokenizer", "") if cfg is not None else ""
+    given = cfg.data.tokenizer if cfg is not None else ""
     return Path(given) if given else self.root / "data" / "tokenizer.model"
 
   def latents_dir(self, cfg) -> Path:
-    given = cfg.data.get("latents_dir", "") if cfg is not None else ""
+    given = cfg.data.latents_dir if cfg is not None else ""
     return Path(given) if given else self.root / "data" / "latents"
 
 
@@ -521,7 +523,7 @@ def read_workdir(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | No
       raise BundleError(f"{workdir} has no dit/config.json or config.json; pass the training config "
                         "(--config experiments/x.py)")
     cfg = config_from_json(path.read_text())
-  stand_in = cfg.data.get("source", "latents") == "shapes"
+  stand_in = config_lib.complete(cfg).data.source == "shapes"
   vae_config = layout.vae / "config.json"
   if not stand_in and vae_config.is_file():
     cfg = ml_collections.ConfigDict(cfg.to_dict())

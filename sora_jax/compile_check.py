@@ -703,10 +703,11 @@ def main(argv):
     jax.config.update("jax_platforms", "cpu")
   distributed.initialize()
   cfg = config_lib.get_config().copy_and_resolve_references()
-  topology = _TOPOLOGY.value or cfg.get("compile_check", {}).get("topology", "")
+  section = cfg.compile_check if "compile_check" in cfg else None
+  topology = _TOPOLOGY.value or (section.topology if section else "")
   if not topology:
     config_lib._fail("--topology is required (or compile_check.topology in the config)")  # pylint: disable=protected-access
-  cost = _COST.value or cfg.get("compile_check", {}).get("cost", "shallow")
+  cost = _COST.value or (section.cost if section else config_lib.OPTIONAL_KEYS["compile_check"]["cost"])
   available = host_available()
   if available is not None and available < HOST_MIN_START_BYTES:
     print(f"error: host memory: {available / 1e9:.1f} GB available, and a pod check needs about "

@@ -87,20 +87,62 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(f"bad config value: {e}")
   if "config" in flags.FLAGS and flags.FLAGS["config"].present:
     try:
-      get_config()
+      _loaded()
     except Exception as e:  # the config module itself failed to load or run
       _fail(f"could not load {flags.FLAGS['config'].serialize()}: {_one_line(e)}")
   return rest
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The resolved, locked config of this run (after flags were parsed)."""
+  """The resolved, locked config of this run (after flags were parsed), its optional keys filled in."""
+  return complete(_loaded())
+
+
+def _loaded() -> ml_collections.ConfigDict:
+  """The config as its module and the --config.* flags made it."""
   cfg = _CONFIG.value if _CONFIG is not None else None
   if cfg is None:
     _fail("--config is required, e.g. --config experiments/shapes_demo.py")
   if not isinstance(cfg, ml_collections.ConfigDict):
     # config_flags returns an error placeholder for an unloadable file; touching it raises.
-    cfg.get("")  # raises with the loader's message
+    cfg.to_dict()  # raises with the loader's message
+  return cfg
+
+
+# Keys a config may lack, with what their absence has always meant: configs written before a key existed
+# (a bundle's or a training run's config.json), and keys experiments/common.py's builders leave to the
+# experiment that needs them (data.text_source, sample.max_tokens, compile_check.cost). Every other key of
+# a section is set by its builder, and code reads all keys as attributes. `sample` is filled in even where
+# a config has no such section: its keys are the sampler's defaults for any config.
+OPTIONAL_KEYS = {
+    "data": dict(source="latents", text_source="tokenizer", tokenizer="", latents_dir="", videos_dir="",
+                 mixture="demo", token_budget=0, min_patch_side=2, packer="best_fit", packing_bins=16,
+                 read_threads=1, sample_latents=True, stand_in_factors=(4, 8, 8)),
+    "dit": dict(patch=(1, 2, 2), in_dim=0, context="none"),
+    "diffusion": dict(prediction="v", cosine_s=0.008, shift_rule="tokens", object_weight=0.0,
+                      loss_weight="uniform", frame_noise_share=0.0),
+    "sample": dict(sampler="", time_grid="uniform", steps=30, guidance=1.0, num_frames=17, height=32,
+                   width=32, fps=8.0, row_len=0, max_tile_pixels=0, max_tokens=0, unipc=None),
+    "compile_check": dict(cost="shallow"),
+}
+ALWAYS_SECTIONS = ("sample",)
+
+
+def complete(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills in `cfg`'s missing OPTIONAL_KEYS (and the `sample` section), in place, and returns it: the one
+  place a config becomes what the code reads, called where a config enters the library (get_config, a
+  bundle's or a run's config.json, and the readers of the optional keys, which may be handed a config
+  module's own ConfigDict). Idempotent; a locked config is unlocked for it and stays locked."""
+  with cfg.unlocked():
+    for name, keys in OPTIONAL_KEYS.items():
+      if name not in cfg:
+        if name not in ALWAYS_SECTIONS:
+          continue
+        cfg[name] = ml_collections.ConfigDict()
+      section = cfg[name]
+      for key, value in keys.items():
+        if key not in section:
+          section[key] = value
   return cfg
 
 
@@ -159,7 +201,7 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 def _main(argv):
   del argv
-  print(to_json(get_config()))
+  print(to_json(_loaded()))  # as the config module wrote it (the keys it lacks mean OPTIONAL_KEYS's)
 
 
 if __name__ == "__main__":

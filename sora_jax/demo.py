@@ -89,8 +89,10 @@ def _duration(seconds: float) -> str:
 
 def expected_seconds(cfg, name: str) -> float:
   """The stage's time on an idle 2-core CPU from config.demo.expected_minutes (0: none given)."""
-  expected = cfg.get("demo", {}).get("expected_minutes", {})
-  return 60.0 * float(expected.get(name.replace("-", "_"), 0.0) or 0.0)
+  stage = name.replace("-", "_")
+  if "demo" not in cfg or stage not in cfg.demo.expected_minutes:
+    return 0.0
+  return 60.0 * float(cfg.demo.expected_minutes[stage] or 0.0)
 
 
 def timing_lines(cfg, name: str, took: float) -> list[str]:
@@ -99,7 +101,7 @@ def timing_lines(cfg, name: str, took: float) -> list[str]:
   if not expected:
     return [f"[demo] {name}: {_duration(took)}"]
   lines = [f"[demo] {name}: {_duration(took)}, expected about {_duration(expected)}"]
-  if took > float(cfg.demo.get("slow_factor", 1.5)) * expected:
+  if took > float(cfg.demo.slow_factor) * expected:
     lines.append(f"[demo] the {name} stage took {_duration(took)}; expected about {_duration(expected)} on "
                  f"an idle 2-core CPU: this machine ({os.cpu_count()} cores) is slower or busy")
   return lines

@@ -337,8 +337,8 @@ def _two_tracks(cls: np.ndarray, con: np.ndarray, colour_id: int, min_area: floa
   return tracks
 
 
-def _colour_track(cls: np.ndarray, con: np.ndarray, colour_id: int, min_area: float
-                  ) -> tuple[list[Blob | None], np.ndarray]:
+def colour_track(cls: np.ndarray, con: np.ndarray, colour_id: int, min_area: float
+                 ) -> tuple[list[Blob | None], np.ndarray]:
   """The largest component per frame, and a centroid per frame over all this colour's compact parts
   (so an object cut in two by an occluder keeps its centre); NaN where absent."""
   track, xy = [], np.full((len(cls), 2), np.nan)
@@ -375,7 +375,7 @@ def read_clip(frames: np.ndarray, labels: shapes.CaptionLabels) -> ClipReading:
     idx = [i for i, o in enumerate(labels.objects) if o[0] == colour]
     cid = COLOUR_NAMES.index(colour) + 1
     if len(idx) == 1:
-      blob_tracks[idx[0]], xy_tracks[idx[0]] = _colour_track(cls[wide], con[wide], cid, min_area)
+      blob_tracks[idx[0]], xy_tracks[idx[0]] = colour_track(cls[wide], con[wide], cid, min_area)
     else:
       tracks = _two_tracks(cls[wide], con[wide], cid, min_area)
       xys = [np.array([(b.cx, b.cy) if b else (np.nan, np.nan) for b in tr]) for tr in tracks]
@@ -396,7 +396,7 @@ def read_clip(frames: np.ndarray, labels: shapes.CaptionLabels) -> ClipReading:
     seen = present.sum()
     frames_due = present.size
     if cut and labels.close_up == (colour, shape):
-      after = _colour_track(cls[cut:], con[cut:], COLOUR_NAMES.index(colour) + 1, min_area)[0]
+      after = colour_track(cls[cut:], con[cut:], COLOUR_NAMES.index(colour) + 1, min_area)[0]
       seen += sum(b is not None for b in after)
       frames_due += len(after)
     read_motion = None
@@ -410,7 +410,7 @@ def read_clip(frames: np.ndarray, labels: shapes.CaptionLabels) -> ClipReading:
     n = np.bincount(after.ravel(), minlength=len(COLOUR_NAMES) + 1)[1:]
     if n.max() > 0:
       colour = COLOUR_NAMES[int(np.argmax(n))]
-      track = _colour_track(after, con[cut:], COLOUR_NAMES.index(colour) + 1, min_area)[0]
+      track = colour_track(after, con[cut:], COLOUR_NAMES.index(colour) + 1, min_area)[0]
       present = np.mean([b is not None for b in track])
       close_up = (colour, _shape_of(track)) if present >= 0.5 else (None, None)
     else:

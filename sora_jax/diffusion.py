@@ -42,7 +42,7 @@ def shift_factor(num_tokens, cfg):
   d = cfg.diffusion
   if not d.time_shift:
     return 1.0
-  rule = d.get("shift_rule", "tokens") or "tokens"
+  rule = d.shift_rule or "tokens"
   if rule == "constant":
     return float(d.shift_scale)
   if rule != "tokens":
@@ -193,7 +193,7 @@ def frame_share(cfg) -> float:
   """`diffusion.frame_noise_share` a in [0, 1): the fraction of the noise variance that a video's latent
   frames share at each spatial position (eps = sqrt(1 - a) e_own + sqrt(a) e_shared: PYoCo's mixed noise,
   a prior that neighbouring frames look alike). 0 (the default, and Wan's): independent noise."""
-  a = float(cfg.diffusion.get("frame_noise_share", 0.0))
+  a = float(cfg.diffusion.frame_noise_share)
   if not 0.0 <= a < 1.0:
     raise ValueError(f"diffusion.frame_noise_share={a} is outside [0, 1)")
   return a
@@ -250,10 +250,10 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
                cond=x0 * cond_mask[..., None], cond_mask=cond_mask, text_drop=text_drop)
   err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
   weight = batch["loss_mask"].astype(jnp.float32) * (1.0 - cond_mask) * (seg > 0)
-  if d.get("object_weight", 0.0):
+  if d.object_weight:
     weight = weight * (1.0 + d.object_weight * object_tokens(x0, seg, s))
   loss, seg_loss, has = segment_mean_loss(err, weight, seg, s)
-  if d.get("loss_weight", "uniform") == "x0":
+  if d.loss_weight == "x0":
     # The flow objective's velocity error is the clean-signal error over t: |v - v_hat| = |x0 - x0_hat| / t.
     # Weighting each segment's loss by its t^2 trains on the x0 error, Sora's "predict the clean patches",
     # which moves the loss from nearly clean inputs (small t) to the noisy ones where layout and motion

@@ -105,7 +105,7 @@ def settings(cfg, **overrides) -> dict:
       v = section.get(k, None)
     out[k] = default if v is None else type(default)(v)
   if not out["mixture"]:
-    out["mixture"] = str(cfg.data.get("mixture", "demo")) if hasattr(cfg, "data") else "demo"
+    out["mixture"] = str(config_lib.complete(cfg).data.mixture) if hasattr(cfg, "data") else "demo"
   return out
 
 

@@ -11,13 +11,11 @@ runs'. Every failure is one line, exit status 2.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from absl import app, flags, logging
-import ml_collections
 
 
 def export(workdir: str | Path, out: str | Path, *, dtype: str | None = None) -> dict:
@@ -27,8 +25,8 @@ def export(workdir: str | Path, out: str | Path, *, dtype: str | None = None) ->
   run = Path(workdir)
   if not (run / "config.json").is_file():
     raise ValueError(f"--workdir {run}: no config.json (not a training run's workdir)")
-  cfg = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-  base = cfg.train.get("init_from", "")
+  cfg = bundle_lib.config_from_json((run / "config.json").read_text())
+  base = cfg.train.init_from
   if not base or not finetune.is_bundle(base):
     raise ValueError(f"--workdir {run}: config train.init_from={base!r} is not a bundle (a fine-tuning run "
                      "starts from one; export other runs with python -m sora_jax.export)")

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from sora_jax import config as config_lib
+
 # The DiT config keys that fix its parameters' meaning: a bundle and the run that starts from it must agree.
 ARCH_KEYS = ("in_dim", "width", "depth", "num_heads", "ffn_dim", "time_freq_dim", "rope_theta", "qk_norm",
              "text_encoder")
@@ -45,15 +47,15 @@ def base_abstract(setup) -> dict:
 
 
 def bundle_config(path: str | Path):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(json.loads((Path(path) / "config.json").read_text()))
+  from sora_jax import bundle  # pylint: disable=g-import-not-at-top
+  return bundle.config_from_json((Path(path) / "config.json").read_text())
 
 
 def check_config(cfg, path: str | Path) -> None:
   """The run's DiT architecture is the bundle's (ValueError, one line, naming the first key that differs)."""
   theirs = bundle_config(path).dit
-  for key in ARCH_KEYS + TEXT_KEYS.get(theirs.get("text_encoder", ""), ()):
-    mine, stored = cfg.dit.get(key, None), theirs.get(key, None)
+  for key in ARCH_KEYS + TEXT_KEYS.get(theirs.text_encoder, ()):
+    mine, stored = cfg.dit[key], theirs[key]
     if mine != stored:
       raise ValueError(f"config.dit.{key}={mine!r} but bundle {path} has dit.{key}={stored!r}; fine-tuning "
                        f"keeps the bundle's architecture (set --config.dit.{key} to match)")
@@ -62,7 +64,7 @@ def check_config(cfg, path: str | Path) -> None:
 def check_latent_stats(cfg, path: str | Path, workdir: str | None) -> None:
   """The training latents are normalised as the bundle's DiT expects (its own latent_stats.json); skipped
   where the run reads no latent data set (pooled pixels, synthetic batches)."""
-  if cfg.data.get("source", "latents") != "latents":
+  if config_lib.complete(cfg).data.source != "latents":
     return
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
@@ -72,7 +74,7 @@ def check_latent_stats(cfg, path: str | Path, workdir: str | None) -> None:
   theirs = json.loads((Path(path) / "latent_stats.json").read_text())
   if not (np.allclose(shift, theirs["shift"], rtol=1e-5, atol=1e-6) and
           np.allclose(scale, theirs["scale"], rtol=1e-5, atol=1e-6)):
-    raise ValueError(f"the latent data set ({cfg.data.get('latents_dir', '') or 'default'}) is normalised "
+    raise ValueError(f"the latent data set ({cfg.data.latents_dir or 'default'}) is normalised "
                      f"differently from bundle {path}'s latent_stats.json; re-encode it with "
                      "data_pipelines/encode_latents.py --latent_stats=bundle --vae BUNDLE")
 

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import sharding
 from sora_jax.models import layers
 from sora_jax.models.text import MLP_RATIO as TEXT_MLP_RATIO
 
@@ -194,9 +195,8 @@ def text_layer_flops(cfg_dit, b: int, lt: int) -> tuple[float, float]:
 
 def lora_targets(cfg) -> tuple[int, tuple[str, ...]]:
   """(rank, target patterns) of a LoRA config; rank 0 when every parameter trains."""
-  section = cfg.get("lora", None) if hasattr(cfg, "get") else None
-  rank = int(section.get("rank", 0) or 0) if section is not None else 0
-  return rank, tuple(section.get("targets", ())) if rank else ()
+  rank = int(cfg.lora.rank or 0) if "lora" in cfg else 0
+  return rank, tuple(cfg.lora.targets) if rank else ()
 
 
 def dit_layer_flops(cfg_dit, b: int, l: int, lt: int, s: int, lora: tuple[int, tuple[str, ...]] = (0, ())
@@ -318,10 +318,10 @@ class KernelFlops:
 def _splash_layout(cfg, lq: int, lk: int, width: int, heads: int):
   """`splash.layout` of one attention call, with heads per device (the `tensor` mesh axis shards them)."""
   from sora_jax.kernels import splash  # pylint: disable=g-import-not-at-top  (Pallas TPU ops)
-  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
+  tensor = int(cfg.mesh.tensor) if "mesh" in cfg else 1
   local_heads = heads // tensor if tensor > 1 and heads % tensor == 0 else heads
   return splash.layout(lq, lk, local_heads, width // heads,
-                       itemsize=jnp.dtype(cfg.dit.get("dtype", "bfloat16")).itemsize)
+                       itemsize=jnp.dtype(cfg.dit.dtype).itemsize)
 
 
 def kernel_bwd_matmuls(cfg, lq: int, lk: int, width: int, heads: int) -> int:
@@ -354,13 +354,13 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
   """Attention FLOPs of every kernel call in the step (DiT self and cross, text self), dense per row."""
   del num_segments  # the kernels' keys are the caption's text_len (segments are not keys)
   ulysses = _ulysses_shards(cfg)
-  if cfg.dit.get("context", "none") != "none":
+  if cfg.dit.context != "none":
     cfg = cfg.copy_and_resolve_references()
     cfg.dit.attention, cfg.dit.context = "splash", "none"
   if cfg.dit.attention not in KERNEL_ATTENTIONS:
     return KernelFlops(0.0, 0.0)
   remat = layers.REMAT[cfg.dit.remat]
-  tensor = int(cfg.mesh.get("tensor", 1)) if "mesh" in cfg else 1
+  tensor = sharding.mesh_sizes(cfg.mesh)["tensor"] if "mesh" in cfg else 1
   counted = executed = 0.0
   for a in attention_calls(cfg.dit):
     lq, lk = a.lengths(seq_len, text_len)
@@ -380,9 +380,10 @@ def kernel_flops(cfg, *, batch: int, seq_len: int, text_len: int, num_segments: 
 def _ulysses_shards(cfg) -> int:
   """The devices one row's sequence is split over when its attention is all-to-all (dit.context =
   "ulysses"; the `sequence` or `context` mesh axis, sora_jax/sharding.py), else 1."""
-  if cfg.dit.get("context", "none") != "ulysses" or "mesh" not in cfg:
+  if cfg.dit.context != "ulysses" or "mesh" not in cfg:
     return 1
-  return max(max(int(cfg.mesh.get(a, 1)), 1) for a in ("sequence", "context"))
+  sizes = sharding.mesh_sizes(cfg.mesh)
+  return max(sizes["sequence"], sizes["context"], 1)
 
 
 # ------------------------------------------------------------------------------------------------ peaks

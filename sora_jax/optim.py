@@ -17,9 +17,9 @@ SCHEDULES = ("cosine", "constant")
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to cfg.lr over cfg.warmup_steps, then cosine decay to the floor or constant."""
-  warmup = int(cfg.get("warmup_steps", 0))
+  warmup = int(cfg.warmup_steps)
   lr = float(cfg.lr)
-  kind = cfg.get("schedule", "cosine")
+  kind = cfg.schedule
   if kind not in SCHEDULES:
     raise ValueError(f"optim.schedule {kind!r} is unknown; accepted: {list(SCHEDULES)}")
   if warmup < 0 or total_steps < 1:
@@ -29,7 +29,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     after = optax.constant_schedule(lr)
   else:
     decay_steps = max(total_steps - warmup, 1)
-    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.get("end_lr_fraction", 0.0)))
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(cfg.end_lr_fraction))
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -52,14 +52,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
   """AdamW on the schedule above, after global-norm clipping of the gradients."""
   schedule = make_schedule(cfg, total_steps)
   parts = []
-  clip = float(cfg.get("grad_clip", 0.0))
+  clip = float(cfg.grad_clip)
   if clip < 0:
     raise ValueError(f"optim.grad_clip={clip}: must be >= 0 (0 disables clipping)")
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
-  parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                           eps=float(cfg.get("eps", 1e-8)),
-                           weight_decay=float(cfg.get("weight_decay", 0.0)), mask=_decay_mask))
+  parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+                           weight_decay=float(cfg.weight_decay), mask=_decay_mask))
   return optax.chain(*parts)
 
 

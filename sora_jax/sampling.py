@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax import diffusion
 from sora_jax import patching
 from sora_jax import samplers
@@ -114,8 +115,7 @@ def max_tokens(cfg) -> int:
   """The most patch tokens one video may have: config `sample.max_tokens`, else `data.seq_len`, the
   longest row the DiT was trained on. Beyond it the model sees lengths and positions it never saw,
   and each step's attention costs quadratically more."""
-  given = int((cfg.get("sample", None) or {}).get("max_tokens", 0) or 0) if hasattr(cfg, "get") else 0
-  return given or int(cfg.data.seq_len)
+  return int(cfg.sample.max_tokens or 0) or int(cfg.data.seq_len)
 
 
 def available_memory() -> tuple[int, str]:
@@ -392,7 +392,7 @@ class Schedule:
     d = cfg.diffusion
     if d.objective not in ("flow", "ddpm"):
       raise ValueError(f"diffusion.objective={d.objective!r} is unknown; accepted: 'flow', 'ddpm'")
-    return cls(str(d.objective), str(d.get("prediction", "v")), float(d.get("cosine_s", 0.008)))
+    return cls(str(d.objective), str(d.prediction), float(d.cosine_s))
 
   @property
   def _cfg(self):
@@ -584,9 +584,12 @@ class Pipeline:
   scale: np.ndarray
   text_encoder: Any | None = None  # a frozen encoder (models.umt5.UMT5Encoder) when the DiT reads features
 
+  def __post_init__(self):
+    config_lib.complete(self.cfg)  # the sample section's defaults; optional keys of older bundles
+
   @property
   def geometry(self) -> Geometry:
-    patch = tuple(int(p) for p in self.cfg.dit.get("patch", (1, 2, 2)))
+    patch = tuple(int(p) for p in self.cfg.dit.patch)
     if self.vae is None:
       ft, fh, fw = (int(f) for f in self.cfg.data.stand_in_factors)
       if fh != fw:
@@ -653,8 +656,7 @@ class Pipeline:
     """An explicit argument, else the config's `sample` section, else the built-in default."""
     if value is not None and value != "":
       return value
-    section = self.cfg.get("sample", None) if hasattr(self.cfg, "get") else None
-    got = section.get(name, None) if section is not None else None
+    got = self.cfg.sample[name]
     return default if got is None or got == "" else got
 
   # --- pixels <-> normalised latents
@@ -902,8 +904,9 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
   grids = np.asarray(jax.device_get(batch["seg_grid"]))[0]
   text = np.asarray(jax.device_get(batch["text_tokens"]))[0]
   text_seg = np.asarray(jax.device_get(batch["text_segment_ids"]))[0]
-  patch = tuple(int(p) for p in cfg.dit.get("patch", (1, 2, 2)))
-  stand_in = cfg.data.get("source", "latents") == "shapes"
+  cfg = config_lib.complete(cfg)
+  patch = tuple(int(p) for p in cfg.dit.patch)
+  stand_in = cfg.data.source == "shapes"
   channels = 3 if stand_in else int(cfg.dit.in_dim) // math.prod(patch)
   geometry = Geometry(1, 1, channels, patch)  # latent units: the grid is all that sampling needs here
   reqs, ids = [], []
@@ -917,9 +920,9 @@ def training_samples(model, cfg, batch: dict, key: jax.Array, *, max_videos: int
     return {}
   seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
   sched = Schedule.from_config(cfg)
-  steps = int(cfg.get("sample", {}).get("steps", 30) or 30)
-  guidance = float(cfg.get("sample", {}).get("guidance", 1.0) or 1.0)
-  grid = str(cfg.get("sample", {}).get("time_grid", "uniform") or "uniform")
+  steps = int(cfg.sample.steps or 30)
+  guidance = float(cfg.sample.guidance or 1.0)
+  grid = str(cfg.sample.time_grid or "uniform")
   packed = pack_requests(reqs, geometry, ids, seed=seed, steps=steps, row_len=0, shift_fn=_shift_fn(cfg),
                          grid=grid, frame_share=diffusion.frame_share(cfg))
   latents = denoise(model, packed, sampler=sched.samplers()[0], guidance=guidance, seed=seed,

@@ -142,11 +142,17 @@ def per_shard(fn, *args, names: Sequence[Sequence[str | None]]):
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
+def mesh_sizes(cfg_mesh) -> dict[str, int]:
+  """{axis: size} of a config's `mesh` section for every axis of MESH_AXES: a section names only the axes
+  it sizes, the others are 1 (-1 is kept: the remaining devices)."""
+  return {a: int(cfg_mesh.get(a, 1)) for a in MESH_AXES}
+
+
 def mesh_from_config(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of a config's `mesh` section ({data, fsdp, [sequence,] [context,] tensor}, -1 = the remaining
   devices)."""
-  return make_mesh({a: cfg_mesh.get(a, 1) for a in MESH_AXES
-                    if a not in OPTIONAL_AXES or a in cfg_mesh}, devices)
+  sizes = mesh_sizes(cfg_mesh)
+  return make_mesh({a: sizes[a] for a in MESH_AXES if a not in OPTIONAL_AXES or a in cfg_mesh}, devices)
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:

@@ -77,7 +77,7 @@ def default_loss_fn() -> LossFn:
 def _ema_decay(cfg, step):
   # Warm the EMA up ((1 + n) / (10 + n) caps the decay early on) so that short runs, like the demo's,
   # get an EMA that has forgotten the random init.
-  decay = float(cfg.train.optim.get("ema_decay", 0.999))
+  decay = float(cfg.train.optim.ema_decay)
   n = step.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
@@ -242,7 +242,7 @@ def resolve_start(cfg, ckpt_dir: str, own: checkpoint.Manager) -> Start:
   if step is not None:
     return Start("workdir", ckpt_dir, step)
   for kind in ("resume_from", "init_from"):
-    path = cfg.train.get(kind, "")
+    path = cfg.train[kind]
     if not path:
       continue
     if kind == "init_from" and finetune.is_bundle(path):  # an inference bundle: its DiT's weights
@@ -265,7 +265,7 @@ def load_start(start: Start, cfg, setup: Setup, own: checkpoint.Manager, data_it
   directory the damaged ones are set aside, another run's are left as they are. Under LoRA the frozen
   base, which checkpoints do not hold, is read again from the init_from bundle (or the seeded init)."""
   lora_base = "frozen" in setup.abstract_state
-  init_from = cfg.train.get("init_from", "")  # under LoRA a bundle or nothing (check_config)
+  init_from = cfg.train.init_from  # under LoRA a bundle or nothing (check_config)
   workdir = os.path.dirname(own.directory)
   if start.kind == "scratch":
     return init_state(cfg, setup, model_fn)
@@ -311,7 +311,7 @@ def _maybe_samples(cfg, step: int, state: State, setup: Setup, writer: metrics.M
   except Exception as e:  # pylint: disable=broad-except  # a side output must not end a training run
     log.warning("step %d: sample videos failed: %s: %s", step, type(e).__name__, e)
     return
-  fps = float(cfg.get("sample", {}).get("fps", 8.0))
+  fps = float(config_lib.complete(cfg).sample.fps)
   for name, frames in videos.items():
     writer.write_video(step, f"samples/{name}", np.asarray(frames), fps=fps)
   log.info("step %d: %d sample videos (EMA weights, captions of the last batch) in %.1fs", step,
@@ -347,7 +347,7 @@ def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Cal
   train.val_every_steps is 0.
   Without a validation split the run says so now, before training, and trains without a held-out loss
   (a stale split, one of another VAE, stops it: sources.StaleLatents)."""
-  if int(cfg.train.get("val_every_steps", 0)) <= 0:
+  if int(cfg.train.val_every_steps) <= 0:
     return None
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
@@ -360,7 +360,7 @@ def held_out_loss(cfg, setup: Setup, loss_fn: LossFn, mesh, workdir: str) -> Cal
   for batch in it:
     if np.any(batch["segment_ids"] > 0):  # the split's last batch is padded with empty rows
       batches.append(batch)
-    if len(batches) == int(cfg.train.get("val_batches", 4)):
+    if len(batches) == int(cfg.train.val_batches):
       break
   if not batches:
     raise config_lib.ConfigError("config.train.val_every_steps: the validation split holds no sample that "
@@ -388,7 +388,7 @@ def prepare_config(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   """A resolved copy of the config with `dit.in_dim` = 0 filled in from the data's latent channels."""
   from sora_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from sora_jax.models import dit  # pylint: disable=g-import-not-at-top
-  cfg = cfg.copy_and_resolve_references()
+  cfg = config_lib.complete(cfg.copy_and_resolve_references())
   channels = lambda: len(pipeline.latent_stats(cfg, workdir=workdir)[0])
   cfg.dit.in_dim = dit.resolve_in_dim(cfg.dit, channels)
   return cfg
@@ -399,6 +399,7 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   trainer cannot run, before any data is read or anything compiled. `pipeline`: the batches come from
   sora_jax.data.pipeline (not a caller's stream), so its size-fitting settings are checked too."""
   from sora_jax.models import attention, layers  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.complete(cfg)
   cfg_get = lambda key: functools.reduce(lambda node, k: node[k], key.split("."), cfg)
   given = lambda key: key.rsplit(".", 1)[-1] in cfg_get(key.rsplit(".", 1)[0])
   fail = lambda key, accepted: config_lib.ConfigError(f"config.{key}={cfg_get(key)!r}: {accepted}")
@@ -427,22 +428,22 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
   except ValueError as e:
     raise config_lib.ConfigError(f"config.train.{e}") from None
   d = cfg.data
-  budget = int(d.get("token_budget", 0)) or int(d.seq_len)
+  budget = int(d.token_budget) or int(d.seq_len)
   if pipeline and budget > int(d.seq_len):
     raise fail("data.token_budget", f"exceeds data.seq_len={d.seq_len}: a sample must fit a row")
-  side = int(d.get("min_patch_side", 2))
+  side = int(d.min_patch_side)
   # Size fitting never shrinks a sample below min_patch_side patches a side: a smaller budget drops
   # every sample, and the endless training stream would wait forever for a first row.
   if pipeline and budget < side * side:
-    key = "data.token_budget" if int(d.get("token_budget", 0)) else "data.seq_len"
+    key = "data.token_budget" if int(d.token_budget) else "data.seq_len"
     raise config_lib.ConfigError(
         f"config.{key}={cfg_get(key)} leaves {budget} tokens per sample, below the smallest sample "
         f"({side}x{side} patches, data.min_patch_side={side}): every sample would be dropped; give at "
         f"least {side * side}")
-  rank = int(cfg.get("lora", {}).get("rank", 0) or 0)
+  rank = int(cfg.lora.rank or 0) if "lora" in cfg else 0
   if rank < 0:
     raise fail("lora.rank", "must be >= 0 (0: every parameter trains)")
-  if rank and cfg.train.get("init_from", "") and not finetune.is_bundle(cfg.train.init_from):
+  if rank and cfg.train.init_from and not finetune.is_bundle(cfg.train.init_from):
     raise fail("train.init_from", "a LoRA run's base must be a bundle (python -m sora_jax.export_finetune "
                                   "or sora_jax.convert.wan write one)")
   if rank:  # the adapters' targets and rank, on the model built abstractly
@@ -456,7 +457,7 @@ def check_config(cfg: ml_collections.ConfigDict, devices=None, *, pipeline: bool
     seq_axis = sharding.sequence_axis(mesh)
   except ValueError as e:
     raise config_lib.ConfigError(f"config.{e}") from None
-  if seq_axis and cfg.dit.get("context", "none") == "none":
+  if seq_axis and cfg.dit.context == "none":
     # Each local kernel would gather the whole sequence onto every device and compute all of it there.
     raise fail("dit.context", f"the mesh shards the sequence over `{seq_axis}` "
                               f"(mesh {dict(mesh.shape)}): accepted: 'ring', 'ulysses'")
@@ -514,7 +515,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.train.get("keep_checkpoints", 3)),
+  ckpt = checkpoint.Manager(ckpt_dir, max_to_keep=int(cfg.train.keep_checkpoints),
                             save_interval_steps=max(int(cfg.train.checkpoint_every_steps), 1))
   writer = metrics.MetricWriter(workdir)
   # Installed before the (long) compile: a SIGTERM then ends the run cleanly at the first step boundary.
@@ -527,7 +528,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, model_fn=make_model,
     if data is None:  # the pipeline's latents (a caller's own stream has no VAE, nor a validation split)
       pin_latents(cfg, workdir, resuming=start.kind == "workdir")
       held_out = held_out_loss(cfg, setup, loss_fn, mesh, workdir)
-      decode = sample_decoder(cfg, workdir) if int(cfg.train.get("sample_every_steps", 0)) else None
+      decode = sample_decoder(cfg, workdir) if int(cfg.train.sample_every_steps) else None
     state = load_start(start, cfg, setup, ckpt, data_iter, model_fn)
     first = int(jax.device_get(state["step"]))
     log.info("start: %s (step %d of %d); mesh %s; %.2fM params trained, %.2fM frozen; param shardings: %s",
@@ -566,7 +567,7 @@ def _compile_and_report(cfg, setup: Setup, step_fn, batch: dict, mesh, writer, s
   step_flops = flops.dit_train_step_flops(
       cfg, batch=b * jax.process_count(), seq_len=l, text_len=batch["text_tokens"].shape[1],
       num_segments=batch["seg_valid"].shape[1], num_params=setup.num_params)
-  peak, peak_source = flops.peak_flops(mesh.devices.flat, cfg.dit.get("dtype", "bfloat16"))
+  peak, peak_source = flops.peak_flops(mesh.devices.flat, cfg.dit.dtype)
   cost = compiled_flops(compiled)
   report.update(peak_tflops=peak / 1e12, model_tflops_per_step=step_flops.model / 1e12,
                 tflops_per_step=step_flops.total / 1e12, cost_analysis_tflops_per_device=cost / 1e12,
@@ -576,7 +577,7 @@ def _compile_and_report(cfg, setup: Setup, step_fn, batch: dict, mesh, writer, s
     log.info("dit.attention=%r: the hand count is of dense attention, and a kernel's loops are counted "
              "once by cost_analysis(); the FLOP comparison holds for attention='reference'",
              cfg.dit.attention)
-  if cfg.train.get("flops_check", False):
+  if cfg.train.flops_check:
     # cost_analysis() counts a scan body once: compare the hand count with an unrolled compile.
     t1 = time.time()
     with flops.unrolled_scans():  # a new function object, or jit's trace cache returns the scanned one
@@ -603,7 +604,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
   total = int(cfg.train.total_steps)
   block_every_step = distributed.block_each_step()
   log_every = max(int(cfg.train.log_every_steps), 1)
-  sample_every = int(cfg.train.get("sample_every_steps", 0))
+  sample_every = int(cfg.train.sample_every_steps)
   bar = tqdm(total=total, initial=first, disable=jax.process_index() != 0, dynamic_ncols=True)
   pending: list[dict] = []
   t_last, steps_since, model_flops = time.time(), 0, 0.0
@@ -611,7 +612,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
   non_attention = step_flops.model - step_flops.model_attention
   step = first
   # A wall-clock budget (the demo's): stop at a step boundary with a checkpoint, as at total_steps.
-  budget = float(cfg.train.get("max_train_seconds", 0) or 0)
+  budget = float(cfg.train.max_train_seconds or 0)
   deadline = time.time() + budget if budget > 0 else float("inf")
   if preempt.flag:  # SIGTERM during the compile: nothing new to save
     log.info("SIGTERM before the first step; exiting")

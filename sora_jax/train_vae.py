@@ -260,7 +260,7 @@ def write_side_by_side(out_dir: Path, step: int, clips: list[dict], recons: list
 
 # ------------------------------------------------------------------------------------------ main
 def _data_dir(cfg, workdir: str) -> str:
-  return cfg.data.get("videos_dir", "") or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data",
+  return config_lib.complete(cfg).data.videos_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data",
                                              "shapes")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from sora_jax import config as config_lib
 from test_tokenizer import t5_sentencepiece
 
 UMT5 = dict(encoder="umt5", vocab_size=160, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
@@ -17,7 +18,7 @@ CAPTIONS = ("a red fox jumps over the lazy dog", "a red fox jumps over the lazy 
 
 
 def umt5_bundle_config(*, width: int = 32) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return config_lib.complete(ml_collections.ConfigDict(dict(
       seed=0,
       dit=dict(in_dim=8, patch=[1, 2, 2], width=width, depth=2, num_heads=2, ffn_dim=2 * width,
                time_freq_dim=16, rope_theta=10000.0, qk_norm=True, text_encoder="umt5",
@@ -27,7 +28,7 @@ def umt5_bundle_config(*, width: int = 32) -> ml_collections.ConfigDict:
                 stand_in_factors=[4, 8, 8]),
       diffusion=dict(objective="flow", time_shift=True, shift_rule="constant", shift_scale=3.0,
                      shift_ref_tokens=1),
-      sample=dict(sampler="euler", time_grid="flow_match", steps=2, guidance=1.0)))
+      sample=dict(sampler="euler", time_grid="flow_match", steps=2, guidance=1.0))))
 
 
 def randomize_zeros(params, seed: int = 0, std: float = 0.3):

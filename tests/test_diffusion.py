@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sora_jax import config as config_lib
 from sora_jax import diffusion
 
 S = 4
@@ -18,7 +19,7 @@ def cfg(**kw):
       shift_scale=1.0, shift_ref_tokens=16, text_drop=0.1, cond_first_frame=0.0, cond_first_frames=0.0,
       cond_last_frames=0.0, cond_both_ends=0.0))
   c.diffusion.update(kw)
-  return c
+  return config_lib.complete(c)
 
 
 def grid_positions(nt, nh, nw):
@@ -161,7 +162,7 @@ def test_loss_fn_under_jit_reaches_every_parameter():
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=16, depth=1, num_heads=2, ffn_dim=32, text_encoder="caption", time_freq_dim=16,
       rope_theta=10000.0, qk_norm=True, text_width=8, text_depth=1, text_heads=2, attention="reference",
-      remat="none", dtype="float32", param_dtype="float32"))
+      remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(cond_first_frame=1.0, text_drop=0.5)
   # eval_shape + numpy values: eager init would compile one small program per parameter shape.
   model = nnx.eval_shape(lambda: DiT(dit, rngs=nnx.Rngs(0)))
@@ -190,7 +191,7 @@ def test_dit_fits_a_fixed_batch():
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
       rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=1, text_heads=2, attention="reference",
-      remat="none", dtype="float32", param_dtype="float32"))
+      remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(text_drop=0.0)
   model = nnx.jit(lambda: DiT(dit, rngs=nnx.Rngs(0)))()
   batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sora_jax import bundle as bundle_lib
+from sora_jax import config as config_lib
 from sora_jax import detector
 from sora_jax import evaluate
 from sora_jax import export
@@ -219,7 +220,8 @@ def test_blobs_per_frame_counts_objects_as_the_detector_sees_them():
   assert all(evaluate.blobs_per_frame(shapes.render_clip(s)) == 1.0 for s in specs)
 
 
-_FLOW = ml_collections.ConfigDict({"diffusion": {"objective": "flow", "prediction": "v", "cosine_s": 0.008}})
+_FLOW = config_lib.complete(
+    ml_collections.ConfigDict({"diffusion": {"objective": "flow", "prediction": "v", "cosine_s": 0.008}}))
 
 
 def _packed_batch(seed=0):
@@ -277,7 +279,8 @@ class _LatentPipe:
   """A pipeline stand-in with no VAE: pooled pixels, scaled so objects stand out as object tokens."""
   from sora_jax import sampling as _sampling
   geometry = _sampling.Geometry(8, 8, 3, (1, 2, 2))  # 8 frames per latent frame: 13-frame clips are off it
-  cfg = ml_collections.ConfigDict({**_FLOW.to_dict(), "data": {"seq_len": 128}, "sample": {"row_len": 0}})
+  cfg = config_lib.complete(
+      ml_collections.ConfigDict({**_FLOW.to_dict(), "data": {"seq_len": 128}, "sample": {"row_len": 0}}))
 
   def __init__(self, dit):
     self.dit = dit
@@ -343,7 +346,7 @@ def _run_with_two_dit_checkpoints(root):
   from flax import nnx
   from sora_jax.models.dit import DiT
   w = str(root / "run")
-  cfg = test_export.tiny_config()
+  cfg = config_lib.complete(test_export.tiny_config())
   cfg.dit.in_dim = 4 * test_export.C
   dit = lambda: DiT(cfg.dit, rngs=nnx.Rngs(0))
   test_export._save_run(os.path.join(w, "dit"), test_export._params(dit, 5), test_export._params(dit, 6), step=3)

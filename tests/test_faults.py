@@ -103,15 +103,6 @@ def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
   assert (out / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  from sora_jax.data.shapes_dataset import build_shapes
-  d = tmp_path_factory.mktemp("shapes")
-  build_shapes(d, "train", 6)
-  build_shapes(d, "validation", 2)
-  return d
-
-
 def _vae_checkpoints(workdir: Path) -> dict:
   """{step: (params, ema)} of every checkpoint a VAE run left."""
   from sora_jax import bundle
@@ -127,13 +118,7 @@ _VAE_RUN = r"""
 import json, sys
 import test_train_vae
 from sora_jax import train_vae
-cfg = test_train_vae._tiny_config(sys.argv[1])
-for key, value in json.loads(sys.argv[3]).items():
-  node = cfg
-  *path, last = key.split(".")
-  for p in path:
-    node = node[p]
-  node[last] = value
+cfg = test_train_vae.set_keys(test_train_vae._tiny_config(sys.argv[1]), json.loads(sys.argv[3]))
 try:
   train_vae.train(cfg, sys.argv[2])
 except train_vae.NonFiniteLoss as e:
@@ -142,16 +127,16 @@ except train_vae.NonFiniteLoss as e:
 """
 
 
-def _vae_run(shapes_dir, workdir, **overrides) -> list:
+def _vae_run(shapes_videos, workdir, **overrides) -> list:
   """The command that trains the tiny VAE of test_train_vae in its own process, on one CPU device."""
-  return [sys.executable, "-c", _VAE_RUN, str(shapes_dir), str(workdir), json.dumps(overrides)]
+  return [sys.executable, "-c", _VAE_RUN, str(shapes_videos), str(workdir), json.dumps(overrides)]
 
 
 @pytest.mark.slow  # about 35 s: one VAE compile
-def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
+def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_videos, tmp_path):
   """lr 3 (no warmup, no clipping) overflows the tiny VAE at its second step; checkpoints every step."""
   import jax
-  proc = subprocess.run(_vae_run(shapes_dir, tmp_path, **{
+  proc = subprocess.run(_vae_run(shapes_videos, tmp_path, **{
       "vae_train.total_steps": 5, "vae_train.log_every_steps": 100, "vae_train.checkpoint_every_steps": 1,
       "vae_train.keep_checkpoints": 5, "vae_train.optim.lr": 3.0, "vae_train.optim.warmup_steps": 0,
       "vae_train.optim.schedule": "constant", "vae_train.optim.grad_clip": 0.0}),
@@ -165,14 +150,11 @@ def test_diverging_vae_run_leaves_only_finite_checkpoints(shapes_dir, tmp_path):
   assert bad >= 2 and sorted(saved) == list(range(1, bad)), (line, sorted(saved))
 
 
-def _tiny_vae_flags(shapes_dir, workdir, **overrides) -> list:
-  """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE, on one CPU device."""
-  values = {"data.videos_dir": str(shapes_dir), "vae.base_dim": 4, "vae.dim_mult": "(1, 2)",
-            "vae.num_res_blocks": 1, "vae.z_dim": 4, "vae.temporal_downsample": "(True,)",
-            "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256, "vae_train.video_frames": 5,
-            "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280, "vae_train.num_val": 2,
-            "vae_train.val_frames": 5, "vae_train.val_size": 16, "vae_train.recon_videos": 1,
-            "vae_train.max_train_seconds": 0.0, "vae_train.optim.warmup_steps": 1, **overrides}
+def _tiny_vae_flags(shapes_videos, workdir, **overrides) -> list:
+  """`python -m sora_jax.train_vae` of test_train_vae's tiny VAE (its TINY_VAE keys as flags), on one CPU
+  device."""
+  import test_train_vae
+  values = {**test_train_vae.TINY_VAE, "data.videos_dir": str(shapes_videos), **overrides}
   return ([sys.executable, "-m", "sora_jax.train_vae", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()])
 
@@ -190,9 +172,9 @@ def _wait_for_line(proc, pattern: str, timeout: float = 600) -> list[str]:
 
 
 @pytest.mark.slow  # about 45 s: one VAE compile
-def test_sigterm_to_train_vae_saves_and_exits_cleanly(shapes_dir, tmp_path):
+def test_sigterm_to_train_vae_saves_and_exits_cleanly(shapes_videos, tmp_path):
   import signal
-  proc = subprocess.Popen(_tiny_vae_flags(shapes_dir, tmp_path, **{
+  proc = subprocess.Popen(_tiny_vae_flags(shapes_videos, tmp_path, **{
       "vae_train.total_steps": 100_000, "vae_train.log_every_steps": 1,
       "vae_train.checkpoint_every_steps": 100_000}), env=_env(), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -218,10 +200,10 @@ def tokenizer(tmp_path_factory):
   return path
 
 
-def _train_flags(workdir, shapes_dir, tokenizer, *flags) -> list:
+def _train_flags(workdir, shapes_videos, tokenizer, *flags) -> list:
   """`python -m sora_jax.train` on the Shapes stand-in data (no VAE), with extra flags."""
   return [sys.executable, "-m", "sora_jax.train", f"--config={ROOT / 'experiments' / 'shapes_demo.py'}",
-          f"--workdir={workdir}", "--config.data.source=shapes", f"--config.data.videos_dir={shapes_dir}",
+          f"--workdir={workdir}", "--config.data.source=shapes", f"--config.data.videos_dir={shapes_videos}",
           f"--config.data.tokenizer={tokenizer}", "--config.data.vocab_size=64", *flags]
 
 
@@ -233,8 +215,8 @@ def _one_line_error(proc, *names):
   return lines[0]
 
 
-def test_a_row_smaller_than_any_sample_is_refused_not_waited_on(shapes_dir, tokenizer, tmp_path):
-  proc = subprocess.run(_train_flags(tmp_path, shapes_dir, tokenizer, "--config.data.seq_len=2",
+def test_a_row_smaller_than_any_sample_is_refused_not_waited_on(shapes_videos, tokenizer, tmp_path):
+  proc = subprocess.run(_train_flags(tmp_path, shapes_videos, tokenizer, "--config.data.seq_len=2",
                                      "--config.data.token_budget=0"),
                         capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
   _one_line_error(proc, "config.data.seq_len=2", "at least 4")

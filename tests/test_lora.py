@@ -86,9 +86,10 @@ def test_targets_pick_projections_by_path():
   assert isinstance(model.blocks.mlp.up, lora.LoRADense) and model.blocks.mlp.up.lora_scale == 1.0
   with pytest.raises(ValueError, match=r"lora.targets pattern 'blocks/ffn/\*' matches no projection; the model "
                                        r"has \['blocks/attn/k'"):
-    lora.apply(_random_dit(), ml_collections.ConfigDict(dict(rank=2, targets=("blocks/ffn/*",))), rngs=nnx.Rngs(0))
+    lora.apply(_random_dit(), ml_collections.ConfigDict(dict(rank=2, alpha=0.0, targets=("blocks/ffn/*",))),
+               rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="lora.rank=99 for a projection of shape"):
-    lora.apply(_random_dit(), ml_collections.ConfigDict(dict(rank=99, targets=("blocks/mlp/up",))),
+    lora.apply(_random_dit(), ml_collections.ConfigDict(dict(rank=99, alpha=0.0, targets=("blocks/mlp/up",))),
                rngs=nnx.Rngs(0))
 
 

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sora_jax import config as config_lib
 from sora_jax import diffusion
 from sora_jax import samplers as SM
 
@@ -71,7 +72,7 @@ def test_uniform_grid_is_the_old_schedule():
 
 def test_constant_shift_rule_ignores_the_token_count():
   d = dict(time_shift=True, shift_scale=3.0, shift_ref_tokens=16)
-  cfg = lambda **kw: ml_collections.ConfigDict(dict(diffusion={**d, **kw}))
+  cfg = lambda **kw: config_lib.complete(ml_collections.ConfigDict(dict(diffusion={**d, **kw})))
   t = np.linspace(0.0, 1.0, 11, dtype=np.float32)
   const = cfg(shift_rule="constant")
   for n in (1.0, 16.0, 4096.0):

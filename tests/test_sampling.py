@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sora_jax import config as config_lib
 from sora_jax import patching
 from sora_jax.metrics import psnr
 from sora_jax import sampling as S
@@ -237,7 +238,7 @@ def tiny_config():
   c.vae = dict(base_dim=4, dim_mult=(1, 1, 1), num_res_blocks=1, z_dim=4, temporal_downsample=(True, True))
   c.sample = dict(sampler="", steps=3, guidance=2.0, num_frames=5, height=16, width=16, fps=8.0,
                   row_len=0, max_tile_pixels=0)
-  return c
+  return config_lib.complete(c)
 
 
 def tokenize(caption):

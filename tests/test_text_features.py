@@ -118,8 +118,8 @@ def train_config_base():
   """The trainer's own keys (experiments/shapes_demo.py's values for a 2-step run)."""
   return dict(seed=0, mesh=dict(data=1, fsdp=1, tensor=1),
               train=dict(total_steps=2, max_train_seconds=0.0, log_every_steps=1, checkpoint_every_steps=2,
-                         keep_checkpoints=1, sample_every_steps=0, resume_from="", init_from="",
-                         flops_check=False,
+                         keep_checkpoints=1, sample_every_steps=0, val_every_steps=0, resume_from="",
+                         init_from="", flops_check=False,
                          optim=dict(lr=1e-3, warmup_steps=1, schedule="constant", b1=0.9, b2=0.99, eps=1e-8,
                                     weight_decay=0.0, grad_clip=1.0, ema_decay=0.99)),
               diffusion=dict(objective="flow", prediction="v", cosine_s=0.008, t_mean=0.0, t_std=1.0,

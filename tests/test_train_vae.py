@@ -20,17 +20,34 @@ def _demo_config():
   return module.get_config()
 
 
+# The tiny VAE run over experiments/shapes_demo.py, as dotted keys: _tiny_config sets them in this process,
+# test_faults.py hands them to `python -m sora_jax.train_vae` as --config.KEY=VALUE flags.
+# 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
+TINY_VAE = {
+    "vae.base_dim": 4, "vae.dim_mult": (1, 2), "vae.num_res_blocks": 1, "vae.z_dim": 4,
+    "vae.temporal_downsample": (True,),
+    "vae_train.total_steps": 4, "vae_train.image_crop": 16, "vae_train.image_pixels": 8 * 256,
+    "vae_train.video_frames": 5, "vae_train.video_crop": 16, "vae_train.video_pixels": 8 * 1280,
+    "vae_train.log_every_steps": 2, "vae_train.checkpoint_every_steps": 2, "vae_train.num_val": 2,
+    "vae_train.val_frames": 5, "vae_train.val_size": 16, "vae_train.recon_videos": 1,
+    "vae_train.max_train_seconds": 0.0, "vae_train.optim.warmup_steps": 1,
+}
+
+
+def set_keys(cfg, values: dict):
+  """Sets each dotted key of `values` in `cfg` (as --config.KEY=VALUE does), in place; returns `cfg`."""
+  for key, value in values.items():
+    *path, last = key.split(".")
+    node = cfg
+    for name in path:
+      node = node[name]
+    node[last] = value
+  return cfg
+
+
 def _tiny_config(data_dir):
-  cfg = _demo_config()
+  cfg = set_keys(_demo_config(), TINY_VAE)
   cfg.data.videos_dir = str(data_dir)
-  cfg.vae.update(dict(base_dim=4, dim_mult=(1, 2), num_res_blocks=1, z_dim=4,
-                      temporal_downsample=(True,)))
-  # 8 crops of each kind: the conftest's 8 fake devices split every batch (data parallel).
-  cfg.vae_train.update(dict(total_steps=4, image_crop=16, image_pixels=8 * 256, video_frames=5,
-                            video_crop=16, video_pixels=8 * 1280, log_every_steps=2,
-                            checkpoint_every_steps=2, num_val=2, val_frames=5, val_size=16,
-                            recon_videos=1, max_train_seconds=0.0))
-  cfg.vae_train.optim.warmup_steps = 1
   return cfg
 
 
@@ -101,19 +118,10 @@ def test_crop_larger_than_budget_is_a_one_line_error():
     Crop.for_budget(5, 32, 32, 1000)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from sora_jax.data.shapes_dataset import build_shapes
-  d = tmp_path_factory.mktemp("shapes")
-  build_shapes(d, "train", 6)
-  build_shapes(d, "validation", 2)
-  return d
-
-
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(shapes_videos, tmp_path):
   from sora_jax import bundle
-  cfg = _tiny_config(data_dir)
+  cfg = _tiny_config(shapes_videos)
   full = tmp_path / "full"
   summary = train_vae.train(cfg, str(full))
   assert summary["step"] == 4 and np.isfinite(summary["val_psnr"])
@@ -140,10 +148,10 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_discriminator_trains_only_after_gan_start(data_dir):
+def test_discriminator_trains_only_after_gan_start(shapes_videos):
   import jax
   from sora_jax import optim
-  cfg = _tiny_config(data_dir)
+  cfg = _tiny_config(shapes_videos)
   cfg.vae_train.update(dict(gan_weight=0.5, gan_start=1, disc_dim=4, disc_layers=2, total_steps=3))
   tx = optim.make_optimizer(cfg.vae_train.optim, 3)
   disc_tx = optim.make_optimizer(cfg.vae_train.optim, 3)
@@ -181,7 +189,7 @@ train_vae.train(test_train_vae._tiny_config(data_dir), workdir)
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_vae_as_one(data_dir, tmp_path):
+def test_two_processes_train_the_same_vae_as_one(shapes_videos, tmp_path):
   """Data parallel across hosts: 2 processes x 2 devices and 1 process x 4 devices draw the same global
   batches, split them differently, and end at the same weights; process 0 alone writes files."""
   import subprocess
@@ -190,9 +198,9 @@ def test_two_processes_train_the_same_vae_as_one(data_dir, tmp_path):
   from test_multihost_inference import REPO, _env, run_two
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
-  runs = run_two([sys.executable, str(script), str(REPO), str(data_dir), "2", str(tmp_path / "two")])
+  runs = run_two([sys.executable, str(script), str(REPO), str(shapes_videos), "2", str(tmp_path / "two")])
   assert "[vae] step 4/4" in runs[0][1] and "[vae]" not in runs[1][1]
-  r = subprocess.run([sys.executable, str(script), str(REPO), str(data_dir), "4", str(tmp_path / "one")],
+  r = subprocess.run([sys.executable, str(script), str(REPO), str(shapes_videos), "4", str(tmp_path / "one")],
                      env=_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   a, step_a, _ = bundle.restore_ema(tmp_path / "two")

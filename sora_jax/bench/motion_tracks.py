@@ -54,7 +54,7 @@ def axis_track(frames: np.ndarray, spec: shapes.ClipSpec) -> np.ndarray:
   """The object's centroid per frame along its motion axis, in pixels (NaN where it is not found)."""
   o = spec.objects[0]
   cls, con = detector.classify_pixels(frames)
-  _, xy = detector._colour_track(cls, con, detector.COLOUR_NAMES.index(o.colour) + 1, 4.0)  # pylint: disable=protected-access
+  _, xy = detector.colour_track(cls, con, detector.COLOUR_NAMES.index(o.colour) + 1, 4.0)
   axis = 0 if ("left" in o.motion or "right" in o.motion) else 1
   return xy[:, axis]
 

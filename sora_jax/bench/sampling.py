@@ -56,7 +56,7 @@ def demo_pipeline() -> sampling.Pipeline:
   cfg = module.get_config()
   # The demo's VAE section when it exists; else a VAE of the same 4x8x8 grid at docs/hazards.md's calibration
   # width (base 32, 16 latent channels).
-  vae_cfg = cfg.get("vae", None) or dict(base_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=1, z_dim=16,
+  vae_cfg = cfg.vae if "vae" in cfg else dict(base_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=1, z_dim=16,
                                          temporal_downsample=(False, True, True))
   vae = VAE(vae_cfg, rngs=nnx.Rngs(1))
   cfg.dit.in_dim = dit_lib.resolve_in_dim(cfg.dit, lambda: vae.settings.z_dim)

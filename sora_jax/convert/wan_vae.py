@@ -113,24 +113,24 @@ def infer_settings(tensors: Mapping[str, np.ndarray]) -> vae_lib.VAESettings:
       decoder_base_dim=0 if decoder_base == base_dim else decoder_base))
 
 
-def check_diffusers_config(cfg: Mapping[str, Any], s: vae_lib.VAESettings) -> None:
+def check_diffusers_config(hf: Mapping[str, Any], s: vae_lib.VAESettings) -> None:
   """Raises if diffusers' config.json describes another architecture than the tensors, or one that
   sora_jax's VAE does not implement."""
-  if cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-    raise ConversionError(f"config _class_name {cfg['_class_name']!r}; accepted: 'AutoencoderKLWan'")
-  if cfg.get("is_residual", False):
+  if hf.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+    raise ConversionError(f"config _class_name {hf['_class_name']!r}; accepted: 'AutoencoderKLWan'")
+  if hf.get("is_residual", False):
     raise ConversionError("config is_residual=true (the Wan 2.2 VAE); only the Wan 2.1 layout converts")
-  if cfg.get("patch_size") not in (None, 1):
-    raise ConversionError(f"config patch_size={cfg['patch_size']}; accepted: null (Wan 2.1)")
-  if cfg.get("attn_scales"):
-    raise ConversionError(f"config attn_scales={cfg['attn_scales']}; accepted: [] (Wan 2.1)")
-  decoder_base = cfg.get("decoder_base_dim") or cfg.get("base_dim", s.base_dim)
+  if hf.get("patch_size") not in (None, 1):
+    raise ConversionError(f"config patch_size={hf['patch_size']}; accepted: null (Wan 2.1)")
+  if hf.get("attn_scales"):
+    raise ConversionError(f"config attn_scales={hf['attn_scales']}; accepted: [] (Wan 2.1)")
+  decoder_base = hf.get("decoder_base_dim") or hf.get("base_dim", s.base_dim)
   want = {"base_dim": s.base_dim, "z_dim": s.z_dim, "dim_mult": list(s.dim_mult),
           "num_res_blocks": s.num_res_blocks, "temperal_downsample": list(s.temporal_downsample),
           "in_channels": s.in_channels, "out_channels": s.in_channels}
   for key, value in want.items():
-    if key in cfg and cfg[key] != value:
-      raise ConversionError(f"config {key}={cfg[key]} but the tensors are of a model with {value}")
+    if key in hf and hf[key] != value:
+      raise ConversionError(f"config {key}={hf[key]} but the tensors are of a model with {value}")
   if decoder_base != (s.decoder_base_dim or s.base_dim):
     raise ConversionError(f"config decoder_base_dim={decoder_base} but the tensors are of a model "
                           f"with {s.decoder_base_dim or s.base_dim}")
@@ -195,8 +195,8 @@ def convert(tensors: Mapping[str, np.ndarray], s: vae_lib.VAESettings) -> dict:
 
 def latent_stats(diffusers_cfg: Mapping[str, Any] | None, s: vae_lib.VAESettings) -> dict:
   """Per-channel shift and scale: the config's latents_mean/std, else Wan 2.1's for 16 channels."""
-  cfg = diffusers_cfg or {}
-  mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+  hf = diffusers_cfg or {}
+  mean, std = hf.get("latents_mean"), hf.get("latents_std")
   if mean is not None and std is not None and len(mean) == len(std) == s.z_dim:
     shift, scale, source = mean, std, "diffusers config latents_mean / latents_std"
   elif s.z_dim == len(WAN21_LATENTS_MEAN):

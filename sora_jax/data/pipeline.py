@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from sora_jax import config as config_lib
 from sora_jax import patching
 
 # Columns of the per-segment record `_seg` (one row per sample, packed to S rows).
@@ -137,7 +138,7 @@ class Spec:
 
 
 def _data_dir(config, key: str, workdir: str | None, default_name: str) -> Path:
-  value = config.data.get(key, "")
+  value = config_lib.complete(config).data[key]
   if value:
     return Path(value)
   if workdir is None:
@@ -151,7 +152,7 @@ def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.
 
   For the raw "shapes" source the stand-in latents are already in [-1, 1]: shift 0, scale 1, c = 3.
   """
-  source = config.data.get("source", "latents")
+  source = config_lib.complete(config).data.source
   if source == "shapes":
     shift, scale = np.zeros(3, np.float32), np.ones(3, np.float32)
   elif source == "latents":
@@ -167,7 +168,7 @@ def latent_stats(config, *, workdir: str | None = None) -> tuple[np.ndarray, np.
 def latents_vae(config, *, workdir: str | None = None) -> dict | None:
   """The VAE record ({"path", "step", "sha256"}) of the configured latents' statistics; None for the
   raw "shapes" source or statistics that carry none."""
-  if config.data.get("source", "latents") != "latents":
+  if config_lib.complete(config).data.source != "latents":
     return None
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
   return sources.read_latent_stats(_data_dir(config, "latents_dir", workdir, "latents")).get("vae_source")
@@ -176,30 +177,28 @@ def latents_vae(config, *, workdir: str | None = None) -> dict | None:
 def make_spec(config, *, workdir: str | None = None, seed: int | None = None,
               stats: tuple[np.ndarray, np.ndarray] | None = None) -> Spec:
   """The resolved stream spec; `stats` = (shift, scale) overrides latent_stats (in-memory sources)."""
-  d = config.data
+  d = config_lib.complete(config).data
   shift, scale = latent_stats(config, workdir=workdir) if stats is None else stats
-  budget = int(d.get("token_budget", 0)) or int(d.seq_len)
+  budget = int(d.token_budget) or int(d.seq_len)
   if budget > d.seq_len:
     raise ValueError(f"config.data.token_budget {budget} exceeds seq_len {d.seq_len}: a sample must fit a row")
-  packer = d.get("packer", "best_fit")
-  if packer not in PACKERS:
-    raise ValueError(f"config.data.packer {packer!r} is unknown; accepted: {list(PACKERS)}")
+  if d.packer not in PACKERS:
+    raise ValueError(f"config.data.packer {d.packer!r} is unknown; accepted: {list(PACKERS)}")
   if d.long_clips not in LONG_CLIPS:
     raise ValueError(f"config.data.long_clips {d.long_clips!r} is unknown; accepted: {list(LONG_CLIPS)}")
-  text_source = d.get("text_source", "tokenizer")
-  if text_source not in TEXT_SOURCES:
-    raise ValueError(f"config.data.text_source {text_source!r} is unknown; accepted: {list(TEXT_SOURCES)}")
-  if text_source == "features" and int(d.text_len) < int(d.max_text_tokens):
+  if d.text_source not in TEXT_SOURCES:
+    raise ValueError(f"config.data.text_source {d.text_source!r} is unknown; accepted: {list(TEXT_SOURCES)}")
+  if d.text_source == "features" and int(d.text_len) < int(d.max_text_tokens):
     raise ValueError(f"config.data.text_len {d.text_len} < max_text_tokens {d.max_text_tokens}: every "
                      "caption's padded features must fit a row")
   return Spec(
-      source=d.get("source", "latents"), patch=tuple(int(p) for p in config.dit.get("patch", (1, 2, 2))),
+      source=d.source, patch=tuple(int(p) for p in config.dit.patch),
       seq_len=int(d.seq_len), text_len=int(d.text_len), max_segments=int(d.max_segments),
       max_text_tokens=int(d.max_text_tokens), token_budget=budget,
-      min_patch_side=int(d.get("min_patch_side", 2)), long_clips=d.long_clips,
-      sample_latents=bool(d.get("sample_latents", True)),
-      stand_in_factors=tuple(int(f) for f in d.get("stand_in_factors", (4, 8, 8))),
-      text_features=text_source == "features",
+      min_patch_side=int(d.min_patch_side), long_clips=d.long_clips,
+      sample_latents=bool(d.sample_latents),
+      stand_in_factors=tuple(int(f) for f in d.stand_in_factors),
+      text_features=d.text_source == "features",
       shift=tuple(float(v) for v in shift), scale=tuple(float(v) for v in scale),
       seed=int(d.shuffle_seed if seed is None else seed))
 
@@ -362,11 +361,11 @@ class PadBatch:
 def open_source(config, split: str, *, workdir: str | None = None):
   """The random-access record source of config.data.source for `split`."""
   from sora_jax.data import sources  # pylint: disable=g-import-not-at-top
-  source = config.data.get("source", "latents")
+  source = config_lib.complete(config).data.source
   if source == "latents":
     latents_dir = _data_dir(config, "latents_dir", workdir, "latents")
     sources.check_latents(latents_dir, split)  # encoded by the VAE its statistics come from
-    if config.data.get("text_source", "tokenizer") == "features":
+    if config.data.text_source == "features":
       from sora_jax.data import text_features  # pylint: disable=g-import-not-at-top
       return text_features.with_text_features(latents_dir, split)
     return sources.latent_source(latents_dir, split)
@@ -417,17 +416,17 @@ def make_dataset(config, *, split: str = "train", seed: int | None = None, sourc
   ds = ds.repeat(num_epochs).map_with_index(_with_position)[pi::pc]
   # 3-4. Decode, sample, fit, patchify, tokenize.
   ds = ds.map(PrepareSample(spec, source, tokenize, n))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.get("read_threads", 1)),
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.read_threads),
                                             prefetch_buffer_size=16))
   # 2n of this process's positions in a row span a whole epoch: every record was tried and dropped.
   ds = CountDrops(ds, limit=2 * n, spec=spec)
   # 5. Pack: every feature in length_struct caps the row, so a row closes when its video tokens, its
   # text tokens or its S segment slots run out.
   packer = {"best_fit": grain.experimental.BestFitPackIterDataset,
-            "first_fit": grain.experimental.FirstFitPackIterDataset}[d.get("packer", "best_fit")]
+            "first_fit": grain.experimental.FirstFitPackIterDataset}[d.packer]
   ds = packer(ds, length_struct={"_video": spec.seq_len, "text_tokens": spec.text_len,
                                  "_seg": spec.max_segments},
-              num_packing_bins=int(d.get("packing_bins", 16)), seed=spec.seed,
+              num_packing_bins=int(d.packing_bins), seed=spec.seed,
               shuffle_bins=train, max_sequences_per_bin=spec.max_segments)
   ds = ds.map(UnfuseRow(spec.token_dim))
   # 6. Batch this process's rows; a finite split's last batch is padded with empty rows.

@@ -68,8 +68,7 @@ def resolve_in_dim(cfg, latent_channels: Callable[[], int]) -> int:
   data's), pt*ph*pw*c for `latent_channels()` = c channels in `patch` patches. The one place it is
   derived (the trainer from its data's statistics, export from the bundle's); `latent_channels` is called
   only then, since it may read files."""
-  given = int(cfg.get("in_dim", 0) or 0)
-  return given or patching.token_dim(int(latent_channels()), tuple(cfg.get("patch", (1, 2, 2))))
+  return int(cfg.in_dim or 0) or patching.token_dim(int(latent_channels()), tuple(cfg.patch))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -119,7 +118,7 @@ class DiTBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     w = cfg.width
     self.norm1 = layers.LayerNorm(w, affine=False, **kw)
-    attend = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention, context=cfg.get("context", "none"))
+    attend = dict(qk_norm=cfg.qk_norm, implementation=cfg.attention, context=cfg.context)
     self.attn = layers.Attention(w, cfg.num_heads, **attend, **kw)
     self.norm_cross = layers.LayerNorm(w, **kw)
     self.cross = layers.Attention(w, cfg.num_heads, cross=True, **attend, **kw)

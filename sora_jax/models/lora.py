@@ -46,7 +46,7 @@ STACK_AXIS = "layers"
 
 def enabled(cfg) -> bool:
   """Whether a config trains LoRA adapters (`lora.rank` > 0) rather than every parameter."""
-  return int(cfg.get("lora", {}).get("rank", 0) or 0) > 0
+  return "lora" in cfg and int(cfg.lora.rank or 0) > 0
 
 
 def trainable(cfg):
@@ -57,7 +57,7 @@ def trainable(cfg):
 def scale_of(cfg_lora) -> float:
   """alpha / rank (alpha 0 means alpha = rank, scale 1)."""
   rank = int(cfg_lora.rank)
-  alpha = float(cfg_lora.get("alpha", 0.0) or rank)
+  alpha = float(cfg_lora.alpha or rank)
   return alpha / rank
 
 
@@ -133,7 +133,7 @@ def projections(model: nnx.Module) -> dict[str, nnx.Module]:
 def apply(model: nnx.Module, cfg_lora, *, rngs: nnx.Rngs) -> nnx.Module:
   """Wraps, in place, the projections matched by `cfg_lora.targets` (rank, alpha); returns the model."""
   rank, scale = int(cfg_lora.rank), scale_of(cfg_lora)
-  targets = tuple(cfg_lora.get("targets", DEFAULT_TARGETS))
+  targets = tuple(cfg_lora.targets)
   found = projections(model)
   chosen = []
   for pattern in targets:

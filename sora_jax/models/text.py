@@ -48,7 +48,7 @@ class TextEncoder(nnx.Module):
                                 ("vocab", "embed"), param_dtype)
       self.blocks = layers.stack_layers(
           lambda r: TextBlock(cfg.text_width, cfg.text_heads, implementation=cfg.attention,
-                              context=cfg.get("context", "none"), dtype=dtype, param_dtype=param_dtype, rngs=r),
+                              context=cfg.context, dtype=dtype, param_dtype=param_dtype, rngs=r),
           cfg.text_depth, rngs)
       self.norm = layers.RMSNorm(cfg.text_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.head_dim = cfg.text_width // cfg.text_heads
