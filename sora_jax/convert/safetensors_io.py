@@ -13,11 +13,38 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Callable, Mapping, TypeVar
 
 import numpy as np
 
 INDEX_SUFFIX = ".safetensors.index.json"
+
+
+_T = TypeVar("_T")
+
+
+def run_converter(required: Mapping[str, str | None], convert: Callable[[], _T],
+                  report: Callable[[_T, float], str]) -> _T:
+  """A converter's command line: a missing required flag (name -> value) or a ConversionError / OSError
+  is one `error:` line and exit status 2; otherwise `convert()` runs with orbax's per-step logging
+  quiet and `report(result, seconds)` is printed."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  missing = [f"--{name}" for name, value in required.items() if not value]
+  if missing:
+    print(f"error: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required", file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
+  start = time.time()
+  try:
+    result = convert()
+  except (ConversionError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(report(result, time.time() - start), flush=True)
+  return result
 
 
 class ConversionError(ValueError):

@@ -41,14 +41,13 @@ refused with one line.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
+from sora_jax.convert import safetensors_io
 from sora_jax.convert.safetensors_io import ConversionError
 
 T2V_REFUSED = {  # diffusers config keys that only image-to-video / later variants set
@@ -278,21 +277,15 @@ def _define_flags() -> dict:
 def main(argv, f: dict):
   del argv
   pipeline, out = f["pipeline"].value, f["out"].value
-  if not pipeline or not out:
-    print("error: --pipeline and --out are required", file=sys.stderr)
-    sys.exit(2)
-  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-  start = time.time()
-  try:
-    manifest = run(pipeline, out, dtype=f["dtype"].value, weights_dtype=f["weights_dtype"].value)
-  except (ConversionError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  n = manifest["parameters"]
-  print(f"[convert] {pipeline} -> {out}: DiT {n['dit'] / 1e6:.2f}M, text encoder "
-        f"{n['text_encoder'] / 1e6:.2f}M, VAE {n['vae'] / 1e6:.2f}M parameters; "
-        f"{time.time() - start:.1f}s", flush=True)
 
+  def report(manifest, seconds):
+    n = manifest["parameters"]
+    return (f"[convert] {pipeline} -> {out}: DiT {n['dit'] / 1e6:.2f}M, text encoder "
+            f"{n['text_encoder'] / 1e6:.2f}M, VAE {n['vae'] / 1e6:.2f}M parameters; {seconds:.1f}s")
+
+  safetensors_io.run_converter(
+      {"pipeline": pipeline, "out": out},
+      lambda: run(pipeline, out, dtype=f["dtype"].value, weights_dtype=f["weights_dtype"].value), report)
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()

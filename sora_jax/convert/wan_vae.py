@@ -31,12 +31,10 @@ import dataclasses
 import json
 import os
 import re
-import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
 from sora_jax import bundle as bundle_lib
@@ -273,22 +271,17 @@ def _define_flags() -> dict:
 def main(argv, flag_values: dict):
   del argv
   src, out = flag_values["input"].value, flag_values["out"].value
-  if not src or not out:
-    print("error: --input and --out are required", file=sys.stderr)
-    sys.exit(2)
-  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-  start = time.time()
-  try:
-    record = run(src, out, diffusers_config=flag_values["diffusers_config"].value)
-  except (ConversionError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  v = record["vae"]
-  print(f"[convert] {record['input']} -> {out}: {record['tensors']} tensors, "
-        f"{record['parameters'] / 1e6:.2f}M params, base_dim {v['base_dim']}, dim_mult {v['dim_mult']}, "
-        f"z_dim {v['z_dim']}, temporal_downsample {v['temporal_downsample']}; latent stats: "
-        f"{record['latent_stats_source']}; {time.time() - start:.1f}s", flush=True)
 
+  def report(record, seconds):
+    v = record["vae"]
+    return (f"[convert] {record['input']} -> {out}: {record['tensors']} tensors, "
+            f"{record['parameters'] / 1e6:.2f}M params, base_dim {v['base_dim']}, dim_mult {v['dim_mult']}, "
+            f"z_dim {v['z_dim']}, temporal_downsample {v['temporal_downsample']}; latent stats: "
+            f"{record['latent_stats_source']}; {seconds:.1f}s")
+
+  safetensors_io.run_converter(
+      {"input": src, "out": out},
+      lambda: run(src, out, diffusers_config=flag_values["diffusers_config"].value), report)
 
 if __name__ == "__main__":
   _FLAGS = _define_flags()
