@@ -120,8 +120,9 @@ JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flo
 
 # ---------------------------------------------------------------------------- progress and host memory
 # The host work is XLA's TPU compiler: minutes of CPU and gigabytes of its own memory per compile
-# (docs/benchmarks.md, "Pod checks within a laptop's memory"). A compile that outgrows the machine is
-# otherwise ended by the kernel's OOM killer without a word, or takes a neighbouring process with it.
+# (docs/benchmarks.md, "Pod compile checks": wall clock and peak host memory per preset). A compile
+# that outgrows the machine is otherwise ended by the kernel's OOM killer without a word, or takes a
+# neighbouring process with it.
 EXIT_HOST_MEMORY = 4
 HOST_RESERVE_BYTES = 1e9     # left to the rest of the machine: below this much available, stop
 HOST_MIN_START_BYTES = 3e9   # the smallest pod check here peaks near 3 GB: below this, do not start
