@@ -81,6 +81,6 @@ def get_config(arg=None):
     # One compile of this step takes most of compile_check's time on a 2-core machine (the ring's
     # hundreds of loops per layer), so its cost comes from that compile alone: attention is 97% of the
     # step and counted by hand, and the layers the scan's count leaves out are priced at the counted
-    # work's rate (docs/benchmarks.md, "Pod checks within a laptop's memory").
+    # work's rate (docs/benchmarks.md, "Pod compile checks").
     c.compile_check = common.compile_check(arg.topology, cost="one")
   return c

@@ -25,7 +25,7 @@ tiny width, for this CPU: tests/test_finetune.py builds a random diffusers Wan p
 shape and converts it). Full fine-tuning uses lr 1e-5 (the base config's); LoRA lr 1e-4 with
 alpha = rank, on every projection of every block (self- and cross-attention q, k, v, o and the MLP).
 Expected: a rank-32 adapter of 1.3B is 43.7M parameters, 3.1% of the base (14B: 153M, 1.1%); the 14B
-memory and MFU estimates per slice are in docs/benchmarks.md ("Fine-tuning Wan 2.1"). Sections and keys:
+memory and MFU estimates per slice are in docs/benchmarks.md ("Fine-tuning and LoRA"). Sections and keys:
 experiments/common.py.
 """
 from experiments import common
@@ -46,7 +46,7 @@ MODELS = {
 # video (75,776 tokens). On v6e (32 GB per chip) no chip can hold a whole row's activations (40 layers
 # of a [75,776, 5120] residual stream, even fully rematerialised): the `context` axis splits each row
 # over 2 or 4 chips, with all-to-all (Ulysses) attention (docs/context_parallel.md); docs/benchmarks.md
-# ("Fine-tuning Wan 2.1") has which of these fit, full and LoRA.
+# ("Fine-tuning and LoRA") has which of these fit, full and LoRA.
 FSDP = dict(data=1, fsdp=-1, tensor=1)
 SPLASH = dict(attention="splash", context="none")
 ULYSSES = dict(attention="auto", context="ulysses")

@@ -29,8 +29,9 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   `--cost` picks another way (step_cost): `unrolled` compiles the full-depth unrolled step (slow; a
   check of the extrapolation), `scanned` adds depth - 1 layers to the real step's own count from one
   compile with two layers per loop trip (it prices the loop as the trainer runs it, which the cost model
-  puts higher: 40.8% against 44.3% for sora_b), and `one` prices the missing layers from the real step
-  alone (approximate; for a step that takes most of the time limit to compile once).
+  puts higher: 40.8% against 44.3% for sora_b before `52fe3f4`, against 42.4% since), and `one` prices
+  the missing layers from the real step alone (approximate; for a step that takes most of the time
+  limit to compile once).
 - Pallas kernels (splash attention) are custom calls the cost model does not see (it reports no FLOPs
   for them). flops.kernel_flops counts their FLOPs by hand from the kernel's algorithm (forward 2
   matmuls; backward 5 in splash's fused kernel (whole or over query chunks), or 7 in separate dkv and dq
@@ -120,8 +121,9 @@ JSON_KEYS = ("fits", "memory_gb_per_chip", "hbm_gb_per_chip", "chips", "peak_flo
 
 # ---------------------------------------------------------------------------- progress and host memory
 # The host work is XLA's TPU compiler: minutes of CPU and gigabytes of its own memory per compile
-# (docs/benchmarks.md, "Pod checks within a laptop's memory"). A compile that outgrows the machine is
-# otherwise ended by the kernel's OOM killer without a word, or takes a neighbouring process with it.
+# (docs/benchmarks.md, "Pod compile checks": wall clock and peak host memory per preset). A compile
+# that outgrows the machine is otherwise ended by the kernel's OOM killer without a word, or takes a
+# neighbouring process with it.
 EXIT_HOST_MEMORY = 4
 HOST_RESERVE_BYTES = 1e9     # left to the rest of the machine: below this much available, stop
 HOST_MIN_START_BYTES = 3e9   # the smallest pod check here peaks near 3 GB: below this, do not start

@@ -453,7 +453,9 @@ def unrolled_scans(per_trip: int = 0):
   arithmetic. With two iterations per trip the loop body holds two layers, so the cost model's count of
   the body (once, docs/hazards.md) grows by exactly one layer over the scanned step's (compile_check). nnx.scan
   looks `jax.lax.scan` up at call time, which is what this swaps; `lax.map` (splash's rows and query
-  chunks) calls its own module's scan and stays a loop.
+  chunks) calls its own module's scan and stays a loop. Remat keeps its recomputation apart meanwhile
+  (layers.remat_kept_apart): unrolled, XLA would merge it into the forward pass, which the scanned step
+  cannot.
   """
   original = jax.lax.scan
 
@@ -465,6 +467,7 @@ def unrolled_scans(per_trip: int = 0):
 
   jax.lax.scan = scan
   try:
-    yield
+    with layers.remat_kept_apart():  # unrolled, XLA would merge remat's recomputation into the forward
+      yield
   finally:
     jax.lax.scan = original
