@@ -254,11 +254,12 @@ def test_host_memory_guard_stops_the_process_with_one_line():
 def test_cost_methods_match_the_fully_unrolled_step_and_flops_py():
   # Width 512 on rows of 1024 (at width 128 the per-layer work is too small against the loop's and the
   # first layer's overheads to compare methods). Measured: shallow within 1% of the unrolled step's time
-  # and 8% of its FLOPs; scanned within 1% of its FLOPs and 4% of its time (the loop's own traffic).
+  # and 8% of its FLOPs; scanned within 1% of its FLOPs and 8.2% of its time (the loop's own traffic; 4%
+  # before the unrolled compile kept remat's recomputation apart, `52fe3f4`).
   cfg = tiny_config(depth=4, text_depth=4, width=512, num_heads=4, ffn_dim=2048)
   cfg.data.update(dict(seq_len=1024, text_len=64))
   full = compile_check.check(cfg, TOPOLOGY, cost="unrolled", processes=2)
-  for method, rel_flops, rel_s in (("shallow", 0.1, 0.02), ("scanned", 0.02, 0.06)):
+  for method, rel_flops, rel_s in (("shallow", 0.1, 0.02), ("scanned", 0.02, 0.1)):
     rep = compile_check.check(cfg, TOPOLOGY, cost=method, processes=2)
     assert rep["xla_tflops_per_step"] == pytest.approx(full["xla_tflops_per_step"], rel=rel_flops), method
     assert rep["xla_seconds"] == pytest.approx(full["xla_seconds"], rel=rel_s), method
