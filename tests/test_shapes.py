@@ -280,3 +280,11 @@ def test_invalid_specs_name_the_bad_value():
     shapes.ClipSpec(objects=(o, o))
   with pytest.raises(ValueError, match="split 'dev'"):
     shapes.sample_spec("dev", 0)
+
+
+def test_first_specs_keeps_order_and_names_what_is_missing():
+  specs = shapes.first_specs("demo", 5, lambda s: s.num_frames == 1, "images")
+  every = [shapes.sample_spec("test", i, 0, "demo") for i in range(200)]
+  assert specs == [s for s in every if s.num_frames == 1][:5]
+  with pytest.raises(ValueError, match="too few never-clips.*asked for 2"):
+    shapes.first_specs("demo", 2, lambda s: False, "never-clips")

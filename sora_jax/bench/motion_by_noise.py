@@ -41,15 +41,9 @@ def define_flags() -> None:
 
 def moving_specs(mixture: str, n: int) -> list[shapes.ClipSpec]:
   """The first n test clips of `mixture` that are uncut videos whose objects all move."""
-  out, i = [], 0
-  while len(out) < n:
-    s = shapes.sample_spec("test", i, 0, mixture)
-    i += 1
-    if s.num_frames > 1 and not s.cut_frame and all(o.motion != "still" for o in s.objects):
-      out.append(s)
-    if i > 100 * n:
-      raise ValueError(f"mixture {mixture!r} has too few uncut clips with moving objects")
-  return out
+  def moving(s):
+    return s.num_frames > 1 and not s.cut_frame and all(o.motion != "still" for o in s.objects)
+  return shapes.first_specs(mixture, n, moving, "uncut clips with moving objects")
 
 
 def rates(videos, specs) -> dict:

@@ -38,16 +38,10 @@ def define_flags() -> None:
 def straight_specs(mixture: str, n: int, temporal: int) -> list[shapes.ClipSpec]:
   """The first n test clips of `mixture` with one object moving in a straight line, uncut, of at least
   two latent frames."""
-  out, i = [], 0
-  while len(out) < n:
-    s = shapes.sample_spec("test", i, 0, mixture)
-    i += 1
-    if (len(s.objects) == 1 and s.objects[0].motion.startswith("moving") and not s.cut_frame
-        and s.num_frames > temporal):
-      out.append(s)
-    if i > 100 * n:
-      raise ValueError(f"mixture {mixture!r} has too few one-object straight-motion clips")
-  return out
+  def straight(s):
+    return (len(s.objects) == 1 and s.objects[0].motion in shapes.STRAIGHT_MOTIONS and not s.cut_frame
+            and s.num_frames > temporal)
+  return shapes.first_specs(mixture, n, straight, "one-object straight-motion clips")
 
 
 def axis_track(frames: np.ndarray, spec: shapes.ClipSpec) -> np.ndarray:

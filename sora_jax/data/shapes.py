@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -454,6 +454,22 @@ def sample_spec(split: str, index: int, seed: int = 0, mixture: str = "demo") ->
     if overlap == 0:
       break
   return best
+
+
+def first_specs(mixture: str, n: int, keep: Callable[[ClipSpec], bool], what: str,
+                split: str = "test") -> list[ClipSpec]:
+  """The first n specs of `split` of `mixture` (seed 0) for which keep(spec) holds; `what` names them in
+  the error raised when the first 100 n specs hold fewer."""
+  out, i = [], 0
+  while len(out) < n:
+    if i >= 100 * n:
+      raise ValueError(f"mixture {mixture!r} has too few {what} ({len(out)} of the first {i} {split} clips; "
+                       f"asked for {n})")
+    s = sample_spec(split, i, 0, mixture)
+    i += 1
+    if keep(s):
+      out.append(s)
+  return out
 
 
 def noise_std_for(split: str) -> float:
