@@ -53,7 +53,7 @@ ULYSSES = dict(attention="auto", context="ulysses")
 SLICES = {
     "1.3b": {
         "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=FSDP, **SPLASH),
-        "v5p:4x4x4": dict(batch_size=64, remat="dots", mesh=FSDP, **SPLASH),
+        "v5p:4x4x4": dict(batch_size=64, remat="full_save_attention", mesh=FSDP, **SPLASH),  # as t2v's
     },
     "14b": {
         "v5p:2x2x1": dict(batch_size=4, remat="full", mesh=FSDP, **SPLASH),
