@@ -39,7 +39,8 @@ The estimate, and what makes it honest (docs/pods.md has the long form):
   forward again under a remat policy that does not save the kernel's residuals), for rows holding one segment
   each (the densest packing, where splash skips no block), and their time is those FLOPs at
   `--kernel_efficiency` of peak. Ring and all-to-all attention (context parallelism, `dit.context`) run
-  their local kernels as loops whose bodies the cost model counts once: they are counted the same way.
+  their local kernels (and the ring its hops) as loops whose bodies the cost model counts once: they are
+  counted the same way.
 - The compiler's FLOPs (XLA-counted part, times chips) must agree with flops.py's count of the same
   work (flops.py's total minus the kernels' share) within 10%; the run fails otherwise.
 - MFU = flops.py's model FLOPs (no remat, dense attention = one segment per row) / (step time x chips x

@@ -342,11 +342,10 @@ def _padded_lengths(cfg, lq: int, lk: int, width: int, heads: int) -> tuple[int,
 
 
 # Attentions whose work XLA's cost model does not count: Pallas kernels (custom calls), and context
-# parallelism's ring and all-to-all attention (dit.context), whose local kernels are loops counted once
-# per body. The
-# latter are counted as splash calls of the same shapes (as bench/context_parallel.py first did): a
-# minute-long row's self-attention takes splash's separate backward kernels (7 matmuls), and the
-# cross-attention's local kernel is splash on a TPU host.
+# parallelism's ring and all-to-all attention (dit.context), whose local kernels (and the ring's hops)
+# are loops counted once per body. The latter are counted as splash calls of the same shapes (as
+# bench/context_parallel.py first did): a minute-long row's self-attention takes splash's separate
+# backward kernels (7 matmuls), and the cross-attention's local kernel is splash on a TPU host.
 KERNEL_ATTENTIONS = ("splash", "gpu")
 
 
