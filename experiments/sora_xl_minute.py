@@ -78,9 +78,9 @@ def get_config(arg=None):
     c.train.optim.lr = 1e-4
     c.compile_check = common.compile_check("v5p:4x4x4")
   else:
-    # One compile of this step takes most of compile_check's time on a 2-core machine (the ring's
-    # hundreds of loops per layer), so its cost comes from that compile alone: attention is 97% of the
-    # step and counted by hand, and the layers the scan's count leaves out are priced at the counted
-    # work's rate (docs/benchmarks.md, "Pod compile checks").
+    # One compile of this step takes about half of compile_check's 10 minutes on a 2-core machine (545
+    # while loops), so its cost comes from that compile alone: attention is 97% of the step and counted
+    # by hand, and the layers the scan's count leaves out are priced at the counted work's rate
+    # (docs/benchmarks.md, "Pod compile checks").
     c.compile_check = common.compile_check(arg.topology, cost="one")
   return c
