@@ -7,10 +7,10 @@ v5p chips (the default), or MaxDiffusion's v5p-8 shape, one video per step over 
     python -m sora_jax.convert.wan --pipeline Wan2.1-T2V-14B-Diffusers --out runs/wan21_14b/bundle
     python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py --topology v5p:2x2x2
     python -m sora_jax.compile_check --config experiments/wan21_t2v_14b.py:topology=v5p:2x2x1
-Measured (docs/benchmarks.md, "Wan 2.1 interop" and "Pod compile checks"), beside MaxDiffusion's measured 135.9 TFLOP/s per v5p
-chip (29.6% of 459): v5p:2x2x2, 84.1 GB per chip of 95, estimated MFU 36.0% (165 TFLOP/s per chip);
-v5p:2x2x1, 74.0 GB, 40.6% (186 TFLOP/s per chip). Training settings are the 1.3B's; sections and keys:
-experiments/common.py.
+Measured (docs/benchmarks.md, "Wan 2.1 interop" and "Pod compile checks"), beside MaxDiffusion's
+measured 135.9 TFLOP/s per v5p chip (29.6% of 459): v5p:2x2x2, 84.1 GB per chip of 95, estimated MFU
+36.0% (165 TFLOP/s per chip); v5p:2x2x1, 74.0 GB, 40.6% (186 TFLOP/s per chip). Training settings are
+the 1.3B's; sections and keys: experiments/common.py.
 """
 from experiments import common
 from sora_jax.config import parse_arg

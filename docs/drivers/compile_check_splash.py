@@ -7,7 +7,7 @@
     BUDGET_MIB=1024 PYTHONPATH=. .venv/bin/python docs/drivers/compile_check_splash.py \
         --config experiments/sora_xl.py:topology=v6e:16x16 --topology v6e:16x16 \
         --config.dit.remat=full_save_attention --memory_only
-(docs/history.md, Issue 8, seventh session: the v6e `full_save_attention` and offload checks).
+(docs/history.md, Issue 8: the v6e `full_save_attention` and offload checks).
 """
 import dataclasses
 import os

@@ -3,7 +3,7 @@
 
     SHIFT_FACTOR=3 PYTHONPATH=. .venv/bin/python docs/drivers/eval_shift.py --bundle B --out_dir E \
         --num_prompts 32 --vae_clips 2
-(docs/history.md, Issue 7, seventh session: "sampled with 3x the time shift").
+(docs/history.md, Issue 7: "sampled with 3x the time shift").
 """
 import os
 

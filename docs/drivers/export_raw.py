@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python docs/drivers/export_raw.py runs/demo B_raw
 then `python -m sora_jax.evaluate --bundle B_raw --out_dir E --num_prompts 32 --vae_clips 2`
-(docs/history.md, Issue 7, seventh session: "raw weights instead of the EMA").
+(docs/history.md, Issue 7: "raw weights instead of the EMA").
 """
 import sys
 

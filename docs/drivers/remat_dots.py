@@ -1,5 +1,5 @@
-"""Where remat's recomputation goes in sora_b's step on v6e:8x8 (docs/history.md, Issue 8, ninth
-session: compiler / flops.py = 0.876 under `full_save_attention`).
+"""Where remat's recomputation goes in sora_b's step on v6e:8x8 (docs/history.md, Issue 8:
+compiler / flops.py = 0.876 under `full_save_attention`).
 
     PYTHONPATH=. .venv/bin/python docs/drivers/remat_dots.py dots full_save_attention
         the dot_generals of the step as JAX lowers it (before XLA), stacks unrolled at depth 1: one line

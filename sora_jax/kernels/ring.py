@@ -84,7 +84,7 @@ def _ring(q, k, v, q_ids, kv_ids, axis_name, n, block, group):
 
 
 def _ring_fwd(q, k, v, q_ids, kv_ids, axis_name, n, block, group):
-  batch, lq, heads, dim = q.shape
+  batch, _, heads, dim = q.shape
   q_b = bs._to_blocks(q, block)  # pylint: disable=protected-access
   q_ids_b = q_ids.reshape(batch, -1, block)
   nq = q_b.shape[1]
