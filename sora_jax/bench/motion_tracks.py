@@ -9,6 +9,10 @@ one latent frame (frames 4k+1 .. 4k+4 of a causal VAE with temporal factor 4 dec
 and steps that cross into the next latent frame, for the generated clips and their ground-truth renders.
 A DiT that moves its object coherently matches the truth on both; one that redraws the object in each
 latent frame shows small steps inside latent frames and jumps across them.
+
+It also counts the clips whose motion the detector reads right, generated from the caption alone and
+from the caption with the true render's first frame given (image-to-video, sampling.image_prompt): a
+DiT that cannot start a track but can carry one scores the second far higher than the first.
 """
 from __future__ import annotations
 
@@ -62,19 +66,33 @@ def step_sizes(track: np.ndarray, temporal: int) -> tuple[float, float]:
   return (float(inside.mean()) if inside.size else np.nan, float(across.mean()) if across.size else np.nan)
 
 
+def motion_hits(videos, specs: list[shapes.ClipSpec]) -> int:
+  """How many videos the detector reads as moving as their spec's caption says."""
+  return sum(v is not None and bool(detector.score_clip(v, shapes.caption(s)).motion)
+             for v, s in zip(videos, specs))
+
+
 def main(argv):
   del argv
   if not FLAGS.bundle:
     raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
   b = bundle_lib.load(FLAGS.bundle)
-  temporal = sampling.as_pipeline(b).geometry.temporal
+  pipe = sampling.as_pipeline(b)
+  temporal = pipe.geometry.temporal
   specs = straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
+  truths = [shapes.render_clip(s) for s in specs]
   videos = evaluate.generate_videos(b, specs, seed=FLAGS.seed, steps=0, guidance=0)
+  from_frame = sampling.generate(pipe, [sampling.image_prompt(pipe, shapes.caption(s), v[0], s.num_frames,
+                                                             s.height, s.width) for s, v in zip(specs, truths)],
+                                 seed=FLAGS.seed)
   rows = {"generated": [], "truth": []}
-  for spec, video in zip(specs, videos):
+  for spec, video, truth in zip(specs, videos, truths):
     rows["generated"].append(step_sizes(axis_track(video, spec), temporal))
-    rows["truth"].append(step_sizes(axis_track(shapes.render_clip(spec), spec), temporal))
-  out = {"bundle": FLAGS.bundle, "clips": len(specs), "mixture": FLAGS.mixture}
+    rows["truth"].append(step_sizes(axis_track(truth, spec), temporal))
+  out = {"bundle": FLAGS.bundle, "clips": len(specs), "mixture": FLAGS.mixture,
+         "motion_read_right": {"from_text": motion_hits(videos, specs),
+                               "from_true_first_frame": motion_hits(from_frame, specs),
+                               "truth": motion_hits(truths, specs)}}
   for name, r in rows.items():
     r = np.asarray(r)
     out[name] = {"inside_latent_frames": float(np.nanmean(r[:, 0])),
