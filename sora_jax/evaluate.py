@@ -11,8 +11,8 @@
    composition) give captions and sizes; the bundle generates them (sampling.generate) and the detector
    (sora_jax/detector.py) scores colour, motion, persistence, shot consistency and shape with 95% Wilson
    intervals, over all clips and by group: seen / held-out compositions, images, videos, long clips
-   (>= 65 frames), two objects, cuts. The same detector on the ground-truth renders of the same specs
-   is reported next to them, as the ceiling.
+   (>= 65 frames), two objects, cuts, and videos by motion kind (straight, bouncing, still). The same
+   detector on the ground-truth renders of the same specs is reported next to them, as the ceiling.
 3. Continuous measures (binary scores on 64 prompts carry +-15-point intervals, too wide to see the
    effect of one change), with 95% bootstrap intervals over clips:
    - blobs per frame: on the prompts with one object and no cut, the components per frame that the
@@ -191,6 +191,10 @@ def is_held_out(spec: shapes.ClipSpec) -> bool:
   return not spec.is_image and any((o.colour, o.shape, o.motion) in shapes.HELD_OUT for o in spec.objects)
 
 
+def _all_motions(spec: shapes.ClipSpec, kinds: Sequence[str]) -> bool:
+  return not spec.is_image and all(o.motion in kinds for o in spec.objects)
+
+
 GROUPS: dict[str, Callable[[shapes.ClipSpec], bool]] = {
     "all": lambda s: True,
     "seen compositions": lambda s: not is_held_out(s),
@@ -200,6 +204,11 @@ GROUPS: dict[str, Callable[[shapes.ClipSpec], bool]] = {
     f"long clips (>= {LONG_CLIP} frames)": lambda s: s.num_frames >= LONG_CLIP,
     "two objects": lambda s: len(s.objects) == 2,
     "with a cut": lambda s: bool(s.cut_frame),
+    # By motion kind (videos whose objects all move so): jitter reads as bouncing, so a model that draws
+    # no motion still passes some bouncing prompts; straight motions are the ones it must carry.
+    "straight motions": lambda s: _all_motions(s, shapes.STRAIGHT_MOTIONS),
+    "bouncing motions": lambda s: _all_motions(s, shapes.BOUNCING_MOTIONS),
+    "still objects": lambda s: _all_motions(s, ("still",)),
 }
 
 
@@ -510,14 +519,14 @@ def continuous_tables(result: dict) -> str:
 def learning_curve_html(curve: dict, png: str | None) -> str:
   """The learning curve's plot and table (sora_jax/bench/learning_curve.py writes `curve`)."""
   times = [f"{t:g}" for t in curve.get("times", [])]
-  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "blobs per frame"]
+  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "motion (straight)", "blobs per frame"]
           + [f"object-token error t={t}" for t in times])
 
   def cells(r):
     pct = report._pct  # pylint: disable=protected-access
     errors = r.get("object_token_error", {})
     return ([str(r["step"]), f"{r['train_flops']:.3g}" if r.get("train_flops") else "&ndash;"]
-            + [pct(r.get(m)) for m in ("colour", "motion", "persistence")]
+            + [pct(r.get(m)) for m in ("colour", "motion", "persistence", "motion_straight")]
             + [_mean_ci(r.get("blobs_per_frame"), 2, html_note=True)]
             + [_mean_ci(errors.get(t), 3, html_note=True) for t in times])
   table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
@@ -748,7 +757,7 @@ def headline(result: dict) -> str:
   lines = []
   gen = result.get("generation")
   if gen and "all" in gen["groups"]:
-    for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)"):
+    for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)", "straight motions"):
       g = gen["groups"].get(group)
       if g:
         lines.append(f"[eval] {group}: " + _rates(g))

@@ -73,6 +73,12 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
         assert r["rate"] == 1.0, (group, m, r)
         assert 0.0 < r["ci95"][0] < 1.0 and r["ci95"][1] == pytest.approx(1.0)
   assert groups["held-out compositions"]["colour"]["n"] >= 5
+  # By motion kind: straight, bouncing and still videos are disjoint and none of them holds an image.
+  kinds = {g: groups.get(g, {"colour": {"n": 0}})["colour"]["n"]
+           for g in ("straight motions", "bouncing motions", "still objects")}
+  assert kinds["straight motions"] == sum(
+      not s.is_image and all(o.motion.startswith("moving") for o in s.objects) for s in specs) > 0
+  assert sum(kinds.values()) <= groups["videos"]["colour"]["n"]
   assert result["vae_shapes"]["psnr"]["n"] == 1 and np.isfinite(result["vae_shapes"]["ssim"]["mean"])
   assert result["vae_shapes"]["detector"]["all"]["colour"]["n"] == 1 and "detector" not in result["vae_ingested"]
   # The report opens offline: every image it shows is a local file next to it, nothing is fetched.
@@ -377,6 +383,8 @@ def test_learning_curve_evaluates_each_checkpoint_and_draws_the_curve(tmp_path, 
   assert [r["train_flops"] for r in rows] == [6e12, 14e12] and [r["train_tokens"] for r in rows] == [150.0, 350.0]
   for r in rows:
     assert r["colour"]["rate"] == 1.0 and r["colour"]["n"] == 5 and r["blobs_per_frame"]["mean"] == 1.0
+    straight = sum(not s.is_image and all(o.motion.startswith("moving") for o in s.objects) for s in specs)
+    assert (r["motion_straight"] or {"n": 0})["n"] == straight
     assert os.path.isfile(os.path.join(out, r["report"]))
   # Each step is its own DiT: same clips and noise, different weights, different errors.
   e3, e7 = (r["object_token_error"]["0.9"] for r in rows)
@@ -387,7 +395,7 @@ def test_learning_curve_evaluates_each_checkpoint_and_draws_the_curve(tmp_path, 
   assert saved["blobs_ground_truth"]["mean"] == 1.0 and saved["times"] == [0.7, 0.9]
   lines = open(os.path.join(out, "learning_curve.csv")).read().splitlines()
   head = lines[0].split(",")
-  assert len(lines) == 3 and {"step", "train_flops", "colour_lo", "blobs_per_frame",
+  assert len(lines) == 3 and {"step", "train_flops", "colour_lo", "motion_straight_n", "blobs_per_frame",
                               "object_token_error_t0.9_hi"} <= set(head)
   assert float(lines[2].split(",")[head.index("object_token_error_t0.9")]) == pytest.approx(e7["mean"])
   from PIL import Image

@@ -12,7 +12,7 @@ sora_jax.evaluate into E/step_<step>/ (its own report.html and metrics.json): th
 and VAE at every step. A step whose metrics.json already holds the same settings is read back instead of
 evaluated again, so an interrupted curve resumes. Then:
 - E/learning_curve.json: the rows (step; the DiT's training FLOPs and tokens up to it; colour, motion and
-  persistence with 95% Wilson intervals; blobs per frame and the object-token errors with 95% bootstrap
+  persistence with 95% Wilson intervals, and motion on the straight-motion prompts alone; blobs per frame and the object-token errors with 95% bootstrap
   intervals; its report) and the settings;
 - E/learning_curve.csv: the same rows, one column per number;
 - E/learning_curve.png: three panels against the step (logarithmic): the detector's rates, blobs per frame
@@ -50,6 +50,9 @@ from sora_jax import evaluate
 from sora_jax import report
 
 METRICS = ("colour", "motion", "persistence")
+# Motion on the straight-motion prompts alone (evaluate.GROUPS): jitter passes bouncing prompts, so the
+# all-prompt motion rate hides whether a model carries an object along its path.
+STRAIGHT = "motion_straight"
 
 
 def define_flags() -> None:
@@ -88,9 +91,11 @@ def train_compute(records: Sequence[dict], step: int) -> dict:
 # ---------------------------------------------------------------------------------------------- rows
 def curve_row(step: int, result: dict, compute: dict, out_dir: str) -> dict:
   """One step's row of learning_curve.json from its evaluation result."""
-  gen = ((result.get("generation") or {}).get("groups") or {}).get("all", {})
+  groups = (result.get("generation") or {}).get("groups") or {}
+  gen = groups.get("all", {})
   errors = (result.get("object_token_error") or {}).get("by_t", {})
   return {"step": int(step), **compute, **{m: gen.get(m) for m in METRICS},
+          STRAIGHT: groups.get("straight motions", {}).get("motion"),
           "blobs_per_frame": (result.get("blobs_per_frame") or {}).get("generated"),
           "object_token_error": {t: v["object"] for t, v in errors.items()},
           "report": os.path.relpath(result["report"], out_dir) if result.get("report") else None}
@@ -101,7 +106,7 @@ def csv_rows(curve: dict) -> list[dict]:
   out = []
   for r in curve["rows"]:
     row = {"step": r["step"], "train_flops": r.get("train_flops"), "train_tokens": r.get("train_tokens")}
-    for m in METRICS:
+    for m in METRICS + (STRAIGHT,):
       rate = r.get(m) or {}
       lo, hi = rate.get("ci95", [None, None])
       row.update({m: rate.get("rate"), f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_n": rate.get("n")})
@@ -128,7 +133,7 @@ def plot(curve: dict, path: str) -> str:
   truth = (curve.get("blobs_ground_truth") or {}).get("mean")
   panels = [
       {"title": "detector (all prompts)", "y_range": (0.0, 1.0),
-       "series": {m: points(lambda r, m=m: r.get(m)) for m in METRICS}},
+       "series": {m.replace("_", " "): points(lambda r, m=m: r.get(m)) for m in METRICS + (STRAIGHT,)}},
       {"title": "blobs per frame, one-object prompts", "refs": {"ground truth": truth},
        "series": {"generated": points(lambda r: r.get("blobs_per_frame"))}},
       {"title": "DiT object-token error", "series": {
