@@ -140,3 +140,27 @@ def test_lora_matmul_count_equals_traced_matmuls(monkeypatch):
   np.testing.assert_allclose(hand.once, traced, rtol=1e-3)
   cfg.lora.rank = 0
   assert hand.model < 0.75 * _hand(cfg, setup).model  # about 2/3 of full training's work
+
+
+def test_unrolled_scans_keep_remat_recomputation_apart():
+  """Inside flops.unrolled_scans, scan_layers' remat prevents CSE (its recomputation stays in the program);
+  outside, and after the context ends, it does not (the scanned step needs no barriers)."""
+  from flax import nnx
+  from sora_jax.models import layers
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(4, 4, rngs=nnx.Rngs(key))
+  graph, params = nnx.split(make(jax.random.split(jax.random.key(0), 2)))
+
+  def prevent_cse():
+    def f(params, x):
+      h = layers.scan_layers(nnx.merge(graph, params), x, lambda blk, h: jax.numpy.tanh(blk(h)), "full")
+      return h.sum()
+    eqns = str(jax.make_jaxpr(jax.grad(f))(params, jax.numpy.ones((3, 4))))
+    return {flag for flag in (True, False) if f"prevent_cse={flag}" in eqns}
+
+  assert prevent_cse() == {False}
+  with flops.unrolled_scans():
+    assert prevent_cse() == {True}
+  assert prevent_cse() == {False}

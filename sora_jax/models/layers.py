@@ -270,19 +270,19 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs:
 # the trained, scanned step does (sora_b at depth 1 and width 512 under remat `full` counted 0.82 of
 # flops.py's FLOPs on v5p:2x2x1, 0.96 under `dots`, 1.00 under `none`). flops.unrolled_scans keeps the
 # recomputation apart while it traces the layers unrolled.
-_prevent_cse = [False]
+_prevent_cse = False
 
 
 @contextlib.contextmanager
 def remat_kept_apart():
   """Within this context scan_layers' remat prevents CSE: its recomputation stays in the program even
   where the layers are unrolled (flops.unrolled_scans)."""
-  before = _prevent_cse[0]
-  _prevent_cse[0] = True
+  global _prevent_cse
+  before, _prevent_cse = _prevent_cse, True
   try:
     yield
   finally:
-    _prevent_cse[0] = before
+    _prevent_cse = before
 
 
 def scan_layers(layers: nnx.Module, x, step: Callable, remat: str):
@@ -294,7 +294,7 @@ def scan_layers(layers: nnx.Module, x, step: Callable, remat: str):
     return step(layer, x)
 
   if remat != "none":
-    body = nnx.remat(body, policy=REMAT[remat].policy, prevent_cse=_prevent_cse[0])
+    body = nnx.remat(body, policy=REMAT[remat].policy, prevent_cse=_prevent_cse)
   body = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
   return body(x, layers)
