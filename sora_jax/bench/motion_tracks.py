@@ -23,7 +23,6 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import detector
-from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.data import shapes
 
@@ -81,7 +80,9 @@ def main(argv):
   temporal = pipe.geometry.temporal
   specs = straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
   truths = [shapes.render_clip(s) for s in specs]
-  videos = evaluate.generate_videos(b, specs, seed=FLAGS.seed, steps=0, guidance=0)
+  # One call path for both, with the bundle's sampler steps and guidance; a video's noise is its index's.
+  videos = sampling.generate(pipe, [(shapes.caption(s), s.num_frames, s.height, s.width) for s in specs],
+                             seed=FLAGS.seed)
   from_frame = sampling.generate(pipe, [sampling.image_prompt(pipe, shapes.caption(s), v[0], s.num_frames,
                                                              s.height, s.width) for s, v in zip(specs, truths)],
                                  seed=FLAGS.seed)
