@@ -133,6 +133,7 @@ def diffusion(**over) -> ConfigDict:
       object_weight=0.0,             # extra loss weight on tokens far from their clip's mean token
       loss_weight="uniform",         # "uniform" (the velocity error) or "x0" (weighted by t^2: x0 error)
       frame_noise_share=0.0,         # noise variance shared by a video's latent frames (PYoCo); 0 = iid
+      frame_diff_weight=0.0,         # weight of the error's frame-to-frame change (diffusion.frame_diff_error)
       text_drop=0.1,                 # per-segment caption dropout for classifier-free guidance
       cond_first_frame=0.1,          # image-to-video prompt (first latent frame given)
       cond_first_frames=0.05,        # video continuation (first k latent frames given)

@@ -120,7 +120,7 @@ OPTIONAL_KEYS = {
                  read_threads=1, sample_latents=True, stand_in_factors=(4, 8, 8)),
     "dit": dict(patch=(1, 2, 2), in_dim=0, context="none"),
     "diffusion": dict(prediction="v", cosine_s=0.008, shift_rule="tokens", object_weight=0.0,
-                      loss_weight="uniform", frame_noise_share=0.0),
+                      loss_weight="uniform", frame_noise_share=0.0, frame_diff_weight=0.0),
     "sample": dict(sampler="", time_grid="uniform", steps=30, guidance=1.0, num_frames=17, height=32,
                    width=32, fps=8.0, row_len=0, max_tile_pixels=0, max_tokens=0, unipc=None),
     "compile_check": dict(cost="shallow"),

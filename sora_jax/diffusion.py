@@ -159,6 +159,35 @@ def object_tokens(x0_bld: jax.Array, segment_ids_bl: jax.Array, num_segments: in
   return ((dev > threshold) & (segment_ids_bl > 0)).astype(jnp.float32)
 
 
+def next_frame_tokens(positions_bl3: jax.Array, segment_ids_bl: jax.Array, num_segments: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(index [B, L] int32, valid [B, L] bool): for each token, the token at the same (h, w) one latent frame
+  later in its segment. A segment's tokens lie frame by frame (patching.patchify), so it sits one
+  frame's worth of tokens further on; valid is False on a segment's last frame and on padding."""
+  seg = segment_ids_bl
+  first = ((positions_bl3[..., 0] == 0) & (seg > 0)).astype(jnp.float32)
+  per_frame = jnp.einsum("bl,bls->bs", first, _one_hot_segments(seg, num_segments))
+  length = seg.shape[1]
+  idx = jnp.arange(length, dtype=jnp.int32)[None] + per_token(per_frame, seg).astype(jnp.int32)
+  idx = jnp.minimum(idx, length - 1)
+  at = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+  same_place = jnp.all(at(positions_bl3[..., 1:]) == positions_bl3[..., 1:], axis=-1)
+  valid = (seg > 0) & (at(seg) == seg) & (at(positions_bl3[..., 0]) == positions_bl3[..., 0] + 1) & same_place
+  return idx, valid
+
+
+def frame_diff_error(residual_bld: jax.Array, weight_bl: jax.Array, positions_bl3: jax.Array,
+                     segment_ids_bl: jax.Array, num_segments: int) -> jax.Array:
+  """The mean over segments of the squared change of the prediction's error from one latent frame to the
+  next at the same place (`diffusion.frame_diff_weight`): zero when a clip's error is the same in every
+  frame, large when it jitters from frame to frame. Both tokens of a pair must carry loss weight."""
+  idx, valid = next_frame_tokens(positions_bl3, segment_ids_bl, num_segments)
+  nxt = jnp.take_along_axis(residual_bld, idx[..., None], axis=1)
+  err = jnp.mean(jnp.square(nxt - residual_bld), axis=-1)
+  weight = weight_bl * jnp.take_along_axis(weight_bl, idx, axis=1) * valid
+  return segment_mean_loss(err, weight, segment_ids_bl, num_segments)[0]
+
+
 def sample_cond_mask(rng: jax.Array, positions_bl3: jax.Array, segment_ids_bl: jax.Array, num_segments: int,
                      cfg) -> jax.Array:
   """Random image/video-prompt masks [B, L] float32 (1 = given), one mode per segment.
@@ -253,12 +282,19 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
   if d.object_weight:
     weight = weight * (1.0 + d.object_weight * object_tokens(x0, seg, s))
   loss, seg_loss, has = segment_mean_loss(err, weight, seg, s)
+  extra = {}
+  if d.frame_diff_weight:
+    # An error that changes from frame to frame is an object that jitters or drifts off its path; the
+    # plain loss weighs it like one the clip's frames share. This term adds the frame-to-frame change.
+    extra["loss_frame_diff"] = frame_diff_error(pred.astype(jnp.float32) - target, weight, pos, seg, s)
   if d.loss_weight == "x0":
     # The flow objective's velocity error is the clean-signal error over t: |v - v_hat| = |x0 - x0_hat| / t.
     # Weighting each segment's loss by its t^2 trains on the x0 error, Sora's "predict the clean patches",
     # which moves the loss from nearly clean inputs (small t) to the noisy ones where layout and motion
     # are decided. (Per segment: inside segment_mean_loss a per-token t^2 would cancel.)
     loss = (seg_loss * jnp.square(t_bs)).sum() / jnp.maximum(has.sum(), 1)
+  if extra:
+    loss = loss + d.frame_diff_weight * extra["loss_frame_diff"]
 
   is_image = segment_num_frames(pos, seg, s) == 1
   img, vid = has & is_image, has & ~is_image
@@ -269,5 +305,6 @@ def loss_fn(model, batch: dict, rng: jax.Array, cfg) -> tuple[jax.Array, dict]:
       "num_segments": has.sum().astype(jnp.float32),
       "t_mean": (t_bs * has).sum() / jnp.maximum(has.sum(), 1),
       "cond_token_frac": cond_mask.sum() / jnp.maximum((seg > 0).sum(), 1),
+      **extra,
   }
   return loss, metrics

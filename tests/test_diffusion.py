@@ -265,3 +265,51 @@ def test_sampling_noise_shares_frames_as_training_does():
   assert abs(float(np.corrcoef(a, b)[0, 1]) - 0.5) < 0.1
   a, b = noise[0.0][:per_frame].ravel(), noise[0.0][per_frame:2 * per_frame].ravel()
   assert abs(float(np.corrcoef(a, b)[0, 1])) < 0.1
+
+
+def test_next_frame_tokens_pair_each_place_with_the_next_latent_frame():
+  b = batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)])
+  idx, valid = (np.asarray(a) for a in diffusion.next_frame_tokens(
+      jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]), S))
+  pos, seg = b["positions"][0], b["segment_ids"][0]
+  want = {}  # by brute force: (segment, t, h, w) -> index
+  for i in range(len(seg)):
+    if seg[i]:
+      want[(seg[i], *pos[i])] = i
+  for i in range(len(seg)):
+    j = want.get((seg[i], pos[i][0] + 1, pos[i][1], pos[i][2])) if seg[i] else None
+    assert valid[0, i] == (j is not None), i
+    if j is not None:
+      assert idx[0, i] == j
+  assert valid[0].sum() == 2 * 4 + 0 + 1 * 6  # (3-1) frames of 4, an image, (2-1) frames of 6
+
+
+def test_frame_diff_error_is_zero_for_an_error_frames_share_and_counts_jitter():
+  b = batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)])
+  pos, seg = b["positions"], b["segment_ids"]
+  weight = (seg > 0).astype(np.float32)
+  args = (jnp.asarray(weight), jnp.asarray(pos), jnp.asarray(seg), S)
+  shared = np.sin(pos[..., 1:2] + 2.0 * pos[..., 2:3] + np.arange(4.0))  # the same in every frame
+  assert float(diffusion.frame_diff_error(jnp.asarray(shared), *args)) == pytest.approx(0.0, abs=1e-7)
+  jitter = shared + np.random.default_rng(0).normal(size=shared.shape)
+  got = float(diffusion.frame_diff_error(jnp.asarray(jitter), *args))
+  # Brute force: per segment, the mean over (place, frame) pairs of the channel-mean squared change.
+  per_seg = []
+  for k in (1, 3):  # segment 2 is an image: no pairs
+    rows = {tuple(pos[0, i]): jitter[0, i] for i in range(seg.shape[1]) if seg[0, i] == k}
+    diffs = [np.mean((rows[(t + 1, h, w)] - r) ** 2) for (t, h, w), r in rows.items() if (t + 1, h, w) in rows]
+    per_seg.append(np.mean(diffs))
+  assert got == pytest.approx(np.mean(per_seg), rel=1e-5)
+  # A token without loss weight (a given frame) drops its pairs.
+  weight[0, 0] = 0.0
+  fewer = float(diffusion.frame_diff_error(jnp.asarray(jitter), jnp.asarray(weight), *args[1:]))
+  assert fewer != pytest.approx(got)
+
+
+def test_frame_diff_weight_adds_its_term_to_the_loss():
+  batch = {k: jnp.asarray(v) for k, v in batch_of([(3, 2, 2), (1, 3, 3), (2, 2, 3)]).items()}
+  model = lambda x_t, *a, **k: 0.5 * x_t  # any prediction
+  plain, m = diffusion.loss_fn(model, batch, jax.random.key(1), cfg(text_drop=0.0))
+  both, m2 = diffusion.loss_fn(model, batch, jax.random.key(1), cfg(text_drop=0.0, frame_diff_weight=0.5))
+  assert "loss_frame_diff" not in m and float(m2["loss_frame_diff"]) > 0
+  assert float(both) == pytest.approx(float(plain) + 0.5 * float(m2["loss_frame_diff"]), rel=1e-6)
