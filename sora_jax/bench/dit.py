@@ -3,6 +3,9 @@
     python -m sora_jax.bench.dit                                    # the demo's cfg.dit, L=1024, B=4
     python -m sora_jax.bench.dit --width=1152 --depth=28 --heads=16 --seq_len=8192 --batch=2 \
         --seg_len=1024 --remat=full                                 # DiT-XL-like, on an accelerator
+    python -m sora_jax.bench.dit --dtype=float32 --batch=2 --in_dim=32 --frame_diff_weights=0,1
+                                                                    # the demo's step without and with
+                                                                    # diffusion.frame_diff_weight, side by side
 
 Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions.
 Model FLOPs come from sora_jax/flops.py (dense attention, no remat recomputation), the peak from
@@ -35,6 +38,8 @@ flags.DEFINE_string("remat", "none", "cfg.dit.remat")
 flags.DEFINE_string("dtype", "bfloat16", "cfg.dit.dtype")
 flags.DEFINE_string("attention", "reference", "cfg.dit.attention")
 flags.DEFINE_integer("steps", 5, "timed steps")
+flags.DEFINE_list("frame_diff_weights", ["0"], "diffusion.frame_diff_weight values, each timed in turn (one "
+                  "JSON line each)")
 
 
 def synthetic_batch(b: int, l: int, lt: int, s: int, seg_len: int, in_dim: int) -> dict:
@@ -68,7 +73,15 @@ def main(_):
   b, l, lt = FLAGS.batch, FLAGS.seq_len, cfg.data.text_len
   s = max(cfg.data.max_segments, l // FLAGS.seg_len)
   batch = synthetic_batch(b, l, lt, s, FLAGS.seg_len, d.in_dim)
+  for w in FLAGS.frame_diff_weights:
+    cfg.diffusion.frame_diff_weight = float(w)
+    time_step(cfg, batch, s)
 
+
+def time_step(cfg, batch: dict, s: int) -> None:
+  """Compiles and times one train step of cfg's DiT on `batch`; prints one JSON line."""
+  d = cfg.dit
+  (b, l), lt = batch["segment_ids"].shape, batch["text_tokens"].shape[1]
   model = nnx.jit(lambda: DiT(d, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
   num_params = sum(x.size for x in jax.tree.leaves(state))
@@ -97,7 +110,7 @@ def main(_):
   print(json.dumps(dict(
       device=jax.devices()[0].device_kind, width=d.width, depth=d.depth, heads=d.num_heads, seq_len=l,
       batch=b, seg_len=FLAGS.seg_len, remat=d.remat, dtype=d.dtype, attention=d.attention,
-      params_m=round(num_params / 1e6, 2), compile_s=round(compile_s, 1), step_s=round(best, 4),
+      frame_diff_weight=cfg.diffusion.frame_diff_weight, params_m=round(num_params / 1e6, 2), compile_s=round(compile_s, 1), step_s=round(best, 4),
       tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),
       mfu=round(model_flops / best / peak, 4), peak=f"{peak / 1e12:.1f} TFLOP/s, {peak_source}",
       loss=round(float(loss), 4))))
