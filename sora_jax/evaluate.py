@@ -519,7 +519,8 @@ def continuous_tables(result: dict) -> str:
 def learning_curve_html(curve: dict, png: str | None) -> str:
   """The learning curve's plot and table (sora_jax/bench/learning_curve.py writes `curve`)."""
   times = [f"{t:g}" for t in curve.get("times", [])]
-  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "motion (straight)", "blobs per frame"]
+  head = (["step", "DiT train FLOPs", "colour", "motion", "persistence", "motion (straight)",
+           "blobs per frame"]
           + [f"object-token error t={t}" for t in times])
 
   def cells(r):
@@ -757,7 +758,8 @@ def headline(result: dict) -> str:
   lines = []
   gen = result.get("generation")
   if gen and "all" in gen["groups"]:
-    for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)", "straight motions"):
+    for group in ("all", "held-out compositions", f"long clips (>= {LONG_CLIP} frames)",
+                  "straight motions"):
       g = gen["groups"].get(group)
       if g:
         lines.append(f"[eval] {group}: " + _rates(g))

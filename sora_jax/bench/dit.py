@@ -75,13 +75,13 @@ def main(_):
   batch = synthetic_batch(b, l, lt, s, FLAGS.seg_len, d.in_dim)
   for w in FLAGS.frame_diff_weights:
     cfg.diffusion.frame_diff_weight = float(w)
-    time_step(cfg, batch, s)
+    time_step(cfg, batch)
 
 
-def time_step(cfg, batch: dict, s: int) -> None:
+def time_step(cfg, batch: dict) -> None:
   """Compiles and times one train step of cfg's DiT on `batch`; prints one JSON line."""
   d = cfg.dit
-  (b, l), lt = batch["segment_ids"].shape, batch["text_tokens"].shape[1]
+  (b, l), lt, s = batch["segment_ids"].shape, batch["text_tokens"].shape[1], batch["seg_valid"].shape[1]
   model = nnx.jit(lambda: DiT(d, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
   num_params = sum(x.size for x in jax.tree.leaves(state))
@@ -110,7 +110,8 @@ def time_step(cfg, batch: dict, s: int) -> None:
   print(json.dumps(dict(
       device=jax.devices()[0].device_kind, width=d.width, depth=d.depth, heads=d.num_heads, seq_len=l,
       batch=b, seg_len=FLAGS.seg_len, remat=d.remat, dtype=d.dtype, attention=d.attention,
-      frame_diff_weight=cfg.diffusion.frame_diff_weight, params_m=round(num_params / 1e6, 2), compile_s=round(compile_s, 1), step_s=round(best, 4),
+      frame_diff_weight=cfg.diffusion.frame_diff_weight, params_m=round(num_params / 1e6, 2),
+      compile_s=round(compile_s, 1), step_s=round(best, 4),
       tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),
       mfu=round(model_flops / best / peak, 4), peak=f"{peak / 1e12:.1f} TFLOP/s, {peak_source}",
       loss=round(float(loss), 4))))

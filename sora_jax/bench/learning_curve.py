@@ -12,8 +12,8 @@ sora_jax.evaluate into E/step_<step>/ (its own report.html and metrics.json): th
 and VAE at every step. A step whose metrics.json already holds the same settings is read back instead of
 evaluated again, so an interrupted curve resumes. Then:
 - E/learning_curve.json: the rows (step; the DiT's training FLOPs and tokens up to it; colour, motion and
-  persistence with 95% Wilson intervals, and motion on the straight-motion prompts alone; blobs per frame and the object-token errors with 95% bootstrap
-  intervals; its report) and the settings;
+  persistence with 95% Wilson intervals, and motion on the straight-motion prompts alone; blobs per frame
+  and the object-token errors with 95% bootstrap intervals; its report) and the settings;
 - E/learning_curve.csv: the same rows, one column per number;
 - E/learning_curve.png: three panels against the step (logarithmic): the detector's rates, blobs per frame
   (the ground truth's dashed), the object-token errors;
