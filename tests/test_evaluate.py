@@ -402,6 +402,7 @@ def test_learning_curve_evaluates_each_checkpoint_and_draws_the_curve(tmp_path, 
   assert Image.open(os.path.join(out, "learning_curve.png")).size[0] > 0
   page = open(os.path.join(out, "report.html")).read()
   assert "src='learning_curve.png'" in page and "step_3/report.html" in page
+  assert all(f"<th>{label}</th>" in page for _, _, label in evaluate.CURVE_RATES.values())
   # Run again: the finished steps are read back, not evaluated again.
   monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated a finished step again"))
   assert learning_curve.learning_curve(w, out, checkpoint_steps=[3, 7], **kw)["rows"] == rows

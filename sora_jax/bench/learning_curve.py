@@ -49,11 +49,6 @@ from sora_jax import detector
 from sora_jax import evaluate
 from sora_jax import report
 
-METRICS = ("colour", "motion", "persistence")
-# Motion on the straight-motion prompts alone (evaluate.GROUPS): jitter passes bouncing prompts, so the
-# all-prompt motion rate hides whether a model carries an object along its path.
-STRAIGHT = "motion_straight"
-
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "the run: W/dit (checkpoints), W/vae, W/data as `make demo` lays out")
@@ -92,10 +87,9 @@ def train_compute(records: Sequence[dict], step: int) -> dict:
 def curve_row(step: int, result: dict, compute: dict, out_dir: str) -> dict:
   """One step's row of learning_curve.json from its evaluation result."""
   groups = (result.get("generation") or {}).get("groups") or {}
-  gen = groups.get("all", {})
   errors = (result.get("object_token_error") or {}).get("by_t", {})
-  return {"step": int(step), **compute, **{m: gen.get(m) for m in METRICS},
-          STRAIGHT: groups.get("straight motions", {}).get("motion"),
+  return {"step": int(step), **compute,
+          **{name: groups.get(g, {}).get(m) for name, (g, m, _) in evaluate.CURVE_RATES.items()},
           "blobs_per_frame": (result.get("blobs_per_frame") or {}).get("generated"),
           "object_token_error": {t: v["object"] for t, v in errors.items()},
           "report": os.path.relpath(result["report"], out_dir) if result.get("report") else None}
@@ -106,7 +100,7 @@ def csv_rows(curve: dict) -> list[dict]:
   out = []
   for r in curve["rows"]:
     row = {"step": r["step"], "train_flops": r.get("train_flops"), "train_tokens": r.get("train_tokens")}
-    for m in METRICS + (STRAIGHT,):
+    for m in evaluate.CURVE_RATES:
       rate = r.get(m) or {}
       lo, hi = rate.get("ci95", [None, None])
       row.update({m: rate.get("rate"), f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_n": rate.get("n")})
@@ -133,7 +127,8 @@ def plot(curve: dict, path: str) -> str:
   truth = (curve.get("blobs_ground_truth") or {}).get("mean")
   panels = [
       {"title": "detector (all prompts)", "y_range": (0.0, 1.0),
-       "series": {m.replace("_", " "): points(lambda r, m=m: r.get(m)) for m in METRICS + (STRAIGHT,)}},
+       "series": {label: points(lambda r, m=m: r.get(m))
+                  for m, (_, _, label) in evaluate.CURVE_RATES.items()}},
       {"title": "blobs per frame, one-object prompts", "refs": {"ground truth": truth},
        "series": {"generated": points(lambda r: r.get("blobs_per_frame"))}},
       {"title": "DiT object-token error", "series": {
@@ -222,7 +217,7 @@ def learning_curve(workdir: str, out_dir: str, *, checkpoint_steps: Sequence[int
     rows.append(curve_row(step, result, train_compute(records, step), out_dir))
     truth = truth or (result.get("blobs_per_frame") or {}).get("ground_truth")
     print(f"[curve] step {step}: " + "; ".join(
-        f"{m} {detector.Rate(r['k'], r['n'])}" for m in METRICS if (r := rows[-1][m])), flush=True)
+        f"{m} {detector.Rate(r['k'], r['n'])}" for m in evaluate.CURVE_RATES if (r := rows[-1][m])), flush=True)
   curve = {"workdir": str(Path(workdir).absolute()), "settings": settings, "times": list(evaluate.DENOISE_TIMES),
            "blobs_ground_truth": truth, "rows": rows}
   curve["files"] = write(curve, out_dir)
