@@ -10,7 +10,8 @@ side-by-side reconstruction videos), then the loop.
   each sized by its pixel budget (`vae_train.image_pixels`, `vae_train.video_pixels`). They are a
   function of (seed, step), so the data position needs no checkpoint of its own.
 - Loss: L1 + l2_weight * L2 over pixels, + kl_weight * KL per latent element, and optionally a 3D
-  patch discriminator (hinge) from `gan_start` on.
+  patch discriminator (hinge) from `gan_start` on. The decoder reconstructs from a posterior sample plus
+  `decoder_noise` times each latent channel's spread (decoder_noise()).
 - State: {step, params, ema, opt_state, rng[, disc_params, disc_opt_state]} with params and ema as
   `nnx.to_pure_dict`; the layout sora_jax/bundle.py reads (W/checkpoints/<step>/state, key "ema").
   A run resumes from its own newest checkpoint. The config is written to W/config.json.
@@ -113,6 +114,16 @@ def _to_unit(x):
   return x.astype(jnp.float32) / 127.5 - 1.0
 
 
+def decoder_noise(mean, scale, key):
+  """Gaussian noise of `scale` times each latent channel's spread in the batch (its std over every other
+  axis, held constant). Decoding through it, the encoder must keep every distinction the reconstruction
+  needs that far apart in normalised latents, where the DiT's errors live: without it the demo VAE put
+  a green object 3-4x closer to its background than a red or white one (docs/history.md, Issue 22), and
+  the DiT, whose clean-latent error is larger than that gap, drew no green object."""
+  spread = jax.lax.stop_gradient(jnp.std(mean, axis=tuple(range(mean.ndim - 1))))
+  return scale * spread * jax.random.normal(key, mean.shape)
+
+
 def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=None):
   t = cfg.vae_train
   gan = disc_graphdef is not None
@@ -123,7 +134,12 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
     loss = 0.0
     for i, name in enumerate(("images", "videos")):
       x = _to_unit(batch[name])
-      recon, mean, logvar = model(x, key=jax.random.fold_in(rng, i))
+      key = jax.random.fold_in(rng, i)
+      mean, logvar = model.encode(x)
+      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+      if t.decoder_noise > 0:
+        z = z + decoder_noise(mean, t.decoder_noise, jax.random.fold_in(key, 1))
+      recon = model.decode(z)
       err = recon - x
       l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
       kl = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])

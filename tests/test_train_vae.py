@@ -221,3 +221,32 @@ def test_a_missing_split_stops_the_run_before_anything_is_compiled(tmp_path):
   assert not (tmp_path / "vae" / "checkpoints").exists()
   with pytest.raises(config.ConfigError, match=r"no built split 'train'"):
     train_vae.train(_tiny_config(tmp_path / "empty"), str(tmp_path / "vae2"))
+
+
+def test_decoder_noise_scales_with_each_channels_spread_and_passes_no_gradient():
+  import jax
+  import jax.numpy as jnp
+  spread = np.array([0.1, 1.0, 5.0], np.float32)
+  mean = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 8, 8, 3)) * spread + 7.0
+  noise = np.asarray(train_vae.decoder_noise(mean, 0.5, jax.random.PRNGKey(1)))
+  np.testing.assert_allclose(noise.std(axis=(0, 1, 2, 3)), 0.5 * spread, rtol=0.1)
+  assert abs(noise.mean()) < 0.05  # centred: the channel's offset (7) does not leak in
+  grad = jax.grad(lambda m: jnp.sum(train_vae.decoder_noise(m, 0.5, jax.random.PRNGKey(1))))(mean)
+  assert not np.any(np.asarray(grad))  # the spread is a constant of the step
+
+
+def test_decoder_noise_reaches_the_reconstruction_loss(shapes_videos):
+  import jax
+  from sora_jax import optim
+  losses = []
+  for scale in (0.0, 0.0, 1.0):
+    cfg = _tiny_config(shapes_videos)
+    cfg.vae_train.decoder_noise = scale
+    tx = optim.make_optimizer(cfg.vae_train.optim, 2)
+    state, graphdef, _ = train_vae.init_state(cfg, tx)
+    step = jax.jit(train_vae.make_train_step(cfg, graphdef, tx, optim.make_schedule(cfg.vae_train.optim, 2)))
+    batches = VAEBatches(_fake_source(), image=Crop.for_budget(1, 16, 16, 512),
+                         video=Crop.for_budget(5, 16, 16, 1280), seed=0)
+    _, metrics = step(state, batches.batch(0))
+    losses.append(float(metrics["videos/l2"]))
+  assert losses[0] == losses[1] != losses[2]
