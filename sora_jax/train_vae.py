@@ -124,6 +124,30 @@ def decoder_noise(mean, scale, key):
   return scale * spread * jax.random.normal(key, mean.shape)
 
 
+def pooled_pixels(x, temporal: int, spatial: int):
+  """Pixels [B, T, H, W, c] averaged over each latent position's window: frame 0 alone, then `temporal`
+  frames at a time (the causal VAE's grouping), `spatial` x `spatial` pixels: [B, t, h, w, c]."""
+  b, n, h, w, c = x.shape
+  frames = x[:, :1]
+  if n > 1:
+    frames = jnp.concatenate([frames, x[:, 1:].reshape(b, (n - 1) // temporal, temporal, h, w, c).mean(2)], 1)
+  return frames.reshape(b, -1, h // spatial, spatial, w // spatial, spatial, c).mean((3, 5))
+
+
+def isometry_error(mean, pooled):
+  """How far the latents' distances within each example are from proportional to its pooled pixels'
+  distances: mean((d_z - k d_p)^2) / mean(d_z^2) over all pairs of latent positions, with d_z measured in
+  units of each channel's spread in the batch (the DiT's normalised units) and k the least-squares ratio,
+  both held constant. 0 when every contrast in pixels has the same size in latents."""
+  axes = tuple(range(mean.ndim - 1))
+  z = mean / jax.lax.stop_gradient(jnp.std(mean, axis=axes) + 1e-6)
+  z, p = z.reshape(z.shape[0], -1, z.shape[-1]), pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
+  pair = lambda v: jnp.sqrt(jnp.sum(jnp.square(v[:, :, None] - v[:, None, :]), -1) + 1e-6)
+  dz, dp = pair(z), pair(p)
+  k = jax.lax.stop_gradient(jnp.sum(dz * dp) / jnp.sum(dp * dp))
+  return jnp.mean(jnp.square(dz - k * dp)) / jax.lax.stop_gradient(jnp.mean(jnp.square(dz)))
+
+
 def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=None):
   t = cfg.vae_train
   gan = disc_graphdef is not None
@@ -140,6 +164,11 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
       if t.decoder_noise > 0:
         z = z + decoder_noise(mean, t.decoder_noise, jax.random.fold_in(key, 1))
       recon = model.decode(z)
+      if t.isometry_weight > 0:
+        s = model.settings
+        iso = isometry_error(mean, pooled_pixels(x, s.temporal_factor, s.spatial_factor))
+        loss += int(np.prod(x.shape[:4])) * t.isometry_weight * iso
+        out[f"{name}/isometry"] = iso
       err = recon - x
       l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
       kl = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])

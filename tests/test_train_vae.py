@@ -235,13 +235,13 @@ def test_decoder_noise_scales_with_each_channels_spread_and_passes_no_gradient()
   assert not np.any(np.asarray(grad))  # the spread is a constant of the step
 
 
-def test_decoder_noise_reaches_the_reconstruction_loss(shapes_videos):
+def test_decoder_noise_and_isometry_reach_the_loss(shapes_videos):
   import jax
   from sora_jax import optim
-  losses = []
-  for scale in (0.0, 0.0, 1.0):
+  losses, totals = [], []
+  for scale, iso in ((0.0, 0.0), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
     cfg = _tiny_config(shapes_videos)
-    cfg.vae_train.decoder_noise = scale
+    cfg.vae_train.decoder_noise, cfg.vae_train.isometry_weight = scale, iso
     tx = optim.make_optimizer(cfg.vae_train.optim, 2)
     state, graphdef, _ = train_vae.init_state(cfg, tx)
     step = jax.jit(train_vae.make_train_step(cfg, graphdef, tx, optim.make_schedule(cfg.vae_train.optim, 2)))
@@ -249,4 +249,29 @@ def test_decoder_noise_reaches_the_reconstruction_loss(shapes_videos):
                          video=Crop.for_budget(5, 16, 16, 1280), seed=0)
     _, metrics = step(state, batches.batch(0))
     losses.append(float(metrics["videos/l2"]))
+    totals.append(float(metrics["loss"]))
   assert losses[0] == losses[1] != losses[2]
+  assert losses[3] == losses[0] and totals[3] > totals[0]  # the isometry term adds to the loss only
+
+
+def test_pooled_pixels_average_each_latent_positions_window():
+  import jax.numpy as jnp
+  x = jnp.broadcast_to(jnp.arange(9.0)[None, :, None, None, None], (1, 9, 8, 8, 3))  # frame i holds i
+  x = x + jnp.broadcast_to((jnp.arange(8.0) >= 4)[None, None, None, :, None], x.shape) * 100  # right half
+  p = np.asarray(train_vae.pooled_pixels(x, 4, 4))
+  assert p.shape == (1, 3, 2, 2, 3)
+  np.testing.assert_allclose(p[0, :, 0, 0, 0], [0.0, 2.5, 6.5])  # frame 0 alone, then 1-4 and 5-8
+  np.testing.assert_allclose(p[0, :, 0, 1, 0], [100.0, 102.5, 106.5])
+
+
+def test_isometry_error_is_zero_for_latents_proportional_to_pixels_and_counts_a_shrunk_contrast():
+  import jax
+  import jax.numpy as jnp
+  p = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 3))
+  p = (p - p.mean((0, 1, 2, 3))) / p.std((0, 1, 2, 3))  # equal spreads: per-channel units keep distances
+  assert float(train_vae.isometry_error(5.0 * p + 2.0, p)) < 1e-4
+  # A pixel direction the latents lose (a colour drawn on top of its background) is an error.
+  squeezed = p[..., :2]
+  assert float(train_vae.isometry_error(squeezed, p)) > 0.01
+  grad = jax.grad(lambda z: train_vae.isometry_error(z, p))(squeezed)
+  assert np.all(np.isfinite(np.asarray(grad))) and np.any(np.asarray(grad))
