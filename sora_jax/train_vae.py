@@ -206,8 +206,9 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
     # A huge learning rate can overflow the parameters while loss and gradient are still finite.
     ok = jnp.isfinite(loss) & jnp.isfinite(m["grad_norm"]) & jnp.isfinite(m["param_norm"])
     for name in ("images", "videos"):
-      for k in ("l1", "l2", "kl"):
-        m[f"{name}/{k}"] = out[f"{name}/{k}"]
+      for k in ("l1", "l2", "kl", "isometry"):
+        if f"{name}/{k}" in out:
+          m[f"{name}/{k}"] = out[f"{name}/{k}"]
       # PSNR of the (noisy) training crops, in [0, 255] units: a cheap progress signal.
       m[f"{name}/psnr"] = 10 * jnp.log10(4.0 / jnp.maximum(out[f"{name}/l2"], 1e-12))
     if gan:

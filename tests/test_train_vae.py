@@ -250,6 +250,7 @@ def test_decoder_noise_and_isometry_reach_the_loss(shapes_videos):
     _, metrics = step(state, batches.batch(0))
     losses.append(float(metrics["videos/l2"]))
     totals.append(float(metrics["loss"]))
+    assert ("videos/isometry" in metrics) == (iso > 0)  # logged when it is trained
   assert losses[0] == losses[1] != losses[2]
   assert losses[3] == losses[0] and totals[3] > totals[0]  # the isometry term adds to the loss only
 
