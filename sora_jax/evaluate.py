@@ -11,7 +11,8 @@
    composition) give captions and sizes; the bundle generates them (sampling.generate) and the detector
    (sora_jax/detector.py) scores colour, motion, persistence, shot consistency and shape with 95% Wilson
    intervals, over all clips and by group: seen / held-out compositions, images, videos, long clips
-   (>= 65 frames), two objects, cuts, and videos by motion kind (straight, bouncing, still). The same
+   (>= 65 frames), two objects, cuts, videos by motion kind (straight, bouncing, still), and prompts by
+   the colours of their objects. The same
    detector on the ground-truth renders of the same specs is reported next to them, as the ceiling.
 3. Continuous measures (binary scores on 64 prompts carry +-15-point intervals, too wide to see the
    effect of one change), with 95% bootstrap intervals over clips:
@@ -209,6 +210,9 @@ GROUPS: dict[str, Callable[[shapes.ClipSpec], bool]] = {
     "straight motions": lambda s: _all_motions(s, shapes.STRAIGHT_MOTIONS),
     "bouncing motions": lambda s: _all_motions(s, shapes.BOUNCING_MOTIONS),
     "still objects": lambda s: _all_motions(s, ("still",)),
+    # By colour (prompts with an object of it): a colour the VAE puts close to its background is the one
+    # the DiT loses (bench.latent_contrast).
+    **{f"{c} objects": (lambda s, c=c: any(o.colour == c for o in s.objects)) for c in shapes.COLOURS},
 }
 
 

@@ -79,6 +79,10 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   assert kinds["straight motions"] == sum(
       not s.is_image and all(o.motion.startswith("moving") for o in s.objects) for s in specs) > 0
   assert sum(kinds.values()) <= groups["videos"]["colour"]["n"]
+  # By colour: each group holds the prompts with an object of that colour.
+  for c in shapes.COLOURS:
+    assert groups.get(f"{c} objects", {"colour": {"n": 0}})["colour"]["n"] == sum(
+        any(o.colour == c for o in s.objects) for s in specs)
   assert result["vae_shapes"]["psnr"]["n"] == 1 and np.isfinite(result["vae_shapes"]["ssim"]["mean"])
   assert result["vae_shapes"]["detector"]["all"]["colour"]["n"] == 1 and "detector" not in result["vae_ingested"]
   # The report opens offline: every image it shows is a local file next to it, nothing is fetched.
