@@ -251,9 +251,6 @@ def vae_trainer(*, total_steps: int, optim: ConfigDict, max_train_seconds: float
       l1_weight=0.0,                 # L1's gradient is the sign of the training noise near the
       l2_weight=1.0,                 # optimum: MSE alone learns faster (docs/history.md, Issue 3)
       kl_weight=1e-4,                # per latent element, against per-pixel reconstruction
-      decoder_noise=0.0,             # latent noise the decoder learns through, in channel spreads
-                                     # (train_vae.decoder_noise)
-      isometry_weight=0.0,           # latent distances proportional to pooled pixels' (train_vae.isometry_error)
       gan_weight=0.0,                # 3D patch discriminator (hinge); 0 = off
       gan_start=2000,
       disc_dim=32,

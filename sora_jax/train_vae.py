@@ -10,8 +10,7 @@ side-by-side reconstruction videos), then the loop.
   each sized by its pixel budget (`vae_train.image_pixels`, `vae_train.video_pixels`). They are a
   function of (seed, step), so the data position needs no checkpoint of its own.
 - Loss: L1 + l2_weight * L2 over pixels, + kl_weight * KL per latent element, and optionally a 3D
-  patch discriminator (hinge) from `gan_start` on. The decoder reconstructs from a posterior sample plus
-  `decoder_noise` times each latent channel's spread (decoder_noise()).
+  patch discriminator (hinge) from `gan_start` on.
 - State: {step, params, ema, opt_state, rng[, disc_params, disc_opt_state]} with params and ema as
   `nnx.to_pure_dict`; the layout sora_jax/bundle.py reads (W/checkpoints/<step>/state, key "ema").
   A run resumes from its own newest checkpoint. The config is written to W/config.json.
@@ -114,40 +113,6 @@ def _to_unit(x):
   return x.astype(jnp.float32) / 127.5 - 1.0
 
 
-def decoder_noise(mean, scale, key):
-  """Gaussian noise of `scale` times each latent channel's spread in the batch (its std over every other
-  axis, held constant). Decoding through it, the encoder must keep every distinction the reconstruction
-  needs that far apart in normalised latents, where the DiT's errors live: without it the demo VAE put
-  a green object 3-4x closer to its background than a red or white one (docs/history.md, Issue 22), and
-  the DiT, whose clean-latent error is larger than that gap, drew no green object."""
-  spread = jax.lax.stop_gradient(jnp.std(mean, axis=tuple(range(mean.ndim - 1))))
-  return scale * spread * jax.random.normal(key, mean.shape)
-
-
-def pooled_pixels(x, temporal: int, spatial: int):
-  """Pixels [B, T, H, W, c] averaged over each latent position's window: frame 0 alone, then `temporal`
-  frames at a time (the causal VAE's grouping), `spatial` x `spatial` pixels: [B, t, h, w, c]."""
-  b, n, h, w, c = x.shape
-  frames = x[:, :1]
-  if n > 1:
-    frames = jnp.concatenate([frames, x[:, 1:].reshape(b, (n - 1) // temporal, temporal, h, w, c).mean(2)], 1)
-  return frames.reshape(b, -1, h // spatial, spatial, w // spatial, spatial, c).mean((3, 5))
-
-
-def isometry_error(mean, pooled):
-  """How far the latents' distances within each example are from proportional to its pooled pixels'
-  distances: mean((d_z - k d_p)^2) / mean(d_z^2) over all pairs of latent positions, with d_z measured in
-  units of each channel's spread in the batch (the DiT's normalised units) and k the least-squares ratio,
-  both held constant. 0 when every contrast in pixels has the same size in latents."""
-  axes = tuple(range(mean.ndim - 1))
-  z = mean / jax.lax.stop_gradient(jnp.std(mean, axis=axes) + 1e-6)
-  z, p = z.reshape(z.shape[0], -1, z.shape[-1]), pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
-  pair = lambda v: jnp.sqrt(jnp.sum(jnp.square(v[:, :, None] - v[:, None, :]), -1) + 1e-6)
-  dz, dp = pair(z), pair(p)
-  k = jax.lax.stop_gradient(jnp.sum(dz * dp) / jnp.sum(dp * dp))
-  return jnp.mean(jnp.square(dz - k * dp)) / jax.lax.stop_gradient(jnp.mean(jnp.square(dz)))
-
-
 def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=None):
   t = cfg.vae_train
   gan = disc_graphdef is not None
@@ -158,17 +123,7 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
     loss = 0.0
     for i, name in enumerate(("images", "videos")):
       x = _to_unit(batch[name])
-      key = jax.random.fold_in(rng, i)
-      mean, logvar = model.encode(x)
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-      if t.decoder_noise > 0:
-        z = z + decoder_noise(mean, t.decoder_noise, jax.random.fold_in(key, 1))
-      recon = model.decode(z)
-      if t.isometry_weight > 0:
-        s = model.settings
-        iso = isometry_error(mean, pooled_pixels(x, s.temporal_factor, s.spatial_factor))
-        loss += int(np.prod(x.shape[:4])) * t.isometry_weight * iso
-        out[f"{name}/isometry"] = iso
+      recon, mean, logvar = model(x, key=jax.random.fold_in(rng, i))
       err = recon - x
       l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
       kl = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])
@@ -206,9 +161,8 @@ def make_train_step(cfg, graphdef, tx, schedule, disc_graphdef=None, disc_tx=Non
     # A huge learning rate can overflow the parameters while loss and gradient are still finite.
     ok = jnp.isfinite(loss) & jnp.isfinite(m["grad_norm"]) & jnp.isfinite(m["param_norm"])
     for name in ("images", "videos"):
-      for k in ("l1", "l2", "kl", "isometry"):
-        if f"{name}/{k}" in out:
-          m[f"{name}/{k}"] = out[f"{name}/{k}"]
+      for k in ("l1", "l2", "kl"):
+        m[f"{name}/{k}"] = out[f"{name}/{k}"]
       # PSNR of the (noisy) training crops, in [0, 255] units: a cheap progress signal.
       m[f"{name}/psnr"] = 10 * jnp.log10(4.0 / jnp.maximum(out[f"{name}/l2"], 1e-12))
     if gan:
