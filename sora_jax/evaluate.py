@@ -12,8 +12,8 @@
    (sora_jax/detector.py) scores colour, motion, persistence, shot consistency and shape with 95% Wilson
    intervals, over all clips and by group: seen / held-out compositions, images, videos, long clips
    (>= 65 frames), two objects, cuts, videos by motion kind (straight, bouncing, still), and prompts by
-   the colours of their objects. The same
-   detector on the ground-truth renders of the same specs is reported next to them, as the ceiling.
+   the colours of their objects. The same detector on the ground-truth renders of the same specs is
+   reported next to them, as the ceiling.
 3. Continuous measures (binary scores on 64 prompts carry +-15-point intervals, too wide to see the
    effect of one change), with 95% bootstrap intervals over clips:
    - blobs per frame: on the prompts with one object and no cut, the components per frame that the

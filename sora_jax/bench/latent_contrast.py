@@ -7,9 +7,9 @@ contrast: the distance between its latent and the background's (the mean over th
 latent positions, in the bundle's normalised units, the space the DiT denoises in), and that distance per
 unit of pixel distance (pixels in [-1, 1]). The DiT's error on object tokens is of the order of 1 in these
 units at t = 0.7 (`evaluate`'s object_token_error), so a colour drawn much closer to its background than
-the others is the one whose objects the DiT loses: the demo's VAE put green 2.6-4x closer than red, blue,
-yellow and white, and green was the colour the demo's samples missed most (docs/benchmarks.md, "Where the
-demo DiT's learning goes wrong").
+the others is the one whose objects the DiT loses: the demo's VAE put green 2.6-4.4x closer than red, blue,
+yellow and white, and green was the colour the demo's samples missed most (docs/benchmarks.md, "Learning
+curve: the demo's recipe to 4x its DiT compute").
 """
 from __future__ import annotations
 
