@@ -5,9 +5,9 @@
 Encodes a flat 32x32 frame of every colour and every background and prints, per background, each colour's
 contrast: the distance between its latent and the background's (the mean over the frame's central 2x2
 latent positions, in the bundle's normalised units, the space the DiT denoises in), and that distance per
-unit of pixel distance (pixels in [-1, 1]). The DiT's error on object tokens is of the order of 1 in these
-units at t = 0.7 (`evaluate`'s object_token_error), so a colour drawn much closer to its background than
-the others is the one whose objects the DiT loses: the demo's VAE put green 2.6-4.4x closer than red, blue,
+unit of pixel distance (pixels in [-1, 1]). Squared and divided by the channels, a contrast compares with
+`evaluate`'s object_token_error (a mean squared error per latent element; 0.75 at t = 0.7 for the demo): a
+colour whose contrast falls below the DiT's error is the one whose objects it loses: the demo's VAE put green 2.6-4.4x closer than red, blue,
 yellow and white, and green was the colour the demo's samples missed most (docs/benchmarks.md, "Learning
 curve: the demo's recipe to 4x its DiT compute").
 """
