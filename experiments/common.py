@@ -298,8 +298,8 @@ def demo_dit(data: ConfigDict, size: str = "demo") -> ConfigDict:
 
 
 def demo_trainer(**over) -> ConfigDict:
-  """The demo's `train`: 1300 steps at lr 2e-3; `over`: trainer()'s other keys (or these)."""
-  return trainer(**{**dict(total_steps=1300, sample_every_steps=200, optim=optim(lr=2e-3, warmup_steps=40)),
+  """The demo's `train`: 650 steps at lr 2e-3; `over`: trainer()'s other keys (or these)."""
+  return trainer(**{**dict(total_steps=650, sample_every_steps=200, optim=optim(lr=2e-3, warmup_steps=40)),
                     **over})
 
 

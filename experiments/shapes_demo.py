@@ -28,8 +28,9 @@ def get_config(arg=None):
       text_len=384,                  # 256 binds rows of images: 4.4% padding
       max_text_tokens=32,
       max_segments=48,
-      batch_size=2,                  # 2 rows give twice the updates of 4 on the same tokens, and a better
-                                     # denoiser in the demo's minutes (docs/history.md, Issue 7)
+      batch_size=4,                  # 4 rows x 650 steps beat 2 x 1300 on the same tokens: +9 points of
+                                     # colour in each of two seeds, though the denoiser's error is higher
+                                     # (docs/history.md, Issue 22); 8 x 325 is too few updates
       token_budget=576,              # the widest segment sets blocksparse's step time: 576 = the largest
                                      # short clip
       min_patch_side=2)
@@ -38,16 +39,15 @@ def get_config(arg=None):
   # Short rows in a batch beat long ones with dense-mask attention (docs/history.md, Issue 6).
   c.sample = common.demo_sample()
 
-  # 5.5M params (1.3M of them adaLN, applied per segment so nearly free in FLOPs); ~1300 steps, 21 min of
-  # 2-core CPU (measured). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
+  # 5.5M params (1.3M of them adaLN, applied per segment so nearly free in FLOPs); 650 steps of 4 rows, ~20
+  # min of 2-core CPU. Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
   # on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16.
   c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion(
       shift_ref_tokens=64)           # about the demo mixture's mean tokens per sample (68.6): a ~ 1 there
 
-  # Colour 75% at 640 steps, 91% at 1280, 95% at 6000, 98% at 11000 (motion 29%): docs/benchmarks.md,
-  # "Evaluation". No wall-clock cap: the demo trains its steps on any machine and reports a slow stage.
-  # lr 2e-3: 5e-3 diverges in quality (docs/history.md, Issue 7, fourth session).
+  # Scores and the learning curve: docs/benchmarks.md. No wall-clock cap: the demo trains its steps on any
+  # machine and reports a slow stage. lr 2e-3: 5e-3 diverges in quality (docs/history.md, Issue 7).
   c.train = common.demo_trainer()
 
   # Wan 2.1's layout at toy width; 4x time, 4x space (8x cannot reach 30 dB in the demo's minutes), 8

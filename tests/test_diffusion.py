@@ -315,19 +315,19 @@ def test_frame_diff_weight_adds_its_term_to_the_loss():
   assert float(both) == pytest.approx(float(plain) + 0.5 * float(m2["loss_frame_diff"]), rel=1e-6)
 
 
-def test_bench_dit_times_the_step_at_each_frame_diff_weight():
-  # bench.dit's side-by-side timing: one JSON line per weight, each a fresh model on the same batch and
-  # noise, so the term shows as a higher loss (lr 1e-4 barely moves the weights in one step).
+def test_bench_dit_times_the_step_at_each_rows_per_step_and_frame_diff_weight():
+  # bench.dit's side-by-side timing: one JSON line per (rows, weight), each a fresh model on the same batch
+  # and noise, so the term shows as a higher loss (lr 1e-4 barely moves the weights in one step).
   import json
   import os
   import subprocess
   import sys
   out = subprocess.run(
       [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=1", "--heads=2", "--seq_len=64",
-       "--seg_len=16", "--batch=1", "--in_dim=32", "--dtype=float32", "--steps=1", "--frame_diff_weights=0,1"],
+       "--seg_len=16", "--batch=1,2", "--in_dim=32", "--dtype=float32", "--steps=1", "--frame_diff_weights=0,1"],
       capture_output=True, text=True, check=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-  assert [r["frame_diff_weight"] for r in rows] == [0.0, 1.0]
+  assert [(r["batch"], r["frame_diff_weight"]) for r in rows] == [(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
   assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in rows)
-  assert rows[1]["loss"] > rows[0]["loss"]
+  assert rows[1]["loss"] > rows[0]["loss"] and rows[3]["loss"] > rows[2]["loss"]

@@ -6,6 +6,8 @@
     python -m sora_jax.bench.dit --dtype=float32 --batch=2 --in_dim=32 --frame_diff_weights=0,1
                                                                     # the demo's step without and with
                                                                     # diffusion.frame_diff_weight, side by side
+    python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --in_dim=32 --batch=2,4
+                                                                    # 2 and 4 rows a step, side by side
 
 Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions.
 Model FLOPs come from sora_jax/flops.py (dense attention, no remat recomputation), the peak from
@@ -31,7 +33,7 @@ flags.DEFINE_integer("width", 0, "DiT width; 0 = the demo config's")
 flags.DEFINE_integer("depth", 0, "DiT depth; 0 = the demo config's")
 flags.DEFINE_integer("heads", 0, "attention heads; 0 = the demo config's")
 flags.DEFINE_integer("seq_len", 1024, "packed row length L")
-flags.DEFINE_integer("batch", 4, "rows per step")
+flags.DEFINE_list("batch", ["4"], "rows per step; several (e.g. 2,4) are each timed in turn, one JSON line each")
 flags.DEFINE_integer("seg_len", 64, "tokens per segment (a multiple of 4)")
 flags.DEFINE_integer("in_dim", 64, "token dim D (the demo's latents: 16 channels x 1x2x2 patches)")
 flags.DEFINE_string("remat", "none", "cfg.dit.remat")
@@ -70,12 +72,13 @@ def main(_):
   d.remat, d.dtype, d.attention = FLAGS.remat, FLAGS.dtype, FLAGS.attention
   if d.width >= 512:  # a caption encoder in proportion to a big DiT
     d.text_width, d.text_depth, d.text_heads = 512, 4, 8
-  b, l, lt = FLAGS.batch, FLAGS.seq_len, cfg.data.text_len
+  l, lt = FLAGS.seq_len, cfg.data.text_len
   s = max(cfg.data.max_segments, l // FLAGS.seg_len)
-  batch = synthetic_batch(b, l, lt, s, FLAGS.seg_len, d.in_dim)
-  for w in FLAGS.frame_diff_weights:
-    cfg.diffusion.frame_diff_weight = float(w)
-    time_step(cfg, batch)
+  for b in FLAGS.batch:
+    batch = synthetic_batch(int(b), l, lt, s, FLAGS.seg_len, d.in_dim)
+    for w in FLAGS.frame_diff_weights:
+      cfg.diffusion.frame_diff_weight = float(w)
+      time_step(cfg, batch)
 
 
 def time_step(cfg, batch: dict) -> None:
