@@ -49,23 +49,28 @@ _SELF_ROWS = [[37, 1, 1, 50, 7, 1], [1, 1, 100], [128]]
 _TEXT_ROWS = [[5, 1, 9, 2, 1, 3], [4, 1, 20], [9]]
 
 
+# merge_rows: the batch swept as one row (the single-device default) or row by row (tests see 8 devices).
+@pytest.mark.parametrize("merge_rows", [False, True])
 @pytest.mark.parametrize("block_q,block_k", [(16, 16), (8, 32), (64, 64)])
-def test_blocksparse_self_attention_matches_reference(block_q, block_k):
+def test_blocksparse_self_attention_matches_reference(block_q, block_k, merge_rows):
   q, k, v, w = _inputs(3, 128, 128, 2, 16)
   ids = np.stack([_ids(r, 128) for r in _SELF_ROWS])
-  fn = functools.partial(blocksparse.blocksparse_attention, block_q=block_q, block_k=block_k)
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=block_q, block_k=block_k,
+                         merge_rows=merge_rows)
   _assert_matches_reference(fn, q, k, v, w, ids, ids)
 
 
-def test_blocksparse_cross_attention_matches_reference():
+@pytest.mark.parametrize("merge_rows", [False, True])
+def test_blocksparse_cross_attention_matches_reference(merge_rows):
   q, k, v, w = _inputs(3, 128, 40, 2, 16)  # Lq != Lk, neither a multiple of the key block
   q_ids = np.stack([_ids(r, 128) for r in _SELF_ROWS])
   kv_ids = np.stack([_ids(r, 40) for r in _TEXT_ROWS])
-  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=16)
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=16, merge_rows=merge_rows)
   _assert_matches_reference(fn, q, k, v, w, q_ids, kv_ids)
 
 
-def test_blocksparse_random_layouts_match_reference():
+@pytest.mark.parametrize("merge_rows", [False, True])
+def test_blocksparse_random_layouts_match_reference(merge_rows):
   rng = np.random.default_rng(1)
   rows = []
   for _ in range(4):
@@ -74,7 +79,7 @@ def test_blocksparse_random_layouts_match_reference():
     rows.append(_ids(lengths, 200))
   ids = np.stack(rows)
   q, k, v, w = _inputs(4, 200, 200, 1, 8, seed=2)
-  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32)
+  fn = functools.partial(blocksparse.blocksparse_attention, block_q=32, block_k=32, merge_rows=merge_rows)
   _assert_matches_reference(fn, q, k, v, w, ids, ids)
 
 

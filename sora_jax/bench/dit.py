@@ -9,10 +9,18 @@
     python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --in_dim=32 --batch=2,4
                                                                     # 2 and 4 rows a step, side by side
 
-Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions.
-Model FLOPs come from sora_jax/flops.py (dense attention, no remat recomputation), the peak from
-flops.peak_flops (measured in-process on CPU, published for accelerators); the step is timed as the
-minimum of `--steps` runs after a warm-up.
+    python -m sora_jax.data.inspect --config experiments/shapes_demo.py --workdir runs/demo/dit \
+        --config.data.batch_size=4 --num_batches 8 --dump R.npz
+    python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --rows R.npz --batch=2,4 \
+        --merge_rows=false,true                                     # the demo's real rows, 2 or 4 a step,
+                                                                    # blocksparse row by row or merged
+
+Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions,
+or with --rows the packed rows dumped by data.inspect (the demo's: mixed sizes). Model FLOPs come from
+sora_jax/flops.py (dense attention, no remat recomputation), the peak from flops.peak_flops (measured
+in-process on CPU, published for accelerators). Synthetic rows: the step is the minimum of `--steps` runs
+after a warm-up. --rows: every setting steps through the same rows, `batch` at a time (the step's cost
+depends on its rows' layout), after a warm-up pass; the step is the mean over `--steps` passes' best.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import diffusion, flops
+from sora_jax.kernels import blocksparse
+from sora_jax.models import attention
 from sora_jax.models.dit import DiT
 
 FLAGS = flags.FLAGS
@@ -42,6 +52,10 @@ flags.DEFINE_string("attention", "reference", "cfg.dit.attention")
 flags.DEFINE_integer("steps", 5, "timed steps")
 flags.DEFINE_list("frame_diff_weights", ["0"], "diffusion.frame_diff_weight values, each timed in turn (one "
                   "JSON line each)")
+flags.DEFINE_string("rows", "", "packed rows to time on (.npz of data.inspect --dump); empty = synthetic rows")
+flags.DEFINE_list("merge_rows", ["auto"], "blocksparse's merge_rows (auto: on one device), each timed in turn: "
+                  "auto, true, false")
+_MERGE = {"auto": None, "true": True, "false": False}
 
 
 def synthetic_batch(b: int, l: int, lt: int, s: int, seg_len: int, in_dim: int) -> dict:
@@ -72,52 +86,82 @@ def main(_):
   d.remat, d.dtype, d.attention = FLAGS.remat, FLAGS.dtype, FLAGS.attention
   if d.width >= 512:  # a caption encoder in proportion to a big DiT
     d.text_width, d.text_depth, d.text_heads = 512, 4, 8
-  l, lt = FLAGS.seq_len, cfg.data.text_len
-  s = max(cfg.data.max_segments, l // FLAGS.seg_len)
-  for b in FLAGS.batch:
-    batch = synthetic_batch(int(b), l, lt, s, FLAGS.seg_len, d.in_dim)
-    for w in FLAGS.frame_diff_weights:
-      cfg.diffusion.frame_diff_weight = float(w)
-      time_step(cfg, batch)
+  bad = [m for m in FLAGS.merge_rows if m not in _MERGE]
+  if bad:
+    raise app.UsageError(f"--merge_rows {','.join(bad)}: accepted: {', '.join(_MERGE)}")
+  if FLAGS.rows:
+    with np.load(FLAGS.rows) as f:
+      rows = {k: f[k] for k in _BATCH_KEYS}
+    d.in_dim = rows["tokens"].shape[-1]
+  else:
+    l, lt = FLAGS.seq_len, cfg.data.text_len
+    s = max(cfg.data.max_segments, l // FLAGS.seg_len)
+  for b in map(int, FLAGS.batch):
+    if FLAGS.rows:
+      n = len(rows["tokens"]) // b
+      if not n:
+        raise app.UsageError(f"--batch {b}: more than the {len(rows['tokens'])} rows in {FLAGS.rows}")
+      batches = [{k: jnp.asarray(v[i * b:(i + 1) * b]) for k, v in rows.items()} for i in range(n)]
+    else:
+      batches = [synthetic_batch(b, l, lt, s, FLAGS.seg_len, d.in_dim)]
+    for merge in FLAGS.merge_rows:
+      # The DiT reaches blocksparse through attention's table; the bench swaps in the setting it times.
+      attention._IMPLEMENTATIONS["blocksparse"] = (  # pylint: disable=protected-access
+          lambda q, k, v, qi, ki, residual_name=None, m=_MERGE[merge]:
+          blocksparse.blocksparse_attention(q, k, v, qi, ki, merge_rows=m))
+      for w in FLAGS.frame_diff_weights:
+        cfg.diffusion.frame_diff_weight = float(w)
+        time_step(cfg, batches, merge)
 
 
-def time_step(cfg, batch: dict) -> None:
-  """Compiles and times one train step of cfg's DiT on `batch`; prints one JSON line."""
+_BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "text_tokens", "text_segment_ids",
+               "seg_valid")
+
+
+def time_step(cfg, batches: list[dict], merge: str = "auto") -> None:
+  """Compiles one train step of cfg's DiT and times it on `batches` (their mean step); one JSON line."""
   d = cfg.dit
+  batch = batches[0]
   (b, l), lt, s = batch["segment_ids"].shape, batch["text_tokens"].shape[1], batch["seg_valid"].shape[1]
   model = nnx.jit(lambda: DiT(d, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
   num_params = sum(x.size for x in jax.tree.leaves(state))
 
-  def step(state, rng):
+  def step(state, batch, rng):
     def loss(st):
       return diffusion.loss_fn(nnx.merge(graphdef, st), batch, rng, cfg)
     (l_, _), g = jax.value_and_grad(loss, has_aux=True)(state)
     return l_, jax.tree.map(lambda p, gp: p - 1e-4 * gp.astype(p.dtype), state, g)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=0).lower(state, jax.random.key(0)).compile()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t0
-  loss, state = compiled(state, jax.random.key(0))
+  first_loss = None
+  for x in batches:  # warm-up
+    loss, state = compiled(state, x, jax.random.key(0))
+    first_loss = loss if first_loss is None else first_loss
   jax.block_until_ready(loss)
-  times = []
+  times = [[] for _ in batches]
   for i in range(FLAGS.steps):
-    t0 = time.perf_counter()
-    loss, state = compiled(state, jax.random.key(i + 1))
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  best = min(times)
+    for j, x in enumerate(batches):
+      t0 = time.perf_counter()
+      loss, state = compiled(state, x, jax.random.key(i + 1))
+      jax.block_until_ready(loss)
+      times[j].append(time.perf_counter() - t0)
+  best = float(np.mean([min(t) for t in times]))
   model_flops = flops.dit_train_step_flops(cfg, batch=b, seq_len=l, text_len=lt, num_segments=s,
                                            num_params=num_params).model
   peak, peak_source = flops.peak_flops(jax.devices()[:1], d.dtype)
   print(json.dumps(dict(
       device=jax.devices()[0].device_kind, width=d.width, depth=d.depth, heads=d.num_heads, seq_len=l,
-      batch=b, seg_len=FLAGS.seg_len, remat=d.remat, dtype=d.dtype, attention=d.attention,
+      batch=b, rows=FLAGS.rows or f"synthetic, segments of {FLAGS.seg_len}", steps_per_pass=len(batches),
+      real_tokens_per_s=round(float(np.mean([(x["segment_ids"] > 0).sum() for x in batches])) / best),
+      remat=d.remat, dtype=d.dtype, attention=d.attention, merge_rows=merge,
       frame_diff_weight=cfg.diffusion.frame_diff_weight, params_m=round(num_params / 1e6, 2),
       compile_s=round(compile_s, 1), step_s=round(best, 4),
       tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),
       mfu=round(model_flops / best / peak, 4), peak=f"{peak / 1e12:.1f} TFLOP/s, {peak_source}",
-      loss=round(float(loss), 4))))
+      loss=round(float(first_loss), 4))))
 
 
 if __name__ == "__main__":

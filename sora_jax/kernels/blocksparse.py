@@ -250,7 +250,8 @@ def max_window(q_segment_ids: np.ndarray, kv_segment_ids: np.ndarray, block_q: i
 
 def blocksparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                           kv_segment_ids: jax.Array, *, block_q: int = 64, block_k: int = 64,
-                          max_window: int | None = None, group: int = 4) -> jax.Array:
+                          max_window: int | None = None, group: int = 4,
+                          merge_rows: bool | None = None) -> jax.Array:
   """Segment attention of q `[B, Lq, H, D]` over k, v `[B, Lk, H, D]` computing only active blocks.
 
   Same contract as the dense reference: a query attends to keys of its own segment id, padding (id 0)
@@ -263,6 +264,10 @@ def blocksparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_id
   `group`: blocks stepped together (smaller groups follow mixed segment lengths more closely, larger
   ones batch more work per step). 64-token blocks in groups of 4 were fastest on this CPU
   (docs/history.md, Issue 9).
+  `merge_rows`: sweep the batch's rows as one long row (ids kept apart), so that the blocks of all rows
+  are sorted and grouped together and the batch costs the sum of its rows' active block pairs; unmerged,
+  every row steps as long as the row with the widest window in each group. None = merge on a single
+  device: under a sharded batch the merged row would gather every device's rows.
   """
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
@@ -271,6 +276,15 @@ def blocksparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_id
   block_k = min(block_k, -(-lk // 8) * 8)
   q_ids = pad_seq(q_segment_ids.astype(jnp.int32), block_q)
   kv_ids = pad_seq(kv_segment_ids.astype(jnp.int32), block_k)
-  out = _attention(pad_seq(q, block_q), pad_seq(k, block_k), pad_seq(v, block_k),
-                   q_ids, kv_ids, block_q, block_k, max_window, group)
-  return out[:, :lq]
+  q, k, v = pad_seq(q, block_q), pad_seq(k, block_k), pad_seq(v, block_k)
+  batch = q.shape[0]
+  if merge_rows is None:
+    merge_rows = jax.device_count() == 1
+  if merge_rows and batch > 1:
+    # Row r's ids move up by r * (largest id + 1): rows never share an id, and ids still increase along
+    # the merged row, so every window stays contiguous. Padding (0) stays 0.
+    offset = (jnp.maximum(q_ids.max(), kv_ids.max()) + 1) * jnp.arange(batch, dtype=jnp.int32)[:, None]
+    q_ids, kv_ids = [jnp.where(i > 0, i + offset, 0).reshape(1, -1) for i in (q_ids, kv_ids)]
+    q, k, v = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v)]
+  out = _attention(q, k, v, q_ids, kv_ids, block_q, block_k, max_window, group)
+  return out.reshape(batch, -1, *out.shape[2:])[:, :lq]
