@@ -331,3 +331,28 @@ def test_bench_dit_times_the_step_at_each_rows_per_step_and_frame_diff_weight():
   assert [(r["batch"], r["frame_diff_weight"]) for r in rows] == [(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
   assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in rows)
   assert rows[1]["loss"] > rows[0]["loss"] and rows[3]["loss"] > rows[2]["loss"]
+
+
+def test_bench_dit_on_dumped_rows_merged_or_row_by_row_gives_the_same_loss(tmp_path):
+  # --rows: real packed rows (here two rows of 4 segments, two of one segment) stepped `batch` at a time;
+  # blocksparse's merged sweep is the same attention, so each batch size gives one loss either way.
+  import json
+  import os
+  import subprocess
+  import sys
+  from sora_jax.bench import dit as bench_dit
+  many = bench_dit.synthetic_batch(2, 64, 16, 4, 16, 32)
+  one = bench_dit.synthetic_batch(2, 64, 16, 4, 64, 32)
+  np.savez(tmp_path / "rows.npz", **{k: np.concatenate([np.asarray(many[k]), np.asarray(one[k])]) for k in many})
+  out = subprocess.run(
+      [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=1", "--heads=2", "--dtype=float32",
+       "--attention=blocksparse", f"--rows={tmp_path / 'rows.npz'}", "--batch=2,4", "--merge_rows=false,true",
+       "--steps=1"],
+      capture_output=True, text=True, check=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [(r["batch"], r["merge_rows"], r["steps_per_pass"]) for r in rows] == [
+      (2, "false", 2), (2, "true", 2), (4, "false", 1), (4, "true", 1)]
+  assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
+  assert rows[2]["loss"] == pytest.approx(rows[3]["loss"], rel=1e-5)
+  assert all(r["step_s"] > 0 and 0 < r["real_tokens_per_s"] <= r["tokens_per_s"] for r in rows)

@@ -1,4 +1,4 @@
-"""DiT train-step throughput: diffusion.loss_fn forward + backward + an SGD update, on synthetic packed rows.
+"""DiT train-step throughput: diffusion.loss_fn forward + backward + an SGD update, on packed rows.
 
     python -m sora_jax.bench.dit                                    # the demo's cfg.dit, L=1024, B=4
     python -m sora_jax.bench.dit --width=1152 --depth=28 --heads=16 --seq_len=8192 --batch=2 \
@@ -17,10 +17,11 @@
 
 Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions,
 or with --rows the packed rows dumped by data.inspect (the demo's: mixed sizes). Model FLOPs come from
-sora_jax/flops.py (dense attention, no remat recomputation), the peak from flops.peak_flops (measured
-in-process on CPU, published for accelerators). Synthetic rows: the step is the minimum of `--steps` runs
-after a warm-up. --rows: every setting steps through the same rows, `batch` at a time (the step's cost
-depends on its rows' layout), after a warm-up pass; the step is the mean over `--steps` passes' best.
+sora_jax/flops.py (no remat recomputation; attention dense over the row, or with --rows over the pairs
+its segments need, as the trainer counts), the peak from flops.peak_flops (measured in-process on CPU,
+published for accelerators). The step is the minimum of `--steps` runs after a warm-up; with --rows every
+setting steps through the same rows, `batch` at a time (the cost depends on the rows' layout), and the
+step is the mean over those batches of each one's minimum.
 """
 from __future__ import annotations
 
@@ -149,8 +150,12 @@ def time_step(cfg, batches: list[dict], merge: str = "auto") -> None:
       jax.block_until_ready(loss)
       times[j].append(time.perf_counter() - t0)
   best = float(np.mean([min(t) for t in times]))
-  model_flops = flops.dit_train_step_flops(cfg, batch=b, seq_len=l, text_len=lt, num_segments=s,
-                                           num_params=num_params).model
+  step_flops = flops.dit_train_step_flops(cfg, batch=b, seq_len=l, text_len=lt, num_segments=s,
+                                          num_params=num_params)
+  model_flops = step_flops.model
+  if FLAGS.rows:  # as the trainer counts: attention over the pairs the rows' segments need
+    model_flops += float(np.mean([flops.attention_model_flops(cfg, flops.useful_attention_pairs(x))
+                                  for x in batches])) - step_flops.model_attention
   peak, peak_source = flops.peak_flops(jax.devices()[:1], d.dtype)
   print(json.dumps(dict(
       device=jax.devices()[0].device_kind, width=d.width, depth=d.depth, heads=d.num_heads, seq_len=l,
