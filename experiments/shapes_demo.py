@@ -1,4 +1,4 @@
-"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 40 minutes on 2 CPU cores.
+"""The demo: every stage of sora-jax on the embedded Shapes data set, in about 45 minutes on 2 CPU cores.
 
     make demo
 runs it end to end (python -m sora_jax.demo --config experiments/shapes_demo.py --workdir runs/demo).
@@ -39,8 +39,8 @@ def get_config(arg=None):
   # Short rows in a batch beat long ones with dense-mask attention (docs/history.md, Issue 6).
   c.sample = common.demo_sample()
 
-  # 5.5M params (1.3M of them adaLN, applied per segment so nearly free in FLOPs); 650 steps of 4 rows, ~25
-  # min of 2-core CPU (the tokens/s of 2 rows a step: docs/benchmarks.md). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
+  # 4.4M params; 650 steps of 4 rows, ~27 min of 2-core CPU (the tokens/s of 2 rows a step: docs/benchmarks.md,
+  # "DiT training step and MFU"). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
   # on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16.
   c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion(
@@ -58,10 +58,10 @@ def get_config(arg=None):
 
   c.eval = common.evaluation()
 
-  # docs/benchmarks.md, "Demo": about 40 min in all with the step counts above; update them together.
+  # docs/benchmarks.md, "Demo": about 42 min in all with the step counts above; update them together.
   c.demo = common.demo(expected_minutes=dict(
-      data_train=0.2, data_validation=0.1, data_test=0.1, tokenizer=0.1, vae=8.5, latents=1.4, dit=25.0,
-      export=0.1, samples=0.5, evaluate=4.0))
+      data_train=0.2, data_validation=0.1, data_test=0.1, tokenizer=0.1, vae=8.5, latents=1.6, dit=26.5,
+      export=0.1, samples=0.5, evaluate=4.5))
 
   if arg.runlocal:  # every stage in a minute or two: for smoke tests of the whole demo
     c.data.num_train = 64

@@ -340,16 +340,18 @@ def test_bench_dit_on_dumped_rows_merged_or_row_by_row_gives_the_same_loss(tmp_p
   import os
   import subprocess
   import sys
-  from sora_jax.bench import dit as bench_dit
-  many = bench_dit.synthetic_batch(2, 64, 16, 4, 16, 32)
-  one = bench_dit.synthetic_batch(2, 64, 16, 4, 64, 32)
-  np.savez(tmp_path / "rows.npz", **{k: np.concatenate([np.asarray(many[k]), np.asarray(one[k])]) for k in many})
+  repo = os.path.dirname(os.path.dirname(__file__))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  make_rows = ("import numpy as np, sys; from sora_jax.bench import dit; "  # its flags stay out of this process
+               "a, b = dit.synthetic_batch(2, 64, 16, 4, 16, 32), dit.synthetic_batch(2, 64, 16, 4, 64, 32); "
+               "np.savez(sys.argv[1], **{k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a})")
+  subprocess.run([sys.executable, "-c", make_rows, str(tmp_path / "rows.npz")], check=True, env=env, cwd=repo,
+                 timeout=300)
   out = subprocess.run(
       [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=1", "--heads=2", "--dtype=float32",
        "--attention=blocksparse", f"--rows={tmp_path / 'rows.npz'}", "--batch=2,4", "--merge_rows=false,true",
        "--steps=1"],
-      capture_output=True, text=True, check=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+      capture_output=True, text=True, check=True, timeout=300, env=env, cwd=repo)
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   assert [(r["batch"], r["merge_rows"], r["steps_per_pass"]) for r in rows] == [
       (2, "false", 2), (2, "true", 2), (4, "false", 1), (4, "true", 1)]
