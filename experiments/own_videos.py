@@ -33,7 +33,7 @@ def get_config(arg=None):
       seq_len=1024,
       text_len=512,                  # packed text row: room for 8 captions of max_text_tokens
       max_text_tokens=64,            # real captions are longer than Shapes' (at most 30 tokens)
-      max_segments=48, batch_size=2, token_budget=576, min_patch_side=2)
+      max_segments=48, batch_size=4, token_budget=576, min_patch_side=2)  # the demo's 4 rows x 650 steps
   c.mesh = common.mesh()
   c.sample = common.demo_sample()
   c.dit = common.demo_dit(c.data)
