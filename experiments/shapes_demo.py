@@ -39,8 +39,8 @@ def get_config(arg=None):
   # Short rows in a batch beat long ones with dense-mask attention (docs/history.md, Issue 6).
   c.sample = common.demo_sample()
 
-  # 4.4M params; 650 steps of 4 rows, ~27 min of 2-core CPU (the tokens/s of 2 rows a step: docs/benchmarks.md,
-  # "DiT training step and MFU"). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
+  # 4.4M params; 650 steps of 4 rows, ~27 min of 2-core CPU (docs/benchmarks.md, "DiT training step and
+  # MFU"). Heads of 32: RoPE splits them (t, h, w) = (12, 10, 10). Computed in float32:
   # on XLA:CPU bf16 is slower (4.4 vs 5.2 s/step); pods use bf16.
   c.dit = common.demo_dit(c.data)
   c.diffusion = common.diffusion(
