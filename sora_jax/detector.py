@@ -61,7 +61,7 @@ _MIN_AREA_FRAC = 0.01    # of min(H, W)^2
 _MIN_FILL = 0.3
 _MIN_SOLID = 0.15         # smallest render: 3 of 16 pixels survive; uniform noise: 99% of clusters < 0.1
 _STILL = 0.05             # the spec: still means displacement under 5% of the frame
-_TURN = 0.03              # a turn back by this much (of the frame) along the axis is a reversal
+TURN = 0.03              # a turn back by this much (of the frame) along the axis is a reversal
 _PERSIST = 0.9
 _CUT_SCORE = 0.9
 _MIN_SHAPE_PIXELS = 6
@@ -249,15 +249,15 @@ def classify_motion(track_xy: np.ndarray) -> str | None:
 
 
 def _reversals(p: np.ndarray) -> int:
-  """Turns of a 1-D track, with hysteresis _TURN so jitter is not a turn."""
+  """Turns of a 1-D track, with hysteresis TURN so jitter is not a turn."""
   turns, direction, extreme = 0, 0, p[0]
   for v in p[1:]:
     if direction == 0:
-      if abs(v - p[0]) > _TURN:
+      if abs(v - p[0]) > TURN:
         direction, extreme = (1 if v > p[0] else -1), v
     elif direction * (v - extreme) > 0:
       extreme = v
-    elif direction * (extreme - v) > _TURN:
+    elif direction * (extreme - v) > TURN:
       turns, direction, extreme = turns + 1, -direction, v
   return turns
 
@@ -492,6 +492,25 @@ def summarize(scores: Sequence[ClipScore]) -> dict[str, Rate]:
     vals = [getattr(s, m) for s in scores if getattr(s, m) is not None]
     out[m] = Rate(int(sum(vals)), len(vals))
   return out
+
+
+UNTRACKED = "untracked"
+
+
+def motion_readings(labels: Sequence[shapes.CaptionLabels], scores: Sequence[ClipScore]
+                    ) -> dict[str, dict[str, int]]:
+  """{prompted motion: {read motion: objects}} over the clips whose motion is scored: how motion fails.
+  A read of UNTRACKED is an object seen too rarely to track. Straight or still prompts read as bouncing
+  are tracks that turn back by more than the turn threshold: an object that jitters."""
+  out: dict[str, dict[str, int]] = {}
+  for lab, sc in zip(labels, scores):
+    if sc.motion is None:
+      continue
+    for (_, _, want), got in zip(lab.objects, sc.reading.objects):
+      row = out.setdefault(want, {})
+      read = got.motion or UNTRACKED
+      row[read] = row.get(read, 0) + 1
+  return {m: out[m] for m in shapes.MOTIONS if m in out}
 
 
 def chance_level(labels: Sequence[shapes.CaptionLabels]) -> dict[str, float]:

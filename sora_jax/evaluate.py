@@ -307,6 +307,7 @@ def generation_scores(specs: Sequence[shapes.ClipSpec], videos: Sequence[np.ndar
   return {"groups": grouped([s for s, _ in kept], scores),
           "ground_truth": grouped([s for s, _ in kept], truth),
           "chance": detector.chance_level([s.labels() for s, _ in kept]),
+          "motion_read": detector.motion_readings([s.labels() for s, _ in kept], scores),
           "skipped": len(specs) - len(kept), "clips": per_clip, "blobs_per_frame": blobs,
           "_scores": scores, "_kept": kept}
 
@@ -529,6 +530,24 @@ CURVE_RATES = {"colour": ("all", "colour", "colour"), "motion": ("all", "motion"
                "motion_straight": ("straight motions", "motion", "motion (straight)")}
 
 
+def motion_read_table(readings: dict) -> str:
+  """HTML table of detector.motion_readings: objects per (prompted, read) motion, the matches in bold."""
+  cols = list(shapes.MOTIONS) + [detector.UNTRACKED]
+  head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+  def cell(want, got, n):
+    return f"<td><b>{n}</b></td>" if n and want == got else f"<td>{n or ''}</td>"
+  rows = "".join(f"<tr><td>{html.escape(w)}</td>" + "".join(cell(w, c, r.get(c, 0)) for c in cols) + "</tr>"
+                 for w, r in readings.items())
+  jitter = sum(n for w, r in readings.items() if w not in shapes.BOUNCING_MOTIONS
+               for c, n in r.items() if c in shapes.BOUNCING_MOTIONS)
+  calm = sum(sum(r.values()) for w, r in readings.items() if w not in shapes.BOUNCING_MOTIONS)
+  return (f"<table><tr><th>prompted / read</th>{head}</tr>{rows}</table><p class=note>Objects of the clips "
+          f"whose motion is scored (rows: the caption's motion; columns: the detector's reading). Straight or "
+          f"still prompts read as bouncing ({jitter} of {calm}) are tracks that turn back by more than "
+          f"{100 * detector.TURN:.0f}% of the frame: objects that jitter. A bouncing prompt in a clip too short "
+          f"to reach an edge also accepts a straight reading on its axis.</p>")
+
+
 def learning_curve_html(curve: dict, png: str | None) -> str:
   """The learning curve's plot and table (sora_jax/bench/learning_curve.py writes `curve`)."""
   times = [f"{t:g}" for t in curve.get("times", [])]
@@ -599,6 +618,9 @@ def write_report(out_dir: str, result: dict, *, gen_extra: dict | None, vae_exam
                      f"{chance}. {gen['skipped']} prompts skipped (size off the model's grid).</p>"))
     sections.append(("Detector on the ground-truth renders of the same prompts (ceiling)",
                      report.metric_table(gen["ground_truth"], detector.METRICS)))
+    if gen.get("motion_read"):
+      sections.append(("Generation: the motion read against the motion prompted", motion_read_table(
+          gen["motion_read"])))
   tables = continuous_tables(result)
   if tables:
     sections.append(("Continuous measures", tables))

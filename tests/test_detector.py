@@ -155,3 +155,20 @@ def test_wilson_interval():
   lo, hi = detector.wilson_interval(100, 100)
   assert hi > 1 - 1e-9 and 0.96 < lo < 0.965
   assert detector.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_motion_readings_show_a_jittering_track_as_bouncing():
+  mover = _clip(("circle", "red", "moving left", 0.25, 0.7, 0.5), height=48, width=48)
+  still = _clip(("square", "blue", "still", 0.25, 0.5, 0.5), height=48, width=48)
+  image = _clip(("triangle", "green", "still", 0.25, 0.5, 0.5), height=48, width=48, num_frames=1)
+  frames = shapes.render_clip(mover)
+  # Each 4-frame chunk drawn back to front (a model that draws each latent frame's object apart): the
+  # track still goes left overall but turns back inside every chunk.
+  order = np.concatenate([np.arange(i, min(i + 4, 17))[::-1] for i in range(0, 17, 4)])
+  videos = [(mover, frames), (mover, frames[order]), (still, shapes.render_clip(still)),
+            (image, shapes.render_clip(image))]
+  scores = [detector.score_clip(v, s) for s, v in videos]
+  assert [sc.motion for sc in scores] == [True, False, True, None]
+  got = detector.motion_readings([s.labels() for s, _ in videos], scores)
+  assert got == {"moving left": {"moving left": 1, "bouncing left and right": 1}, "still": {"still": 1}}
+  assert list(got) == [m for m in shapes.MOTIONS if m in got]  # in the data set's order of motions

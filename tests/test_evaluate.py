@@ -93,6 +93,11 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   assert "http" not in page and "<script" not in page
   saved = json.load(open(os.path.join(out, "metrics.json")))
   assert saved["generation"]["groups"]["all"]["motion"]["k"] == groups["all"]["motion"]["k"]
+  # How motion is read: ground truth reads every prompted motion as itself (the diagonal), in the report too.
+  read = saved["generation"]["motion_read"]
+  assert sum(sum(r.values()) for r in read.values()) >= groups["all"]["motion"]["n"] > 0
+  assert all(set(r) == {want} or want in shapes.BOUNCING_MOTIONS for want, r in read.items()), read
+  assert "the motion read against the motion prompted" in page and "(0 of " in page
   assert "colour" in evaluate.headline(result) and "report.html" in evaluate.headline(result)
   # The continuous measures, with their settings: ground truth through the "generator" reads 1 blob.
   blobs = saved["blobs_per_frame"]
