@@ -226,3 +226,29 @@ def test_bf16_compute_is_close_to_f32():
   assert bf16.dtype == np.float32
   rel = np.abs(bf16 - f32).max() / np.abs(f32).max()
   assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("attention", ["reference", "blocksparse"])
+def test_space_and_time_attention_keep_to_a_frame_and_a_place(attention):
+  rng = np.random.default_rng(0)
+  segs = [make_segment(rng, (3, 2, 2), 5, 0.3), make_segment(rng, (1, 3, 3), 3, 0.9),
+          make_segment(rng, (2, 2, 3), 7, 0.6)]
+  for s in segs:
+    s["cond_mask"][:] = 0.0  # given frames are modulated apart; keep every token a plain one here
+  row, n = pack(segs, L=40, Lt=20)
+  changed = {k: v.copy() for k, v in row.items()}
+  changed["x"][0, 3] += 1.0  # segment 1, frame 0, place (1, 1)
+  same_frame = (row["segment_ids"][0] == 1) & (row["positions"][0, :, 0] == 0)
+  same_place = (row["segment_ids"][0] == 1) & np.all(row["positions"][0, :, 1:] == (1, 1), axis=-1)
+  for axes, reach in [(("space",), same_frame), (("time",), same_place), (("space", "time"), None)]:
+    model = random_model(tiny_cfg(attention=attention, attention_axes=axes))
+    moved = np.abs(run(model, changed) - run(model, row)).max(-1)[0] > 1e-6
+    if reach is not None:  # one block kind alone: the change stays inside its group
+      np.testing.assert_array_equal(moved, reach)
+    else:  # space then time: the whole segment, and no other
+      np.testing.assert_array_equal(moved, row["segment_ids"][0] == 1)
+  # The full pattern is the plain DiT: the same parameters give the same output.
+  plain, full = tiny_cfg(attention=attention), tiny_cfg(attention=attention, attention_axes=("full",))
+  np.testing.assert_array_equal(run(random_model(plain), row), run(random_model(full), row))
+  with pytest.raises(ValueError, match="attention_axes"):
+    DiT(tiny_cfg(attention_axes=("diagonal",)), rngs=nnx.Rngs(0))

@@ -43,7 +43,9 @@ Config keys (cfg.dit): patch (the spacetime patch (pt, ph, pw) a token covers, i
 dim D = pt*ph*pw*latent channels; 0 = the data's, `resolve_in_dim`), width, depth, num_heads, ffn_dim,
 time_freq_dim, rope_theta, qk_norm, text_encoder ("caption": also vocab_size, text_width, text_depth,
 text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention's local kernel), context
-(its context parallelism: "none" | "ring" | "ulysses"; absent = "none"), remat (a policy of layers.REMAT,
+(its context parallelism: "none" | "ring" | "ulysses"; absent = "none"), attention_axes (what each
+block's self-attention spans, cycled over the blocks: "full" = its segment, Wan's; "space" = one latent
+frame; "time" = one place through the frames; absent = ("full",)), remat (a policy of layers.REMAT,
 the table of them), dtype (compute), param_dtype.
 """
 from __future__ import annotations
@@ -106,6 +108,23 @@ def per_token_rows(table_bs, given_row, onehot_bls):
                     precision=jax.lax.Precision.HIGHEST)
 
 
+ATTENTION_AXES = ("full", "space", "time")
+
+
+def attention_axis_ids(positions_bl3: jax.Array, segment_ids_bl: jax.Array) -> jax.Array:
+  """Self-attention groups [3, B, L] int32 for `dit.attention_axes` ("full", "space", "time"): a
+  segment; a segment's latent frame; a segment's place (h, w) through its frames (factorised space-time
+  attention, as in Latte and Open-Sora 1's STDiT). 0 = padding. Every kernel masks by equal ids, so a
+  group is a segment to it."""
+  seg = segment_ids_bl.astype(jnp.int32)
+  t, h, w = (positions_bl3[..., i].astype(jnp.int32) for i in range(3))
+  width = w.max() + 1
+  places = (h.max() + 1) * width
+  space = seg * (t.max() + 1) + t + 1
+  time = seg * (places + 1) + h * width + w + 1
+  return jnp.stack([seg] + [jnp.where(seg > 0, i, 0) for i in (space, time)])
+
+
 class DiTBlock(nnx.Module):
   """Wan 2.1's block: modulated self-attention (3-D RoPE, QK-norm across heads), cross-attention to the
   segment's caption (affine layer norm, no gate), modulated GELU(tanh) MLP.
@@ -127,8 +146,9 @@ class DiTBlock(nnx.Module):
     # Zero, with the zero-initialised time projection: every block starts as the identity (adaLN-Zero).
     self.mod = layers.param(rngs, nnx.initializers.zeros, (6, w), (None, "embed"), param_dtype)
 
-  def __call__(self, x, ctx):
-    seg, angles, mod_bs, mod0, rows, kv, kv_seg = ctx
+  def __call__(self, x, ctx, axes=None):
+    seg, angles, mod_bs, mod0, rows, kv, kv_seg, axis_ids = ctx
+    self_ids = seg if axes is None else axis_ids[axes]  # dit.attention_axes: this block's groups
     table = self.mod[...]
     # Per-segment rows ([B, S, 6, W], cheap) looked up per token one modulation at a time: each [B, L, W]
     # result fuses into its consumer and the backward needs no [B, L, 6, W] gradient buffer.
@@ -136,7 +156,7 @@ class DiTBlock(nnx.Module):
         per_token_rows(mod_bs[:, :, i] + table[i], mod0[i] + table[i], rows) for i in range(6))
 
     h = _modulate(self.norm1(x), shift1, scale1).astype(x.dtype)
-    x = x + (gate1 * self.attn(h, seg, h, seg, q_angles=angles, kv_angles=angles)).astype(x.dtype)
+    x = x + (gate1 * self.attn(h, self_ids, h, self_ids, q_angles=angles, kv_angles=angles)).astype(x.dtype)
     x = x + self.cross(self.norm_cross(x), seg, kv, kv_seg)
     h = _modulate(self.norm2(x), shift2, scale2).astype(x.dtype)
     x = x + (gate2 * self.mlp(h)).astype(x.dtype)
@@ -180,6 +200,12 @@ class DiT(nnx.Module):
       self.out = layers.Dense(w, cfg.in_dim, ("embed", None), zero_init=True, **kw, rngs=rngs)
     self.time_freq_dim, self.rope_theta, self.remat, self.dtype = (
         cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype)
+    axes = tuple(cfg.get("attention_axes", ("full",)))  # bare test configs lack it
+    if not axes or any(a not in ATTENTION_AXES for a in axes):
+      raise ValueError(f"dit.attention_axes={axes} must name one or more of {ATTENTION_AXES}")
+    # Block i attends as axes[i % len(axes)]; None: every block over its whole segment (Wan's).
+    self.axes = None if set(axes) == {"full"} else tuple(ATTENTION_AXES.index(axes[i % len(axes)])
+                                                         for i in range(cfg.depth))
 
   def _time(self, t):
     """The time embedding c [..., W] (float32) of t in [0, 1]."""
@@ -222,8 +248,10 @@ class DiT(nnx.Module):
 
     angles = layers.rope_angles(positions, self.rope_dims, self.rope_theta)
     rows = row_one_hot(seg, given, s, jnp.float32)
-    ctx = (seg, angles, mod_bs, mod0, rows, kv, tseg)
-    h = layers.scan_layers(self.blocks, h, lambda blk, h: blk(h, ctx), self.remat)
+    axis_ids = None if self.axes is None else attention_axis_ids(positions, seg)
+    ctx = (seg, angles, mod_bs, mod0, rows, kv, tseg, axis_ids)
+    per_layer = None if self.axes is None else jnp.asarray(self.axes, jnp.int32)
+    h = layers.scan_layers(self.blocks, h, lambda blk, h, *a: blk(h, ctx, *a), self.remat, per_layer)
 
     table = self.final_mod[...]
     shift, scale = (per_token_rows(c_bsw + table[i], c0_w + table[i], rows) for i in range(2))

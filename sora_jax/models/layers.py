@@ -285,16 +285,18 @@ def remat_kept_apart():
     _prevent_cse = before
 
 
-def scan_layers(layers: nnx.Module, x, step: Callable, remat: str):
-  """Runs `x = step(layer, x)` through stacked `layers` with nnx.scan, remat per layer by policy name."""
+def scan_layers(layers: nnx.Module, x, step: Callable, remat: str, per_layer: jax.Array | None = None):
+  """Runs `x = step(layer, x)` through stacked `layers` with nnx.scan, remat per layer by policy name;
+  with `per_layer` (an array with a leading layers axis), `x = step(layer, x, per_layer[i])`."""
   if remat not in REMAT:
     raise ValueError(f"remat={remat!r} is unknown; accepted: {sorted(REMAT)}")
 
-  def body(x, layer):
-    return step(layer, x)
+  def body(x, layer, *xs):
+    return step(layer, x, *xs)
 
   if remat != "none":
     body = nnx.remat(body, policy=REMAT[remat].policy, prevent_cse=_prevent_cse)
-  body = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+  extra = () if per_layer is None else (per_layer,)
+  body = nnx.scan(body, in_axes=(nnx.Carry, 0) + (0,) * len(extra), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-  return body(x, layers)
+  return body(x, layers, *extra)
