@@ -97,6 +97,8 @@ def dit(size: str, *, text: dict, patch=(1, 2, 2), in_dim: int = 0, attention: s
       rope_theta=10000.0,
       qk_norm=True,
       attention=attention,           # segment_attention's local kernel (models/attention.py)
+      attention_axes=("full",),      # each block's self-attention, cycled: full (the segment: Wan's),
+                                     # space (a latent frame), time (a place through the frames)
       context=context,               # attention over a sequence-sharding mesh axis (`context` or
                                      # `sequence`, sharding.py): none|ring|ulysses
       remat=remat,                   # a name in models/layers.REMAT_POLICIES
