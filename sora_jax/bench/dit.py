@@ -14,6 +14,8 @@
     python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --rows R.npz --batch=2,4 \
         --merge_rows=false,true                                     # the demo's real rows, 2 or 4 a step,
                                                                     # blocksparse row by row or merged
+    python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --rows R.npz \
+        --attention_axes=full --attention_axes=space,time           # full against factorised attention
 
 Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions,
 or with --rows the packed rows dumped by data.inspect (the demo's: mixed sizes). Model FLOPs come from
@@ -21,7 +23,8 @@ sora_jax/flops.py (no remat recomputation; attention dense over the row, or with
 its segments need, as the trainer counts), the peak from flops.peak_flops (measured in-process on CPU,
 published for accelerators). The step is the minimum of `--steps` runs after a warm-up; with --rows every
 setting steps through the same rows, `batch` at a time (the cost depends on the rows' layout), and the
-step is the mean over those batches of each one's minimum.
+step is the mean over those batches of each one's minimum. FLOPs count each segment's full attention
+whatever `--attention_axes` (space or time blocks attend to fewer pairs), so compare those by step_s.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ flags.DEFINE_string("attention", "reference", "cfg.dit.attention")
 flags.DEFINE_integer("steps", 5, "timed steps")
 flags.DEFINE_list("frame_diff_weights", ["0"], "diffusion.frame_diff_weight values, each timed in turn (one "
                   "JSON line each)")
+flags.DEFINE_multi_string("attention_axes", ["full"], "dit.attention_axes as comma-separated block kinds "
+                          "(full, space, time); repeat the flag to time each in turn")
 flags.DEFINE_string("rows", "", "packed rows to time on (.npz of data.inspect --dump); empty = synthetic rows")
 flags.DEFINE_list("merge_rows", ["auto"], "blocksparse's merge_rows (auto: on one device), each timed in turn: "
                   "auto, true, false")
@@ -111,8 +116,9 @@ def main(_):
           lambda q, k, v, qi, ki, residual_name=None, m=_MERGE[merge]:
           blocksparse.blocksparse_attention(q, k, v, qi, ki, merge_rows=m))
       for w in FLAGS.frame_diff_weights:
-        cfg.diffusion.frame_diff_weight = float(w)
-        time_step(cfg, batches, merge)
+        for axes in FLAGS.attention_axes:
+          cfg.diffusion.frame_diff_weight, d.attention_axes = float(w), tuple(axes.split(","))
+          time_step(cfg, batches, merge)
 
 
 _BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "text_tokens", "text_segment_ids",
@@ -162,7 +168,8 @@ def time_step(cfg, batches: list[dict], merge: str = "auto") -> None:
       batch=b, rows=FLAGS.rows or f"synthetic, segments of {FLAGS.seg_len}", steps_per_pass=len(batches),
       real_tokens_per_s=round(float(np.mean([(x["segment_ids"] > 0).sum() for x in batches])) / best),
       remat=d.remat, dtype=d.dtype, attention=d.attention, merge_rows=merge,
-      frame_diff_weight=cfg.diffusion.frame_diff_weight, params_m=round(num_params / 1e6, 2),
+      frame_diff_weight=cfg.diffusion.frame_diff_weight, attention_axes=",".join(d.attention_axes),
+      params_m=round(num_params / 1e6, 2),
       compile_s=round(compile_s, 1), step_s=round(best, 4),
       tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),
       mfu=round(model_flops / best / peak, 4), peak=f"{peak / 1e12:.1f} TFLOP/s, {peak_source}",
