@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import sharding
+from sora_jax.models import dit as dit_lib
 from sora_jax.models import layers
 from sora_jax.models.text import MLP_RATIO as TEXT_MLP_RATIO
 
@@ -268,9 +269,10 @@ def attention_model_flops(cfg, pairs: dict) -> float:
   return sum(a.layers * attention_flops(pairs[a.name], a.width, a.heads)[0] for a in attention_calls(cfg.dit))
 
 
-def useful_attention_pairs(batch: dict) -> dict:
+def useful_attention_pairs(batch: dict, dit_cfg=None) -> dict:
   """The (query, key) pairs a packed batch really needs: per segment, n^2 video pairs, n * (m + 1)
-  video-to-caption pairs and m^2 caption pairs.
+  video-to-caption pairs and m^2 caption pairs. With `dit_cfg` whose `attention_axes` factorise the
+  self-attention, "self" is the mean over its blocks of the pairs inside each block's groups.
 
   Dense attention computes every pair of the row; MFU counts only these (so it does not reward
   computing masked pairs, and block-sparse kernels are not penalised for skipping them).
@@ -280,7 +282,14 @@ def useful_attention_pairs(batch: dict) -> dict:
   s = int(max(seg.max(initial=0), tseg.max(initial=0))) + 1
   n = np.stack([np.bincount(r, minlength=s)[1:s] for r in seg]).astype(np.float64)
   m = np.stack([np.bincount(r, minlength=s)[1:s] for r in tseg]).astype(np.float64)
-  return {"self": float((n * n).sum()), "cross": float((n * m).sum()), "text": float((m * m).sum())}
+  self_pairs = float((n * n).sum())
+  axes = tuple(dit_cfg.get("attention_axes", ("full",))) if dit_cfg is not None else ("full",)
+  if set(axes) != {"full"}:
+    ids = dit_lib.attention_axis_ids(np.asarray(batch["positions"]), seg.astype(np.int32))
+    per_kind = [float(sum(np.square(np.bincount(r)[1:].astype(np.float64)).sum() for r in k)) for k in ids]
+    kinds = [dit_lib.ATTENTION_AXES.index(axes[i % len(axes)]) for i in range(dit_cfg.depth)]
+    self_pairs = float(np.mean([per_kind[k] for k in kinds]))
+  return {"self": self_pairs, "cross": float((n * m).sum()), "text": float((m * m).sum())}
 
 
 def compare_with_compiled(step: StepFlops, compiled_flops: float, num_devices: int, *,

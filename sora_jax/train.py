@@ -632,7 +632,7 @@ def _loop(cfg, state, batch, first, compiled, data_iter, to_global, mesh, ckpt, 
     last_batch, batch = batch, None
     step += 1
     steps_since += 1
-    pairs = flops.useful_attention_pairs(last_batch)  # host-local rows; scaled to the global batch
+    pairs = flops.useful_attention_pairs(last_batch, cfg.dit)  # host-local rows; scaled to the global batch
     model_flops += non_attention + jax.process_count() * flops.attention_model_flops(cfg, pairs)
     pending.append(scalars)
     if block_every_step:

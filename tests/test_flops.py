@@ -2,6 +2,7 @@
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -119,11 +120,19 @@ def test_useful_attention_pairs():
   dense = {"self": 2 * 6 * 6, "cross": 2 * 6 * 5, "text": 2 * 4 * 4}
   assert flops.attention_model_flops(cfg, pairs) < flops.attention_model_flops(cfg, dense)
 
+  # Factorised self-attention (dit.attention_axes): segment 1 is 2 frames of 1x2, segment 2 one frame of 1x2.
+  pos = np.array([[[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1], [0, 0, 0], [0, 0, 1]]])
+  one = {"segment_ids": np.array([[1, 1, 1, 1, 2, 2]]), "text_segment_ids": np.array([[1, 2]]), "positions": pos}
+  frames, places = 2 * 2 * 2 + 2 * 2, 2 * 2 * 2 + 1 + 1  # groups of a frame; groups of a place
+  for axes, depth, want in [(("full",), 4, 16 + 4), (("space",), 4, frames), (("space", "time"), 4,
+                            (frames + places) / 2), (("full", "time", "time"), 3, (20 + 2 * places) / 3)]:
+    d = ml_collections.ConfigDict(dict(attention_axes=axes, depth=depth))
+    assert flops.useful_attention_pairs(one, d)["self"] == want, axes
+
 
 def test_lora_matmul_count_equals_traced_matmuls(monkeypatch):
   """Under LoRA the hand count keeps only the matmuls autodiff emits: no weight gradients of the frozen
   base, no gradients into the time and text paths, the adapters' matmuls with theirs (exact, no remat)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from sora_jax.models import lora  # pylint: disable=g-import-not-at-top
   for name in ("SOFTMAX_FWD", "SOFTMAX_BWD", "BLOCK_ELEMWISE_FWD", "BLOCK_ELEMWISE_BWD",
                "OPTIMIZER_PER_PARAM"):

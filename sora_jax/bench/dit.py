@@ -23,8 +23,8 @@ sora_jax/flops.py (no remat recomputation; attention dense over the row, or with
 its segments need, as the trainer counts), the peak from flops.peak_flops (measured in-process on CPU,
 published for accelerators). The step is the minimum of `--steps` runs after a warm-up; with --rows every
 setting steps through the same rows, `batch` at a time (the cost depends on the rows' layout), and the
-step is the mean over those batches of each one's minimum. FLOPs count each segment's full attention
-whatever `--attention_axes` (space or time blocks attend to fewer pairs), so compare those by step_s.
+step is the mean over those batches of each one's minimum. With --rows, space and time blocks
+(`--attention_axes`) count the pairs inside their groups; synthetic rows count each segment's.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def time_step(cfg, batches: list[dict], merge: str = "auto") -> None:
                                           num_params=num_params)
   model_flops = step_flops.model
   if FLAGS.rows:  # as the trainer counts: attention over the pairs the rows' segments need
-    model_flops += float(np.mean([flops.attention_model_flops(cfg, flops.useful_attention_pairs(x))
+    model_flops += float(np.mean([flops.attention_model_flops(cfg, flops.useful_attention_pairs(x, d))
                                   for x in batches])) - step_flops.model_attention
   peak, peak_source = flops.peak_flops(jax.devices()[:1], d.dtype)
   print(json.dumps(dict(

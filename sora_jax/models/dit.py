@@ -55,6 +55,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sora_jax import patching, sharding
@@ -111,18 +112,19 @@ def per_token_rows(table_bs, given_row, onehot_bls):
 ATTENTION_AXES = ("full", "space", "time")
 
 
-def attention_axis_ids(positions_bl3: jax.Array, segment_ids_bl: jax.Array) -> jax.Array:
+def attention_axis_ids(positions_bl3, segment_ids_bl):
   """Self-attention groups [3, B, L] int32 for `dit.attention_axes` ("full", "space", "time"): a
   segment; a segment's latent frame; a segment's place (h, w) through its frames (factorised space-time
   attention, as in Latte and Open-Sora 1's STDiT). 0 = padding. Every kernel masks by equal ids, so a
-  group is a segment to it."""
-  seg = segment_ids_bl.astype(jnp.int32)
-  t, h, w = (positions_bl3[..., i].astype(jnp.int32) for i in range(3))
+  group is a segment to it. numpy in, numpy out (flops.py counts the pairs); jax in, jax out."""
+  xp = np if isinstance(segment_ids_bl, np.ndarray) else jnp
+  seg = segment_ids_bl.astype(xp.int32)
+  t, h, w = (positions_bl3[..., i].astype(xp.int32) for i in range(3))
   width = w.max() + 1
   places = (h.max() + 1) * width
   space = seg * (t.max() + 1) + t + 1
   time = seg * (places + 1) + h * width + w + 1
-  return jnp.stack([seg] + [jnp.where(seg > 0, i, 0) for i in (space, time)])
+  return xp.stack([seg] + [xp.where(seg > 0, i, 0) for i in (space, time)])
 
 
 class DiTBlock(nnx.Module):
