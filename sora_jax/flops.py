@@ -283,7 +283,7 @@ def useful_attention_pairs(batch: dict, dit_cfg=None) -> dict:
   n = np.stack([np.bincount(r, minlength=s)[1:s] for r in seg]).astype(np.float64)
   m = np.stack([np.bincount(r, minlength=s)[1:s] for r in tseg]).astype(np.float64)
   self_pairs = float((n * n).sum())
-  axes = tuple(dit_cfg.get("attention_axes", ("full",))) if dit_cfg is not None else ("full",)
+  axes = tuple(dit_cfg.attention_axes) if dit_cfg is not None else ("full",)
   if set(axes) != {"full"}:
     ids = dit_lib.attention_axis_ids(np.asarray(batch["positions"]), seg.astype(np.int32))
     per_kind = [float(sum(np.square(np.bincount(r)[1:].astype(np.float64)).sum() for r in k)) for k in ids]

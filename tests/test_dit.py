@@ -17,7 +17,7 @@ D, V, S = 8, 32, 4
 def tiny_cfg(**kw):
   c = ml_collections.ConfigDict(dict(
       in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
-      rope_theta=10000.0, qk_norm=True, text_width=16, text_depth=2, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), text_width=16, text_depth=2, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c.update(kw)
   return c

@@ -202,7 +202,7 @@ class DiT(nnx.Module):
       self.out = layers.Dense(w, cfg.in_dim, ("embed", None), zero_init=True, **kw, rngs=rngs)
     self.time_freq_dim, self.rope_theta, self.remat, self.dtype = (
         cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype)
-    axes = tuple(cfg.get("attention_axes", ("full",)))  # bare test configs lack it
+    axes = tuple(cfg.attention_axes)
     if not axes or any(a not in ATTENTION_AXES for a in axes):
       raise ValueError(f"dit.attention_axes={axes} must name one or more of {ATTENTION_AXES}")
     # Block i attends as axes[i % len(axes)]; None: every block over its whole segment (Wan's).
