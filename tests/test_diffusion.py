@@ -161,7 +161,7 @@ def test_loss_fn_under_jit_reaches_every_parameter():
   from sora_jax.models.dit import DiT
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=16, depth=1, num_heads=2, ffn_dim=32, text_encoder="caption", time_freq_dim=16,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), text_width=8, text_depth=1, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=8, text_depth=1, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(cond_first_frame=1.0, text_drop=0.5)
   # eval_shape + numpy values: eager init would compile one small program per parameter shape.
@@ -190,7 +190,7 @@ def test_dit_fits_a_fixed_batch():
   from sora_jax.models.dit import DiT
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), text_width=16, text_depth=1, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=1, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(text_drop=0.0)
   model = nnx.jit(lambda: DiT(dit, rngs=nnx.Rngs(0)))()
@@ -358,3 +358,20 @@ def test_bench_dit_on_dumped_rows_merged_or_row_by_row_gives_the_same_loss(tmp_p
   assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
   assert rows[2]["loss"] == pytest.approx(rows[3]["loss"], rel=1e-5)
   assert all(r["step_s"] > 0 and 0 < r["real_tokens_per_s"] <= r["tokens_per_s"] for r in rows)
+
+
+def test_bench_dit_times_the_step_without_and_with_mlp_conv():
+  # The same step with and without dit.mlp_conv: the conv starts as the identity (and behind the MLP's
+  # zero-initialised gate), so the first loss is the same.
+  import json
+  import os
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=2", "--heads=2", "--seq_len=64",
+       "--seg_len=16", "--batch=1", "--in_dim=32", "--dtype=float32", "--steps=1", "--mlp_conv=false,true"],
+      capture_output=True, text=True, check=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert [r["mlp_conv"] for r in rows] == [False, True]
+  assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)

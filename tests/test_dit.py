@@ -9,7 +9,7 @@ from flax import nnx
 
 from sora_jax import sharding
 from sora_jax.models import layers
-from sora_jax.models.dit import DiT, per_token_rows, row_one_hot
+from sora_jax.models.dit import DiT, per_token_rows, row_one_hot, spacetime_neighbours
 
 D, V, S = 8, 32, 4
 
@@ -17,7 +17,7 @@ D, V, S = 8, 32, 4
 def tiny_cfg(**kw):
   c = ml_collections.ConfigDict(dict(
       in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), text_width=16, text_depth=2, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=2, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c.update(kw)
   return c
@@ -81,8 +81,9 @@ def run(model, row):
   return np.asarray(_forward(model, {k: jnp.asarray(v) for k, v in row.items()}))
 
 
-def test_packed_segments_match_running_alone():
-  model = random_model(tiny_cfg())
+@pytest.mark.parametrize("mlp_conv", [False, True])
+def test_packed_segments_match_running_alone(mlp_conv):
+  model = random_model(tiny_cfg(mlp_conv=mlp_conv))
   rng = np.random.default_rng(0)
   segs = [make_segment(rng, (3, 2, 2), 5, 0.3), make_segment(rng, (1, 3, 3), 3, 0.9),
           make_segment(rng, (2, 2, 3), 7, 0.6)]
@@ -252,3 +253,43 @@ def test_space_and_time_attention_keep_to_a_frame_and_a_place(attention):
   np.testing.assert_array_equal(run(random_model(plain), row), run(random_model(full), row))
   with pytest.raises(ValueError, match="attention_axes"):
     DiT(tiny_cfg(attention_axes=("diagonal",)), rngs=nnx.Rngs(0))
+
+
+def _conv_by_grid(h, grid, taps):
+  """A segment's hidden [n, C] through the separable zero-padded 3-tap convolutions on its (T, H, W) grid."""
+  x = h.reshape(*grid, -1)
+  for a in range(3):
+    p = np.pad(x, [(1, 1) if i == a else (0, 0) for i in range(4)])
+    side = lambda k: np.take(p, np.arange(k, k + x.shape[a]), axis=a)
+    x = taps[a, 0] * side(0) + taps[a, 1] * side(1) + taps[a, 2] * side(2)
+  return x.reshape(h.shape)
+
+
+def test_mlp_conv_is_a_zero_padded_spacetime_conv_of_each_segment_alone():
+  rng = np.random.default_rng(0)
+  grids = [(3, 2, 2), (1, 3, 3), (2, 2, 3), (2, 1, 4)]
+  row, n = pack([make_segment(rng, g, 3, 0.5) for g in grids], L=50, Lt=20)
+  index, valid = spacetime_neighbours(jnp.asarray(row["positions"]), jnp.asarray(row["segment_ids"]))
+  # The neighbours by brute force: the token of the same segment one step along the axis.
+  pos, seg = row["positions"][0], row["segment_ids"][0]
+  for i in range(50):
+    for a in range(3):
+      for k, step in enumerate((-1, 1)):
+        want = pos[i] + step * np.eye(3, dtype=int)[a]
+        hit = np.flatnonzero((seg == seg[i]) & np.all(pos == want, -1)) if seg[i] else []
+        assert bool(valid[0, i, a, k]) == (len(hit) == 1), (i, a, step)
+        if len(hit):
+          assert int(index[0, i, a, k]) == hit[0]
+  with nnx.use_eager_sharding(False):
+    conv = layers.NeighbourConv(5, rngs=nnx.Rngs(0))
+  h = rng.normal(size=(1, 50, 5)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(conv(jnp.asarray(h), (index, valid))), h)  # starts as the identity
+  taps = rng.normal(size=(3, 3, 5)).astype(np.float32)
+  conv.taps[...] = jnp.asarray(taps)
+  out = np.asarray(conv(jnp.asarray(h), (index, valid)))[0]
+  start = 0
+  for g in grids:
+    m = int(np.prod(g))
+    np.testing.assert_allclose(out[start:start + m], _conv_by_grid(h[0, start:start + m], g, taps), atol=1e-5)
+    start += m
+  assert start < 50  # the random padding after the segments leaks into none of them

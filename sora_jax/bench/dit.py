@@ -16,6 +16,8 @@
                                                                     # blocksparse row by row or merged
     python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --rows R.npz \
         --attention_axes=full --attention_axes=space,time           # full against factorised attention
+    python -m sora_jax.bench.dit --dtype=float32 --attention=blocksparse --rows R.npz \
+        --mlp_conv=false,true                                       # without and with dit.mlp_conv
 
 Rows hold equal segments of `seg_len` tokens (4 latent frames, a square-ish grid) with 12-token captions,
 or with --rows the packed rows dumped by data.inspect (the demo's: mixed sizes). Model FLOPs come from
@@ -58,6 +60,7 @@ flags.DEFINE_list("frame_diff_weights", ["0"], "diffusion.frame_diff_weight valu
                   "JSON line each)")
 flags.DEFINE_multi_string("attention_axes", ["full"], "dit.attention_axes as comma-separated block kinds "
                           "(full, space, time); repeat the flag to time each in turn")
+flags.DEFINE_list("mlp_conv", ["false"], "dit.mlp_conv values (false, true), each timed in turn")
 flags.DEFINE_string("rows", "", "packed rows to time on (.npz of data.inspect --dump); empty = synthetic rows")
 flags.DEFINE_list("merge_rows", ["auto"], "blocksparse's merge_rows (auto: on one device), each timed in turn: "
                   "auto, true, false")
@@ -117,8 +120,12 @@ def main(_):
           blocksparse.blocksparse_attention(q, k, v, qi, ki, merge_rows=m))
       for w in FLAGS.frame_diff_weights:
         for axes in FLAGS.attention_axes:
-          cfg.diffusion.frame_diff_weight, d.attention_axes = float(w), tuple(axes.split(","))
-          time_step(cfg, batches, merge)
+          for conv in FLAGS.mlp_conv:
+            if conv not in ("false", "true"):
+              raise app.UsageError(f"--mlp_conv={conv}: accepted: false, true")
+            cfg.diffusion.frame_diff_weight, d.attention_axes = float(w), tuple(axes.split(","))
+            d.mlp_conv = conv == "true"
+            time_step(cfg, batches, merge)
 
 
 _BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "text_tokens", "text_segment_ids",
@@ -169,6 +176,7 @@ def time_step(cfg, batches: list[dict], merge: str = "auto") -> None:
       real_tokens_per_s=round(float(np.mean([(x["segment_ids"] > 0).sum() for x in batches])) / best),
       remat=d.remat, dtype=d.dtype, attention=d.attention, merge_rows=merge,
       frame_diff_weight=cfg.diffusion.frame_diff_weight, attention_axes=",".join(d.attention_axes),
+      mlp_conv=d.mlp_conv,
       params_m=round(num_params / 1e6, 2),
       compile_s=round(compile_s, 1), step_s=round(best, 4),
       tokens_per_s=round(b * l / best), model_tflops_per_s=round(model_flops / best / 1e12, 3),

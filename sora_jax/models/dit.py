@@ -45,7 +45,9 @@ time_freq_dim, rope_theta, qk_norm, text_encoder ("caption": also vocab_size, te
 text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention's local kernel), context
 (its context parallelism: "none" | "ring" | "ulysses"; absent = "none"), attention_axes (what each
 block's self-attention spans, cycled over the blocks: "full" = its segment, Wan's; "space" = one latent
-frame; "time" = one place through the frames; absent = ("full",)), remat (a policy of layers.REMAT,
+frame; "time" = one place through the frames; absent = ("full",)), mlp_conv (a depthwise 3x3x3 spacetime
+convolution, separable, on each MLP's hidden layer over the token's neighbours in its segment, as Sana's
+Mix-FFN; starts as the identity; absent = False, Wan's), remat (a policy of layers.REMAT,
 the table of them), dtype (compute), param_dtype.
 """
 from __future__ import annotations
@@ -127,6 +129,33 @@ def attention_axis_ids(positions_bl3, segment_ids_bl):
   return xp.stack([seg] + [xp.where(seg > 0, i, 0) for i in (space, time)])
 
 
+def spacetime_neighbours(positions_bl3, segment_ids_bl):
+  """Each token's neighbours one step back and forward along t, h and w in its own segment, for
+  `dit.mlp_conv` (layers.NeighbourConv): (index [B, L, 3, 2] int32, valid [B, L, 3, 2] bool).
+
+  A segment's tokens lie in raster order (t, h, w) (patching.patchify), so a neighbour is a fixed stride
+  away: 1 along w, the segment's grid width along h, its height x width along t; `valid` also checks the
+  neighbour's segment and position, so a grid's edge, another segment or padding is never read."""
+  seg = segment_ids_bl.astype(jnp.int32)
+  pos = positions_bl3.astype(jnp.int32)
+  b, n = seg.shape
+  extent = jax.vmap(lambda v, s: jax.ops.segment_max(v, s, num_segments=n + 1))
+  per_token = lambda v: jnp.take_along_axis(extent(v, seg), seg, axis=1) + 1
+  width, height = per_token(pos[..., 2]), per_token(pos[..., 1])
+  strides = jnp.stack([height * width, width, jnp.ones_like(width)], axis=-1)  # [B, L, 3]
+  i = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
+  sign = jnp.array([-1, 1], jnp.int32)
+  j = i + strides[..., None] * sign  # [B, L, 3, 2]
+  jc = jnp.clip(j, 0, n - 1)
+  take = lambda v: jnp.take_along_axis(v, jc.reshape(b, -1), axis=1).reshape(jc.shape)
+  step = jnp.eye(3, dtype=jnp.int32)[:, None, :] * sign[:, None]  # [3 axes, 2 signs, 3 coords]
+  same_place = jnp.ones(j.shape, bool)
+  for c in range(3):
+    same_place &= take(pos[..., c]) == pos[..., c, None, None] + step[..., c]
+  valid = (j == jc) & (seg[..., None, None] > 0) & (take(seg) == seg[..., None, None]) & same_place
+  return jc, valid
+
+
 class DiTBlock(nnx.Module):
   """Wan 2.1's block: modulated self-attention (3-D RoPE, QK-norm across heads), cross-attention to the
   segment's caption (affine layer norm, no gate), modulated GELU(tanh) MLP.
@@ -144,12 +173,12 @@ class DiTBlock(nnx.Module):
     self.norm_cross = layers.LayerNorm(w, **kw)
     self.cross = layers.Attention(w, cfg.num_heads, cross=True, **attend, **kw)
     self.norm2 = layers.LayerNorm(w, affine=False, **kw)
-    self.mlp = layers.MLP(w, cfg.ffn_dim, **kw)
+    self.mlp = layers.MLP(w, cfg.ffn_dim, conv=cfg.mlp_conv, **kw)
     # Zero, with the zero-initialised time projection: every block starts as the identity (adaLN-Zero).
     self.mod = layers.param(rngs, nnx.initializers.zeros, (6, w), (None, "embed"), param_dtype)
 
   def __call__(self, x, ctx, axes=None):
-    seg, angles, mod_bs, mod0, rows, kv, kv_seg, axis_ids = ctx
+    seg, angles, mod_bs, mod0, rows, kv, kv_seg, axis_ids, neighbours = ctx
     self_ids = seg if axes is None else axis_ids[axes]  # dit.attention_axes: this block's groups
     table = self.mod[...]
     # Per-segment rows ([B, S, 6, W], cheap) looked up per token one modulation at a time: each [B, L, W]
@@ -161,7 +190,7 @@ class DiTBlock(nnx.Module):
     x = x + (gate1 * self.attn(h, self_ids, h, self_ids, q_angles=angles, kv_angles=angles)).astype(x.dtype)
     x = x + self.cross(self.norm_cross(x), seg, kv, kv_seg)
     h = _modulate(self.norm2(x), shift2, scale2).astype(x.dtype)
-    x = x + (gate2 * self.mlp(h)).astype(x.dtype)
+    x = x + (gate2 * self.mlp(h, neighbours)).astype(x.dtype)
     return sharding.constrain(x, ACT)
 
 
@@ -200,8 +229,8 @@ class DiT(nnx.Module):
       self.final_norm = layers.LayerNorm(w, affine=False, **kw, rngs=rngs)
       self.final_mod = layers.param(rngs, nnx.initializers.zeros, (2, w), (None, "embed"), param_dtype)
       self.out = layers.Dense(w, cfg.in_dim, ("embed", None), zero_init=True, **kw, rngs=rngs)
-    self.time_freq_dim, self.rope_theta, self.remat, self.dtype = (
-        cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype)
+    self.time_freq_dim, self.rope_theta, self.remat, self.dtype, self.mlp_conv = (
+        cfg.time_freq_dim, cfg.rope_theta, cfg.remat, dtype, bool(cfg.mlp_conv))
     axes = tuple(cfg.attention_axes)
     if not axes or any(a not in ATTENTION_AXES for a in axes):
       raise ValueError(f"dit.attention_axes={axes} must name one or more of {ATTENTION_AXES}")
@@ -251,7 +280,8 @@ class DiT(nnx.Module):
     angles = layers.rope_angles(positions, self.rope_dims, self.rope_theta)
     rows = row_one_hot(seg, given, s, jnp.float32)
     axis_ids = None if self.axes is None else attention_axis_ids(positions, seg)
-    ctx = (seg, angles, mod_bs, mod0, rows, kv, tseg, axis_ids)
+    neighbours = spacetime_neighbours(positions, seg) if self.mlp_conv else None
+    ctx = (seg, angles, mod_bs, mod0, rows, kv, tseg, axis_ids, neighbours)
     per_layer = None if self.axes is None else jnp.asarray(self.axes, jnp.int32)
     h = layers.scan_layers(self.blocks, h, lambda blk, h, *a: blk(h, ctx, *a), self.remat, per_layer)
 

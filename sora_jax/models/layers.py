@@ -240,16 +240,44 @@ class Attention(nnx.Module):
     return self.o(sharding.constrain(out, names))
 
 
-class MLP(nnx.Module):
-  """Two-layer MLP with GELU (tanh approximation)."""
+class NeighbourConv(nnx.Module):
+  """A depthwise spacetime convolution over packed tokens: 3 taps per channel along each grid axis, applied
+  one axis after another (a separable 3x3x3 kernel per channel), each tap reading the token's neighbour
+  in its own segment by index (`neighbours` [B, L, A, 2] int32 and `valid` [B, L, A, 2] bool for A axes,
+  the token one step back and one step forward; dit.spacetime_neighbours). An absent neighbour (the
+  grid's edge, another segment, padding) reads zero, as a zero-padded convolution does. Starts as the
+  identity (centre tap 1, side taps 0)."""
 
-  def __init__(self, dim: int, hidden: int, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, axes: int = 3, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[:, 1].set(1)
+    self.taps = param(rngs, init, (axes, 3, channels), (None, None, "mlp"), param_dtype)
+
+  def __call__(self, h_blc: jax.Array, neighbours) -> jax.Array:
+    index, valid = neighbours
+    taps = self.taps[...].astype(h_blc.dtype)
+    for a in range(taps.shape[0]):
+      side = [jnp.where(valid[:, :, a, k, None],
+                        jnp.take_along_axis(h_blc, index[:, :, a, k, None], axis=1), 0) for k in range(2)]
+      h_blc = taps[a, 0] * side[0] + taps[a, 1] * h_blc + taps[a, 2] * side[1]
+    return h_blc
+
+
+class MLP(nnx.Module):
+  """Two-layer MLP with GELU (tanh approximation); with `conv`, a NeighbourConv on the hidden layer
+  before the activation (Sana's Mix-FFN, separable), which then needs the tokens' `neighbours`."""
+
+  def __init__(self, dim: int, hidden: int, *, conv: bool = False, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.up = Dense(dim, hidden, ("embed", "mlp"), **kw)
+    self.conv = NeighbourConv(hidden, param_dtype=param_dtype, rngs=rngs) if conv else None
     self.down = Dense(hidden, dim, ("mlp", "embed"), **kw)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    h = sharding.constrain(jax.nn.gelu(self.up(x_bld), approximate=True), ("act_batch", "act_seq", "act_mlp"))
+  def __call__(self, x_bld: jax.Array, neighbours=None) -> jax.Array:
+    h = self.up(x_bld)
+    if self.conv is not None:
+      h = self.conv(h, neighbours)
+    h = sharding.constrain(jax.nn.gelu(h, approximate=True), ("act_batch", "act_seq", "act_mlp"))
     return self.down(h)
 
 
