@@ -293,3 +293,12 @@ def test_mlp_conv_is_a_zero_padded_spacetime_conv_of_each_segment_alone():
     np.testing.assert_allclose(out[start:start + m], _conv_by_grid(h[0, start:start + m], g, taps), atol=1e-5)
     start += m
   assert start < 50  # the random padding after the segments leaks into none of them
+  # The backward pass (a gather from the opposite side) is the transpose of the forward one.
+  weights = rng.normal(size=out.shape).astype(np.float32)
+  grad = lambda take: jax.grad(lambda x: jnp.sum(take(x) * weights))(jnp.asarray(h))
+  for a in range(3):
+    for k in range(2):
+      plain = lambda x: jnp.where(valid[:, :, a, k, None], jnp.take_along_axis(x, index[:, :, a, k, None], 1), 0)
+      custom = lambda x: layers._neighbour_take(x, index[:, :, a, k], valid[:, :, a, k],  # pylint: disable=protected-access
+                                                index[:, :, a, 1 - k], valid[:, :, a, 1 - k])
+      np.testing.assert_allclose(np.asarray(grad(custom)), np.asarray(grad(plain)), atol=1e-6)
