@@ -315,19 +315,24 @@ def test_frame_diff_weight_adds_its_term_to_the_loss():
   assert float(both) == pytest.approx(float(plain) + 0.5 * float(m2["loss_frame_diff"]), rel=1e-6)
 
 
-def test_bench_dit_times_the_step_at_each_rows_per_step_and_frame_diff_weight():
-  # bench.dit's side-by-side timing: one JSON line per (rows, weight), each a fresh model on the same batch
-  # and noise, so the term shows as a higher loss (lr 1e-4 barely moves the weights in one step).
+def _bench_dit(*flags):
+  """bench.dit's JSON lines for a 64-wide DiT on synthetic rows of 64 (segments of 16), one step each."""
   import json
   import os
   import subprocess
   import sys
   out = subprocess.run(
-      [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=1", "--heads=2", "--seq_len=64",
-       "--seg_len=16", "--batch=1,2", "--in_dim=32", "--dtype=float32", "--steps=1", "--frame_diff_weights=0,1"],
+      [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--heads=2", "--seq_len=64", "--seg_len=16",
+       "--in_dim=32", "--dtype=float32", "--steps=1", *flags],
       capture_output=True, text=True, check=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_dit_times_the_step_at_each_rows_per_step_and_frame_diff_weight():
+  # bench.dit's side-by-side timing: one JSON line per (rows, weight), each a fresh model on the same batch
+  # and noise, so the term shows as a higher loss (lr 1e-4 barely moves the weights in one step).
+  rows = _bench_dit("--depth=1", "--batch=1,2", "--frame_diff_weights=0,1")
   assert [(r["batch"], r["frame_diff_weight"]) for r in rows] == [(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
   assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in rows)
   assert rows[1]["loss"] > rows[0]["loss"] and rows[3]["loss"] > rows[2]["loss"]
@@ -363,15 +368,6 @@ def test_bench_dit_on_dumped_rows_merged_or_row_by_row_gives_the_same_loss(tmp_p
 def test_bench_dit_times_the_step_without_and_with_mlp_conv():
   # The same step with and without dit.mlp_conv: the conv starts as the identity (and behind the MLP's
   # zero-initialised gate), so the first loss is the same.
-  import json
-  import os
-  import subprocess
-  import sys
-  out = subprocess.run(
-      [sys.executable, "-m", "sora_jax.bench.dit", "--width=64", "--depth=2", "--heads=2", "--seq_len=64",
-       "--seg_len=16", "--batch=1", "--in_dim=32", "--dtype=float32", "--steps=1", "--mlp_conv=false,true"],
-      capture_output=True, text=True, check=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=os.path.dirname(os.path.dirname(__file__)))
-  rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  rows = _bench_dit("--depth=2", "--batch=1", "--mlp_conv=false,true")
   assert [r["mlp_conv"] for r in rows] == [False, True]
   assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
