@@ -474,7 +474,7 @@ def _step(state, batch, x, tc_bs, tn_bs, z, guidance, solver, carry, *, static, 
   solver: this step's per-segment inputs besides the times: the times the model sees ("model",
   "model_next": samplers.model_times) and UniPC's coefficients ("coef": samplers.UniPCTables.at(k)).
   carry: what a multistep solver keeps between steps (UniPC: "x_prev", "history"; else empty).
-  Returns (x at t_next, the new carry).
+  Returns (x at t_next, the new carry, the data estimate x0 at t_cur that the step moved towards).
   """
   seg = batch["segment_ids"]
   tc, tn = _per_token(tc_bs, seg), _per_token(tn_bs, seg)
@@ -510,16 +510,21 @@ def _step(state, batch, x, tc_bs, tn_bs, z, guidance, solver, carry, *, static, 
       mean = (a_n * (1.0 - alpha) * x0 + jnp.sqrt(alpha) * (1.0 - ab_n) * x) / one_c
       x_new = mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z
   x_new = given(jnp.where(tn < tc, x_new, x))  # a segment whose schedule has ended stays put
-  return jnp.where((seg > 0)[..., None], x_new, 0.0), carry
+  x0 = given(sched.x0_eps(x, out, tc)[0])
+  pad = lambda a: jnp.where((seg > 0)[..., None], a, 0.0)
+  return pad(x_new), carry, pad(x0)
 
 
 def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
             schedule: Schedule | None = None, progress: bool = False,
-            unipc: samplers.UniPC | None = None) -> list[np.ndarray]:
+            unipc: samplers.UniPC | None = None,
+            on_step: Callable[[int, list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
   """Runs the sampler over packed rows; returns each placement's normalised latents [t, h, w, c].
 
   `model` has the DiT's call signature (an nnx.Module or a plain function). `unipc`: the UniPC settings
-  (default: Wan 2.1's, samplers.UniPC()).
+  (default: Wan 2.1's, samplers.UniPC()). `on_step(k, x0s)`, if given, is called after step k with each
+  placement's data estimate at that step (the guided prediction of the clean latents, [t, h, w, c]): the
+  sampled trajectory, for bench.sample_trajectory.
   """
   sched = schedule or Schedule()
   if sampler not in sched.samplers():
@@ -555,8 +560,14 @@ def denoise(model, packed: Packed, *, sampler: str, guidance: float, seed: int,
     solver = {"model": f32(packed.model_times[k]), "model_next": f32(packed.model_times[k + 1])}
     if tables is not None:
       solver["coef"] = {name: f32(c) for name, c in tables.at(k).items()}
-    x, carry = step(state, batch, x, f32(sigmas[k]), f32(sigmas[k + 1]), z, g, solver, carry)
-  x = np.asarray(jax.block_until_ready(x))
+    x, carry, x0 = step(state, batch, x, f32(sigmas[k]), f32(sigmas[k + 1]), z, g, solver, carry)
+    if on_step is not None:
+      on_step(k, _unpack(packed, np.asarray(x0)))
+  return _unpack(packed, np.asarray(jax.block_until_ready(x)))
+
+
+def _unpack(packed: Packed, x: np.ndarray) -> list[np.ndarray]:
+  """Each placement's latents [t, h, w, c] from rows [R, L, D]."""
   return [patching.unpatchify(x[p.row, p.start:p.start + p.num_tokens], p.grid, packed.patch)
           for p in packed.placements]
 
@@ -829,8 +840,10 @@ def edit_prompt(pipe: Pipeline, caption: str, video: np.ndarray, num_frames: int
 def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int = 0,
                    steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                    row_len: int | None = None, rows_per_call: int = 8, index_offset: int = 0,
-                   progress: bool = False, negative_prompt: str | None = None) -> list[np.ndarray]:
-  """Normalised latents [t, h, w, c] per request; see `generate`."""
+                   progress: bool = False, negative_prompt: str | None = None,
+                   on_step: Callable[[int, dict[int, np.ndarray]], None] | None = None) -> list[np.ndarray]:
+  """Normalised latents [t, h, w, c] per request; see `generate`. `on_step(k, {request: x0})`: each
+  request's data estimate after sampler step k (`denoise`), called once per step and group of rows."""
   pipe = as_pipeline(models)
   reqs = [Request.of(r) for r in requests]
   if not reqs:
@@ -857,8 +870,10 @@ def sample_latents(models, requests: Sequence[Request | Sequence], *, seed: int 
   out: list[np.ndarray | None] = [None] * len(reqs)
   for r0 in range(0, packed.num_rows, rows_per_call):
     part = packed.rows(r0, r0 + rows_per_call)
+    hook = None if on_step is None else (
+        lambda k, x0s, part=part: on_step(k, {i - index_offset: z for i, z in zip(part.indices, x0s)}))
     latents = denoise(pipe.dit, part, sampler=sampler, guidance=guidance, seed=seed, schedule=sched,
-                      progress=progress, unipc=pipe.unipc if sampler == "unipc" else None)
+                      progress=progress, unipc=pipe.unipc if sampler == "unipc" else None, on_step=hook)
     for i, z in zip(part.indices, latents):
       out[i - index_offset] = z
   return out
