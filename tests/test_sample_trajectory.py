@@ -57,12 +57,26 @@ def test_the_hook_hands_over_the_estimate_and_the_rows_read_it():
   np.testing.assert_allclose(final[0], truth, atol=1e-4)  # Euler's last step lands on its estimate
 
   rows = sample_trajectory.trajectory(pipe, [spec], every=1)
-  assert [r["step"] for r in rows] == list(range(1, steps + 1)) + ["sample"]
-  for r, t in zip(rows, list(times[:steps]) + [0.0]):
+  assert [r["step"] for r in rows] == list(range(1, steps + 1)) + ["sample", "truth"]
+  for r, t in zip(rows[:-1], list(times[:steps]) + [0.0]):
     assert abs(r["t"] - t) < 1e-9
     assert r["found"] > 0.8
     if t > 0.5:
       assert 3.0 < r["place_error"] < 5.0, r  # the displacement, in pixels
     else:
       assert r["place_error"] == 0.0, r
-  assert rows[-1]["read_right"] == 1  # the truth's motion, read from the finished sample
+  sample, rendered = rows[-2:]
+  assert sample["read_right"] == rendered["read_right"] == 1  # the truth's motion, from the finished sample
+  assert sample["ahead"] == rendered["ahead"] == 1
+  assert abs(sample["speed"] - rendered["speed"]) < 0.3 and rendered["speed"] > 1.0, (sample, rendered)
+
+
+def test_signed_speed_is_positive_in_the_captions_direction():
+  spec = motion_tracks.straight_specs("single", 1, 4)[0]
+  o = spec.objects[0]
+  ahead = -1.0 if o.motion in ("moving left", "moving up") else 1.0
+  track = 10.0 + ahead * 2.0 * np.arange(17.0)
+  track[[3, 9]] = np.nan
+  assert abs(sample_trajectory.signed_speed(track, spec) - 2.0) < 1e-9
+  assert abs(sample_trajectory.signed_speed(track[::-1], spec) + 2.0) < 1e-9
+  assert np.isnan(sample_trajectory.signed_speed(np.full(17, np.nan), spec))

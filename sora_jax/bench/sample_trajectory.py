@@ -14,8 +14,10 @@ decoded and the object tracked along its motion axis (motion_tracks.axis_track),
   falls to the finished jitter);
 - inside / across: the mean centroid step inside latent frames and across their boundaries
   (motion_tracks.step_sizes; truth about 1.9 px each at the demo's speed): the latent frames' disagreement;
+- speed: the least-squares slope of the track, in pixels a frame, signed so that the caption's direction
+  is positive (mean over the clips; truth about 1.9), and `ahead`: the clips whose slope is positive;
 - read right: clips whose estimate the detector reads as moving as the caption says.
-The last row is the finished sample. A DiT that places the object early and only refines it shows a
+The finished sample follows, then the ground-truth renders for reference. A DiT that places the object early and only refines it shows a
 place error that falls to a few pixels while t is still high; one that keeps moving the object shows the
 error falling only as t reaches 0, and its across-steps say whether the latent frames settle apart.
 """
@@ -62,11 +64,12 @@ def trajectory(pipe, specs: list[shapes.ClipSpec], *, every: int, seed: int = 0,
   times = [sampling.time_schedule(steps, pipe.geometry.num_tokens(s.num_frames, s.height, s.width),
                                   pipe.shift_fn, grid=pipe.time_grid) for s in specs]
 
-  def measures(latents, t, last):
-    tracks, jitter, right = [], [], 0
+  def measures(latents, t, last, decode=pipe.decode):
+    tracks, jitter, speeds, right = [], [], [], 0
     for z, spec, end in zip(latents, specs, last):
-      frames = pipe.decode(z)[:spec.num_frames]
+      frames = decode(z)[:spec.num_frames]
       track = motion_tracks.axis_track(frames, spec)
+      speeds.append(signed_speed(track, spec))
       tracks.append(track)
       jitter.append(motion_tracks.step_sizes(track, temporal))
       right += bool(detector.score_clip(frames, shapes.caption(spec)).motion)
@@ -76,6 +79,7 @@ def trajectory(pipe, specs: list[shapes.ClipSpec], *, every: int, seed: int = 0,
     jitter = np.asarray(jitter)
     return {"t": float(t), "found": found, "place_error": float(err.mean()) if err.size else None,
             "inside": float(np.nanmean(jitter[:, 0])), "across": float(np.nanmean(jitter[:, 1])),
+            "speed": float(np.nanmean(speeds)), "ahead": int(np.sum(np.asarray(speeds) > 0)),
             "read_right": int(right), "tracks": tracks}
 
   end = measures(final, 0.0, [None] * len(specs))
@@ -85,18 +89,30 @@ def trajectory(pipe, specs: list[shapes.ClipSpec], *, every: int, seed: int = 0,
     row = measures(latents, np.mean([tt[k] for tt in times]), end["tracks"])
     rows.append({"step": k + 1, **row})
   rows.append({"step": "sample", **end, "place_error": 0.0})
+  truth = measures([shapes.render_clip(s) for s in specs], 0.0, [None] * len(specs), decode=lambda v: v)
+  rows.append({"step": "truth", **truth})
   for r in rows:
     del r["tracks"]
   return rows
 
 
+def signed_speed(track: np.ndarray, spec: shapes.ClipSpec) -> float:
+  """The track's least-squares slope (pixels a frame), positive in the caption's direction; NaN with
+  fewer than 3 tracked frames."""
+  ok = np.isfinite(track)
+  if ok.sum() < 3:
+    return np.nan
+  slope = np.polyfit(np.flatnonzero(ok).astype(np.float64), track[ok], 1)[0]
+  return float(-slope if spec.objects[0].motion in ("moving left", "moving up") else slope)
+
+
 def format_rows(rows: list[dict]) -> str:
-  lines = ["| after step | t | found | place error (px) | inside | across | read right |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| after step | t | found | place error (px) | inside | across | speed | ahead | read right |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     pe = "" if r["place_error"] is None else f"{r['place_error']:.2f}"
     lines.append(f"| {r['step']} | {r['t']:.3f} | {r['found']:.2f} | {pe} | {r['inside']:.2f} | "
-                 f"{r['across']:.2f} | {r['read_right']} |")
+                 f"{r['across']:.2f} | {r['speed']:.2f} | {r['ahead']} | {r['read_right']} |")
   return "\n".join(lines)
 
 
