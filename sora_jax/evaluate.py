@@ -382,7 +382,23 @@ def denoise_errors(dit, cfg, batch: dict, eps: np.ndarray, *, num_segments: int,
 def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
                        times: Sequence[float] = DENOISE_TIMES, rows_per_call: int = 8,
                        latents: Sequence[np.ndarray] | None = None) -> dict:
-  """The DiT's clean-latent error on object tokens of held-out clips, at each diffusion time in `times`.
+  """The DiT's clean-latent error on object tokens of held-out clips, at each diffusion time in `times`:
+  `per_clip_object_errors`' clip means, each with a 95% bootstrap interval."""
+  setup, per_t = per_clip_object_errors(pipe, specs, seed=seed, times=times, rows_per_call=rows_per_call,
+                                        latents=latents)
+  return {"settings": setup,
+          "by_t": {f"{t:g}": {"object": bootstrap_mean(v["model"], seed=seed),
+                              "background": bootstrap_mean(v["background"], seed=seed),
+                              "shrinkage_object": bootstrap_mean(v["shrinkage"], seed=seed)}
+                   for t, v in per_t.items()}}
+
+
+def per_clip_object_errors(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
+                           times: Sequence[float] = DENOISE_TIMES, rows_per_call: int = 8,
+                           latents: Sequence[np.ndarray] | None = None,
+                           captions: Sequence[str] | None = None) -> tuple[dict, dict]:
+  """(settings, {t: {"model", "shrinkage": [a clip's mean error on its object tokens, one per clip with
+  object tokens], "background": [its other tokens' mean, where it has any]}}).
 
   Each spec is rendered as the evaluator does (no noise), encoded with the pipeline's VAE into normalised
   latents and patchified with its patch; the clips are packed into rows as sampling packs requests, and
@@ -392,6 +408,7 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   shrinkage baseline's, likewise), then the mean over clips comes with a 95% bootstrap interval. Clips
   without object tokens, and sizes off the model's grid, are left out (counted). `latents`: the
   normalised latents of the first specs' renders when they are at hand (vae_scores encodes the same clips).
+  `captions`: the text each spec's clip is given instead of its own caption (bench.caption_reading).
   """
   from sora_jax import patching  # pylint: disable=g-import-not-at-top
   g = pipe.geometry
@@ -400,17 +417,19 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
   for i, s in enumerate(specs):
     try:
       g.latent_shape(s.num_frames, s.height, s.width)
-      picked.append((s, known[i] if i < len(known) else None))
+      picked.append((s, known[i] if i < len(known) else None,
+                     shapes.caption(s) if captions is None else captions[i]))
     except ValueError:
       pass
   setup = {"clips": len(specs), "split": "test", "seed": seed, "times": list(times),
            "objective": str(pipe.cfg.diffusion.objective), "guidance": 1.0, "text_drop": 0.0,
            "object_threshold": 1.0, "off_grid": len(specs) - len(picked)}
+  per_t = {t: {"model": [], "background": [], "shrinkage": []} for t in times}
   if not picked:
-    return {"settings": setup, "by_t": {}}
+    return setup, per_t
   latents = distributed.map_shared(lambda sz: pipe.encode(shapes.render_clip(sz[0])) if sz[1] is None else sz[1],
                                    picked)
-  reqs = [sampling.Request(shapes.caption(s), s.num_frames, s.height, s.width) for s, _ in picked]
+  reqs = [sampling.Request(c, s.num_frames, s.height, s.width) for s, _, c in picked]
   row_len = int(pipe.sample_setting("row_len", None, 0) or pipe.cfg.data.seq_len)
   packed = sampling.pack_requests(reqs, g, [pipe.text(r.caption) for r in reqs], seed=seed, steps=1,
                                   row_len=row_len, frame_share=diffusion.frame_share(pipe.cfg))
@@ -424,7 +443,6 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
       lambda r0: denoise_errors(pipe.dit, pipe.cfg, {k: v[r0:r0 + rows_per_call] for k, v in batch.items()},
                                 packed.noise[r0:r0 + rows_per_call], num_segments=num_segments, times=times),
       starts)
-  per_t = {t: {"model": [], "background": [], "shrinkage": []} for t in times}
   used = 0
   for p in packed.placements:
     part = done[p.row // rows_per_call]
@@ -439,11 +457,7 @@ def object_token_error(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int = 0,
       if (~obj).any():
         per_t[t]["background"].append(float(part[t]["model"][where][~obj].mean()))
   setup["without_object_tokens"] = len(picked) - used
-  return {"settings": setup,
-          "by_t": {f"{t:g}": {"object": bootstrap_mean(v["model"], seed=seed),
-                              "background": bootstrap_mean(v["background"], seed=seed),
-                              "shrinkage_object": bootstrap_mean(v["shrinkage"], seed=seed)}
-                   for t, v in per_t.items()}}
+  return setup, per_t
 
 
 # -------------------------------------------------------------------------------------------- report
