@@ -100,6 +100,7 @@ def dit(size: str, *, text: dict, patch=(1, 2, 2), in_dim: int = 0, attention: s
       attention_axes=("full",),      # each block's self-attention, cycled: full (the segment: Wan's),
                                      # space (a latent frame), time (a place through the frames)
       mlp_conv=False,                # a depthwise 3x3x3 spacetime conv in each MLP (Sana's Mix-FFN); Wan: none
+      abs_pos=False,                 # fractional (t, h, w) features added to the input (NaViT); Wan: RoPE only
       context=context,               # attention over a sequence-sharding mesh axis (`context` or
                                      # `sequence`, sharding.py): none|ring|ulysses
       remat=remat,                   # a name in models/layers.REMAT_POLICIES

@@ -118,7 +118,7 @@ OPTIONAL_KEYS = {
     "data": dict(source="latents", text_source="tokenizer", tokenizer="", latents_dir="", videos_dir="",
                  mixture="demo", token_budget=0, min_patch_side=2, packer="best_fit", packing_bins=16,
                  read_threads=1, sample_latents=True, stand_in_factors=(4, 8, 8)),
-    "dit": dict(patch=(1, 2, 2), in_dim=0, context="none", attention_axes=("full",), mlp_conv=False),
+    "dit": dict(patch=(1, 2, 2), in_dim=0, context="none", attention_axes=("full",), mlp_conv=False, abs_pos=False),
     "diffusion": dict(prediction="v", cosine_s=0.008, shift_rule="tokens", object_weight=0.0,
                       loss_weight="uniform", frame_noise_share=0.0, frame_diff_weight=0.0),
     "sample": dict(sampler="", time_grid="uniform", steps=30, guidance=1.0, num_frames=17, height=32,

@@ -21,7 +21,7 @@ def umt5_bundle_config(*, width: int = 32) -> ml_collections.ConfigDict:
   return config_lib.complete(ml_collections.ConfigDict(dict(
       seed=0,
       dit=dict(in_dim=8, patch=[1, 2, 2], width=width, depth=2, num_heads=2, ffn_dim=2 * width,
-               time_freq_dim=16, rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_encoder="umt5",
+               time_freq_dim=16, rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_encoder="umt5",
                text_dim=UMT5["d_model"], attention="reference", remat="none", dtype="float32", param_dtype="float32"),
       text=UMT5,
       data=dict(source="shapes", seq_len=64, max_text_tokens=UMT5["max_len"],

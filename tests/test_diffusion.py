@@ -161,7 +161,7 @@ def test_loss_fn_under_jit_reaches_every_parameter():
   from sora_jax.models.dit import DiT
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=16, depth=1, num_heads=2, ffn_dim=32, text_encoder="caption", time_freq_dim=16,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=8, text_depth=1, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_width=8, text_depth=1, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(cond_first_frame=1.0, text_drop=0.5)
   # eval_shape + numpy values: eager init would compile one small program per parameter shape.
@@ -190,7 +190,7 @@ def test_dit_fits_a_fixed_batch():
   from sora_jax.models.dit import DiT
   dit = ml_collections.ConfigDict(dict(
       in_dim=4, vocab_size=16, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=1, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_width=16, text_depth=1, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c = cfg(text_drop=0.0)
   model = nnx.jit(lambda: DiT(dit, rngs=nnx.Rngs(0)))()

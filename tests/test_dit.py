@@ -17,7 +17,7 @@ D, V, S = 8, 32, 4
 def tiny_cfg(**kw):
   c = ml_collections.ConfigDict(dict(
       in_dim=D, vocab_size=V, width=32, depth=2, num_heads=2, ffn_dim=64, text_encoder="caption", time_freq_dim=32,
-      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=2, text_heads=2, attention="reference",
+      rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_width=16, text_depth=2, text_heads=2, attention="reference",
       remat="none", dtype="float32", param_dtype="float32", context="none"))
   c.update(kw)
   return c
@@ -81,9 +81,9 @@ def run(model, row):
   return np.asarray(_forward(model, {k: jnp.asarray(v) for k, v in row.items()}))
 
 
-@pytest.mark.parametrize("mlp_conv", [False, True])
-def test_packed_segments_match_running_alone(mlp_conv):
-  model = random_model(tiny_cfg(mlp_conv=mlp_conv))
+@pytest.mark.parametrize("mlp_conv,abs_pos", [(False, False), (True, False), (False, True)])
+def test_packed_segments_match_running_alone(mlp_conv, abs_pos):
+  model = random_model(tiny_cfg(mlp_conv=mlp_conv, abs_pos=abs_pos))
   rng = np.random.default_rng(0)
   segs = [make_segment(rng, (3, 2, 2), 5, 0.3), make_segment(rng, (1, 3, 3), 3, 0.9),
           make_segment(rng, (2, 2, 3), 7, 0.6)]
@@ -302,3 +302,26 @@ def test_mlp_conv_is_a_zero_padded_spacetime_conv_of_each_segment_alone():
       custom = lambda x: layers._neighbour_take(x, index[:, :, a, k], valid[:, :, a, k],  # pylint: disable=protected-access
                                                 index[:, :, a, 1 - k], valid[:, :, a, 1 - k])
       np.testing.assert_allclose(np.asarray(grad(custom)), np.asarray(grad(plain)), atol=1e-6)
+
+
+def test_abs_pos_features_are_each_segments_fractional_place():
+  from sora_jax.models.dit import ABS_POS_FREQS, fractional_positions
+  from sora_jax import patching
+  grids = [(3, 2, 6), (1, 4, 8), (5, 1, 2)]
+  pos = np.concatenate([patching.grid_positions(g) for g in grids] + [np.zeros((6, 3), np.int32)])
+  seg = np.concatenate([np.full(int(np.prod(g)), k + 1) for k, g in enumerate(grids)] + [np.zeros(6, int)])
+  feats = np.asarray(fractional_positions(jnp.asarray(pos)[None], jnp.asarray(seg)[None]))[0]
+  assert feats.shape == (len(seg), 6 * ABS_POS_FREQS)
+  k = np.arange(1, ABS_POS_FREQS + 1)
+  start = 0
+  for g in grids:
+    for i, p in enumerate(patching.grid_positions(g)):
+      u = (p + 0.5) / np.asarray(g)  # by hand: the token's place as a fraction of its own segment's grid
+      want = np.concatenate([np.concatenate([np.cos(np.pi * k * u[a]), np.sin(np.pi * k * u[a])]) for a in range(3)])
+      np.testing.assert_allclose(feats[start + i], want, atol=1e-5)
+    start += int(np.prod(g))
+  # The same fraction of the frame at two widths reads the same: w = 1 of 6 and w = 0 of 2 (u = 0.25).
+  np.testing.assert_allclose(feats[1, 4 * ABS_POS_FREQS:], feats[36 + 32, 4 * ABS_POS_FREQS:], atol=1e-6)
+  assert np.abs(feats[1] - feats[36 + 32]).max() > 0.1  # while t and h differ
+  # The layer starts at zero: a model with abs_pos starts as the one without.
+  assert np.all(np.asarray(DiT(tiny_cfg(abs_pos=True), rngs=nnx.Rngs(0)).pos_embed.kernel[...]) == 0)

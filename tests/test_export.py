@@ -26,7 +26,7 @@ def tiny_config():
                 tokenizer="", latents_dir="", videos_dir="", stand_in_factors=(4, 8, 8))
   c.dit = dict(in_dim=0, patch=(1, 2, 2), vocab_size=64, width=32, depth=1, num_heads=2, ffn_dim=64,
                text_encoder="caption", time_freq_dim=32,
-               rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=1, text_heads=2,
+               rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_width=16, text_depth=1, text_heads=2,
                attention="reference", remat="none", dtype="float32", param_dtype="float32")
   c.diffusion = dict(objective="flow", prediction="v", cosine_s=0.008, time_shift=True, shift_scale=1.0,
                      shift_ref_tokens=16)

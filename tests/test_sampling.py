@@ -231,7 +231,7 @@ def tiny_config():
   c.data = dict(max_text_tokens=8, seq_len=64, stand_in_factors=(2, 4, 4))
   c.dit = dict(in_dim=D, patch=(1, 2, 2), vocab_size=V, width=32, depth=1, num_heads=2, ffn_dim=64,
                text_encoder="caption", time_freq_dim=32,
-               rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, text_width=16, text_depth=1, text_heads=2,
+               rope_theta=10000.0, qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_width=16, text_depth=1, text_heads=2,
                attention="reference", remat="none", dtype="float32", param_dtype="float32")
   c.diffusion = dict(objective="flow", prediction="v", cosine_s=0.008, time_shift=True, shift_scale=1.0,
                      shift_ref_tokens=16)

@@ -75,7 +75,7 @@ def dit_config(diffusers_cfg: Mapping[str, Any], *, dtype: str = "bfloat16") -> 
   dit = dict(
       in_dim=int(np.prod(patch)) * int(c["in_channels"]), width=heads * head_dim, depth=int(c["num_layers"]),
       num_heads=heads, ffn_dim=int(c["ffn_dim"]), time_freq_dim=int(c["freq_dim"]), rope_theta=10000.0,
-      qk_norm=True, attention_axes=("full",), mlp_conv=False, text_encoder="umt5", text_dim=int(c["text_dim"]), attention="auto", context="none",
+      qk_norm=True, attention_axes=("full",), mlp_conv=False, abs_pos=False, text_encoder="umt5", text_dim=int(c["text_dim"]), attention="auto", context="none",
       remat="none", dtype=dtype, param_dtype="float32")
   return dit, patch
 

@@ -47,7 +47,10 @@ text_heads; "umt5": text_dim, the encoder's width), attention (segment_attention
 block's self-attention spans, cycled over the blocks: "full" = its segment, Wan's; "space" = one latent
 frame; "time" = one place through the frames; absent = ("full",)), mlp_conv (a depthwise 3x3x3 spacetime
 convolution, separable, on each MLP's hidden layer over the token's neighbours in its segment, as Sana's
-Mix-FFN; starts as the identity; absent = False, Wan's), remat (a policy of layers.REMAT,
+Mix-FFN; starts as the identity; absent = False, Wan's), abs_pos (absolute places beside RoPE: each token's
+fractional (t, h, w) in its segment, NaViT's, as sin/cos features through a zero-initialised layer added to
+the input embedding, so that a caption can say where in the frame and when in the clip; absent = False,
+Wan's), remat (a policy of layers.REMAT,
 the table of them), dtype (compute), param_dtype.
 """
 from __future__ import annotations
@@ -129,6 +132,29 @@ def attention_axis_ids(positions_bl3, segment_ids_bl):
   return xp.stack([seg] + [xp.where(seg > 0, i, 0) for i in (space, time)])
 
 
+def segment_extent(positions_bl3, segment_ids_bl):
+  """Each token's segment grid (T, H, W) [B, L, 3] int32: one more than the segment's largest position
+  along each axis (a padding token gets that of id 0)."""
+  seg = segment_ids_bl.astype(jnp.int32)
+  pos = positions_bl3.astype(jnp.int32)
+  n = seg.shape[1]
+  extent = jax.vmap(lambda v, s: jax.ops.segment_max(v, s, num_segments=n + 1))
+  return jnp.stack([jnp.take_along_axis(extent(pos[..., c], seg), seg, axis=1) + 1 for c in range(3)], -1)
+
+
+ABS_POS_FREQS = 4
+
+
+def fractional_positions(positions_bl3, segment_ids_bl):
+  """`dit.abs_pos`'s features [B, L, 6 * ABS_POS_FREQS] float32: cos and sin of pi k u, k = 1..ABS_POS_FREQS,
+  for u = (position + 0.5) / extent along t, h and w (NaViT's fractional coordinates: the same place of a
+  frame, or moment of a clip, reads the same at every size; an image is the clip's middle)."""
+  u = (positions_bl3.astype(jnp.float32) + 0.5) / segment_extent(positions_bl3, segment_ids_bl)
+  arg = jnp.pi * u[..., None] * jnp.arange(1, ABS_POS_FREQS + 1, dtype=jnp.float32)  # [B, L, 3, K]
+  feats = jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+  return feats.reshape(feats.shape[:2] + (-1,))
+
+
 def spacetime_neighbours(positions_bl3, segment_ids_bl):
   """Each token's neighbours one step back and forward along t, h and w in its own segment, for
   `dit.mlp_conv` (layers.NeighbourConv): (index [B, L, 3, 2] int32, valid [B, L, 3, 2] bool).
@@ -139,9 +165,8 @@ def spacetime_neighbours(positions_bl3, segment_ids_bl):
   seg = segment_ids_bl.astype(jnp.int32)
   pos = positions_bl3.astype(jnp.int32)
   b, n = seg.shape
-  extent = jax.vmap(lambda v, s: jax.ops.segment_max(v, s, num_segments=n + 1))
-  per_token = lambda v: jnp.take_along_axis(extent(v, seg), seg, axis=1) + 1
-  width, height = per_token(pos[..., 2]), per_token(pos[..., 1])
+  grid = segment_extent(pos, seg)
+  height, width = grid[..., 1], grid[..., 2]
   strides = jnp.stack([height * width, width, jnp.ones_like(width)], axis=-1)  # [B, L, 3]
   i = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
   sign = jnp.array([-1, 1], jnp.int32)
@@ -214,6 +239,9 @@ class DiT(nnx.Module):
     w = cfg.width
     with nnx.use_eager_sharding(False):
       self.x_embed = layers.Dense(cfg.in_dim, w, (None, "embed"), **kw, rngs=rngs)
+      # dit.abs_pos: fractional (t, h, w) features through a zero-initialised layer (starts as without).
+      self.pos_embed = (layers.Dense(6 * ABS_POS_FREQS, w, (None, "embed"), zero_init=True, **kw, rngs=rngs)
+                        if cfg.abs_pos else None)
       self.cond_embed = layers.Dense(cfg.in_dim + 1, w, (None, "embed"), use_bias=False, zero_init=True,
                                      **kw, rngs=rngs)
       self.time_in = layers.Dense(cfg.time_freq_dim, w, (None, "embed"), **f32, rngs=rngs)
@@ -258,6 +286,8 @@ class DiT(nnx.Module):
     if cond is not None:
       x = jnp.where(given[..., None], cond, x)
     h = self.x_embed(x)
+    if self.pos_embed is not None:
+      h = h + self.pos_embed(fractional_positions(positions, seg))
     if cond is not None:
       gm = given[..., None].astype(x.dtype)
       h = h + self.cond_embed(jnp.concatenate([cond * gm, gm], axis=-1))
