@@ -23,11 +23,14 @@
      noised at t = 0.7 and 0.9 by the config's objective with noise fixed by the seed; the mean squared
      error of the DiT's clean-latent estimate (caption given, guidance 1) on object tokens
      (diffusion.object_tokens), beside background tokens and a unit-variance shrinkage baseline.
+   - caption reading: the same error on the first `denoise_clips` one-object straight-motion test clips,
+     with the direction word, then the colour word swapped (caption_reading): the error's increase says
+     whether the DiT reads the word (motion cannot beat chance while the direction is not read).
 4. Report: out_dir/report.html with metric tables, sample grids (first, middle, last frame of each
    generated video next to its ground truth), VAE reconstructions, and training curves from
    <workdir>/{vae,dit}/metrics.jsonl (the workdir defaults to the one the bundle was exported from).
    out_dir/metrics.json holds every number and the per-clip verdicts (the continuous measures under
-   `blobs_per_frame` and `object_token_error`, with their settings). A learning curve
+   `blobs_per_frame`, `object_token_error` and `caption_reading`, with their settings). A learning curve
    (sora_jax/bench/learning_curve.py) in out_dir, or given by --learning_curve, is shown too.
 
 Settings come from the flags, else the bundle config's `eval` section, else the defaults below. The
@@ -45,6 +48,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -460,6 +464,64 @@ def per_clip_object_errors(pipe, specs: Sequence[shapes.ClipSpec], *, seed: int 
   return setup, per_t
 
 
+def straight_specs(mixture: str, n: int, temporal: int) -> list[shapes.ClipSpec]:
+  """The first n test clips of `mixture` with one object moving in a straight line, uncut, of at least
+  two latent frames (`temporal` frames a latent frame): the clips whose motion a track can measure."""
+  def straight(s):
+    return (len(s.objects) == 1 and s.objects[0].motion in shapes.STRAIGHT_MOTIONS and not s.cut_frame
+            and s.num_frames > temporal)
+  return shapes.first_specs(mixture, n, straight, "one-object straight-motion clips")
+
+
+# Each word's stand-in when its kind is swapped in a caption: another word of the same kind, never itself.
+CAPTION_SWAPS = {
+    "direction": {"left": "right", "right": "left", "up": "down", "down": "up"},
+    "colour": {"red": "blue", "blue": "green", "green": "yellow", "yellow": "white", "white": "red"},
+    "shape": {"circle": "square", "square": "triangle", "triangle": "circle"},
+}
+
+
+def swap_words(caption: str, kind: str) -> str:
+  """`caption` with every word of `kind` (CAPTION_SWAPS) replaced by its stand-in."""
+  table = CAPTION_SWAPS[kind]
+  return re.sub(r"\b(" + "|".join(table) + r")\b", lambda m: table[m.group(1)], caption)
+
+
+def paired_increase(true: Sequence[float], swapped: Sequence[float], *, seed: int = 0,
+                    draws: int = 2000) -> dict:
+  """mean(swapped) / mean(true) - 1 over paired per-clip values, with a 95% bootstrap interval over clips."""
+  true, swapped = np.asarray(true, np.float64), np.asarray(swapped, np.float64)
+  if true.size == 0:
+    return {"increase": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+  idx = np.random.default_rng(seed).integers(0, true.size, (draws, true.size))
+  boot = swapped[idx].mean(1) / true[idx].mean(1) - 1.0
+  return {"increase": float(swapped.mean() / true.mean() - 1.0),
+          "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "n": int(true.size)}
+
+
+def caption_reading(pipe, specs: Sequence[shapes.ClipSpec], *, kinds: Sequence[str] = tuple(CAPTION_SWAPS),
+                    times: Sequence[float] = DENOISE_TIMES, seed: int = 0) -> dict:
+  """Which words of the caption the DiT reads: its object-token error (`per_clip_object_errors`: the same
+  latents and noise) with each kind of word swapped (CAPTION_SWAPS), against the true caption.
+
+  Returns {"settings", "true": {t: mean error}, kind: {t: {"error", "increase", "ci95", "n"}}}: a DiT that uses
+  a word predicts worse when it is wrong; an increase whose interval holds 0 says the word is ignored.
+  """
+  latents = distributed.map_shared(lambda s: pipe.encode(shapes.render_clip(s)), list(specs))
+  errors = {}
+  for kind in ("true",) + tuple(kinds):
+    captions = [shapes.caption(s) if kind == "true" else swap_words(shapes.caption(s), kind) for s in specs]
+    setup, per_t = per_clip_object_errors(pipe, specs, seed=seed, times=times, latents=latents,
+                                          captions=captions)
+    errors[kind] = {t: per_t[t]["model"] for t in times}
+  out = {"settings": {**setup, "kinds": list(kinds)},
+         "true": {f"{t:g}": float(np.mean(errors["true"][t])) if errors["true"][t] else None for t in times}}
+  for kind in kinds:
+    out[kind] = {f"{t:g}": {"error": float(np.mean(errors[kind][t])) if errors[kind][t] else None,
+                            **paired_increase(errors["true"][t], errors[kind][t], seed=seed)} for t in times}
+  return out
+
+
 # -------------------------------------------------------------------------------------------- report
 def _curves(workdir: str | None, out_dir: str) -> list[tuple[str, str]]:
   out = []
@@ -502,6 +564,17 @@ def _denoise_line(o: dict) -> str:
           + ("; ".join(parts) or "no clip on the model's grid"))
 
 
+def _increase(c: dict) -> str:
+  return f"{c['increase']:+.1%} [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}]"
+
+
+def _reading_line(r: dict) -> str:
+  parts = [f"{kind} swapped " + ", ".join(f"{_increase(c)} at t={t}" for t, c in r[kind].items())
+           for kind in r["settings"]["kinds"]]
+  return (f"DiT caption reading, object-token error with a word swapped ({r['settings']['clips']} straight "
+          "clips): " + "; ".join(parts))
+
+
 def continuous_tables(result: dict) -> str:
   """The report's tables of the continuous measures (blobs per frame, object-token error)."""
   out = []
@@ -532,6 +605,17 @@ def continuous_tables(result: dict) -> str:
         f"objective with the noise of seed {st['seed']}; caption given, guidance 1. Object tokens are "
         f"more than {st['object_threshold']} (rms) from their clip's mean token. {st['off_grid']} clips off "
         f"the model's grid, {st.get('without_object_tokens', 0)} without object tokens.</p>"))
+  r = result.get("caption_reading")
+  if r:
+    times = list(r["true"])
+    head = "<table><tr><th>word swapped</th>" + "".join(f"<th>t = {t}</th>" for t in times) + "</tr>"
+    body = "".join(f"<tr><td>{html.escape(kind)}</td>" + "".join(f"<td>{_increase(r[kind][t])}</td>" for t in times)
+                   + "</tr>" for kind in r["settings"]["kinds"])
+    out.append(head + body + "</table>" + (
+        f"<p class=note>The same object-token error on the first {r['settings']['clips']} one-object "
+        "straight-motion test clips, with one kind of word of each caption swapped for another of its kind: "
+        "mean(swapped) / mean(true) - 1, 95% paired bootstrap interval over clips. An interval holding 0 says "
+        "the DiT does not read that word.</p>"))
   return "".join(out)
 
 
@@ -605,6 +689,9 @@ def _headline_rows(result: dict) -> list[tuple[str, str]]:
   o = result.get("object_token_error")
   for t, v in (o or {}).get("by_t", {}).items():
     rows.append((f"DiT object-token error at t = {t}", _mean_ci(v["object"], 3, html_note=True)))
+  r = result.get("caption_reading")
+  for t, c in ((r or {}).get("direction") or {}).items():
+    rows.append((f"DiT object-token error with the direction word swapped, t = {t}", _increase(c)))
   c = result.get("comparison")
   if c:
     rows.append((f"vs {c['dtype']} bundle: mean |pixel difference| (of 255)",
@@ -762,6 +849,17 @@ def evaluate(bundle, out_dir: str, *, workdir: str | None = None, generate: Call
       seed=s["seed"], latents=encoded)
   print(f"[eval] {_denoise_line(result['object_token_error'])} ({time.time() - t0:.0f}s)", flush=True)
 
+  t0 = time.time()
+  pipe = sampling.as_pipeline(bundle)
+  try:
+    straight = straight_specs(s["mixture"], s["denoise_clips"], pipe.geometry.temporal)
+  except ValueError:  # a mixture without straight-motion clips (images only): no direction to read
+    straight = []
+  result["caption_reading"] = (caption_reading(pipe, straight, kinds=("direction", "colour"), seed=s["seed"])
+                               if straight else None)
+  if straight:
+    print(f"[eval] {_reading_line(result['caption_reading'])} ({time.time() - t0:.0f}s)", flush=True)
+
   gen_extra = None
   specs = test_prompts(s["num_prompts"], seed=s["seed"], mixture=s["mixture"])
   videos = generate_videos(bundle, specs, seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
@@ -823,6 +921,8 @@ def headline(result: dict) -> str:
     lines.append("[eval] " + _blobs_line(result["blobs_per_frame"]))
   if result.get("object_token_error"):
     lines.append("[eval] " + _denoise_line(result["object_token_error"]))
+  if result.get("caption_reading"):
+    lines.append("[eval] " + _reading_line(result["caption_reading"]))
   c = result.get("comparison")
   if c:
     lines.append(f"[eval] vs {c['bundle']} ({c['dtype']}): mean |pixel difference| {c['mean_abs_diff']:.3f} "

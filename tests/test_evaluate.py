@@ -110,6 +110,12 @@ def test_evaluate_scores_ground_truth_as_perfect_and_writes_an_offline_report(ti
   assert set(err["by_t"]) == {"0.7", "0.9"} and saved["settings"]["denoise_clips"] == 3
   assert "blobs per frame" in evaluate.headline(result) and "object tokens" in evaluate.headline(result)
   assert "Continuous measures" in page and "object-token error at t = 0.7" in page
+  # The caption reading: the same error on 3 straight clips with the direction, then the colour word swapped.
+  reading = saved["caption_reading"]
+  assert reading["settings"]["clips"] == 3 and reading["settings"]["kinds"] == ["direction", "colour"]
+  assert set(reading["true"]) == set(reading["direction"]) == set(reading["colour"]) == {"0.7", "0.9"}
+  assert all(c["n"] <= 3 and len(c["ci95"]) == 2 for kind in ("direction", "colour") for c in reading[kind].values())
+  assert "direction word swapped" in page and "caption reading" in evaluate.headline(result)
   # The settings table shows what sampling used (the settings' 0 = the bundle config's), the headline
   # every detector metric, and the labelled grids at their own size.
   used = saved["sampling"]

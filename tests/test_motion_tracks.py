@@ -1,5 +1,6 @@
 import numpy as np
 
+from sora_jax import evaluate
 from sora_jax.bench import motion_tracks
 from sora_jax.data import shapes
 
@@ -17,13 +18,13 @@ def test_steps_split_at_latent_frame_boundaries():
 
 
 def test_specs_are_one_object_straight_and_uncut():
-  for s in motion_tracks.straight_specs("demo", 6, 4):
+  for s in evaluate.straight_specs("demo", 6, 4):
     assert len(s.objects) == 1 and s.objects[0].motion.startswith("moving")
     assert not s.cut_frame and s.num_frames > 4
 
 
 def test_motion_hits_counts_the_truth_and_not_a_frozen_clip():
-  specs = motion_tracks.straight_specs("single", 4, 4)
+  specs = evaluate.straight_specs("single", 4, 4)
   truths = [shapes.render_clip(s) for s in specs]
   assert motion_tracks.motion_hits(truths, specs) == 4
   frozen = [np.repeat(v[:1], len(v), axis=0) for v in truths]  # the first frame held: "still"

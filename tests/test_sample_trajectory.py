@@ -7,6 +7,7 @@ import numpy as np
 from sora_jax import config as config_lib
 from sora_jax import patching
 from sora_jax import sampling as S
+from sora_jax import evaluate
 from sora_jax.bench import motion_tracks, sample_trajectory
 from sora_jax.data import pipeline, shapes
 
@@ -38,7 +39,7 @@ def _model_drawing(truth_tokens, shifted_tokens, switch):
 
 
 def test_the_hook_hands_over_the_estimate_and_the_rows_read_it():
-  (spec,) = motion_tracks.straight_specs("single", 1, FACTORS[0])
+  (spec,) = evaluate.straight_specs("single", 1, FACTORS[0])
   truth = pipeline.stand_in_latents(shapes.render_clip(spec), FACTORS)
   # Displaced along the motion's axis by 2 latent pixels (4 px) while the noise is high.
   axis = 2 if ("left" in spec.objects[0].motion or "right" in spec.objects[0].motion) else 1
@@ -72,7 +73,7 @@ def test_the_hook_hands_over_the_estimate_and_the_rows_read_it():
 
 
 def test_signed_speed_is_positive_in_the_captions_direction():
-  spec = motion_tracks.straight_specs("single", 1, 4)[0]
+  spec = evaluate.straight_specs("single", 1, 4)[0]
   o = spec.objects[0]
   ahead = -1.0 if o.motion in ("moving left", "moving up") else 1.0
   track = 10.0 + ahead * 2.0 * np.arange(17.0)

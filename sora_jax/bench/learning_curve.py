@@ -92,6 +92,7 @@ def curve_row(step: int, result: dict, compute: dict, out_dir: str) -> dict:
           **{name: groups.get(g, {}).get(m) for name, (g, m, _) in evaluate.CURVE_RATES.items()},
           "blobs_per_frame": (result.get("blobs_per_frame") or {}).get("generated"),
           "object_token_error": {t: v["object"] for t, v in errors.items()},
+          "direction_reading": ((result.get("caption_reading") or {}).get("direction") or {}),
           "report": os.path.relpath(result["report"], out_dir) if result.get("report") else None}
 
 
@@ -106,10 +107,12 @@ def csv_rows(curve: dict) -> list[dict]:
       row.update({m: rate.get("rate"), f"{m}_lo": lo, f"{m}_hi": hi, f"{m}_n": rate.get("n")})
     named = [("blobs_per_frame", r.get("blobs_per_frame"))]
     named += [(f"object_token_error_t{t}", v) for t, v in r.get("object_token_error", {}).items()]
+    named += [(f"direction_reading_t{t}", v) for t, v in r.get("direction_reading", {}).items()]
     for name, m in named:
       m = m or {}
       lo, hi = m.get("ci95", [None, None])
-      row.update({name: m.get("mean"), f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_n": m.get("n")})
+      row.update({name: m.get("mean", m.get("increase")), f"{name}_lo": lo, f"{name}_hi": hi,
+                  f"{name}_n": m.get("n")})
     out.append(row)
   return out
 
@@ -120,7 +123,7 @@ def plot(curve: dict, path: str) -> str:
     pts = []
     for r in curve["rows"]:
       m = get(r) or {}
-      y = m.get("rate", m.get("mean"))
+      y = m.get("rate", m.get("mean", m.get("increase")))
       if y is not None:
         pts.append((r["step"], y, *m.get("ci95", [None, None])))
     return pts
@@ -134,6 +137,9 @@ def plot(curve: dict, path: str) -> str:
       {"title": "DiT object-token error", "series": {
           f"t={t:g}": points(lambda r, t=t: r.get("object_token_error", {}).get(f"{t:g}"))
           for t in curve["times"]}},
+      {"title": "object-token error's increase, direction word swapped", "refs": {"not read": 0.0},
+       "series": {f"t={t:g}": points(lambda r, t=t: r.get("direction_reading", {}).get(f"{t:g}"))
+                  for t in curve["times"]}},
   ]
   return report.panels_png(path, panels, x_label="DiT training step (log scale)",
                            log_x=all(r["step"] > 0 for r in curve["rows"]))

@@ -23,6 +23,7 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import detector
+from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.data import shapes
 
@@ -36,15 +37,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_clips", 24, "clips to generate", lower_bound=1)
   flags.DEFINE_string("mixture", "single", "Shapes mixture whose test split gives the prompts")
   flags.DEFINE_integer("seed", 0, "sampling seed")
-
-
-def straight_specs(mixture: str, n: int, temporal: int) -> list[shapes.ClipSpec]:
-  """The first n test clips of `mixture` with one object moving in a straight line, uncut, of at least
-  two latent frames."""
-  def straight(s):
-    return (len(s.objects) == 1 and s.objects[0].motion in shapes.STRAIGHT_MOTIONS and not s.cut_frame
-            and s.num_frames > temporal)
-  return shapes.first_specs(mixture, n, straight, "one-object straight-motion clips")
 
 
 def axis_track(frames: np.ndarray, spec: shapes.ClipSpec) -> np.ndarray:
@@ -78,7 +70,7 @@ def main(argv):
   b = bundle_lib.load(FLAGS.bundle)
   pipe = sampling.as_pipeline(b)
   temporal = pipe.geometry.temporal
-  specs = straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
+  specs = evaluate.straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
   truths = [shapes.render_clip(s) for s in specs]
   # One call path for both, with the bundle's sampler steps and guidance; a video's noise is its index's.
   videos = sampling.generate(pipe, [(shapes.caption(s), s.num_frames, s.height, s.width) for s in specs],

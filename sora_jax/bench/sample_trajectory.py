@@ -3,10 +3,11 @@
     python -m sora_jax.bench.sample_trajectory --bundle runs/demo/bundle [--mixture demo] [--num_clips 24]
         [--every 3] [--guidance G] [--out F.json]
 
-Samples the first `num_clips` one-object straight-motion test clips of a Shapes mixture (the clips of
-bench.motion_tracks) with the bundle's sampler, and keeps the sampler's data estimate x0 (the guided
-prediction of the clean latents it steps towards) after every `every`-th step and the last. Each estimate is
-decoded and the object tracked along its motion axis (motion_tracks.axis_track), which gives per step:
+Samples the first `num_clips` one-object straight-motion test clips of a Shapes mixture
+(evaluate.straight_specs, as bench.motion_tracks) with the bundle's sampler, and keeps the sampler's data
+estimate x0 (the guided prediction of the clean latents it steps towards) after every `every`-th step and the
+last. Each estimate is decoded and the object tracked along its motion axis (motion_tracks.axis_track),
+which gives per step:
 - t: the diffusion time the step starts from (mean over the clips: the time shift depends on a clip's size);
 - found: the fraction of frames in which the prompted object's colour is tracked;
 - place error: the mean |centroid| distance, in pixels, from where the finished sample puts it, over
@@ -30,6 +31,7 @@ import numpy as np
 
 from sora_jax import bundle as bundle_lib
 from sora_jax import detector
+from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.bench import motion_tracks
 from sora_jax.data import shapes
@@ -121,7 +123,7 @@ def main(argv):
   if not FLAGS.bundle:
     raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
   pipe = sampling.as_pipeline(bundle_lib.load(FLAGS.bundle))
-  specs = motion_tracks.straight_specs(FLAGS.mixture, FLAGS.num_clips, pipe.geometry.temporal)
+  specs = evaluate.straight_specs(FLAGS.mixture, FLAGS.num_clips, pipe.geometry.temporal)
   rows = trajectory(pipe, specs, every=FLAGS.every, seed=FLAGS.seed, guidance=FLAGS.guidance)
   print(format_rows(rows))
   if FLAGS.out:
