@@ -16,9 +16,8 @@ import json
 
 from absl import app, flags
 
-from sora_jax import bundle as bundle_lib
 from sora_jax import evaluate
-from sora_jax import sampling
+from sora_jax.bench import motion_tracks
 
 FLAGS = flags.FLAGS
 
@@ -45,10 +44,7 @@ def format_table(got: dict) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.bundle:
-    raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
-  pipe = sampling.as_pipeline(bundle_lib.load(FLAGS.bundle))
-  specs = evaluate.straight_specs(FLAGS.mixture, FLAGS.num_clips, pipe.geometry.temporal)
+  pipe, specs = motion_tracks.straight_clips(FLAGS.bundle, FLAGS.mixture, FLAGS.num_clips)
   got = evaluate.caption_reading(pipe, specs, times=tuple(float(t) for t in FLAGS.times), seed=FLAGS.seed)
   print(format_table(got))
   if FLAGS.out:

@@ -39,6 +39,16 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
+def straight_clips(bundle: str | None, mixture: str, n: int):
+  """(pipeline, specs): the bundle's pipeline and the first n one-object straight-motion test clips of
+  `mixture` (evaluate.straight_specs): what the straight-motion benches (this one, sample_trajectory,
+  caption_reading) start from."""
+  if not bundle:
+    raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
+  pipe = sampling.as_pipeline(bundle_lib.load(bundle))
+  return pipe, evaluate.straight_specs(mixture, n, pipe.geometry.temporal)
+
+
 def axis_track(frames: np.ndarray, spec: shapes.ClipSpec) -> np.ndarray:
   """The object's centroid per frame along its motion axis, in pixels (NaN where it is not found)."""
   o = spec.objects[0]
@@ -65,12 +75,8 @@ def motion_hits(videos, specs: list[shapes.ClipSpec]) -> int:
 
 def main(argv):
   del argv
-  if not FLAGS.bundle:
-    raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
-  b = bundle_lib.load(FLAGS.bundle)
-  pipe = sampling.as_pipeline(b)
+  pipe, specs = straight_clips(FLAGS.bundle, FLAGS.mixture, FLAGS.num_clips)
   temporal = pipe.geometry.temporal
-  specs = evaluate.straight_specs(FLAGS.mixture, FLAGS.num_clips, temporal)
   truths = [shapes.render_clip(s) for s in specs]
   # One call path for both, with the bundle's sampler steps and guidance; a video's noise is its index's.
   videos = sampling.generate(pipe, [(shapes.caption(s), s.num_frames, s.height, s.width) for s in specs],

@@ -29,9 +29,7 @@ import json
 from absl import app, flags
 import numpy as np
 
-from sora_jax import bundle as bundle_lib
 from sora_jax import detector
-from sora_jax import evaluate
 from sora_jax import sampling
 from sora_jax.bench import motion_tracks
 from sora_jax.data import shapes
@@ -120,10 +118,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.bundle:
-    raise SystemExit("error: --bundle is required (an exported inference bundle directory)")
-  pipe = sampling.as_pipeline(bundle_lib.load(FLAGS.bundle))
-  specs = evaluate.straight_specs(FLAGS.mixture, FLAGS.num_clips, pipe.geometry.temporal)
+  pipe, specs = motion_tracks.straight_clips(FLAGS.bundle, FLAGS.mixture, FLAGS.num_clips)
   rows = trajectory(pipe, specs, every=FLAGS.every, seed=FLAGS.seed, guidance=FLAGS.guidance)
   print(format_rows(rows))
   if FLAGS.out:
